@@ -1,0 +1,3 @@
+"""fleetserve: a distributed LLM serving engine."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,28 @@
+"""Typed errors shared by every layer; the HTTP and gRPC edges map them to status codes."""
+
+
+class FleetServeError(Exception):
+    """Base class of every error fleetserve raises on purpose."""
+
+
+class InvalidRequestError(FleetServeError, ValueError):
+    """The request itself is wrong (bad sampling parameter, empty or too-long prompt).
+
+    ``param`` names the offending field, when there is one, so an API can point at it.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownModelError(FleetServeError, LookupError):
+    """No model by that name or path is known."""
+
+
+class UnsupportedModelError(FleetServeError):
+    """The model exists but its architecture or file format is not supported."""
+
+
+class CapacityError(FleetServeError):
+    """Not enough room (KV cache blocks, queue slots) to take the request."""
