@@ -1,0 +1,146 @@
+"""Paged attention: the step's index tensors (built once per step) and the per-layer attention over KV blocks.
+
+The KV cache of one layer is a tensor [num_slots, 2, num_kv_heads, head_dim]; slot = block * block_size + offset.
+Single-token rows (decodes) are attended together as one padded batch; each multi-token chunk (a prompt or a
+piece of one) is attended on its own with a causal mask that accounts for its already-cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """A multi-token chunk of one sequence inside the step's token batch."""
+
+    start: int
+    end: int
+    """Rows [start, end) of the step's tokens."""
+    context_slots: torch.Tensor | None
+    """[L] slots of the whole context (cached prefix + this chunk); None when the chunk is the whole context."""
+    mask: torch.Tensor | None
+    """[end - start, L] additive mask; None means plain causal over the chunk alone."""
+
+
+@dataclass
+class AttentionBatch:
+    """Everything attention needs for one step, shared by all layers."""
+
+    slot_mapping: torch.Tensor
+    """[T] slot that each of the step's tokens writes its key and value to."""
+    decode_rows: torch.Tensor | None
+    """[Bd] rows of single-token sequences; None when there are none."""
+    decode_all: bool
+    """True when every row is a single-token sequence (rows == arange(T)): no gather or scatter needed."""
+    decode_slots: torch.Tensor | None
+    """[Bd, L] slots of each single-token sequence's context, padded."""
+    decode_mask: torch.Tensor | None
+    """[Bd, 1, 1, L] additive mask: 0 for real context, -inf for padding."""
+    prefills: list[PrefillSpan]
+
+
+def build_attention_batch(
+    starts: list[int],
+    lengths: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> AttentionBatch:
+    """Index tensors for sequences laid out back to back; sequence i computes positions starts[i] + [0, lengths[i])."""
+    slots: list[int] = []
+    for start, n, table in zip(starts, lengths, block_tables):
+        for pos in range(start, start + n):
+            slots.append(table[pos // block_size] * block_size + pos % block_size)
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+
+    decode_idx = [i for i, n in enumerate(lengths) if n == 1]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+
+    decode_rows = decode_slots = decode_mask = None
+    if decode_idx:
+        ctx = [starts[i] + 1 for i in decode_idx]
+        max_blocks = -(-max(ctx) // block_size)
+        table = torch.tensor([block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
+                              for i in decode_idx], dtype=torch.long)
+        max_len = max(ctx)
+        decode_slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(decode_idx), -1)
+        decode_slots = decode_slots[:, :max_len].to(device)
+        valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
+        decode_mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
+        decode_mask = decode_mask[:, None, None, :].to(device)
+        decode_rows = torch.tensor([offsets[i] for i in decode_idx], dtype=torch.long, device=device)
+
+    prefills = []
+    for i, n in enumerate(lengths):
+        if n == 1:
+            continue
+        start = starts[i]
+        if start == 0:
+            prefills.append(PrefillSpan(offsets[i], offsets[i + 1], None, None))
+            continue
+        total = start + n
+        positions = torch.arange(total)
+        table = torch.tensor(block_tables[i], dtype=torch.long)
+        context_slots = (table[positions // block_size] * block_size + positions % block_size).to(device)
+        # Query row r sits at position start + r and may see positions 0..start + r.
+        allowed = positions.unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
+        prefills.append(PrefillSpan(offsets[i], offsets[i + 1], context_slots, mask))
+
+    return AttentionBatch(
+        slot_mapping=slot_mapping,
+        decode_rows=decode_rows,
+        decode_all=len(decode_idx) == len(lengths),
+        decode_slots=decode_slots,
+        decode_mask=decode_mask,
+        prefills=prefills,
+    )
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """Write this step's keys and values into the cache, then attend. Returns [T, num_heads * head_dim].
+
+    q: [T, H, D]; k, v: [T, Hkv, D]; kv_cache: [num_slots, 2, Hkv, D].
+    """
+    t, num_heads, head_dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    kv_cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1).to(kv_cache.dtype))
+    out = q.new_empty(t, num_heads, head_dim)
+
+    if batch.decode_rows is not None:
+        ctx = kv_cache[batch.decode_slots]  # [Bd, L, 2, Hkv, D]
+        keys = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
+        values = ctx[:, :, 1].transpose(1, 2)
+        qd = q if batch.decode_all else q[batch.decode_rows]
+        # Grouped-query attention without copying K/V: a kv head's `group` query heads act as `group` query rows.
+        qd = qd.view(-1, num_kv, group, head_dim).to(ctx.dtype)  # [Bd, Hkv, G, D]
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, scale=scale)
+        o = o.reshape(-1, num_heads, head_dim).to(q.dtype)
+        if batch.decode_all:
+            return o.reshape(t, num_heads * head_dim)
+        out[batch.decode_rows] = o
+
+    for span in batch.prefills:
+        qs = q[span.start : span.end].transpose(0, 1)  # [H, n, D]
+        if span.context_slots is None:
+            ks, vs = k[span.start : span.end], v[span.start : span.end]
+        else:
+            ctx = kv_cache[span.context_slots]  # [L, 2, Hkv, D]
+            ks, vs = ctx[:, 0].to(q.dtype), ctx[:, 1].to(q.dtype)
+        ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
+        vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
+        o = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, scale=scale
+        )
+        out[span.start : span.end] = o.transpose(0, 1)
+    return out.reshape(t, num_heads * head_dim)

@@ -1,0 +1,204 @@
+"""LLMEngine: token ids in, token ids out. add_request / step / abort, plus KV export and import.
+
+A step is: schedule, execute, update. Everything runs in the caller's thread; AsyncEngine wraps it for asyncio.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from fleetserve.config import EngineConfig, ModelConfig
+from fleetserve.engine.kv_cache import KVCacheManager
+from fleetserve.engine.model_runner import ModelRunner
+from fleetserve.engine.models.loader import load_arch, prepare_model_dir
+from fleetserve.engine.request import KVTransfer, Request, RequestOutput, SamplingParams
+from fleetserve.engine.scheduler import Scheduler
+from fleetserve.errors import CapacityError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Load and cache figures, for logs, heartbeats and benchmarks."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    kv_cache_bytes: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class LLMEngine:
+    """One model, one paged KV cache, one scheduler."""
+
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True):
+        self.config = (config or EngineConfig()).validate()
+        mc = self.config.model
+        if mc.num_threads:
+            torch.set_num_threads(mc.num_threads)
+        started = time.monotonic()
+        self.model_dir = prepare_model_dir(mc.model, progress=progress)
+        self.arch = load_arch(self.model_dir)
+        if mc.layer_end is not None and mc.layer_end > self.arch.num_layers:
+            raise InvalidRequestError(
+                f"layer_end {mc.layer_end} is past the model's {self.arch.num_layers} layers", "layer_end"
+            )
+        self.runner = ModelRunner(self.config, self.model_dir, self.arch)
+        self.max_model_len = min(mc.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings)
+        self.eos_token_ids = set(self.arch.eos_token_ids)
+        self.kv = KVCacheManager(self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self._ids = itertools.count()
+        self._preemptions = 0
+        self._steps = 0
+        log.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
+            mc.model, self.runner.device, str(self.runner.dtype).removeprefix("torch."), self.runner.num_blocks,
+            self.config.cache.block_size, self.runner.kv_cache_bytes / 2**20, time.monotonic() - started,
+        )
+
+    @classmethod
+    def from_model(cls, model: str = "smollm2-135m-instruct", progress: bool = True, **model_options) -> LLMEngine:
+        """Shortcut: an engine on ``model`` with default cache and scheduler settings."""
+        return cls(EngineConfig(model=ModelConfig(model=model, **model_options)), progress=progress)
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        retain_kv: bool = False,
+        kv_import: KVTransfer | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError or CapacityError, changing nothing."""
+        params = (params or SamplingParams()).validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty: give at least one token", "prompt")
+        vocab = self.arch.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's context window is {self.max_model_len} tokens; the prompt has {len(prompt)} "
+                f"and max_tokens asks for {params.max_tokens} more ({len(prompt) + params.max_tokens}): "
+                "shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        need = -(-(len(prompt) + params.max_tokens) // self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise CapacityError(
+                f"the request needs {need} KV blocks at most but the cache holds {self.kv.num_blocks}: "
+                "lower max_tokens or give the engine more kv_cache_bytes"
+            )
+        request = Request(request_id, prompt, params, priority=priority, retain_kv=retain_kv)
+        if params.seed is not None:
+            request.generator = torch.Generator().manual_seed(params.seed)
+        if kv_import is not None:
+            self._import_kv(request, kv_import)
+        self.scheduler.add(request)
+        return request_id
+
+    def _import_kv(self, request: Request, transfer: KVTransfer) -> None:
+        arch, runner = self.arch, self.runner
+        expected = (runner.model.num_local_layers, arch.num_kv_heads, arch.head_dim)
+        if (transfer.num_layers, transfer.num_kv_heads, transfer.head_dim) != expected:
+            raise InvalidRequestError(
+                f"KV shape (layers, kv heads, head dim) {(transfer.num_layers, transfer.num_kv_heads, transfer.head_dim)}"
+                f" does not match this engine's {expected}",
+                "kv_import",
+            )
+        if transfer.token_ids[: transfer.num_tokens] != request.all_token_ids[: transfer.num_tokens]:
+            raise InvalidRequestError("the imported KV belongs to other tokens than this prompt's", "kv_import")
+        # At least one token is left to compute, so the next step produces logits.
+        num = min(transfer.num_tokens, request.num_tokens - 1)
+        if not self.kv.allocate(request.request_id, num):
+            raise CapacityError("no free KV blocks to import into: try again when the engine is less busy")
+        data = ModelRunner.kv_tensor(transfer)[:, :num]
+        self.runner.write_kv(self.kv.block_table(request.request_id), data)
+        request.num_computed_tokens = num
+        self.kv.commit_full_blocks(request.request_id, request.all_token_ids, num)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks at once; returns its final output (finish_reason "abort")."""
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and update one iteration; return what each touched request produced."""
+        plan = self.scheduler.schedule()
+        self._preemptions += len(plan.preempted)
+        if plan.empty:
+            return []
+        sampled = self.runner.execute(plan)
+        self._steps += 1
+        return self.scheduler.update(plan, sampled)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run ``prompts`` together to completion; return each one's output token ids (a convenience for tests)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.request_id in results:
+                    results[out.request_id].extend(out.new_token_ids)
+        return [results[i] for i in ids]
+
+    # -- KV export ---------------------------------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> KVTransfer:
+        """The computed KV of a live request, or of a finished one added with retain_kv=True."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None or not self.kv.has(request_id):
+            raise InvalidRequestError(f"request {request_id!r} has no KV to export", "request_id")
+        return self.runner.kv_transfer(
+            request.all_token_ids, self.kv.block_table(request_id), request.num_computed_tokens
+        )
+
+    def release(self, request_id: str) -> None:
+        """Free the KV a finished retain_kv request still holds."""
+        self.scheduler.release(request_id)
+
+    def stats(self) -> EngineStats:
+        kv = self.kv.stats()
+        return EngineStats(
+            running=self.scheduler.num_running,
+            waiting=self.scheduler.num_waiting,
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.used_blocks,
+            kv_blocks_free=kv.free_blocks,
+            kv_blocks_cached=kv.cached_blocks,
+            kv_cache_bytes=self.runner.kv_cache_bytes,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=self._preemptions,
+            steps=self._steps,
+        )

@@ -1,0 +1,146 @@
+"""Executes a scheduler plan on the device: builds the step's tensors once, runs the model, samples.
+
+Owns everything on the device (weights, the KV cache tensors, the sampler) and never sees the queues.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fleetserve.config import EngineConfig
+from fleetserve.engine.attention import build_attention_batch
+from fleetserve.engine.models.loader import load_model
+from fleetserve.engine.models.registry import ModelArch
+from fleetserve.engine.request import KVTransfer
+from fleetserve.engine.sampling import Sampler
+from fleetserve.engine.scheduler import SampledToken, SchedulerOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from fleetserve.errors import InvalidRequestError
+
+        raise InvalidRequestError("device cuda was asked for but torch sees no CUDA device", "device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+class ModelRunner:
+    """One model (or layer range) with its paged KV cache."""
+
+    def __init__(self, config: EngineConfig, model_dir, arch: ModelArch):
+        mc = config.model
+        self.device = resolve_device(mc.device)
+        self.dtype = resolve_dtype(mc.dtype, self.device)
+        self.arch = arch
+        self.block_size = config.cache.block_size
+        self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        per_token = self.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
+        self.num_blocks = int(config.cache.kv_cache_bytes // (per_token * self.block_size))
+        if self.num_blocks < 1:
+            from fleetserve.errors import InvalidRequestError
+
+            raise InvalidRequestError(
+                f"kv_cache_bytes {config.cache.kv_cache_bytes} holds no block: one block needs "
+                f"{per_token * self.block_size} bytes",
+                "kv_cache_bytes",
+            )
+        slots = self.num_blocks * self.block_size
+        self.kv_caches = [
+            torch.zeros(slots, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+            for _ in range(self.model.num_local_layers)
+        ]
+        self.kv_cache_bytes = per_token * slots
+        self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> dict[str, SampledToken]:
+        """Run one step of the plan; return the sampled token of every sequence that reached its end."""
+        ids: list[int] = []
+        positions: list[int] = []
+        for seq in plan.seqs:
+            ids.extend(seq.token_ids)
+            positions.extend(range(seq.start, seq.start + seq.num_tokens))
+        batch = build_attention_batch(
+            [s.start for s in plan.seqs],
+            [s.num_tokens for s in plan.seqs],
+            [s.block_table for s in plan.seqs],
+            self.block_size,
+            self.device,
+            self.dtype,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, self.kv_caches, batch)
+
+        rows, sampling = [], []
+        offset = 0
+        for seq in plan.seqs:
+            offset += seq.num_tokens
+            if seq.samples:
+                rows.append(offset - 1)
+                sampling.append(seq.request)
+        if not rows:
+            return {}
+        if len(rows) < hidden.shape[0]:
+            hidden = hidden[torch.tensor(rows, device=self.device)]
+        logits = self.model.compute_logits(hidden)  # [N, vocab]: the LM head only where a token is sampled
+        result = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, sampling)
+        return {
+            r.request_id: SampledToken(t, lp)
+            for r, t, lp in zip(sampling, result.token_ids, result.logprobs)
+        }
+
+    # -- KV transfer -------------------------------------------------------------------------------------
+
+    def _slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        pos = torch.arange(num_tokens)
+        table = torch.tensor(block_table, dtype=torch.long)
+        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
+
+    @torch.inference_mode()
+    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """KV of a sequence's first tokens: [layers, num_tokens, 2, kv_heads, head_dim] on the CPU."""
+        slots = self._slots(block_table, num_tokens)
+        return torch.stack([cache[slots] for cache in self.kv_caches]).cpu()
+
+    @torch.inference_mode()
+    def write_kv(self, block_table: list[int], data: torch.Tensor) -> None:
+        """Inverse of read_kv: place [layers, num_tokens, 2, kv_heads, head_dim] into the sequence's slots."""
+        slots = self._slots(block_table, data.shape[1])
+        for layer, cache in enumerate(self.kv_caches):
+            cache.index_copy_(0, slots, data[layer].to(device=self.device, dtype=self.dtype))
+
+    def kv_transfer(self, token_ids: list[int], block_table: list[int], num_tokens: int) -> KVTransfer:
+        data = self.read_kv(block_table, num_tokens)
+        if data.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
+            raw = data.view(torch.int16).numpy().tobytes()
+        else:
+            raw = data.numpy().tobytes()
+        return KVTransfer(
+            token_ids=list(token_ids),
+            num_tokens=num_tokens,
+            num_layers=self.model.num_local_layers,
+            num_kv_heads=self.arch.num_kv_heads,
+            head_dim=self.arch.head_dim,
+            dtype=str(data.dtype).removeprefix("torch."),
+            data=raw,
+        )
+
+    @staticmethod
+    def kv_tensor(transfer: KVTransfer) -> torch.Tensor:
+        dtype = DTYPES[transfer.dtype]
+        shape = (transfer.num_layers, transfer.num_tokens, 2, transfer.num_kv_heads, transfer.head_dim)
+        if dtype == torch.bfloat16:
+            return torch.frombuffer(bytearray(transfer.data), dtype=torch.int16).view(torch.bfloat16).reshape(shape)
+        return torch.frombuffer(bytearray(transfer.data), dtype=dtype).reshape(shape)

@@ -1,0 +1,133 @@
+"""GGUF to Hugging Face folder: de-quantize the weights once, write config.json, safetensors and tokenizer files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleetserve.errors import UnsupportedModelError
+
+# GGUF architecture -> (HF architecture, whether llama.cpp permuted q/k rows for its rotary layout).
+_ARCHITECTURES = {"llama": ("LlamaForCausalLM", True), "qwen2": ("Qwen2ForCausalLM", False)}
+
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face tensor name of a GGUF tensor, or None for tensors we do not use (rope tables)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    if gguf_name.startswith("blk."):
+        _, layer, rest = gguf_name.split(".", 2)
+        if rest in _LAYER_NAMES:
+            return f"model.layers.{int(layer)}.{_LAYER_NAMES[rest]}"
+    return None
+
+
+def undo_rotary_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp interleaves each head's rotary halves in q/k rows; put them back in the Hugging Face order."""
+    return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_config(reader: Any) -> dict[str, Any]:
+    """config.json contents from the GGUF metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_ARCHITECTURES)}")
+    a = lambda key, default=None: _field(reader, f"{arch}.{key}", default)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    heads = int(a("attention.head_count"))
+    hidden = int(a("embedding_length"))
+    config: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch][0]],
+        "model_type": arch,
+        "vocab_size": int(a("vocab_size", len(tokens))),
+        "hidden_size": hidden,
+        "intermediate_size": int(a("feed_forward_length")),
+        "num_hidden_layers": int(a("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(a("attention.head_count_kv", heads)),
+        "head_dim": int(a("rope.dimension_count", hidden // heads)),
+        "rms_norm_eps": float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(a("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(a("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    scaling_type = a("rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise UnsupportedModelError(f"unsupported GGUF rope scaling {scaling_type!r}")
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+    return config
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """De-quantize ``gguf_path`` into a Hugging Face folder at ``out_dir`` (written atomically); return it."""
+    import gguf
+    import torch
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    from fleetserve.text.gguf_tokenizer import write_tokenizer_files
+
+    out_dir = Path(out_dir)
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = hf_config(reader)
+    permute = _ARCHITECTURES[config["model_type"]][1]
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
+    try:
+        tensors: dict[str, torch.Tensor] = {}
+        for t in tqdm(reader.tensors, desc=f"de-quantizing {Path(gguf_path).name}", unit="tensor", disable=not progress):
+            name = hf_name(t.name)
+            if name is None:
+                continue
+            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
+                w = undo_rotary_permutation(w, config["num_attention_heads"])
+            elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
+                w = undo_rotary_permutation(w, config["num_key_value_heads"])
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_tokenizer_files(reader, tmp)
+        (tmp / "fleetserve-source.json").write_text(json.dumps({"gguf": os.path.abspath(gguf_path)}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

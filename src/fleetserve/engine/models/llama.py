@@ -1,0 +1,134 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2, TinyLlama), able to run a layer range [start, end).
+
+The first range embeds token ids, the last applies the final norm and the LM head, middle ones take and return
+hidden states. Tokens of a step are one flat batch [T, hidden]; attention goes through the paged KV cache.
+q/k/v and gate/up projections are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fleetserve.engine.attention import AttentionBatch, paged_attention
+from fleetserve.engine.models.registry import ModelArch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same arithmetic as the reference: normalise in float32, then scale in the weight's dtype.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(weight.dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D] (the two halves repeat the same frequencies)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with linear or llama3 scaling applied."""
+    dim = arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = arch.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: keep high frequencies, divide low ones by factor, blend in between.
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch):
+        super().__init__()
+        h, d = arch.hidden_size, arch.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, d
+        self.eps = arch.rms_norm_eps
+        self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
+        self.scale = d**-0.5
+        self.input_norm = nn.Parameter(torch.ones(h))
+        self.post_attn_norm = nn.Parameter(torch.ones(h))
+        self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.gate_up = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
+        self.down = nn.Linear(arch.intermediate_size, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
+        # x: [T, hidden]
+        t = x.shape[0]
+        qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = rotate(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = rotate(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        x = x + self.o_proj(paged_attention(q, k, v, kv_cache, batch, self.scale))
+        gate, up = self.gate_up(rms_norm(x, self.post_attn_norm, self.eps)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaModel(nn.Module):
+    """Decoder layers [layer_start, layer_end) of a Llama-family model."""
+
+    def __init__(self, arch: ModelArch, layer_start: int = 0, layer_end: int | None = None):
+        super().__init__()
+        layer_end = arch.num_layers if layer_end is None else layer_end
+        assert 0 <= layer_start < layer_end <= arch.num_layers
+        self.arch = arch
+        self.layer_start, self.layer_end = layer_start, layer_end
+        self.is_first, self.is_last = layer_start == 0, layer_end == arch.num_layers
+        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size) if self.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(layer_start, layer_end))
+        if self.is_last:
+            self.norm = nn.Parameter(torch.ones(arch.hidden_size))
+            self.lm_head = (
+                None if arch.tie_word_embeddings and self.is_first else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+            )
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the step's positions, [T, 1, D], computed once and shared by every layer."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        dtype = self.layers[0].input_norm.dtype
+        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        batch: AttentionBatch,
+    ) -> torch.Tensor:
+        """inputs: token ids [T] on the first range, hidden states [T, hidden] otherwise. Returns hidden states."""
+        x = self.embed(inputs) if self.is_first else inputs
+        cos, sin = self.rope(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, cos, sin, kv_cache, batch)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head, for the rows that sample only: [N, hidden] -> [N, vocab]."""
+        assert self.is_last
+        x = rms_norm(hidden, self.norm, self.arch.rms_norm_eps)
+        weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        return F.linear(x, weight)

@@ -1,0 +1,239 @@
+"""Continuous batching: which sequences run this step, how many tokens each, and when a sequence is done.
+
+One token-budget model, no prefill or decode phase: every sequence has ``num_computed_tokens`` catching up
+with its token count. Running sequences go first (a decode is one token, an unfinished prompt a chunk), then
+waiting ones take what budget is left. When blocks run out, the newest running sequence is preempted: its
+blocks are freed and it waits again, to be recomputed later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from fleetserve.config import SchedulerConfig
+from fleetserve.engine.kv_cache import KVCacheManager
+from fleetserve.engine.request import Request, RequestOutput, RequestStatus, TokenLogprob
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    request: Request
+    start: int
+    """Position of the first token computed this step (== its num_computed_tokens before the step)."""
+    num_tokens: int
+    """Tokens computed this step: 1 for a decode, a chunk for a prompt."""
+    block_table: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this chunk reaches the sequence's last token, so its logits pick the next one."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start : self.start + self.num_tokens]
+
+
+@dataclass
+class SchedulerOutput:
+    """The plan of one step, for the model runner."""
+
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    """Scheduled sequences, in batch order; their tokens are laid out back to back."""
+    preempted: list[str] = field(default_factory=list)
+    """Request ids preempted while making this plan (their KV is gone)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+    @property
+    def empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class SampledToken:
+    """The runner's result for one sequence that sampled."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+class Scheduler:
+    """Owns the waiting and running queues, admission, preemption and the finished decision."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int, eos_token_ids: set[int]):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.running: list[Request] = []
+        self._waiting: list[tuple[int, int, str]] = []  # heap of (priority, arrival seq, request id)
+        self._arrivals = itertools.count()
+
+    # -- queues ------------------------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self.running)
+
+    def add(self, request: Request) -> None:
+        assert request.request_id not in self.requests
+        request.arrival_seq = next(self._arrivals)
+        self.requests[request.request_id] = request
+        self._push_waiting(request)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish a request now and free its blocks; None if it is unknown or already finished."""
+        request = self.requests.get(request_id)
+        if request is None or request.status.finished:
+            return None
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self._waiting = [w for w in self._waiting if w[2] != request_id]
+            heapq.heapify(self._waiting)
+        request.status = RequestStatus.FINISHED_ABORTED
+        return self._finish(request, [])
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request whose KV was retained for export."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            self.kv.free(request_id)
+
+    def _push_waiting(self, request: Request) -> None:
+        heapq.heappush(self._waiting, (request.priority, request.arrival_seq, request.request_id))
+
+    # -- planning ----------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step under the token budget."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                out.seqs.append(self._plan(request, n))
+                scheduled.add(request.request_id)
+                budget -= n
+                i += 1
+                continue
+            break  # the sequence being planned was itself preempted: nothing newer is left
+
+        # Nothing preempted this step is re-admitted in the same step: that would just thrash.
+        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            request = self.requests[self._waiting[0][2]]
+            if not self.kv.has(request.request_id):
+                cached = self.kv.lookup_prefix(request.request_id, request.all_token_ids)
+                if request.num_computed_tokens == 0:
+                    request.num_cached_tokens = cached
+                request.num_computed_tokens = cached
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
+                break  # keeps its prefix blocks; tries again next step
+            heapq.heappop(self._waiting)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._plan(request, n))
+            budget -= n
+        return out
+
+    def _plan(self, request: Request, n: int) -> ScheduledSeq:
+        assert n > 0
+        return ScheduledSeq(request, request.num_computed_tokens, n, self.kv.block_table(request.request_id))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._push_waiting(request)
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def update(self, plan: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
+        """Advance the plan's sequences by what was computed and sampled; finish those that are done."""
+        outputs: list[RequestOutput] = []
+        now = time.monotonic()
+        for seq in plan.seqs:
+            request = seq.request
+            if request.status.finished:  # aborted between schedule and update
+                continue
+            request.num_computed_tokens += seq.num_tokens
+            self.kv.commit_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+            token = sampled.get(request.request_id)
+            if token is None:
+                continue  # a prompt chunk that did not reach the end
+            request.append_token(token.token_id)
+            if token.logprob is not None:
+                request.pending_logprobs.append(token.logprob)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._stop_status(request, token.token_id)
+            if status is not None:
+                self.running.remove(request)
+                request.status = status
+                outputs.append(self._finish(request, [token.token_id], now))
+            else:
+                outputs.append(self._output(request, [token.token_id], now))
+        return outputs
+
+    def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
+        params = request.params
+        n = request.num_output_tokens
+        if n >= params.min_tokens and (
+            (not params.ignore_eos and token_id in self.eos_token_ids) or token_id in params.stop_token_ids
+        ):
+            return RequestStatus.FINISHED_STOPPED
+        if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, new_tokens: list[int], now: float | None = None) -> RequestOutput:
+        if not request.retain_kv or request.status == RequestStatus.FINISHED_ABORTED:
+            self.kv.free(request.request_id)
+            del self.requests[request.request_id]
+        return self._output(request, new_tokens, now or time.monotonic())
+
+    def _output(self, request: Request, new_tokens: list[int], now: float) -> RequestOutput:
+        logprobs = None
+        if request.params.logprobs is not None:
+            logprobs, request.pending_logprobs = request.pending_logprobs, []
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+            finish_reason=request.status.finish_reason,
+            logprobs=logprobs,
+            arrival_time=request.arrival_time,
+            first_token_time=request.first_token_time,
+            time=now,
+        )
