@@ -53,7 +53,7 @@ def build_attention_batch(
 ) -> AttentionBatch:
     """Index tensors for sequences laid out back to back; sequence i computes positions starts[i] + [0, lengths[i])."""
     slots: list[int] = []
-    for start, n, table in zip(starts, lengths, block_tables):
+    for start, n, table in zip(starts, lengths, block_tables, strict=False):
         for pos in range(start, start + n):
             slots.append(table[pos // block_size] * block_size + pos % block_size)
     slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
@@ -67,11 +67,13 @@ def build_attention_batch(
     if decode_idx:
         ctx = [starts[i] + 1 for i in decode_idx]
         max_blocks = -(-max(ctx) // block_size)
-        table = torch.tensor([block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks]))
-                              for i in decode_idx], dtype=torch.long)
+        table = torch.tensor(
+            [block_tables[i][:max_blocks] + [0] * (max_blocks - len(block_tables[i][:max_blocks])) for i in decode_idx],
+            dtype=torch.long,
+        )
         max_len = max(ctx)
         decode_slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(decode_idx), -1)
-        decode_slots = decode_slots[:, :max_len].to(device)
+        decode_slots = decode_slots[:, :max_len].contiguous().to(device)
         valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
         decode_mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
         decode_mask = decode_mask[:, None, None, :].to(device)
@@ -118,7 +120,10 @@ def paged_attention(
     out = q.new_empty(t, num_heads, head_dim)
 
     if batch.decode_rows is not None:
-        ctx = kv_cache[batch.decode_slots]  # [Bd, L, 2, Hkv, D]
+        bd, width = batch.decode_slots.shape
+        # index_select on a 2-D view is several times faster than advanced indexing of the 4-D cache
+        ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, batch.decode_slots.view(-1))
+        ctx = ctx.view(bd, width, 2, num_kv, head_dim)  # [Bd, L, 2, Hkv, D]
         keys = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
         values = ctx[:, :, 1].transpose(1, 2)
         qd = q if batch.decode_all else q[batch.decode_rows]
@@ -135,12 +140,11 @@ def paged_attention(
         if span.context_slots is None:
             ks, vs = k[span.start : span.end], v[span.start : span.end]
         else:
-            ctx = kv_cache[span.context_slots]  # [L, 2, Hkv, D]
+            ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, span.context_slots)
+            ctx = ctx.view(-1, 2, num_kv, head_dim)  # [L, 2, Hkv, D]
             ks, vs = ctx[:, 0].to(q.dtype), ctx[:, 1].to(q.dtype)
         ks = ks.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, L, D]
         vs = vs.transpose(0, 1).repeat_interleave(group, dim=0)
-        o = F.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, scale=scale
-        )
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, is_causal=span.mask is None, scale=scale)
         out[span.start : span.end] = o.transpose(0, 1)
     return out.reshape(t, num_heads * head_dim)

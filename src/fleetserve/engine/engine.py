@@ -61,17 +61,26 @@ class LLMEngine:
                 f"layer_end {mc.layer_end} is past the model's {self.arch.num_layers} layers", "layer_end"
             )
         self.runner = ModelRunner(self.config, self.model_dir, self.arch)
-        self.max_model_len = min(mc.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings)
+        self.max_model_len = min(
+            mc.max_model_len or self.arch.max_position_embeddings, self.arch.max_position_embeddings
+        )
         self.eos_token_ids = set(self.arch.eos_token_ids)
-        self.kv = KVCacheManager(self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self._ids = itertools.count()
         self._preemptions = 0
         self._steps = 0
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
-            mc.model, self.runner.device, str(self.runner.dtype).removeprefix("torch."), self.runner.num_blocks,
-            self.config.cache.block_size, self.runner.kv_cache_bytes / 2**20, time.monotonic() - started,
+            mc.model,
+            self.runner.device,
+            str(self.runner.dtype).removeprefix("torch."),
+            self.runner.num_blocks,
+            self.config.cache.block_size,
+            self.runner.kv_cache_bytes / 2**20,
+            time.monotonic() - started,
         )
 
     @classmethod
@@ -164,7 +173,7 @@ class LLMEngine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run ``prompts`` together to completion; return each one's output token ids (a convenience for tests)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist, strict=False)]
         results: dict[str, list[int]] = {i: [] for i in ids}
         while self.has_unfinished():
             for out in self.step():

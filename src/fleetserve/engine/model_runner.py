@@ -9,6 +9,7 @@ import torch
 
 from fleetserve.config import EngineConfig
 from fleetserve.engine.attention import build_attention_batch
+from fleetserve.engine.models.linear import single_row_mode
 from fleetserve.engine.models.loader import load_model
 from fleetserve.engine.models.registry import ModelArch
 from fleetserve.engine.request import KVTransfer
@@ -44,6 +45,7 @@ class ModelRunner:
         self.arch = arch
         self.block_size = config.cache.block_size
         self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device)
+        self.model.prepare_single_row(single_row_mode(self.device, self.dtype))
         elem = torch.empty((), dtype=self.dtype).element_size()
         per_token = self.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
         self.num_blocks = int(config.cache.kv_cache_bytes // (per_token * self.block_size))
@@ -98,7 +100,7 @@ class ModelRunner:
         result = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, sampling)
         return {
             r.request_id: SampledToken(t, lp)
-            for r, t, lp in zip(sampling, result.token_ids, result.logprobs)
+            for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=False)
         }
 
     # -- KV transfer -------------------------------------------------------------------------------------
@@ -123,10 +125,8 @@ class ModelRunner:
 
     def kv_transfer(self, token_ids: list[int], block_table: list[int], num_tokens: int) -> KVTransfer:
         data = self.read_kv(block_table, num_tokens)
-        if data.dtype == torch.bfloat16:  # numpy has no bfloat16: ship the raw 16-bit words
-            raw = data.view(torch.int16).numpy().tobytes()
-        else:
-            raw = data.numpy().tobytes()
+        # numpy has no bfloat16: ship its raw 16-bit words
+        raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().tobytes()
         return KVTransfer(
             token_ids=list(token_ids),
             num_tokens=num_tokens,

@@ -39,10 +39,7 @@ class Sampler:
             logits = self._block_stop_tokens(logits if logits is not raw else logits.clone(), requests)
 
         greedy = [p.greedy for p in params]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, requests, greedy)
+        tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, requests, greedy)
         token_list = tokens.tolist()
 
         logprobs: list[TokenLogprob | None] = [None] * len(requests)
@@ -52,11 +49,11 @@ class Sampler:
             lp = torch.log_softmax(raw[rows], dim=-1)  # the model's own distribution, before any processing
             chosen = lp.gather(1, tokens[rows].unsqueeze(1)).squeeze(1).tolist()
             k = max(params[i].logprobs for i in want)
-            top_v, top_i = (lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))
+            top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
             top_v, top_i = top_v.tolist(), top_i.tolist()
             for j, i in enumerate(want):
                 n = params[i].logprobs
-                top = list(zip(top_i[j][:n], top_v[j][:n]))
+                top = list(zip(top_i[j][:n], top_v[j][:n], strict=False))
                 logprobs[i] = TokenLogprob(token_list[i], chosen[j], top)
         return SampleResult(token_list, logprobs)
 

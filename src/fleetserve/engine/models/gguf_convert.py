@@ -110,7 +110,9 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
     try:
         tensors: dict[str, torch.Tensor] = {}
-        for t in tqdm(reader.tensors, desc=f"de-quantizing {Path(gguf_path).name}", unit="tensor", disable=not progress):
+        for t in tqdm(
+            reader.tensors, desc=f"de-quantizing {Path(gguf_path).name}", unit="tensor", disable=not progress
+        ):
             name = hf_name(t.name)
             if name is None:
                 continue

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetserve.engine.attention import AttentionBatch, paged_attention
+from fleetserve.engine.models.linear import Linear
 from fleetserve.engine.models.registry import ModelArch
 
 
@@ -62,10 +63,10 @@ class DecoderLayer(nn.Module):
         self.scale = d**-0.5
         self.input_norm = nn.Parameter(torch.ones(h))
         self.post_attn_norm = nn.Parameter(torch.ones(h))
-        self.qkv = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=False)
-        self.gate_up = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
-        self.down = nn.Linear(arch.intermediate_size, h, bias=False)
+        self.qkv = Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = Linear(self.q_size, h, bias=False)
+        self.gate_up = Linear(h, 2 * arch.intermediate_size, bias=False)
+        self.down = Linear(arch.intermediate_size, h, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch
@@ -97,7 +98,9 @@ class LlamaModel(nn.Module):
         if self.is_last:
             self.norm = nn.Parameter(torch.ones(arch.hidden_size))
             self.lm_head = (
-                None if arch.tie_word_embeddings and self.is_first else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+                None
+                if arch.tie_word_embeddings and self.is_first
+                else Linear(arch.hidden_size, arch.vocab_size, bias=False)
             )
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
@@ -122,7 +125,7 @@ class LlamaModel(nn.Module):
         """inputs: token ids [T] on the first range, hidden states [T, hidden] otherwise. Returns hidden states."""
         x = self.embed(inputs) if self.is_first else inputs
         cos, sin = self.rope(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=False):
             x = layer(x, cos, sin, kv_cache, batch)
         return x
 
@@ -130,5 +133,16 @@ class LlamaModel(nn.Module):
         """Final norm and LM head, for the rows that sample only: [N, hidden] -> [N, vocab]."""
         assert self.is_last
         x = rms_norm(hidden, self.norm, self.arch.rms_norm_eps)
-        weight = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return F.linear(x, weight)
+        if self.lm_head is None:  # tied: the head shares the embedding's weight
+            self.lm_head = Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed.weight
+        return self.lm_head(x)
+
+    def prepare_single_row(self, mode: str) -> None:
+        """Give every linear layer the single-token fast path ``mode`` (see models/linear.py)."""
+        if self.is_last and self.lm_head is None:
+            self.lm_head = Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.embed.weight
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.prepare_single_row(mode)

@@ -56,9 +56,7 @@ def resolve_source(model: str) -> Path:
     if model in KNOWN_MODELS:
         path = KNOWN_MODELS[model].path()
         if path is None:
-            raise UnknownModelError(
-                f"model {model!r} is known but not installed: {KNOWN_MODELS[model].description}"
-            )
+            raise UnknownModelError(f"model {model!r} is known but not installed: {KNOWN_MODELS[model].description}")
         return path
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":

@@ -56,9 +56,9 @@ class ModelArch:
                 raise UnsupportedModelError(f"unsupported rope scaling {kind!r}; supported: linear, llama3")
             if kind == "default":
                 scaling = None
-        if cfg.get("sliding_window") and cfg.get("use_sliding_window", True) and arch == "MistralForCausalLM":
-            if cfg["sliding_window"] < cfg.get("max_position_embeddings", 0):
-                raise UnsupportedModelError("sliding-window attention is not supported")
+        window = cfg.get("sliding_window")
+        if arch == "MistralForCausalLM" and window and window < cfg.get("max_position_embeddings", 0):
+            raise UnsupportedModelError("sliding-window attention is not supported")
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(

@@ -1,0 +1,142 @@
+"""Scheduler on hand-built requests and a hand-made runner output (no model)."""
+
+from fleetserve.engine.request import Request, RequestStatus, SamplingParams
+from fleetserve.engine.scheduler import SampledToken
+from tests.helpers import EOS, make_request, make_scheduler
+
+
+def run_step(sched, token: int = 7):
+    """Schedule, then pretend the runner sampled ``token`` for every sequence that reached its end."""
+    plan = sched.schedule()
+    sampled = {s.request.request_id: SampledToken(token) for s in plan.seqs if s.samples}
+    return plan, sched.update(plan, sampled)
+
+
+def test_prompt_then_decode_one_token_per_step():
+    sched = make_scheduler(budget=32)
+    sched.add(make_request("a", 10, max_tokens=3))
+    plan, outs = run_step(sched)
+    assert [(s.start, s.num_tokens) for s in plan.seqs] == [(0, 10)]
+    assert outs[0].new_token_ids == [7] and outs[0].num_output_tokens == 1
+    plan, outs = run_step(sched)
+    assert [(s.start, s.num_tokens) for s in plan.seqs] == [(10, 1)]
+    plan, outs = run_step(sched)
+    assert outs[0].finish_reason == "length" and outs[0].num_output_tokens == 3
+    assert not sched.has_unfinished()
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_token_budget_chunks_prefill_and_decodes_go_first():
+    sched = make_scheduler(budget=8, block_size=4)
+    sched.add(make_request("a", 3, max_tokens=5))
+    run_step(sched)  # a: prompt done, 1 token out
+    sched.add(make_request("b", 20, max_tokens=2))
+    plan, _ = run_step(sched)
+    assert [(s.request.request_id, s.num_tokens) for s in plan.seqs] == [("a", 1), ("b", 7)]
+    assert not plan.seqs[1].samples  # a chunk that does not reach the prompt's end samples nothing
+    plan, _ = run_step(sched)
+    assert [(s.request.request_id, s.start, s.num_tokens) for s in plan.seqs] == [("a", 4, 1), ("b", 7, 7)]
+    assert plan.num_tokens <= 8
+
+
+def test_max_num_seqs_limits_running():
+    sched = make_scheduler(budget=100, max_seqs=2)
+    for i in range(4):
+        sched.add(make_request(f"r{i}", 5, max_tokens=4))
+    plan, _ = run_step(sched)
+    assert len(plan.seqs) == 2 and sched.num_waiting == 2
+
+
+def test_priority_then_arrival_order():
+    sched = make_scheduler(budget=5, max_seqs=1)
+    sched.add(make_request("late-urgent", 5, priority=-1))
+    sched.add(make_request("first", 5))
+    sched.add(make_request("urgent", 5, priority=-1))
+    plan, _ = run_step(sched)
+    assert plan.seqs[0].request.request_id == "late-urgent"
+
+
+def test_eos_stops_but_not_before_min_tokens_or_with_ignore_eos():
+    sched = make_scheduler()
+    sched.add(make_request("a", 4, max_tokens=10))
+    sched.add(make_request("b", 4, max_tokens=10, min_tokens=2))
+    sched.add(make_request("c", 4, max_tokens=3, ignore_eos=True))
+    _, outs = run_step(sched, token=EOS)
+    by_id = {o.request_id: o for o in outs}
+    assert by_id["a"].finish_reason == "stop"
+    assert by_id["b"].finish_reason is None and by_id["c"].finish_reason is None
+    _, outs = run_step(sched, token=EOS)
+    by_id = {o.request_id: o for o in outs}
+    assert by_id["b"].finish_reason == "stop" and by_id["c"].finish_reason is None
+
+
+def test_stop_token_ids_finish_with_stop():
+    sched = make_scheduler()
+    sched.add(make_request("a", 4, max_tokens=10, stop_token_ids=[7]))
+    _, outs = run_step(sched, token=7)
+    assert outs[0].finish_reason == "stop"
+
+
+def test_preemption_frees_newest_and_recomputes_it_later():
+    # 6 blocks of 4 tokens; two sequences of 8-token prompts growing to 14 tokens cannot both fit.
+    sched = make_scheduler(num_blocks=6, block_size=4, budget=64, prefix_caching=False)
+    sched.add(make_request("old", 8, max_tokens=6))
+    sched.add(make_request("new", 8, max_tokens=6))
+    preempted = []
+    finished = {}
+    for _ in range(40):
+        if not sched.has_unfinished():
+            break
+        plan, outs = run_step(sched)
+        preempted += plan.preempted
+        finished.update({o.request_id: o for o in outs if o.finished})
+    assert preempted and set(preempted) == {"new"}
+    assert sched.requests == {} and set(finished) == {"old", "new"}
+    assert all(o.num_output_tokens == 6 for o in finished.values())
+    assert sched.kv.num_free_blocks == 6
+
+
+def test_abort_waiting_and_running_frees_blocks():
+    sched = make_scheduler(max_seqs=1)
+    sched.add(make_request("run", 6, max_tokens=50))
+    sched.add(make_request("wait", 6, max_tokens=50))
+    run_step(sched)
+    out = sched.abort("wait")
+    assert out.finish_reason == "abort"
+    out = sched.abort("run")
+    assert out.finish_reason == "abort"
+    assert sched.abort("run") is None
+    assert not sched.has_unfinished()
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_abort_between_schedule_and_update_is_ignored():
+    sched = make_scheduler()
+    sched.add(make_request("a", 4, max_tokens=5))
+    plan = sched.schedule()
+    sched.abort("a")
+    assert sched.update(plan, {"a": SampledToken(7)}) == []
+
+
+def test_prefix_cache_hit_is_counted_and_skips_tokens():
+    sched = make_scheduler(block_size=4, budget=64)
+    a = make_request("a", 12, max_tokens=1)
+    sched.add(a)
+    run_step(sched)
+    b = Request("b", a.prompt_token_ids + [5], SamplingParams(max_tokens=1))  # 13 tokens: 3 full blocks shared
+    sched.add(b)
+    plan, _ = run_step(sched)
+    assert plan.seqs[0].start == 12 and plan.seqs[0].num_tokens == 1
+    assert b.num_cached_tokens == 12
+
+
+def test_retained_kv_stays_until_released():
+    sched = make_scheduler()
+    r = make_request("a", 5, max_tokens=1)
+    r.retain_kv = True
+    sched.add(r)
+    _, outs = run_step(sched)
+    assert outs[0].finished and r.status == RequestStatus.FINISHED_LENGTH
+    assert sched.kv.has("a")
+    sched.release("a")
+    assert not sched.kv.has("a") and sched.kv.num_free_blocks == sched.kv.num_blocks
