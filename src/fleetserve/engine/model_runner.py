@@ -9,7 +9,7 @@ import torch
 
 from fleetserve.config import EngineConfig
 from fleetserve.engine.attention import build_attention_batch
-from fleetserve.engine.models.linear import single_row_mode
+from fleetserve.engine.models.linear import choose_kernels
 from fleetserve.engine.models.loader import load_model
 from fleetserve.engine.models.registry import ModelArch
 from fleetserve.engine.request import KVTransfer
@@ -45,7 +45,7 @@ class ModelRunner:
         self.arch = arch
         self.block_size = config.cache.block_size
         self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device)
-        self.model.prepare_single_row(single_row_mode(self.device, self.dtype))
+        self.linear_kernel = choose_kernels(self.model)
         elem = torch.empty((), dtype=self.dtype).element_size()
         per_token = self.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
         self.num_blocks = int(config.cache.kv_cache_bytes // (per_token * self.block_size))

@@ -97,11 +97,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(layer_start, layer_end))
         if self.is_last:
             self.norm = nn.Parameter(torch.ones(arch.hidden_size))
-            self.lm_head = (
-                None
-                if arch.tie_word_embeddings and self.is_first
-                else Linear(arch.hidden_size, arch.vocab_size, bias=False)
-            )
+            self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     @property
@@ -133,16 +129,4 @@ class LlamaModel(nn.Module):
         """Final norm and LM head, for the rows that sample only: [N, hidden] -> [N, vocab]."""
         assert self.is_last
         x = rms_norm(hidden, self.norm, self.arch.rms_norm_eps)
-        if self.lm_head is None:  # tied: the head shares the embedding's weight
-            self.lm_head = Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False, device="meta")
-            self.lm_head.weight = self.embed.weight
         return self.lm_head(x)
-
-    def prepare_single_row(self, mode: str) -> None:
-        """Give every linear layer the single-token fast path ``mode`` (see models/linear.py)."""
-        if self.is_last and self.lm_head is None:
-            self.lm_head = Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False, device="meta")
-            self.lm_head.weight = self.embed.weight
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.prepare_single_row(mode)

@@ -146,8 +146,10 @@ def load_model(
             put(layer.down.weight, get(p + "mlp.down_proj.weight"))
         if model.is_last:
             put(model.norm, get("model.norm.weight"))
-            if model.lm_head is not None:
-                tied = arch.tie_word_embeddings or "lm_head.weight" not in index
+            tied = arch.tie_word_embeddings or "lm_head.weight" not in index
+            if tied and model.embed is not None:
+                model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
+            else:
                 put(model.lm_head.weight, get("model.embed_tokens.weight" if tied else "lm_head.weight"))
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
