@@ -68,6 +68,14 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, SampledToken]:
         """Run one step of the plan; return the sampled token of every sequence that reached its end."""
+        return self.sample(plan, self.forward(plan))
+
+    @torch.inference_mode()
+    def forward(self, plan: SchedulerOutput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Run this engine's layers on the plan's tokens: [T, hidden] out.
+
+        The first layer range embeds the plan's token ids; later ranges take ``hidden`` from the range before.
+        """
         ids: list[int] = []
         positions: list[int] = []
         for seq in plan.seqs:
@@ -81,10 +89,17 @@ class ModelRunner:
             self.device,
             self.dtype,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        if self.model.is_first:
+            inputs = torch.tensor(ids, dtype=torch.long, device=self.device)
+        else:
+            assert hidden is not None and hidden.shape[0] == len(ids), "a later layer range needs hidden states"
+            inputs = hidden.to(device=self.device, dtype=self.dtype)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(input_ids, pos, self.kv_caches, batch)
+        return self.model(inputs, pos, self.kv_caches, batch)
 
+    @torch.inference_mode()
+    def logits(self, plan: SchedulerOutput, hidden: torch.Tensor) -> tuple[torch.Tensor, list]:
+        """Logits [N, vocab] of the sequences that sample this step, and those sequences' requests."""
         rows, sampling = [], []
         offset = 0
         for seq in plan.seqs:
@@ -92,16 +107,18 @@ class ModelRunner:
             if seq.samples:
                 rows.append(offset - 1)
                 sampling.append(seq.request)
-        if not rows:
-            return {}
         if len(rows) < hidden.shape[0]:
-            hidden = hidden[torch.tensor(rows, device=self.device)]
-        logits = self.model.compute_logits(hidden)  # [N, vocab]: the LM head only where a token is sampled
+            hidden = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
+        # The LM head runs only where a token is sampled.
+        return self.model.compute_logits(hidden), sampling
+
+    @torch.inference_mode()
+    def sample(self, plan: SchedulerOutput, hidden: torch.Tensor) -> dict[str, SampledToken]:
+        if not any(seq.samples for seq in plan.seqs):
+            return {}
+        logits, sampling = self.logits(plan, hidden)
         result = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, sampling)
-        return {
-            r.request_id: SampledToken(t, lp)
-            for r, t, lp in zip(sampling, result.token_ids, result.logprobs, strict=False)
-        }
+        return {r.request_id: SampledToken(t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs)}
 
     # -- KV transfer -------------------------------------------------------------------------------------
 

@@ -1,0 +1,182 @@
+"""AsyncEngine: the LLMEngine on its own thread, with per-request async streams for asyncio servers.
+
+The engine thread alternates between running queued commands (add, abort, export ...) and stepping the engine,
+so the event loop never waits for a step. Every engine call goes through that thread: the engine itself needs
+no locks. Closing a request's stream early (client gone, task cancelled) aborts it before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from fleetserve.config import EngineConfig
+from fleetserve.engine.engine import EngineStats, LLMEngine
+from fleetserve.engine.request import KVTransfer, RequestOutput, SamplingParams
+from fleetserve.errors import FleetServeError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineDeadError(FleetServeError):
+    """The engine thread has stopped (closed, or a step failed); the request cannot go on."""
+
+
+class AsyncEngine:
+    """Async front of one LLMEngine; create it inside a running event loop or pass the loop."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop | None = None):
+        self.engine = engine
+        self._loop = loop or asyncio.get_running_loop()
+        self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._stats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fleetserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    async def create(cls, config: EngineConfig | None = None, progress: bool = True) -> AsyncEngine:
+        """Build the engine (loading the model off the event loop) and start its thread."""
+        engine = await asyncio.to_thread(LLMEngine, config, progress)
+        return cls(engine)
+
+    # -- public API --------------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        kv_import: KVTransfer | None = None,
+        retain_kv: bool = False,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs step by step until it finishes; bad input raises before the first."""
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def add() -> str:
+            rid = self.engine.add_request(prompt_token_ids, params, request_id, priority, retain_kv, kv_import)
+            self._streams[rid] = stream  # registered on the engine thread before its first step
+            return rid
+
+        rid = await self.call(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._submit(lambda: self.engine.abort(rid))
+            self._submit(lambda: self._streams.pop(rid, None))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request by id; True if it was running or waiting."""
+        out = await self.call(lambda: self.engine.abort(request_id))
+        if out is not None:
+            self._deliver([out])
+        return out is not None
+
+    async def export_kv(self, request_id: str) -> KVTransfer:
+        return await self.call(lambda: self.engine.export_kv(request_id))
+
+    async def release(self, request_id: str) -> None:
+        await self.call(lambda: self.engine.release(request_id))
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the latest step (no waiting on the engine thread)."""
+        return self._stats
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between two steps and return its result."""
+        return await asyncio.wrap_future(self._submit(fn))
+
+    async def close(self) -> None:
+        """Stop the engine thread; unfinished streams end with EngineDeadError."""
+        if not self._stopped.is_set():
+            self._commands.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- engine thread -----------------------------------------------------------------------------------
+
+    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stopped.is_set():
+            fut.set_exception(EngineDeadError("the engine has stopped"))
+        else:
+            self._commands.put((fn, fut))
+        return fut
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished()
+                if not self._run_commands(block):
+                    return
+                if self.engine.has_unfinished():
+                    outputs = self.engine.step()
+                    self._stats = self.engine.stats()
+                    if outputs:
+                        self._loop.call_soon_threadsafe(self._deliver, outputs)
+        except BaseException as exc:  # a failed step: every waiting stream must hear of it
+            log.exception("engine step failed; stopping the engine")
+            self._fail_all(EngineDeadError(f"the engine failed: {exc}"))
+            raise
+        finally:
+            self._stopped.set()
+            self._fail_all(EngineDeadError("the engine has stopped"))
+
+    def _run_commands(self, block: bool) -> bool:
+        """Run queued commands (waiting for one if ``block``); False when told to stop."""
+        while True:
+            try:
+                item = self._commands.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # delivered to the caller, who owns the error
+                    fut.set_exception(exc)
+            self._stats = self.engine.stats()
+            block = False
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        def fail() -> None:
+            for stream in self._streams.values():
+                stream.put_nowait(exc)
+
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fail)
+        while True:  # commands nobody will run
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item[1].done():
+                item[1].set_exception(exc)
