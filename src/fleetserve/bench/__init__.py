@@ -1,0 +1,1 @@
+"""Benchmarks of fleetserve: the in-process engine benchmark lives in ``engine_bench``."""

@@ -1,0 +1,162 @@
+"""The `fleetserve` command: generate, models, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from fleetserve import __version__
+from fleetserve.errors import FleetServeError
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="model name, Hugging Face folder or .gguf file")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (auto: float32 on CPU)")
+    g.add_argument("--kv-cache-mb", type=int, default=512, help="memory for KV blocks in MiB (default: 512)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt prefixes")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default: 64)")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=512, help="token budget of one engine step (default: 512)"
+    )
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    """EngineConfig from the engine options above."""
+    from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+    return EngineConfig(
+        model=ModelConfig(model=args.model, device=args.device, dtype=args.dtype, num_threads=args.threads),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_bytes=args.kv_cache_mb * 2**20,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text for one prompt with an in-process engine, streaming it to the terminal."""
+    from fleetserve.engine.engine import LLMEngine
+    from fleetserve.engine.request import SamplingParams
+    from fleetserve.text.detokenizer import IncrementalDetokenizer
+    from fleetserve.text.tokenizer import Tokenizer
+
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    ).validate()
+    engine = LLMEngine(engine_config_from_args(args), progress=True)
+    tokenizer = Tokenizer.from_dir(engine.model_dir)
+    if args.raw:
+        ids = tokenizer.encode(prompt)
+    else:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        ids = tokenizer.encode_chat(messages + [{"role": "user", "content": prompt}])
+    detok = IncrementalDetokenizer(tokenizer, ids)
+    start = time.monotonic()
+    engine.add_request(ids, params)
+    first = None
+    n = 0
+    finish = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            first = first or time.monotonic()
+            n = out.num_output_tokens
+            finish = out.finish_reason
+            sys.stdout.write(detok.add(out.new_token_ids))
+            sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    elapsed = time.monotonic() - start
+    if not args.quiet:
+        decode = (n - 1) / (elapsed - (first - start)) if n > 1 and first else 0.0
+        print(
+            f"[{n} tokens, finish: {finish}, first token {1000 * ((first or start) - start):.0f} ms, "
+            f"{decode:.1f} tokens/s after it, {len(ids)} prompt tokens]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the models fleetserve knows by name."""
+    from fleetserve.engine.models.loader import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'NAME'.ljust(width)}  INSTALLED  SOURCE")
+    for r in rows:
+        print(f"{r['name'].ljust(width)}  {r['installed'].ljust(9)}  {r['source']}")
+    print("\nAlso accepted by --model: a Hugging Face folder (config.json + *.safetensors) or a .gguf file.")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fleetserve.bench import engine_bench
+
+    engine_bench.run(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetserve", description="A distributed LLM serving engine.")
+    parser.add_argument("--version", action="version", version=f"fleetserve {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt with an in-process engine")
+    g.add_argument("prompt", help="the prompt (a user message; '-' reads standard input)")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: all (default: 0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--system", default=None, help="a system message to put before the prompt")
+    g.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    g.add_argument("--quiet", action="store_true", help="print only the generated text")
+    _engine_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list the models fleetserve can load by name")
+    m.add_argument("--json", action="store_true", help="print JSON")
+    m.set_defaults(func=cmd_models)
+
+    b = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    b.add_argument("--engine", action="store_true", required=True, help="the in-process engine benchmark")
+    from fleetserve.bench import engine_bench
+
+    engine_bench.add_arguments(b)
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except FleetServeError as exc:
+        print(f"fleetserve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

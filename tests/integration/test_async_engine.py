@@ -1,0 +1,130 @@
+"""AsyncEngine: concurrent streams, errors before the first output, cancellation freeing blocks at once."""
+
+import asyncio
+
+import pytest
+
+from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
+from fleetserve.engine.request import SamplingParams
+from fleetserve.errors import InvalidRequestError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def base_engine(make_engine):
+    """One engine for the module; each test wraps it in its own AsyncEngine and closes that."""
+    engine = make_engine()
+    yield engine
+    assert not engine.has_unfinished()
+
+
+async def collect(aengine, prompt, params, **kw):
+    tokens, outs = [], []
+    async for out in aengine.generate(prompt, params, **kw):
+        tokens += out.new_token_ids
+        outs.append(out)
+    return tokens, outs
+
+
+def test_concurrent_streams_equal_offline_results(base_engine, chat_prompts):
+    engine = base_engine
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = engine.generate(chat_prompts[:4], params)
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        try:
+            results = await asyncio.gather(*(collect(aengine, p, params) for p in chat_prompts[:4]))
+        finally:
+            await aengine.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    for _, outs in results:
+        assert [o.num_output_tokens for o in outs] == list(range(1, 13))
+        assert outs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outs[:-1])
+        assert outs[0].first_token_time >= outs[0].arrival_time
+
+
+def test_bad_request_raises_and_does_not_disturb_others(base_engine, chat_prompts):
+    engine = base_engine
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        good = asyncio.create_task(collect(aengine, chat_prompts[0], SamplingParams(max_tokens=8, ignore_eos=True)))
+        with pytest.raises(InvalidRequestError):
+            await collect(aengine, [], SamplingParams())
+        with pytest.raises(InvalidRequestError):
+            await collect(aengine, chat_prompts[1], SamplingParams(top_p=7.0))
+        tokens, _ = await good
+        await aengine.close()
+        return tokens
+
+    assert len(asyncio.run(main())) == 8
+
+
+def test_cancelling_a_stream_aborts_and_frees_blocks(base_engine, chat_prompts):
+    engine = base_engine
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        got = []
+
+        async def consume():
+            async for out in aengine.generate(chat_prompts[0], SamplingParams(max_tokens=500, ignore_eos=True)):
+                got.append(out)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 3:
+            await asyncio.sleep(0.01)
+        assert aengine.stats().kv_blocks_used > 0
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stats = await aengine.call(engine.stats)  # runs after the abort command, between two steps
+        await aengine.close()
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    assert len(got) < 500
+    assert stats.running == 0 and stats.kv_blocks_used == 0
+
+
+def test_abort_by_id_ends_the_stream(base_engine, chat_prompts):
+    engine = base_engine
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        outs = []
+
+        async def consume():
+            async for out in aengine.generate(
+                chat_prompts[0], SamplingParams(max_tokens=500, ignore_eos=True), request_id="victim"
+            ):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        assert await aengine.abort("victim")
+        await task
+        await aengine.close()
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finish_reason == "abort"
+
+
+def test_closed_engine_refuses_requests(base_engine, chat_prompts):
+    engine = base_engine
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        await aengine.close()
+        assert not aengine.alive
+        with pytest.raises(EngineDeadError):
+            await collect(aengine, chat_prompts[0], SamplingParams(max_tokens=2))
+
+    asyncio.run(main())
