@@ -19,17 +19,21 @@ from fleetserve.engine.models.registry import ModelArch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as the reference: normalise in float32, then scale in the weight's dtype.
+    if x.dtype == torch.float32:  # one fused kernel; bitwise equal to the formula below in float32
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # The reference's arithmetic: normalise in float32, then scale in the weight's dtype.
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(weight.dtype)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos, sin: [T, 1, D] (the two halves repeat the same frequencies)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, Hugging Face's half-split layout: x*cos + cat(-x2, x1)*sin.
+
+    x: [T, heads, D]; cos, signed_sin: [T, 1, D] with signed_sin = cat(-sin, sin) over the two halves, so the
+    rotation is a roll of x (the sign moves into the table, exactly: negation is lossless).
+    """
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -74,10 +78,10 @@ class DecoderLayer(nn.Module):
         # x: [T, hidden]
         t = x.shape[0]
         qkv = self.qkv(rms_norm(x, self.input_norm, self.eps))
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = rotate(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = rotate(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        # q and k are adjacent columns of qkv: rotate them in one go
+        qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         x = x + self.o_proj(paged_attention(q, k, v, kv_cache, batch, self.scale))
         gate, up = self.gate_up(rms_norm(x, self.post_attn_norm, self.eps)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
@@ -105,11 +109,13 @@ class LlamaModel(nn.Module):
         return self.layer_end - self.layer_start
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the step's positions, [T, 1, D], computed once and shared by every layer."""
+        """cos and signed sin (see ``rotate``) for the step's positions, [T, 1, D], shared by every layer."""
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = freqs.cos(), freqs.sin()
         dtype = self.layers[0].input_norm.dtype
-        return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+        return torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1), torch.cat((-sin, sin), dim=-1).to(dtype).unsqueeze(
+            1
+        )
 
     def forward(
         self,
