@@ -106,6 +106,69 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Serve one engine over gRPC and register with a gateway."""
+    import asyncio
+
+    from fleetserve.worker.main import WorkerOptions, run_worker
+
+    opts = WorkerOptions(
+        engine=engine_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        gateway=args.gateway,
+        token=args.registration_token or "",
+        name=args.name,
+    )
+    return asyncio.run(run_worker(opts))
+
+
+def _api_keys(args: argparse.Namespace) -> list[str]:
+    keys = list(args.api_key or [])
+    if args.api_keys_file:
+        with open(args.api_keys_file) as f:
+            keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Serve the HTTP API and the workers' control service."""
+    import asyncio
+
+    from fleetserve.gateway.main import GatewayOptions, run_gateway
+
+    opts = GatewayOptions(
+        host=args.host,
+        port=args.port,
+        control_host=args.control_host,
+        control_port=args.control_port,
+        api_keys=_api_keys(args),
+        registration_token=args.registration_token or "",
+        heartbeat_timeout_s=args.heartbeat_timeout,
+    )
+    return asyncio.run(run_gateway(opts))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """A gateway and local workers on one machine."""
+    from fleetserve.up import UpOptions, run_up
+
+    gateway_args = [f"--api-key={k}" for k in (args.api_key or [])]
+    worker_args = ["--kv-cache-mb", str(args.kv_cache_mb)]
+    opts = UpOptions(
+        model=args.model,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        control_port=args.control_port,
+        threads_per_worker=args.threads,
+        worker_args=worker_args,
+        gateway_args=gateway_args,
+    )
+    return run_up(opts, api_key=(args.api_key or [None])[0])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fleetserve.bench import engine_bench
 
@@ -136,6 +199,38 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the models fleetserve can load by name")
     m.add_argument("--json", action="store_true", help="print JSON")
     m.set_defaults(func=cmd_models)
+
+    w = sub.add_parser("worker", help="serve one engine over gRPC and register with a gateway")
+    w.add_argument("--gateway", default=None, help="the gateway's control address HOST:PORT (none: standalone)")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    w.add_argument("--port", type=int, default=0, help="gRPC port (default: 0, a free one)")
+    w.add_argument("--advertise", default=None, help="HOST:PORT the gateway should dial (default: host:port)")
+    w.add_argument("--name", default=None, help="worker name (default: hostname-port)")
+    w.add_argument("--registration-token", default=None, help="the gateway's shared registration secret")
+    _engine_options(w)
+    w.set_defaults(func=cmd_worker)
+
+    gw = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API over registered workers")
+    gw.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
+    gw.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    gw.add_argument("--control-host", default="127.0.0.1", help="address workers register at (default: 127.0.0.1)")
+    gw.add_argument("--control-port", type=int, default=50050, help="gRPC control port (default: 50050)")
+    gw.add_argument("--api-key", action="append", help="require this bearer key on every route but /health")
+    gw.add_argument("--api-keys-file", default=None, help="a file of accepted API keys, one a line")
+    gw.add_argument("--registration-token", default=None, help="workers must present this secret to register")
+    gw.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")
+    gw.set_defaults(func=cmd_gateway)
+
+    up = sub.add_parser("up", help="a gateway plus local workers on the default model, in one command")
+    up.add_argument("--model", default="smollm2-135m-instruct", help="model for every worker")
+    up.add_argument("--workers", type=int, default=2, help="local workers (default: 2)")
+    up.add_argument("--host", default="127.0.0.1", help="HTTP address (default: 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    up.add_argument("--control-port", type=int, default=50050, help="gRPC control port (default: 50050)")
+    up.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    up.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default: 512)")
+    up.add_argument("--api-key", action="append", help="require this bearer key (see gateway --api-key)")
+    up.set_defaults(func=cmd_up)
 
     b = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     b.add_argument("--engine", action="store_true", required=True, help="the in-process engine benchmark")

@@ -26,3 +26,11 @@ class UnsupportedModelError(FleetServeError):
 
 class CapacityError(FleetServeError):
     """Not enough room (KV cache blocks, queue slots) to take the request."""
+
+
+class NoWorkerError(CapacityError):
+    """No healthy worker serves the model right now (HTTP 503 with Retry-After)."""
+
+
+class UpstreamError(FleetServeError):
+    """A worker failed while serving the request (HTTP 502)."""

@@ -1,0 +1,351 @@
+"""The gateway's HTTP app: OpenAI-compatible routes, the original briefs' routes, health and readiness.
+
+Typed errors become HTTP statuses with OpenAI-style bodies here and only here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
+from fleetserve.gateway.api import responses, schema
+from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.gateway.generation import TextEvent, Usage, generate_text
+from fleetserve.gateway.registry import WorkerRegistry
+from fleetserve.gateway.tokenizers import TokenizerStore
+from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.text.tokenizer import Tokenizer
+
+RETRY_AFTER_S = "1"
+POLL_KEEP = 1000
+"""Finished polling-mode requests kept for GET /v1/requests/{id}."""
+
+
+@dataclass
+class GatewayState:
+    """Everything the routes share."""
+
+    registry: WorkerRegistry
+    tokenizers: TokenizerStore
+    dispatcher: Dispatcher
+    options: Any  # GatewayOptions (kept untyped here to avoid an import cycle with main)
+    jobs: dict[str, dict] = field(default_factory=dict)
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+
+def _error(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, UpstreamError):
+        status, body = 502, responses.error_body(str(exc), "server_error", None, "worker_failed")
+    else:
+        status, body = responses.error_for(exc)
+    headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+
+
+def create_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(title="fleetserve gateway", docs_url=None, redoc_url=None)
+    app.state.fleet = state
+    keys = set(state.options.api_keys)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if keys and request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            if not (header.startswith("Bearer ") and header[7:].strip() in keys):
+                body = responses.error_body(
+                    "Missing or wrong API key: send 'Authorization: Bearer KEY'.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                )
+                return JSONResponse(body, status_code=401)
+        return await call_next(request)
+
+    @app.exception_handler(FleetServeError)
+    async def fleet_error(request: Request, exc: FleetServeError):
+        return _error(exc)
+
+    def tokenizer_for(model: str) -> Tokenizer:
+        tok = state.tokenizers.get(model)
+        if tok is None:
+            known = ", ".join(state.registry.models()) or "none yet"
+            raise UnknownModelError(f"The model '{model}' does not exist or has no worker (served: {known}).")
+        return tok
+
+    # -- health --------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Ready when every model has at least one worker that really generates a token."""
+        workers = [w for w in state.registry.workers.values() if w.routable]
+
+        async def probe(w) -> tuple[Any, bool, str]:
+            try:
+                reply = await w.stub.Health(pb.HealthRequest(generate=True), timeout=10)
+                return w, reply.ok, reply.detail
+            except Exception as exc:  # any failure of the probe means not ready; reported in the body
+                return w, False, str(exc)[:200]
+
+        results = await asyncio.gather(*(probe(w) for w in workers))
+        models: dict[str, dict] = {m: {"healthy_workers": 0, "workers": []} for m in state.registry.models()}
+        for w, ok, detail in results:
+            entry = models.setdefault(w.info.model, {"healthy_workers": 0, "workers": []})
+            entry["healthy_workers"] += ok
+            entry["workers"].append({"name": w.info.name, "ok": ok, "detail": detail})
+        is_ready = bool(models) and all(m["healthy_workers"] > 0 for m in models.values())
+        return JSONResponse({"ready": is_ready, "models": models}, status_code=200 if is_ready else 503)
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "fleetserve"}
+            for m in state.registry.models()
+            if state.tokenizers.get(m) is not None
+        ]
+        return {"object": "list", "data": data}
+
+    # -- OpenAI ---------------------------------------------------------------------------------------------
+
+    async def start(model: str, request_id: str, prompt: list[int], params, stops, priority: int):
+        """Begin generating; errors before the first event surface as HTTP errors, not as a broken stream."""
+        events = generate_text(
+            state.dispatcher, tokenizer_for(model), model, request_id, prompt, params, stops, priority
+        )
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await events.aclose()
+            raise
+        return first, events
+
+    async def all_events(first: TextEvent | None, events: AsyncIterator[TextEvent]) -> AsyncIterator[TextEvent]:
+        if first is not None:
+            yield first
+        async for ev in events:
+            yield ev
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
+        tok = tokenizer_for(req.model)
+        prompt = tok.encode_chat(req.message_dicts())
+        params = schema.to_sampling_params(
+            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
+        )
+        rid = responses.new_chat_id()
+        want_lp = params.logprobs
+        text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
+        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
+        if not req.stream:
+            text, lps, last = "", [], first
+            async for ev in all_events(first, events):
+                text += ev.text
+                lps += ev.logprobs
+                last = ev
+            return responses.chat_completion(
+                req.model,
+                rid,
+                text,
+                last.finish_reason if last else "stop",
+                last.usage if last else Usage(),
+                logprobs=want_lp,
+                token_logprobs=lps,
+                token_text=text_of,
+            )
+        stream = responses.ChatStream(
+            req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of
+        )
+
+        async def body() -> AsyncIterator[bytes]:
+            yield responses.sse(stream.first_chunk())
+            async for ev in all_events(first, events):
+                chunk = stream.delta(ev.text, ev.logprobs or None)
+                if chunk is not None:
+                    yield responses.sse(chunk)
+                if ev.finish_reason:
+                    for c in stream.final(ev.finish_reason, ev.usage):
+                        yield responses.sse(c)
+            yield responses.SSE_DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"X-Request-Id": rid})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = schema.parse_request(schema.CompletionRequest, await _json_body(request))
+        tok = tokenizer_for(req.model)
+        prompt = list(req.prompt) if isinstance(req.prompt, list) else tok.encode(req.prompt)
+        params = schema.to_sampling_params(
+            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
+        )
+        rid = responses.new_completion_id()
+        want_lp = params.logprobs
+        text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
+        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
+        if not req.stream:
+            text, lps, last = "", [], first
+            async for ev in all_events(first, events):
+                text += ev.text
+                lps += ev.logprobs
+                last = ev
+            return responses.completion(
+                req.model,
+                rid,
+                text,
+                last.finish_reason if last else "stop",
+                last.usage if last else Usage(),
+                logprobs=want_lp,
+                token_logprobs=lps,
+                token_text=text_of,
+            )
+        stream = responses.CompletionStream(
+            req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of
+        )
+
+        async def body() -> AsyncIterator[bytes]:
+            async for ev in all_events(first, events):
+                chunk = stream.delta(ev.text, ev.logprobs or None)
+                if chunk is not None:
+                    yield responses.sse(chunk)
+                if ev.finish_reason:
+                    for c in stream.final(ev.finish_reason, ev.usage):
+                        yield responses.sse(c)
+            yield responses.SSE_DONE
+
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"X-Request-Id": rid})
+
+    # -- the original briefs' routes ------------------------------------------------------------------------
+
+    async def simple_chat(model: str, content: str, max_tokens: int | None):
+        tok = tokenizer_for(model)
+        req = schema.parse_request(
+            schema.ChatCompletionRequest,
+            {
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            },
+        )
+        prompt = tok.encode_chat(req.message_dicts())
+        params = schema.to_sampling_params(
+            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[model]
+        )
+        return await start(model, uuid.uuid4().hex, prompt, params, [], 0)
+
+    @app.post("/v1/chat/{model}")
+    async def plain_chat(model: str, request: Request):
+        """Plain-text prompt in, plain-text answer streamed out."""
+        content = (await request.body()).decode("utf-8", errors="replace").strip()
+        if not content:
+            raise InvalidRequestError("The request body must be the prompt as plain text.", "body")
+        first, events = await simple_chat(model, content, None)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for ev in all_events(first, events):
+                if ev.text:
+                    yield ev.text.encode("utf-8")
+
+        return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
+
+    @app.post("/coordinator/infer")
+    async def coordinator_infer(request: Request):
+        """{prompt, model, max_tokens} in; SSE events {token, finished} out."""
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidRequestError("The request body must be a JSON object.")
+        missing = [k for k in ("prompt", "model") if not body.get(k)]
+        if missing:
+            raise InvalidRequestError(f"Missing required field(s): {', '.join(missing)}.", missing[0])
+        first, events = await simple_chat(str(body["model"]), str(body["prompt"]), body.get("max_tokens"))
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for ev in all_events(first, events):
+                    if ev.text or ev.finish_reason:
+                        yield responses.sse({"token": ev.text, "finished": bool(ev.finish_reason)})
+            except FleetServeError as exc:
+                yield responses.sse({"token": "", "finished": True, "error": str(exc)})
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/requests", status_code=202)
+    async def submit(request: Request):
+        """Polling mode: returns {request_id} at once; GET /v1/requests/{id} gives status and the result."""
+        body = await _json_body(request)
+        req = schema.parse_request(
+            schema.ChatCompletionRequest, {**body, "stream": False} if isinstance(body, dict) else body
+        )
+        tok = tokenizer_for(req.model)
+        prompt = tok.encode_chat(req.message_dicts())
+        params = schema.to_sampling_params(
+            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
+        )
+        rid = responses.new_chat_id()
+        job = {"request_id": rid, "status": "queued", "created": int(time.time()), "model": req.model}
+        state.jobs[rid] = job
+        while len(state.jobs) > POLL_KEEP:
+            state.jobs.pop(next(iter(state.jobs)))
+
+        async def run() -> None:
+            text, last = "", None
+            try:
+                first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
+                job["status"] = "running"
+                async for ev in all_events(first, events):
+                    text += ev.text
+                    last = ev
+                job["result"] = responses.chat_completion(
+                    req.model, rid, text, last.finish_reason if last else "stop", last.usage if last else Usage()
+                )
+                job["status"] = "completed"
+            except FleetServeError as exc:
+                status, err = (502, None) if isinstance(exc, UpstreamError) else responses.error_for(exc)
+                job["status"] = "failed"
+                job["error"] = (err or responses.error_body(str(exc), "server_error"))["error"]
+
+        task = asyncio.create_task(run())
+        state.tasks.add(task)
+        task.add_done_callback(state.tasks.discard)
+        return {"request_id": rid, "status": "queued"}
+
+    @app.get("/v1/requests/{request_id}")
+    async def poll(request_id: str):
+        job = state.jobs.get(request_id)
+        if job is None:
+            return JSONResponse(
+                responses.error_body(
+                    f"No request with id '{request_id}'.", "invalid_request_error", "request_id", "not_found"
+                ),
+                status_code=404,
+            )
+        return job
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    _ = NoWorkerError  # raised by the dispatcher, mapped to 503 + Retry-After by _error
+    return app

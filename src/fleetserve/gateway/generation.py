@@ -1,0 +1,82 @@
+"""Text in, text out over the workers: tokenized prompt -> dispatch -> incremental detokenization -> stop strings.
+
+Every route (OpenAI, the plain-text and SSE routes, polling) goes through ``generate_text``, so they all stream
+the same text. When a stop string appears, the stream ends with finish_reason "stop" and closing the dispatch
+stream cancels the call, which aborts the request on the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fleetserve.engine.request import SamplingParams, TokenLogprob
+from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.protocol import convert
+from fleetserve.text.detokenizer import IncrementalDetokenizer
+from fleetserve.text.stop import StopStringMatcher
+from fleetserve.text.tokenizer import Tokenizer
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TextEvent:
+    """A piece of the answer, as it becomes safe to show."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    """None until the last event; then "stop" or "length"."""
+    usage: Usage = field(default_factory=Usage)
+    worker: str = ""
+
+
+async def generate_text(
+    dispatcher: Dispatcher,
+    tokenizer: Tokenizer,
+    model: str,
+    request_id: str,
+    prompt: list[int],
+    params: SamplingParams,
+    stops: list[str] | None = None,
+    priority: int = 0,
+) -> AsyncIterator[TextEvent]:
+    """Yield text events until the request finishes (a stop string, EOS or the length limit)."""
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    matcher = StopStringMatcher(stops) if stops else None
+    usage = Usage(prompt_tokens=len(prompt))
+    stream = dispatcher.generate(model, request_id, prompt, params, priority)
+    try:
+        async for worker, chunk in stream:
+            usage.completion_tokens = chunk.num_output_tokens
+            usage.cached_tokens = chunk.num_cached_tokens
+            finish = chunk.finish_reason or None
+            text = detok.add(list(chunk.token_ids))
+            if finish:
+                text += detok.flush()
+            stopped = False
+            if matcher is not None:
+                text, stopped = matcher.feed(text)
+                if finish and not stopped:
+                    text += matcher.flush()  # overlapping stops can still match in what was held back
+                    stopped = matcher.stopped
+            if stopped or finish == "abort":
+                finish = "stop"
+            yield TextEvent(
+                text, list(chunk.token_ids), convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name
+            )
+            if finish:
+                return
+    finally:
+        await stream.aclose()

@@ -1,0 +1,1 @@
+"""A worker node: one engine served over gRPC, registered with a gateway."""

@@ -1,0 +1,107 @@
+"""A worker's link to its gateway: register, heartbeat every interval with load reports, obey commands.
+
+If the gateway goes away or forgets the worker (it restarted), the agent registers again, with backoff, for
+as long as the worker lives. Draining is reported in every heartbeat until the worker deregisters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationRefused(Exception):
+    """The gateway refused this worker (wrong registration token): retrying will not help."""
+
+
+class WorkerAgent:
+    """Keeps one worker registered with one gateway."""
+
+    def __init__(
+        self,
+        gateway: str,
+        info: pb.WorkerInfo,
+        stats: Callable[[], pb.WorkerStats],
+        token: str = "",
+        on_drain: Callable[[], None] | None = None,
+        latency: Callable[[], tuple[float, float]] | None = None,
+    ):
+        self.gateway = gateway
+        self.info = info
+        self.token = token
+        self._stats = stats
+        self._on_drain = on_drain
+        self._latency = latency or (lambda: (0.0, 0.0))
+        self.worker_id: str | None = None
+        self.draining = False
+        self.registered = asyncio.Event()
+        self._channel = grpc.aio.insecure_channel(gateway)
+        self._stub = pb_grpc.ControlStub(self._channel)
+
+    async def run(self) -> None:
+        """Register and heartbeat until cancelled; a refused registration raises RegistrationRefused."""
+        backoff = 0.2
+        while True:
+            try:
+                reply = await self._stub.Register(pb.RegisterRequest(info=self.info, token=self.token), timeout=5)
+                self.worker_id = reply.worker_id
+                self.registered.set()
+                backoff = 0.2
+                log.info("registered with %s as %s", self.gateway, self.worker_id)
+                await self._heartbeat(max(0.05, reply.heartbeat_interval_s or 1.0))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    raise RegistrationRefused(exc.details()) from exc
+                log.info("gateway %s unreachable (%s); retrying in %.1fs", self.gateway, exc.code().name, backoff)
+            self.registered.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _heartbeat(self, interval: float) -> None:
+        reregister = asyncio.Event()
+
+        async def reports():
+            while not reregister.is_set():
+                first, inter = self._latency()
+                yield pb.HeartbeatReport(
+                    worker_id=self.worker_id,
+                    stats=self._stats(),
+                    recent_first_token_s=first,
+                    recent_inter_token_s=inter,
+                    draining=self.draining,
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reregister.wait(), interval)
+
+        call = self._stub.Heartbeat(reports())
+        async for command in call:
+            if command.kind == pb.Command.DRAIN:
+                log.info("gateway asks this worker to drain")
+                self.draining = True
+                if self._on_drain:
+                    self._on_drain()
+            elif command.kind == pb.Command.REREGISTER:
+                log.info("gateway does not know this worker; registering again")
+                reregister.set()
+                call.cancel()
+                return
+
+    async def deregister(self) -> None:
+        if self.worker_id is None:
+            return
+        try:
+            await self._stub.Deregister(pb.DeregisterRequest(worker_id=self.worker_id, token=self.token), timeout=3)
+        except grpc.aio.AioRpcError as exc:
+            log.info("deregistration failed (%s); the gateway will time this worker out", exc.code().name)
+
+    async def close(self) -> None:
+        await self._channel.close()

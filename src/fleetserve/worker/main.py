@@ -1,0 +1,108 @@
+"""`fleetserve worker`: load a model, serve it over gRPC, register with a gateway, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+
+from fleetserve.config import EngineConfig
+from fleetserve.engine.async_engine import AsyncEngine
+from fleetserve.protocol import convert
+from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.text.tokenizer import Tokenizer
+from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
+from fleetserve.worker.server import WorkerService, serve_worker, wait_idle
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerOptions:
+    """How a worker presents itself and where it registers."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 picks a free port."""
+    advertise: str | None = None
+    """host:port the gateway should dial; default host:port."""
+    gateway: str | None = None
+    """The gateway's control address (host:port); None runs standalone."""
+    token: str = ""
+    name: str | None = None
+    role: str = "replica"
+    drain_timeout_s: float = 60.0
+
+
+async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``stop``); then drain, deregister and return an exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine = await AsyncEngine.create(opts.engine, progress=sys.stderr.isatty())
+    core = engine.engine
+    tokenizer = Tokenizer.from_dir(core.model_dir)
+    model_name = opts.engine.model.model
+    service = WorkerService(engine, model_name, tokenizer.fingerprint)
+    server, port = await serve_worker(engine, service, opts.host, opts.port)
+    address = opts.advertise or f"{opts.host}:{port}"
+    name = opts.name or f"{socket.gethostname()}-{port}"
+    info = pb.WorkerInfo(
+        name=name,
+        address=address,
+        model=model_name,
+        role=opts.role,
+        layer_start=opts.engine.model.layer_start,
+        layer_end=opts.engine.model.layer_end or core.arch.num_layers,
+        kv_blocks_total=core.kv.num_blocks,
+        block_size=core.kv.block_size,
+        device=str(core.runner.device),
+        memory_cap_bytes=core.runner.kv_cache_bytes,
+        max_model_len=core.max_model_len,
+        tokenizer_fingerprint=tokenizer.fingerprint,
+        model_version=core.model_dir.name,
+    )
+    agent = None
+    agent_task = None
+    if opts.gateway:
+        agent = WorkerAgent(
+            opts.gateway,
+            info,
+            stats=lambda: convert.stats_to_proto(engine.stats()),
+            token=opts.token,
+            on_drain=lambda: setattr(service, "draining", True),
+            latency=service.recent_latency,
+        )
+        agent_task = asyncio.create_task(agent.run())
+    print(f"fleetserve worker ready: {name} at {address}, model {model_name}", flush=True)
+
+    code = 0
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({waiter, *([agent_task] if agent_task else [])}, return_when=asyncio.FIRST_COMPLETED)
+    if agent_task in done and agent_task.exception() is not None:
+        exc = agent_task.exception()
+        code = 3 if isinstance(exc, RegistrationRefused) else 1
+        print(f"fleetserve worker: registration refused: {exc}", file=sys.stderr, flush=True)
+    # Drain: take no new requests, finish the ones we have, then leave.
+    service.draining = True
+    if agent:
+        agent.draining = True
+    try:
+        await asyncio.wait_for(wait_idle(engine), opts.drain_timeout_s)
+    except asyncio.TimeoutError:
+        log.warning("drain timed out after %.0fs; stopping with requests still running", opts.drain_timeout_s)
+    if agent_task:
+        agent_task.cancel()
+        await asyncio.gather(agent_task, return_exceptions=True)
+        await agent.deregister()
+        await agent.close()
+    waiter.cancel()
+    await server.stop(grace=1.0)
+    await engine.close()
+    return code

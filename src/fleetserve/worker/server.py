@@ -1,0 +1,140 @@
+"""The Worker gRPC service: validates and decodes requests, runs them on the AsyncEngine, streams token ids.
+
+Errors become gRPC statuses here and only here: bad input INVALID_ARGUMENT, no room RESOURCE_EXHAUSTED, a
+draining or stopped engine UNAVAILABLE. A cancelled call (the gateway's client went away) aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
+from fleetserve.engine.request import SamplingParams
+from fleetserve.errors import CapacityError, InvalidRequestError
+from fleetserve.protocol import convert
+from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+)
+
+
+def tokenizer_files(model_dir: Path) -> dict[str, bytes]:
+    """The files a gateway needs to tokenize for this model (no weights)."""
+    return {name: (model_dir / name).read_bytes() for name in TOKENIZER_FILES if (model_dir / name).exists()}
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    """Serves one AsyncEngine."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, fingerprint: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.draining = False
+        self._files = tokenizer_files(Path(engine.engine.model_dir))
+        self._health_prompt = [engine.engine.arch.bos_token_id or 0]
+        self._first_token_s = 0.0  # moving averages for heartbeats
+        self._inter_token_s = 0.0
+
+    def recent_latency(self) -> tuple[float, float]:
+        """Exponential moving averages of time to first token and between tokens, in seconds."""
+        return self._first_token_s, self._inter_token_s
+
+    def _observe(self, first: bool, seconds: float) -> None:
+        if first:
+            self._first_token_s = seconds if not self._first_token_s else 0.8 * self._first_token_s + 0.2 * seconds
+        else:
+            self._inter_token_s = seconds if not self._inter_token_s else 0.9 * self._inter_token_s + 0.1 * seconds
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
+        arrived = time.monotonic()
+        rid = request.request_id or uuid.uuid4().hex
+        stream = self.engine.generate(
+            list(request.prompt_token_ids),
+            convert.sampling_from_proto(request.params),
+            request_id=rid,
+            priority=request.priority,
+        )
+        first = True
+        last = arrived
+        try:
+            async for out in stream:
+                now = time.monotonic()
+                self._observe(first, now - last)
+                last = now
+                yield convert.output_to_chunk(out, first=first, queue_s=now - arrived if first else 0.0)
+                first = False
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except CapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            await stream.aclose()  # a cancelled call lands here: the engine aborts the request
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
+        return pb.AbortReply(found=await self.engine.abort(request.request_id))
+
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.WorkerStats:
+        return convert.stats_to_proto(self.engine.stats())
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:
+        if not self.engine.alive:
+            return pb.HealthReply(ok=False, detail="engine stopped")
+        if self.draining:
+            return pb.HealthReply(ok=False, detail="draining")
+        if not request.generate:
+            return pb.HealthReply(ok=True, detail="alive")
+        start = time.monotonic()
+        try:
+            # A real one-token generation, ahead of every queued request.
+            async for _ in self.engine.generate(self._health_prompt, SamplingParams(max_tokens=1), priority=-(2**31)):
+                pass
+        except Exception as exc:  # any failure means unhealthy; the reason goes back to the prober
+            return pb.HealthReply(ok=False, detail=f"generation failed: {exc}")
+        return pb.HealthReply(ok=True, detail="generated one token", latency_s=time.monotonic() - start)
+
+    async def GetTokenizer(self, request: pb.TokenizerRequest, context) -> pb.TokenizerFiles:
+        return pb.TokenizerFiles(model=self.model_name, files=self._files, fingerprint=self.fingerprint)
+
+
+async def serve_worker(
+    engine: AsyncEngine, service: WorkerService, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server; returns it and the port it bound (``port`` 0 picks a free one)."""
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+    )
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, bound
+
+
+async def wait_idle(engine: AsyncEngine, poll_s: float = 0.05) -> None:
+    """Return when the engine has nothing running or waiting."""
+    while True:
+        stats = await engine.call(engine.engine.stats)
+        if stats.running == 0 and stats.waiting == 0:
+            return
+        await asyncio.sleep(poll_s)
