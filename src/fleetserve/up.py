@@ -37,8 +37,10 @@ def _pipe(proc: subprocess.Popen, prefix: str) -> None:
         sys.stderr.write(f"[{prefix}] {line}")
 
 
-def wait_ready(url: str, procs: list[subprocess.Popen], timeout_s: float, headers: dict | None = None) -> dict:
-    """Poll GET url/ready until it says ready; raise if a child dies or time runs out."""
+def wait_ready(
+    url: str, procs: list[subprocess.Popen], timeout_s: float, workers: int, headers: dict | None = None
+) -> dict:
+    """Poll GET url/ready until it is ready with ``workers`` healthy workers; raise if a child dies or time runs out."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
@@ -48,7 +50,10 @@ def wait_ready(url: str, procs: list[subprocess.Popen], timeout_s: float, header
         try:
             req = urllib.request.Request(url + "/ready", headers=headers or {})
             with urllib.request.urlopen(req, timeout=15) as resp:
-                return json.loads(resp.read())
+                body = json.loads(resp.read())
+            if sum(m["healthy_workers"] for m in body["models"].values()) >= workers:
+                return body
+            last = body
         except urllib.error.HTTPError as exc:
             last = exc.read().decode(errors="replace")
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -130,7 +135,7 @@ def run_up(opts: UpOptions, api_key: str | None = None) -> int:
     try:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            ready = wait_ready(url, procs, opts.ready_timeout_s, headers)
+            ready = wait_ready(url, procs, opts.ready_timeout_s, opts.workers, headers)
         except (RuntimeError, TimeoutError) as exc:
             print(f"fleetserve up: {exc}", file=sys.stderr, flush=True)
             return 1

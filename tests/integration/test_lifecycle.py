@@ -1,0 +1,107 @@
+"""Processes coming and going: `fleetserve up`, a worker draining on SIGTERM, a gateway restart, bad tokens."""
+
+import re
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.fleet import free_port, spawn, start_fleet
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+
+
+def test_up_answers_and_stops_cleanly(model_dir):
+    port, control = free_port(), free_port()
+    up = spawn("up", "--workers", "2", "--port", str(port), "--control-port", str(control), "--kv-cache-mb", "64")
+    try:
+        up.wait_for(re.compile("fleetserve is ready: 2 worker"), timeout=180)
+        children = psutil.Process(up.popen.pid).children(recursive=True)
+        assert len(children) == 3  # the gateway and two workers
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+    finally:
+        code = up.stop(signal.SIGINT, timeout=60)
+    assert code == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_drains_in_flight_requests():
+    fleet = start_fleet(workers=1)
+    try:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me about rivers."}],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "temperature": 0,
+        }
+        result = {}
+
+        def call():
+            result["r"] = httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=120)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(1.0)  # the request is running on the only worker
+        fleet.workers[0].popen.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] == 40
+        assert fleet.workers[0].popen.wait(30) == 0
+        # gone from the gateway: no worker, so not ready, and requests get 503 with Retry-After
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and httpx.get(fleet.url + "/ready").status_code != 503:
+            time.sleep(0.1)
+        r = httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code in (404, 503)
+    finally:
+        fleet.stop()
+
+
+def test_worker_reregisters_after_gateway_restart():
+    fleet = start_fleet(workers=1, heartbeat_timeout=3.0)
+    try:
+        port = fleet.url.rsplit(":", 1)[1]
+        control_port = fleet.control.rsplit(":", 1)[1]
+        fleet.gateway.stop()
+        fleet.gateway = spawn("gateway", "--port", port, "--control-port", control_port)
+        fleet.gateway.wait_for(re.compile("fleetserve gateway ready"))
+        fleet.wait_workers(1, timeout=30)
+        r = httpx.post(
+            fleet.url + "/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 3}, timeout=60
+        )
+        assert r.status_code == 200
+    finally:
+        fleet.stop()
+
+
+def test_wrong_registration_token_is_refused():
+    port, control = free_port(), free_port()
+    gateway = spawn("gateway", "--port", str(port), "--control-port", str(control), "--registration-token", "s3cret")
+    try:
+        gateway.wait_for(re.compile("fleetserve gateway ready"))
+        worker = spawn(
+            "worker",
+            "--gateway",
+            f"127.0.0.1:{control}",
+            "--registration-token",
+            "wrong",
+            "--kv-cache-mb",
+            "16",
+            "--threads",
+            "1",
+        )
+        assert worker.popen.wait(120) == 3
+        assert any("registration refused" in line for line in worker.lines)
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503
+    finally:
+        gateway.stop()
