@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -50,6 +51,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fleetserve.text.tokenizer import Tokenizer
 
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    if args.url:
+        return _generate_remote(args, prompt)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -85,6 +88,69 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(
             f"[{n} tokens, finish: {finish}, first token {1000 * ((first or start) - start):.0f} ms, "
             f"{decode:.1f} tokens/s after it, {len(ids)} prompt tokens]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _generate_remote(args: argparse.Namespace, prompt: str) -> int:
+    """Stream a chat completion from a gateway's OpenAI API and print it as it arrives."""
+    import urllib.error
+    import urllib.request
+
+    from fleetserve.errors import InvalidRequestError
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    body = {
+        "model": args.model,
+        "messages": messages + [{"role": "user", "content": prompt}],
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if args.top_k:
+        body["top_k"] = args.top_k
+    if args.seed is not None:
+        body["seed"] = args.seed
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    url = args.url.rstrip("/") + "/v1/chat/completions"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    start = time.monotonic()
+    first = None
+    usage, finish = None, None
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                usage = event.get("usage") or usage
+                for choice in event.get("choices", []):
+                    text = choice.get("delta", {}).get("content")
+                    if text:
+                        first = first or time.monotonic()
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
+                    finish = choice.get("finish_reason") or finish
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # not an OpenAI error body: show it raw
+            detail = json.loads(detail)["error"]["message"]
+        raise InvalidRequestError(f"the gateway answered {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise InvalidRequestError(f"cannot reach {args.url}: {exc.reason}") from None
+    sys.stdout.write("\n")
+    if not args.quiet and usage:
+        print(
+            f"[{usage['completion_tokens']} tokens, finish: {finish}, first token "
+            f"{1000 * ((first or start) - start):.0f} ms, {usage['prompt_tokens']} prompt tokens]",
             file=sys.stderr,
         )
     return 0
@@ -156,6 +222,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     gateway_args = [f"--api-key={k}" for k in (args.api_key or [])]
     worker_args = ["--kv-cache-mb", str(args.kv_cache_mb)]
+    if args.config:
+        gateway_args += ["--config", args.config]
+        worker_args += ["--config", args.config]
     opts = UpOptions(
         model=args.model,
         workers=args.workers,
@@ -193,7 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="complete the prompt as plain text, without the chat template")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     g.add_argument("--quiet", action="store_true", help="print only the generated text")
+    g.add_argument("--url", default=None, help="a gateway's URL: generate there instead of in this process")
+    g.add_argument("--api-key", default=None, help="bearer key for --url")
     _engine_options(g)
+    g.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the models fleetserve can load by name")
@@ -208,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default=None, help="worker name (default: hostname-port)")
     w.add_argument("--registration-token", default=None, help="the gateway's shared registration secret")
     _engine_options(w)
+    w.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
     w.set_defaults(func=cmd_worker)
 
     gw = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API over registered workers")
@@ -219,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-keys-file", default=None, help="a file of accepted API keys, one a line")
     gw.add_argument("--registration-token", default=None, help="workers must present this secret to register")
     gw.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")
+    gw.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
     gw.set_defaults(func=cmd_gateway)
 
     up = sub.add_parser("up", help="a gateway plus local workers on the default model, in one command")
@@ -230,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     up.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default: 512)")
     up.add_argument("--api-key", action="append", help="require this bearer key (see gateway --api-key)")
+    up.add_argument("--config", default=None, help="YAML file of options, also passed to the gateway and workers")
     up.set_defaults(func=cmd_up)
 
     b = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
@@ -241,10 +316,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """Fill options not given as flags from FLEETSERVE_* variables and the --config file (see config.py)."""
+    import os
+
+    from fleetserve.config import layered_options, load_config_file
+
+    sub = _subparser(parser, args.command)
+    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "func")}
+    # Which options were really typed: parse again with every default suppressed.
+    saved = {d: a.default for d, a in actions.items()}
+    for a in actions.values():
+        a.default = argparse.SUPPRESS
+    try:
+        rest = argv[argv.index(args.command) + 1 :]
+        typed, _ = sub.parse_known_args(rest)
+    finally:
+        for d, a in actions.items():
+            a.default = saved[d]
+
+    def parse(name: str, text: str):
+        action = actions[name]
+        if action.nargs == 0:  # store_true / store_false
+            return text.strip().lower() in ("1", "true", "yes", "on")
+        if isinstance(action, argparse._AppendAction):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return action.type(text) if action.type else text
+
+    file_data = load_config_file(args.config) if getattr(args, "config", None) else {}
+    current = {d: getattr(args, d) for d in actions if hasattr(args, d)}
+    merged = layered_options(args.command, current, set(vars(typed)), file_data, dict(os.environ), parse)
+    for name, value in merged.items():
+        action = actions[name]
+        if isinstance(value, str) and action.type not in (None, str) and action.nargs != 0:
+            value = action.type(value)
+        if isinstance(action, argparse._AppendAction) and isinstance(value, str):
+            value = [value]
+        setattr(args, name, value)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args = apply_config(parser, args, argv)
         return args.func(args)
     except FleetServeError as exc:
         print(f"fleetserve: error: {exc}", file=sys.stderr)

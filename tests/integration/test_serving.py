@@ -1,7 +1,11 @@
 """A gateway and two workers as real processes, used through the official openai client and plain HTTP."""
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -208,3 +212,46 @@ def test_killed_idle_worker_leaves_ready(fleet):
         names = [w["name"] for w in body["models"][MODEL]["workers"]]
     assert "doomed" not in names  # gone (heartbeat timeout 3 s), while the others stay ready
     assert body["ready"] and body["models"][MODEL]["healthy_workers"] == 2
+
+
+def test_cli_generate_from_a_gateway(fleet):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetserve",
+            "generate",
+            "What is the capital of France? One word.",
+            "--url",
+            fleet.url,
+            "--api-key",
+            KEY,
+            "--max-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "Paris" in run.stdout and "tokens, finish:" in run.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "fleetserve", "generate", "hi", "--url", fleet.url, "--api-key", "wrong"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "401" in bad.stderr
+
+
+def test_example_client_runs(fleet):
+    example = Path(__file__).resolve().parents[2] / "examples" / "example_client.py"
+    run = subprocess.run(
+        [sys.executable, str(example), fleet.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, FLEETSERVE_API_KEY=KEY),
+    )
+    assert run.returncode == 0, run.stderr
+    assert "streamed:" in run.stdout and "completion_tokens=" in run.stdout
