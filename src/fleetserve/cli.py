@@ -212,6 +212,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         api_keys=_api_keys(args),
         registration_token=args.registration_token or "",
         heartbeat_timeout_s=args.heartbeat_timeout,
+        preprocess_workers=args.preprocess_workers,
+        default_max_tokens=args.default_max_tokens,
     )
     return asyncio.run(run_gateway(opts))
 
@@ -292,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-keys-file", default=None, help="a file of accepted API keys, one a line")
     gw.add_argument("--registration-token", default=None, help="workers must present this secret to register")
     gw.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")
+    gw.add_argument(
+        "--preprocess-workers",
+        type=int,
+        default=0,
+        help="processes for chat templating and tokenization (default: 0, on the event loop)",
+    )
+    gw.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=1024,
+        help="max_tokens of a request that gives none, capped by the context window (default: 1024)",
+    )
     gw.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
     gw.set_defaults(func=cmd_gateway)
 

@@ -20,6 +20,7 @@ from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerErro
 from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.generation import TextEvent, Usage, generate_text
+from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
@@ -38,6 +39,8 @@ class GatewayState:
     tokenizers: TokenizerStore
     dispatcher: Dispatcher
     options: Any  # GatewayOptions (kept untyped here to avoid an import cycle with main)
+    preprocess: PreprocessPool | None = None
+    """Helper processes for templating and tokenization; None tokenizes inline."""
     jobs: dict[str, dict] = field(default_factory=dict)
     tasks: set[asyncio.Task] = field(default_factory=set)
 
@@ -88,6 +91,16 @@ def create_app(state: GatewayState) -> FastAPI:
             known = ", ".join(state.registry.models()) or "none yet"
             raise UnknownModelError(f"The model '{model}' does not exist or has no worker (served: {known}).")
         return tok
+
+    async def encode_chat(model: str, tok: Tokenizer, messages: list[dict]) -> list[int]:
+        if state.preprocess is not None:
+            return await state.preprocess.encode_chat(state.tokenizers.folders[model], messages)
+        return tok.encode_chat(messages)
+
+    async def encode(model: str, tok: Tokenizer, text: str) -> list[int]:
+        if state.preprocess is not None:
+            return await state.preprocess.encode(state.tokenizers.folders[model], text)
+        return tok.encode(text)
 
     # -- health --------------------------------------------------------------------------------------------
 
@@ -151,7 +164,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def chat_completions(request: Request):
         req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
         tok = tokenizer_for(req.model)
-        prompt = tok.encode_chat(req.message_dicts())
+        prompt = await encode_chat(req.model, tok, req.message_dicts())
         params = schema.to_sampling_params(
             req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
         )
@@ -196,7 +209,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def completions(request: Request):
         req = schema.parse_request(schema.CompletionRequest, await _json_body(request))
         tok = tokenizer_for(req.model)
-        prompt = list(req.prompt) if isinstance(req.prompt, list) else tok.encode(req.prompt)
+        prompt = list(req.prompt) if isinstance(req.prompt, list) else await encode(req.model, tok, req.prompt)
         params = schema.to_sampling_params(
             req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
         )
@@ -249,7 +262,7 @@ def create_app(state: GatewayState) -> FastAPI:
                 "temperature": 0,
             },
         )
-        prompt = tok.encode_chat(req.message_dicts())
+        prompt = await encode_chat(req.model, tok, req.message_dicts())
         params = schema.to_sampling_params(
             req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[model]
         )
@@ -299,7 +312,7 @@ def create_app(state: GatewayState) -> FastAPI:
             schema.ChatCompletionRequest, {**body, "stream": False} if isinstance(body, dict) else body
         )
         tok = tokenizer_for(req.model)
-        prompt = tok.encode_chat(req.message_dicts())
+        prompt = await encode_chat(req.model, tok, req.message_dicts())
         params = schema.to_sampling_params(
             req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
         )

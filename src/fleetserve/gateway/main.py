@@ -13,6 +13,7 @@ import uvicorn
 from fleetserve.gateway.app import GatewayState, create_app
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
@@ -35,6 +36,8 @@ class GatewayOptions:
     heartbeat_timeout_s: float = 5.0
     default_max_tokens: int = 1024
     """max_tokens when a request gives none (capped by what the context window leaves)."""
+    preprocess_workers: int = 0
+    """Helper processes for chat templating and tokenization; 0 does it on the event loop."""
 
 
 async def _sweep(registry: WorkerRegistry) -> None:
@@ -57,7 +60,13 @@ async def run_gateway(opts: GatewayOptions) -> int:
     if control_port == 0:
         raise OSError(f"cannot listen on {opts.control_host}:{opts.control_port}")
     await grpc_server.start()
-    state = GatewayState(registry=registry, tokenizers=tokenizers, dispatcher=Dispatcher(registry), options=opts)
+    preprocess = None
+    if opts.preprocess_workers > 0:
+        preprocess = PreprocessPool(opts.preprocess_workers)
+        await preprocess.start()
+    state = GatewayState(
+        registry=registry, tokenizers=tokenizers, dispatcher=Dispatcher(registry), options=opts, preprocess=preprocess
+    )
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
@@ -81,6 +90,8 @@ async def run_gateway(opts: GatewayOptions) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await grpc_server.stop(grace=1.0)
+        if preprocess is not None:
+            await preprocess.close()
         for record in list(registry.workers.values()):
             if record.channel is not None:
                 await record.channel.close()

@@ -26,6 +26,7 @@ class TokenizerStore:
         self.tokenizers: dict[str, Tokenizer] = {}
         self.fingerprints: dict[str, str] = {}
         self.max_model_len: dict[str, int] = {}
+        self.folders: dict[str, Path] = {}
 
     async def on_register(self, record: WorkerRecord) -> None:
         """Fetch the model's tokenizer from its first worker; refuse a worker whose tokenizer differs."""
@@ -49,6 +50,7 @@ class TokenizerStore:
                 (tmp / name).write_bytes(data)
             tmp.rename(target)
         self.tokenizers[info.model] = Tokenizer.from_dir(target)
+        self.folders[info.model] = target
         self.fingerprints[info.model] = files.fingerprint
         self.max_model_len[info.model] = info.max_model_len
         log.info("tokenizer for %s fetched from %s", info.model, info.name)
