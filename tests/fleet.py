@@ -114,13 +114,13 @@ class Fleet:
         self.gateway.stop()
 
 
-def start_fleet(workers: int = 2, api_key: str = "", heartbeat_timeout: float = 3.0) -> Fleet:
+def start_fleet(workers: int = 2, api_key: str = "", heartbeat_timeout: float = 3.0, *gateway_args: str) -> Fleet:
     port, control_port = free_port(), free_port()
     args = ["gateway", "--port", str(port), "--control-port", str(control_port)]
     args += ["--heartbeat-timeout", str(heartbeat_timeout)]
     if api_key:
         args += ["--api-key", api_key]
-    gateway = spawn(*args)
+    gateway = spawn(*args, *gateway_args)
     gateway.wait_for(re.compile("fleetserve gateway ready"))
     fleet = Fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control_port}", gateway, [], api_key)
     try:

@@ -26,7 +26,7 @@ QUESTION = "Why is the sky blue?"
 
 @pytest.fixture(scope="module")
 def fleet(model_dir):
-    f = start_fleet(workers=2, api_key=KEY, heartbeat_timeout=3.0)
+    f = start_fleet(2, KEY, 3.0, "--preprocess-workers", "2")  # tokenization in helper processes
     yield f
     f.stop()
 
