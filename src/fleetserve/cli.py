@@ -241,10 +241,15 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fleetserve.bench import engine_bench
+    """`bench --engine ...`: the in-process engine benchmark; `bench ...`: the HTTP load generator."""
+    rest = list(args.args)
+    if "--engine" in rest:
+        from fleetserve.bench import engine_bench
 
-    engine_bench.run(args)
-    return 0
+        return engine_bench.main([a for a in rest if a != "--engine"])
+    from fleetserve.bench import http_bench
+
+    return http_bench.main(rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,11 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", default=None, help="YAML file of options, also passed to the gateway and workers")
     up.set_defaults(func=cmd_up)
 
-    b = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
-    b.add_argument("--engine", action="store_true", required=True, help="the in-process engine benchmark")
-    from fleetserve.bench import engine_bench
-
-    engine_bench.add_arguments(b)
+    b = sub.add_parser(
+        "bench",
+        help="benchmarks (see docs/benchmarks.md)",
+        description="fleetserve bench [OPTIONS]: the HTTP load generator against a gateway "
+        "(fleetserve bench --help-http lists its options); fleetserve bench --engine [OPTIONS]: the in-process "
+        "engine benchmark (fleetserve bench --engine --help).",
+        add_help=False,
+    )
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of the chosen benchmark")
     b.set_defaults(func=cmd_bench)
     return parser
 
@@ -380,6 +389,11 @@ def apply_config(parser: argparse.ArgumentParser, args: argparse.Namespace, argv
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv[:1] == ["bench"]:  # the benchmarks parse their own options
+        args = argparse.Namespace(command="bench", args=argv[1:], log_level="WARNING", func=cmd_bench)
+        if "--help-http" in argv:
+            args.args = ["--help"]
+        return cmd_bench(args)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

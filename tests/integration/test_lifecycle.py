@@ -62,7 +62,8 @@ def test_sigterm_drains_in_flight_requests():
         while time.monotonic() < deadline and httpx.get(fleet.url + "/ready").status_code != 503:
             time.sleep(0.1)
         r = httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=30)
-        assert r.status_code in (404, 503)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "overloaded"
     finally:
         fleet.stop()
 

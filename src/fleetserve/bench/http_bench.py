@@ -30,9 +30,9 @@ next is sent); ``--request-rate R`` runs one open loop instead, with Poisson arr
 
 The server keeps a prefix cache across requests, so a later level would find the prompts of an earlier one cached
 (and in ``gateway-overhead`` the direct side would find the gateway side's). Unless ``--no-salt`` is given, the
-first message of every prompt therefore starts with a short tag unique to the run, the level and the side (a few
-digits in brackets): requests of one level still share their common prefixes with each other, as with a fresh
-server, but not with other levels, sides or runs.
+first message of every prompt therefore starts with a random four-digit tag in brackets, a different one for each
+level and side: the requests of one level still share their common prefixes with each other, as on a fresh
+server, but not with those of other levels, sides or (most likely) runs. The tags are in the JSON rows.
 
 Run it as ``python benchmarks/http.py`` (see ``--help``); ``run`` returns the same dict it writes as JSON.
 """
@@ -324,6 +324,7 @@ class WorkerClient:
         self._run = uuid.uuid4().hex[:12]
 
     async def close(self) -> None:
+        """Close the gRPC channel."""
         await self.channel.close()
 
     async def fetch_tokenizer(self) -> Tokenizer:
@@ -348,6 +349,7 @@ class WorkerClient:
             return Tokenizer.from_dir(folder)  # reads every file now: the folder can go
 
     def _request(self, request_id: str, prompt: list[int], params: pb.SamplingParams | None = None):
+        """A GenerateRequest, with the benchmark's sampling parameters unless told otherwise."""
         from fleetserve.protocol import fleet_pb2 as pb
 
         return pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, params=params or self.params)
@@ -428,9 +430,11 @@ class Load:
 
     @property
     def label(self) -> str:
+        """``c=4`` or ``rate=2.5/s``, as in the row names."""
         return f"c={self.concurrency}" if self.concurrency is not None else f"rate={self.rate:g}/s"
 
     async def drive(self, send: Send, traces: Sequence[StreamTrace], rng: random.Random) -> float:
+        """Send every trace's request under this load; return the wall time in seconds."""
         if self.concurrency is not None:
             return await closed_loop(send, traces, self.concurrency)
         assert self.rate is not None
@@ -697,42 +701,97 @@ def _healthy_workers(ready: dict | None, model: str) -> int | None:
 # -- entry points -----------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Sides:
+    """What one run sends with: the gateway client and, for gateway-overhead, the worker client and tokenizer."""
+
+    gateway: GatewayClient
+    direct: WorkerClient | None = None
+    tokenizer: Tokenizer | None = None
+
+
+async def _run_level(
+    load: Load,
+    sides: _Sides,
+    requests: list[list[dict]],
+    settings: Settings,
+    salts: list[str | None],
+    rng: random.Random,
+    timeout: float,
+    log: Callable[[str], None],
+) -> list[dict]:
+    """One load level: the gateway row, then (gateway-overhead) the direct row; ``salts`` gives one tag a side."""
+    direct, tokenizer = sides.direct, sides.tokenizer
+    log(f"http {load.label}: {len(requests)} requests x {settings.max_tokens} tokens ...")
+    salt = salts.pop()
+    payloads = [salted(m, salt) for m in requests]
+    traces = [StreamTrace(f"http-{load.label}-{i}", 0) for i in range(len(requests))]
+
+    async def send_http(i: int, trace: StreamTrace) -> None:
+        await sides.gateway.send(payloads[i], trace)
+
+    before = await direct.stats() if direct else None
+    wall = await load.drive(send_http, traces, rng)
+    rows = [make_row(f"http {load.label}", "http", load, traces, wall, settings.max_tokens)]
+    rows[0]["salt"] = salt
+    if direct is None or tokenizer is None:
+        return rows
+    rows[0]["worker_stats"] = _delta(before, await direct.stats())
+
+    log(f"grpc {load.label}: {len(requests)} requests x {settings.max_tokens} tokens ...")
+    salt = salts.pop()
+    ids = [tokenizer.encode_chat(salted(m, salt)) for m in requests]  # before the clock: the worker alone is timed
+    traces = [StreamTrace(f"grpc-{load.label}-{i}", len(p)) for i, p in enumerate(ids)]
+
+    async def send_grpc(i: int, trace: StreamTrace) -> None:
+        await direct.send(ids[i], trace, timeout)
+
+    before = await direct.stats()
+    wall = await load.drive(send_grpc, traces, rng)
+    rows.append(make_row(f"grpc {load.label}", "grpc", load, traces, wall, settings.max_tokens))
+    rows[1]["salt"] = salt
+    rows[1]["worker_stats"] = _delta(before, await direct.stats())
+    return rows
+
+
+def _salts(count: int, enabled: bool) -> list[str | None]:
+    """``count`` distinct random 4-digit tags (short, so they add few prompt tokens), or Nones when disabled."""
+    if not enabled:
+        return [None] * count
+    return [str(n) for n in secrets.SystemRandom().sample(range(1000, 10000), count)]
+
+
 async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     """``run`` on the running event loop."""
     httpx = _import_httpx()
     settings = resolve(args)
-    messages = load_prompts(settings.prompts)
-    requests = _take(messages, args.requests)
+    requests = _take(load_prompts(settings.prompts), args.requests)
     overhead = settings.scenario == "gateway-overhead"
-    run_tag = f"{secrets.randbelow(10**6):06d}"
     salt = not getattr(args, "no_salt", False)
+    warmup = not getattr(args, "no_warmup", False)
+    salts = _salts(len(settings.loads) * (2 if overhead else 1), salt)
     rng = random.Random(args.seed)
-    most = max((load.concurrency or 0) for load in settings.loads)
-    limits = httpx.Limits(max_connections=None if most == 0 else most + 4, max_keepalive_connections=max(most, 16) + 4)
+    most = max(load.concurrency or 0 for load in settings.loads)  # 0: open loop, any number in flight
+    limits = httpx.Limits(max_connections=most + 4 if most else None, max_keepalive_connections=max(most, 16) + 4)
     timeout = httpx.Timeout(args.timeout, connect=min(args.timeout, 60.0))
     rows: list[dict] = []
     comparisons: list[dict] = []
-    segment = 0
     worker_info: dict[str, Any] | None = None
-    ready: dict | None = None
-    healthy: int | None = None
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        gateway = GatewayClient(client, args.url, args.api_key, args.model, settings.max_tokens)
-        direct: WorkerClient | None = None
-        tokenizer = None
+        sides = _Sides(GatewayClient(client, args.url, args.api_key, args.model, settings.max_tokens))
         try:
-            if overhead:
-                assert settings.worker is not None
-                direct = WorkerClient(settings.worker, settings.max_tokens)
-                tokenizer = await direct.fetch_tokenizer()
-                worker_info = {"address": settings.worker, "model": direct.model, "fingerprint": direct.fingerprint}
-                if direct.model != args.model:
-                    log(f"warning: worker {settings.worker} serves {direct.model!r}, not {args.model!r}")
-            if not getattr(args, "no_warmup", False):
-                await gateway.warm_up()
-                if direct is not None and tokenizer is not None:
-                    await direct.warm_up(tokenizer)
-            ready = await gateway.ready()
+            if settings.worker:
+                sides.direct = WorkerClient(settings.worker, settings.max_tokens)
+                sides.tokenizer = await sides.direct.fetch_tokenizer()
+                worker_info = {"address": settings.worker, "model": sides.direct.model}
+                worker_info["tokenizer_fingerprint"] = sides.direct.fingerprint
+                if sides.direct.model != args.model:
+                    log(f"warning: worker {settings.worker} serves {sides.direct.model!r}, not {args.model!r}")
+            if warmup:
+                await sides.gateway.warm_up()
+                if sides.direct is not None and sides.tokenizer is not None:
+                    await sides.direct.warm_up(sides.tokenizer)
+            ready = await sides.gateway.ready()
             healthy = _healthy_workers(ready, args.model)
             if overhead and healthy != 1:
                 log(
@@ -740,48 +799,19 @@ async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print
                     "comparison is fair only with --worker as its one worker"
                 )
             for load in settings.loads:
-                log(f"http {load.label}: {len(requests)} requests x {settings.max_tokens} tokens ...")
-                segment += 1
-                tag = f"{run_tag}-{segment:02d}" if salt else None
-                payloads = [salted(m, tag) for m in requests]
-                traces = [StreamTrace(f"http-{load.label}-{i}", 0) for i in range(len(requests))]
-                before = await direct.stats() if direct else None
-
-                async def send_http(i: int, trace: StreamTrace, payloads: list[list[dict]] = payloads) -> None:
-                    await gateway.send(payloads[i], trace)
-
-                wall = await load.drive(send_http, traces, rng)
-                level = [make_row(f"http {load.label}", "http", load, traces, wall, settings.max_tokens)]
-                if direct is not None and tokenizer is not None:
-                    level[0]["worker_stats"] = _delta(before, await direct.stats())
-                    segment += 1
-                    tag = f"{run_tag}-{segment:02d}" if salt else None
-                    # Tokenized before the clock starts: the direct side is the worker alone.
-                    ids = [tokenizer.encode_chat(salted(m, tag)) for m in requests]
-                    traces = [StreamTrace(f"grpc-{load.label}-{i}", len(p)) for i, p in enumerate(ids)]
-                    log(f"grpc {load.label}: {len(requests)} requests x {settings.max_tokens} tokens ...")
-                    before = await direct.stats()
-
-                    async def send_grpc(
-                        i: int, trace: StreamTrace, ids: list[list[int]] = ids, worker: WorkerClient = direct
-                    ) -> None:
-                        await worker.send(ids[i], trace, args.timeout)
-
-                    wall = await load.drive(send_grpc, traces, rng)
-                    level.append(make_row(f"grpc {load.label}", "grpc", load, traces, wall, settings.max_tokens))
-                    level[1]["worker_stats"] = _delta(before, await direct.stats())
-                    comparisons.append(compare(level[0], level[1]))
+                level = await _run_level(load, sides, requests, settings, salts, rng, args.timeout, log)
                 rows += level
                 log(format_table(level))
-                if comparisons and len(level) == 2:
+                if len(level) == 2:
+                    comparisons.append(compare(level[0], level[1]))
                     log(_comparison_line(comparisons[-1]))
                 log("")
         finally:
-            if direct is not None:
-                await direct.close()
+            if sides.direct is not None:
+                await sides.direct.close()
     headline = [
         f"{row['name']}: {row['output_tokens_per_s']:.1f} tok/s, {row['completed']}/{row['requests']} completed"
-        + (f", {row['short_requests']} short" if row["short_requests"] else "")
+        + (f", {row['short_requests']} short of max_tokens" if row["short_requests"] else "")
         for row in rows
     ]
     headline += [_comparison_line(c) for c in comparisons]
@@ -803,8 +833,8 @@ async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print
             "request_rate": settings.loads[0].rate,
             "seed": args.seed,
             "timeout_s": args.timeout,
-            "warmup": not getattr(args, "no_warmup", False),
-            "salt": run_tag if salt else None,
+            "warmup": warmup,
+            "salt": salt,
         },
         "environment": _environment(),
         "gateway": {"ready": ready, "healthy_workers": healthy},
