@@ -160,40 +160,33 @@ def create_app(state: GatewayState) -> FastAPI:
         async for ev in events:
             yield ev
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
-        tok = tokenizer_for(req.model)
-        prompt = await encode_chat(req.model, tok, req.message_dicts())
+    async def collect(first: TextEvent | None, events: AsyncIterator[TextEvent]):
+        """The whole answer: (text, log-probabilities, finish reason, usage)."""
+        text, lps, last = "", [], first
+        async for ev in all_events(first, events):
+            text += ev.text
+            lps += ev.logprobs
+            last = ev
+        return text, lps, (last.finish_reason if last else "stop"), (last.usage if last else Usage())
+
+    async def respond(req, tok: Tokenizer, prompt: list[int], rid: str, chat: bool):
+        """Run one OpenAI request; a JSON body, or an SSE stream when it asked for one."""
         params = schema.to_sampling_params(
             req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
         )
-        rid = responses.new_chat_id()
         want_lp = params.logprobs
         text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
         first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
         if not req.stream:
-            text, lps, last = "", [], first
-            async for ev in all_events(first, events):
-                text += ev.text
-                lps += ev.logprobs
-                last = ev
-            return responses.chat_completion(
-                req.model,
-                rid,
-                text,
-                last.finish_reason if last else "stop",
-                last.usage if last else Usage(),
-                logprobs=want_lp,
-                token_logprobs=lps,
-                token_text=text_of,
-            )
-        stream = responses.ChatStream(
-            req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of
-        )
+            text, lps, finish, usage = await collect(first, events)
+            build = responses.chat_completion if chat else responses.completion
+            return build(req.model, rid, text, finish, usage, logprobs=want_lp, token_logprobs=lps, token_text=text_of)
+        stream_cls = responses.ChatStream if chat else responses.CompletionStream
+        stream = stream_cls(req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of)
 
         async def body() -> AsyncIterator[bytes]:
-            yield responses.sse(stream.first_chunk())
+            if chat:  # a chat stream opens with the assistant role; a completion stream has no such chunk
+                yield responses.sse(stream.first_chunk())
             async for ev in all_events(first, events):
                 chunk = stream.delta(ev.text, ev.logprobs or None)
                 if chunk is not None:
@@ -204,50 +197,20 @@ def create_app(state: GatewayState) -> FastAPI:
             yield responses.SSE_DONE
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"X-Request-Id": rid})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
+        tok = tokenizer_for(req.model)
+        prompt = await encode_chat(req.model, tok, req.message_dicts())
+        return await respond(req, tok, prompt, responses.new_chat_id(), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schema.parse_request(schema.CompletionRequest, await _json_body(request))
         tok = tokenizer_for(req.model)
         prompt = list(req.prompt) if isinstance(req.prompt, list) else await encode(req.model, tok, req.prompt)
-        params = schema.to_sampling_params(
-            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
-        )
-        rid = responses.new_completion_id()
-        want_lp = params.logprobs
-        text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
-        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
-        if not req.stream:
-            text, lps, last = "", [], first
-            async for ev in all_events(first, events):
-                text += ev.text
-                lps += ev.logprobs
-                last = ev
-            return responses.completion(
-                req.model,
-                rid,
-                text,
-                last.finish_reason if last else "stop",
-                last.usage if last else Usage(),
-                logprobs=want_lp,
-                token_logprobs=lps,
-                token_text=text_of,
-            )
-        stream = responses.CompletionStream(
-            req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of
-        )
-
-        async def body() -> AsyncIterator[bytes]:
-            async for ev in all_events(first, events):
-                chunk = stream.delta(ev.text, ev.logprobs or None)
-                if chunk is not None:
-                    yield responses.sse(chunk)
-                if ev.finish_reason:
-                    for c in stream.final(ev.finish_reason, ev.usage):
-                        yield responses.sse(c)
-            yield responses.SSE_DONE
-
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"X-Request-Id": rid})
+        return await respond(req, tok, prompt, responses.new_completion_id(), chat=False)
 
     # -- the original briefs' routes ------------------------------------------------------------------------
 
@@ -323,16 +286,11 @@ def create_app(state: GatewayState) -> FastAPI:
             state.jobs.pop(next(iter(state.jobs)))
 
         async def run() -> None:
-            text, last = "", None
             try:
                 first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
                 job["status"] = "running"
-                async for ev in all_events(first, events):
-                    text += ev.text
-                    last = ev
-                job["result"] = responses.chat_completion(
-                    req.model, rid, text, last.finish_reason if last else "stop", last.usage if last else Usage()
-                )
+                text, _, finish, usage = await collect(first, events)
+                job["result"] = responses.chat_completion(req.model, rid, text, finish, usage)
                 job["status"] = "completed"
             except FleetServeError as exc:
                 status, err = (502, None) if isinstance(exc, UpstreamError) else responses.error_for(exc)
