@@ -28,6 +28,12 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _config_option(p: argparse.ArgumentParser, extra: str = "") -> None:
+    p.add_argument(
+        "--config", default=None, help=f"YAML file of options; FLEETSERVE_* variables and flags override it{extra}"
+    )
+
+
 def engine_config_from_args(args: argparse.Namespace):
     """EngineConfig from the engine options above."""
     from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
@@ -272,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--url", default=None, help="a gateway's URL: generate there instead of in this process")
     g.add_argument("--api-key", default=None, help="bearer key for --url")
     _engine_options(g)
-    g.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
+    _config_option(g)
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the models fleetserve can load by name")
@@ -287,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--name", default=None, help="worker name (default: hostname-port)")
     w.add_argument("--registration-token", default=None, help="the gateway's shared registration secret")
     _engine_options(w)
-    w.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
+    _config_option(w)
     w.set_defaults(func=cmd_worker)
 
     gw = sub.add_parser("gateway", help="serve the OpenAI-compatible HTTP API over registered workers")
@@ -311,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1024,
         help="max_tokens of a request that gives none, capped by the context window (default: 1024)",
     )
-    gw.add_argument("--config", default=None, help="YAML file of options (flags and FLEETSERVE_* override it)")
+    _config_option(gw)
     gw.set_defaults(func=cmd_gateway)
 
     up = sub.add_parser("up", help="a gateway plus local workers on the default model, in one command")
@@ -323,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     up.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker in MiB (default: 512)")
     up.add_argument("--api-key", action="append", help="require this bearer key (see gateway --api-key)")
-    up.add_argument("--config", default=None, help="YAML file of options, also passed to the gateway and workers")
+    _config_option(up, " (also passed to the gateway and workers)")
     up.set_defaults(func=cmd_up)
 
     b = sub.add_parser(

@@ -109,3 +109,27 @@ def test_prefix_caching_off_never_hits():
     kv.free("a")
     assert kv.lookup_prefix("b", [1, 2, 3]) == 0
     assert kv.stats().cached_blocks == 0
+
+
+def test_cached_count_matches_a_scan_through_random_use():
+    import random
+
+    rng = random.Random(0)
+    kv = KVCacheManager(num_blocks=12, block_size=2)
+    live: dict[str, list[int]] = {}
+    for step in range(400):
+        if live and (rng.random() < 0.4 or len(live) > 4):
+            victim = rng.choice(sorted(live))
+            del live[victim]
+            kv.free(victim)
+            continue
+        rid = f"r{step}"
+        tokens = [rng.randrange(3) for _ in range(rng.randrange(2, 9))]  # few distinct tokens: many prefix hits
+        kv.lookup_prefix(rid, tokens)
+        if kv.allocate(rid, len(tokens)):
+            kv.commit_full_blocks(rid, tokens, len(tokens))
+            live[rid] = tokens
+        else:
+            kv.free(rid)
+        scan = sum(1 for b in kv._free if kv._block_hash[b] is not None)
+        assert kv.stats().cached_blocks == scan

@@ -62,6 +62,7 @@ class KVCacheManager:
         self._cached: dict[int, int] = {}  # block hash -> block id
         self._tables: dict[str, list[int]] = {}  # request id -> block ids
         self._hashes: dict[str, list[int]] = {}  # request id -> hashes of its full, committed blocks
+        self._cached_free = 0  # free blocks that still hold a key: kept as blocks move, read every step
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -80,12 +81,11 @@ class KVCacheManager:
         return max(0, -(-num_tokens // self.block_size) - have)
 
     def stats(self) -> KVCacheStats:
-        cached = sum(1 for b in self._free if self._block_hash[b] is not None)
         return KVCacheStats(
             num_blocks=self.num_blocks,
             used_blocks=self.num_blocks - len(self._free),
             free_blocks=len(self._free),
-            cached_blocks=cached,
+            cached_blocks=self._cached_free,
             prefix_queries=self.prefix_queries,
             prefix_hits=self.prefix_hits,
         )
@@ -133,6 +133,7 @@ class KVCacheManager:
             if old is not None:  # evict the stale prefix this block held
                 del self._cached[old]
                 self._block_hash[block] = None
+                self._cached_free -= 1
             self._ref_count[block] = 1
             table.append(block)
         return True
@@ -167,6 +168,8 @@ class KVCacheManager:
                 self._free[block] = None
                 if self._block_hash[block] is None:
                     self._free.move_to_end(block, last=False)  # nothing to keep: reuse it first
+                else:
+                    self._cached_free += 1
 
     def has(self, request_id: str) -> bool:
         return request_id in self._tables
@@ -174,4 +177,5 @@ class KVCacheManager:
     def _take(self, block: int) -> None:
         if self._ref_count[block] == 0:
             del self._free[block]
+            self._cached_free -= 1  # only keyed blocks are found by lookup_prefix
         self._ref_count[block] += 1

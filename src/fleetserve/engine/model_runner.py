@@ -15,6 +15,7 @@ from fleetserve.engine.models.registry import ModelArch
 from fleetserve.engine.request import KVTransfer
 from fleetserve.engine.sampling import Sampler
 from fleetserve.engine.scheduler import SampledToken, SchedulerOutput
+from fleetserve.errors import InvalidRequestError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,8 +24,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from fleetserve.errors import InvalidRequestError
-
         raise InvalidRequestError("device cuda was asked for but torch sees no CUDA device", "device")
     return torch.device(name)
 
@@ -50,8 +49,6 @@ class ModelRunner:
         per_token = self.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
         self.num_blocks = int(config.cache.kv_cache_bytes // (per_token * self.block_size))
         if self.num_blocks < 1:
-            from fleetserve.errors import InvalidRequestError
-
             raise InvalidRequestError(
                 f"kv_cache_bytes {config.cache.kv_cache_bytes} holds no block: one block needs "
                 f"{per_token * self.block_size} bytes",

@@ -87,7 +87,6 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request], greedy: list[bool]) -> torch.Tensor:
         params = [r.params for r in requests]
-        n = logits.shape[0]
         temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params]).unsqueeze(1)
         probs_logits = logits / temps
         if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
@@ -105,7 +104,6 @@ class Sampler:
         if any(greedy):
             mask = torch.tensor(greedy)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
-        assert sampled.shape[0] == n
         return sampled
 
     @staticmethod

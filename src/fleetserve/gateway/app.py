@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
+from fleetserve.errors import FleetServeError, InvalidRequestError, UnknownModelError, UpstreamError
 from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.generation import TextEvent, Usage, generate_text
@@ -318,5 +318,4 @@ def create_app(state: GatewayState) -> FastAPI:
     async def favicon():
         return Response(status_code=204)
 
-    _ = NoWorkerError  # raised by the dispatcher, mapped to 503 + Retry-After by _error
     return app

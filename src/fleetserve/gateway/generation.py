@@ -61,8 +61,10 @@ async def generate_text(
         async for worker, chunk in stream:
             usage.completion_tokens = chunk.num_output_tokens
             usage.cached_tokens = chunk.num_cached_tokens
-            finish = chunk.finish_reason or None
-            text = detok.add(list(chunk.token_ids))
+            # "abort" reaches a client only when the worker ended the request itself: report it as a stop
+            finish = "stop" if chunk.finish_reason == "abort" else (chunk.finish_reason or None)
+            token_ids = list(chunk.token_ids)
+            text = detok.add(token_ids)
             if finish:
                 text += detok.flush()
             stopped = False
@@ -71,11 +73,9 @@ async def generate_text(
                 if finish and not stopped:
                     text += matcher.flush()  # overlapping stops can still match in what was held back
                     stopped = matcher.stopped
-            if stopped or finish == "abort":
+            if stopped:
                 finish = "stop"
-            yield TextEvent(
-                text, list(chunk.token_ids), convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name
-            )
+            yield TextEvent(text, token_ids, convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name)
             if finish:
                 return
     finally:

@@ -48,26 +48,6 @@ class WorkerRecord:
     def routable(self) -> bool:
         return self.state == WorkerState.HEALTHY
 
-    def summary(self) -> dict:
-        s = self.stats
-        return {
-            "id": self.worker_id,
-            "name": self.info.name,
-            "address": self.info.address,
-            "model": self.info.model,
-            "role": self.info.role,
-            "state": self.state.value,
-            "device": self.info.device,
-            "running": s.running,
-            "waiting": s.waiting,
-            "in_flight": self.in_flight,
-            "kv_blocks_used": s.kv_blocks_used,
-            "kv_blocks_total": s.kv_blocks_total or self.info.kv_blocks_total,
-            "recent_first_token_s": round(self.recent_first_token_s, 4),
-            "recent_inter_token_s": round(self.recent_inter_token_s, 4),
-            "last_heartbeat_age_s": round(time.monotonic() - self.last_heartbeat, 3),
-        }
-
 
 class WorkerRegistry:
     """The gateway's table of workers, updated by the Control service and a periodic sweep."""

@@ -7,6 +7,7 @@ of the same model must report the same tokenizer fingerprint, or it is refused.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,7 +49,12 @@ class TokenizerStore:
                 if "/" in name or name.startswith("."):
                     raise ValueError(f"worker sent a tokenizer file with a bad name: {name!r}")
                 (tmp / name).write_bytes(data)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:  # another worker of this model registered at the same moment and got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not target.exists():
+                    raise
         self.tokenizers[info.model] = Tokenizer.from_dir(target)
         self.folders[info.model] = target
         self.fingerprints[info.model] = files.fingerprint

@@ -94,6 +94,19 @@ def hf_config(reader: Any) -> dict[str, Any]:
     return config
 
 
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Move a finished conversion into place. Processes converting the same file at once (the workers of
+    `fleetserve up` on a fresh machine) race here: the first complete folder wins and is never replaced while
+    another process may be reading it; later ones are discarded."""
+    if out_dir.exists() and not (out_dir / "model.safetensors").exists():
+        shutil.rmtree(out_dir, ignore_errors=True)  # a leftover without weights: not in use by anyone
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:
+        if not (out_dir / "model.safetensors").exists():
+            raise
+
+
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """De-quantize ``gguf_path`` into a Hugging Face folder at ``out_dir`` (written atomically); return it."""
     import gguf
@@ -126,9 +139,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(reader, tmp)
         (tmp / "fleetserve-source.json").write_text(json.dumps({"gguf": os.path.abspath(gguf_path)}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _publish(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from fleetserve.engine.models.llama import LlamaModel, rope_inv_freq
-from fleetserve.engine.models.registry import ModelArch
+from fleetserve.engine.models.registry import ModelArch, token_id_list
 from fleetserve.errors import UnknownModelError, UnsupportedModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -91,11 +91,8 @@ def load_arch(model_dir: Path) -> ModelArch:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     gen_path = Path(model_dir) / "generation_config.json"
     if gen_path.exists():
-        extra = json.loads(gen_path.read_text()).get("eos_token_id")
-        extra = extra if isinstance(extra, list) else [] if extra is None else [extra]
-        base = config.get("eos_token_id")
-        base = base if isinstance(base, list) else [] if base is None else [base]
-        config["eos_token_id"] = list(dict.fromkeys(base + extra))
+        extra = token_id_list(json.loads(gen_path.read_text()).get("eos_token_id"))
+        config["eos_token_id"] = list(dict.fromkeys(token_id_list(config.get("eos_token_id")) + extra))
     return ModelArch.from_hf_config(config)
 
 

@@ -15,6 +15,13 @@ SUPPORTED_ARCHITECTURES: dict[str, bool] = {
 }
 
 
+def token_id_list(value: Any) -> list[int]:
+    """config.json writes an id as an int, a list of ints, or null: always a list here."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
 @dataclass(frozen=True)
 class ModelArch:
     """The numbers the decoder needs; everything else in config.json is ignored."""
@@ -59,8 +66,7 @@ class ModelArch:
         window = cfg.get("sliding_window")
         if arch == "MistralForCausalLM" and window and window < cfg.get("max_position_embeddings", 0):
             raise UnsupportedModelError("sliding-window attention is not supported")
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        eos_ids = tuple(token_id_list(cfg.get("eos_token_id")))
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],

@@ -258,6 +258,27 @@ class CompletionStream(_Stream):
         return chunks
 
 
+def _response(
+    object_name: str,
+    model: str,
+    request_id: str,
+    created: int | None,
+    system_fingerprint: str | None,
+    choice: dict[str, Any],
+    usage: UsageCounts,
+) -> dict[str, Any]:
+    """The envelope both non-streamed bodies share, around their one choice."""
+    return {
+        "id": request_id,
+        "object": object_name,
+        "created": int(time.time()) if created is None else int(created),
+        "model": model,
+        "system_fingerprint": system_fingerprint,
+        "choices": [{"index": 0, **choice}],
+        "usage": usage_body(usage),
+    }
+
+
 def chat_completion(
     model: str,
     request_id: str,
@@ -279,22 +300,12 @@ def chat_completion(
         assert token_text is not None
         content = chat_logprobs_content(token_logprobs or [], token_text, logprobs)
         choice_logprobs = {"content": content, "refusal": None}
-    return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()) if created is None else int(created),
-        "model": model,
-        "system_fingerprint": system_fingerprint,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-                "logprobs": choice_logprobs,
-                "finish_reason": _finish(finish_reason),
-            }
-        ],
-        "usage": usage_body(usage),
+    choice = {
+        "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+        "logprobs": choice_logprobs,
+        "finish_reason": _finish(finish_reason),
     }
+    return _response("chat.completion", model, request_id, created, system_fingerprint, choice, usage)
 
 
 def completion(
@@ -316,15 +327,8 @@ def completion(
     if logprobs is not None:
         assert token_text is not None
         choice_logprobs = completion_logprobs(token_logprobs or [], token_text, logprobs)
-    return {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()) if created is None else int(created),
-        "model": model,
-        "system_fingerprint": system_fingerprint,
-        "choices": [{"index": 0, "text": text, "logprobs": choice_logprobs, "finish_reason": _finish(finish_reason)}],
-        "usage": usage_body(usage),
-    }
+    choice = {"text": text, "logprobs": choice_logprobs, "finish_reason": _finish(finish_reason)}
+    return _response("text_completion", model, request_id, created, system_fingerprint, choice, usage)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
