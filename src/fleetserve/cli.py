@@ -220,8 +220,32 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         heartbeat_timeout_s=args.heartbeat_timeout,
         preprocess_workers=args.preprocess_workers,
         default_max_tokens=args.default_max_tokens,
+        policy=args.policy,
+        models=_model_registry(args.models),
+        state_db=args.state_db or "",
+        failure_threshold=args.failure_threshold,
+        max_retries=args.max_retries,
+        max_queue=args.max_queue,
+        queue_timeout_s=args.queue_timeout,
+        output_reserve_tokens=args.output_reserve_tokens,
+        slow_client_timeout_s=args.slow_client_timeout,
     )
     return asyncio.run(run_gateway(opts))
+
+
+def _model_registry(source):
+    """The model registry from --models (a JSON or YAML file) or a config file's `models` entry."""
+    from fleetserve.errors import InvalidRequestError
+    from fleetserve.gateway.models import ModelRegistry
+
+    try:
+        if source is None:
+            return ModelRegistry()
+        if isinstance(source, str):
+            return ModelRegistry.load(source)
+        return ModelRegistry.from_config(source)
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"bad model configuration: {exc}", "models") from None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -316,6 +340,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="max_tokens of a request that gives none, capped by the context window (default: 1024)",
+    )
+    r = gw.add_argument_group("routing and failure handling")
+    r.add_argument(
+        "--policy",
+        default=None,
+        help="balancing policy for models the model config gives none: round-robin, random, least-connections, "
+        "least-latency, weighted, kv-aware, prefix-aware, power-of-two or consistent-hash (default: prefix-aware)",
+    )
+    r.add_argument("--models", default=None, help="model registry file (JSON or YAML; model_configs.json works)")
+    r.add_argument("--state-db", default=None, help="SQLite file that keeps known workers and models across restarts")
+    r.add_argument(
+        "--failure-threshold",
+        type=int,
+        default=3,
+        help="failed requests in a row before a worker is suspect (default: 3)",
+    )
+    r.add_argument("--max-retries", type=int, default=3, help="retries and resumes per request (default: 3)")
+    r.add_argument("--max-queue", type=int, default=256, help="requests per model waiting for room (default: 256)")
+    r.add_argument(
+        "--queue-timeout", type=float, default=300.0, help="seconds a request may wait for room (default: 300)"
+    )
+    r.add_argument(
+        "--output-reserve-tokens",
+        type=int,
+        default=256,
+        help="KV tokens of output reserved per request at admission, beyond its prompt (default: 256)",
+    )
+    r.add_argument(
+        "--slow-client-timeout",
+        type=float,
+        default=30.0,
+        help="cut off a streaming client that reads nothing for this many seconds; 0: never (default: 30)",
     )
     _config_option(gw)
     gw.set_defaults(func=cmd_gateway)

@@ -203,3 +203,42 @@ def test_logprobs_are_returned_per_token(engine, chat_prompts):
         assert lp.token_id == o.new_token_ids[0]
         assert lp.top[0][0] == lp.token_id  # greedy: the chosen token is the most likely
         assert lp.logprob <= 0 and len(lp.top) == 2
+
+
+def _run(engine, prompt, params, resumed=None):
+    rid = engine.add_request(prompt, params, resumed_output=resumed)
+    tokens, last = [], None
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id == rid
+            tokens += o.new_token_ids
+            last = o
+    return tokens, last
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=28, ignore_eos=True),
+        SamplingParams(max_tokens=28, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True, presence_penalty=0.5),
+        SamplingParams(max_tokens=28, temperature=0.8, seed=11, repetition_penalty=1.3, frequency_penalty=0.4),
+    ],
+    ids=["greedy", "seeded-presence", "seeded-repetition-frequency"],
+)
+def test_resumed_output_continues_as_the_first_engine_would(engine, sixteen, params):
+    whole, _ = _run(engine, sixteen[3], params)
+    for k in (1, 9, 17):
+        if k >= len(whole):
+            continue
+        tail, last = _run(engine, sixteen[3], params, resumed=whole[:k])
+        assert whole[:k] + tail == whole, f"resumed after {k} tokens"
+        assert last.num_output_tokens == len(whole)  # resumed tokens count as output
+        assert last.num_prompt_tokens == len(sixteen[3])
+
+
+def test_resume_refuses_nothing_left_to_generate(engine, sixteen):
+    with pytest.raises(InvalidRequestError, match="already generated"):
+        engine.add_request(sixteen[0], SamplingParams(max_tokens=4), resumed_output=[5, 6, 7, 8])
+    with pytest.raises(InvalidRequestError, match="resumed token ids"):
+        engine.add_request(sixteen[0], SamplingParams(max_tokens=8), resumed_output=[-1])
+    assert not engine.has_unfinished()

@@ -57,12 +57,15 @@ class AsyncEngine:
         priority: int = 0,
         kv_import: KVTransfer | None = None,
         retain_kv: bool = False,
+        resumed_output: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step until it finishes; bad input raises before the first."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
         def add() -> str:
-            rid = self.engine.add_request(prompt_token_ids, params, request_id, priority, retain_kv, kv_import)
+            rid = self.engine.add_request(
+                prompt_token_ids, params, request_id, priority, retain_kv, kv_import, resumed_output
+            )
             self._streams[rid] = stream  # registered on the engine thread before its first step
             return rid
 

@@ -98,8 +98,14 @@ class LLMEngine:
         priority: int = 0,
         retain_kv: bool = False,
         kv_import: KVTransfer | None = None,
+        resumed_output: list[int] | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises InvalidRequestError or CapacityError, changing nothing."""
+        """Queue a request; returns its id. Raises InvalidRequestError or CapacityError, changing nothing.
+
+        ``resumed_output`` continues a generation begun elsewhere: those tokens were already generated; they are
+        prefilled after the prompt and count as output (for max_tokens, min_tokens, penalties and the seeded
+        generator), so the continuation is the one the first engine would have produced.
+        """
         params = (params or SamplingParams()).validate()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.scheduler.requests:
@@ -123,9 +129,24 @@ class LLMEngine:
                 f"the request needs {need} KV blocks at most but the cache holds {self.kv.num_blocks}: "
                 "lower max_tokens or give the engine more kv_cache_bytes"
             )
+        resumed = list(resumed_output or ())
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resumed):
+            raise InvalidRequestError(f"resumed token ids must be integers in [0, {vocab})", "resumed_output")
+        if resumed and len(resumed) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"{len(resumed)} tokens were already generated but max_tokens is {params.max_tokens}: nothing to resume",
+                "resumed_output",
+            )
+        if resumed and kv_import is not None:
+            raise InvalidRequestError("a request cannot both resume output and import KV", "resumed_output")
         request = Request(request_id, prompt, params, priority=priority, retain_kv=retain_kv)
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
+        for token in resumed:
+            request.append_token(token)
+        if request.generator is not None and not params.greedy:
+            for _ in resumed:  # one draw of noise per sampled token, as the sampler makes them
+                torch.empty(self.arch.vocab_size).exponential_(generator=request.generator)
         if kv_import is not None:
             self._import_kv(request, kv_import)
         self.scheduler.add(request)

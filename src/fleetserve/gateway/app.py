@@ -14,16 +14,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from fleetserve.errors import FleetServeError, InvalidRequestError, UnknownModelError, UpstreamError
+from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
 from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.generation import TextEvent, Usage, generate_text
+from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.preprocess import PreprocessPool
-from fleetserve.gateway.registry import WorkerRegistry
+from fleetserve.gateway.registry import WorkerRegistry, WorkerState
+from fleetserve.gateway.streaming import SlowClientStreamingResponse
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.telemetry.tracing import TraceStore
 from fleetserve.text.tokenizer import Tokenizer
 
 RETRY_AFTER_S = "1"
@@ -39,6 +42,8 @@ class GatewayState:
     tokenizers: TokenizerStore
     dispatcher: Dispatcher
     options: Any  # GatewayOptions (kept untyped here to avoid an import cycle with main)
+    models: ModelRegistry = field(default_factory=ModelRegistry)
+    traces: TraceStore = field(default_factory=TraceStore)
     preprocess: PreprocessPool | None = None
     """Helper processes for templating and tokenization; None tokenizes inline."""
     jobs: dict[str, dict] = field(default_factory=dict)
@@ -88,9 +93,34 @@ def create_app(state: GatewayState) -> FastAPI:
     def tokenizer_for(model: str) -> Tokenizer:
         tok = state.tokenizers.get(model)
         if tok is None:
-            known = ", ".join(state.registry.models()) or "none yet"
+            if state.models.get(model) is not None:
+                raise NoWorkerError(f"The model '{model}' has no worker yet; retry shortly.")
+            known = ", ".join(state.models.names()) or "none yet"
             raise UnknownModelError(f"The model '{model}' does not exist or has no worker (served: {known}).")
         return tok
+
+    def stream_response(body: AsyncIterator[bytes], media_type: str, rid: str) -> SlowClientStreamingResponse:
+        return SlowClientStreamingResponse(
+            body,
+            media_type=media_type,
+            headers={"X-Request-Id": rid},
+            slow_client_timeout_s=state.options.slow_client_timeout_s,
+            request_id=rid,
+        )
+
+    def sampling_for(req, prompt_len: int):
+        """The request's SamplingParams, with its model's default temperature, top_p and max_tokens where it
+        gave none."""
+        spec = state.models.get(req.model)
+        default_max = state.options.default_max_tokens
+        if spec is not None:
+            if req.temperature is None and spec.temperature is not None:
+                req.temperature = spec.temperature
+            if req.top_p is None and spec.top_p is not None:
+                req.top_p = spec.top_p
+            if spec.max_tokens is not None:
+                default_max = spec.max_tokens
+        return schema.to_sampling_params(req, default_max, prompt_len, state.tokenizers.max_model_len[req.model])
 
     async def encode_chat(model: str, tok: Tokenizer, messages: list[dict]) -> list[int]:
         if state.preprocess is not None:
@@ -131,19 +161,90 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models():
-        data = [
-            {"id": m, "object": "model", "created": 0, "owned_by": "fleetserve"}
-            for m in state.registry.models()
-            if state.tokenizers.get(m) is not None
-        ]
+        """Every model the registry knows (configured, or learned from a worker), with its details and how many
+        healthy workers serve it."""
+        healthy: dict[str, int] = {}
+        for w in state.registry.workers.values():
+            healthy[w.info.model] = healthy.get(w.info.model, 0) + (w.state == WorkerState.HEALTHY)
+        data = []
+        for name in state.models.names():
+            spec = state.models.get(name)
+            if not spec.configured and name not in healthy:
+                continue
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "fleetserve",
+                    "fleetserve": {**spec.to_json(), "healthy_workers": healthy.get(name, 0)},
+                }
+            )
         return {"object": "list", "data": data}
+
+    @app.get("/v1/requests/{request_id}/trace")
+    async def request_trace(request_id: str):
+        trace = state.traces.get(request_id)
+        if trace is None:
+            return JSONResponse(
+                responses.error_body(
+                    f"No trace for request '{request_id}' (only recent requests are kept).",
+                    "invalid_request_error",
+                    "request_id",
+                    "not_found",
+                ),
+                status_code=404,
+            )
+        return trace.to_json()
+
+    @app.get("/admin/routing")
+    async def routing():
+        """Each model's policy with its counters (prefix-aware: predicted vs actual cached tokens), queue
+        lengths, retries and failovers."""
+        dispatcher = state.dispatcher
+        return {
+            "policies": dispatcher.balancer.describe(),
+            "queued": {m: dispatcher.admission.queued(m) for m in state.registry.models()},
+            "rejected": dispatcher.admission.rejected,
+            "retries": dispatcher.retries,
+            "failovers": dispatcher.failovers,
+            "workers": [
+                {
+                    "worker_id": w.worker_id,
+                    "name": w.name,
+                    "model": w.info.model,
+                    "state": w.state.value,
+                    "in_flight": w.in_flight,
+                    "reserved_tokens": w.reserved_tokens,
+                    "running": w.stats.running,
+                    "waiting": w.stats.waiting,
+                    "kv_blocks_used": w.stats.kv_blocks_used,
+                    "kv_blocks_total": w.stats.kv_blocks_total,
+                    "cached_blocks_reported": len(w.block_hashes),
+                    "consecutive_failures": w.consecutive_failures,
+                }
+                for w in state.registry.workers.values()
+            ],
+        }
 
     # -- OpenAI ---------------------------------------------------------------------------------------------
 
-    async def start(model: str, request_id: str, prompt: list[int], params, stops, priority: int):
+    async def start(
+        model: str, request_id: str, prompt: list[int], params, stops, priority: int, affinity_key: str | None = None
+    ):
         """Begin generating; errors before the first event surface as HTTP errors, not as a broken stream."""
+        trace = state.traces.start(request_id, model)
         events = generate_text(
-            state.dispatcher, tokenizer_for(model), model, request_id, prompt, params, stops, priority
+            state.dispatcher,
+            tokenizer_for(model),
+            model,
+            request_id,
+            prompt,
+            params,
+            stops,
+            priority,
+            affinity_key,
+            trace,
         )
         try:
             first = await events.__anext__()
@@ -169,14 +270,13 @@ def create_app(state: GatewayState) -> FastAPI:
             last = ev
         return text, lps, (last.finish_reason if last else "stop"), (last.usage if last else Usage())
 
-    async def respond(req, tok: Tokenizer, prompt: list[int], rid: str, chat: bool):
+    async def respond(req, tok: Tokenizer, prompt: list[int], rid: str, chat: bool, session: str | None):
         """Run one OpenAI request; a JSON body, or an SSE stream when it asked for one."""
-        params = schema.to_sampling_params(
-            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
-        )
+        params = sampling_for(req, len(prompt))
         want_lp = params.logprobs
         text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
-        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
+        affinity = req.user or session
+        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority, affinity)
         if not req.stream:
             text, lps, finish, usage = await collect(first, events)
             build = responses.chat_completion if chat else responses.completion
@@ -196,21 +296,23 @@ def create_app(state: GatewayState) -> FastAPI:
                         yield responses.sse(c)
             yield responses.SSE_DONE
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"X-Request-Id": rid})
+        return stream_response(body(), "text/event-stream", rid)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
         tok = tokenizer_for(req.model)
         prompt = await encode_chat(req.model, tok, req.message_dicts())
-        return await respond(req, tok, prompt, responses.new_chat_id(), chat=True)
+        session = request.headers.get("x-session-id")
+        return await respond(req, tok, prompt, responses.new_chat_id(), chat=True, session=session)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schema.parse_request(schema.CompletionRequest, await _json_body(request))
         tok = tokenizer_for(req.model)
         prompt = list(req.prompt) if isinstance(req.prompt, list) else await encode(req.model, tok, req.prompt)
-        return await respond(req, tok, prompt, responses.new_completion_id(), chat=False)
+        session = request.headers.get("x-session-id")
+        return await respond(req, tok, prompt, responses.new_completion_id(), chat=False, session=session)
 
     # -- the original briefs' routes ------------------------------------------------------------------------
 
@@ -226,10 +328,8 @@ def create_app(state: GatewayState) -> FastAPI:
             },
         )
         prompt = await encode_chat(req.model, tok, req.message_dicts())
-        params = schema.to_sampling_params(
-            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[model]
-        )
-        return await start(model, uuid.uuid4().hex, prompt, params, [], 0)
+        rid = uuid.uuid4().hex
+        return rid, *await start(model, rid, prompt, sampling_for(req, len(prompt)), [], 0)
 
     @app.post("/v1/chat/{model}")
     async def plain_chat(model: str, request: Request):
@@ -237,14 +337,14 @@ def create_app(state: GatewayState) -> FastAPI:
         content = (await request.body()).decode("utf-8", errors="replace").strip()
         if not content:
             raise InvalidRequestError("The request body must be the prompt as plain text.", "body")
-        first, events = await simple_chat(model, content, None)
+        rid, first, events = await simple_chat(model, content, None)
 
         async def body() -> AsyncIterator[bytes]:
             async for ev in all_events(first, events):
                 if ev.text:
                     yield ev.text.encode("utf-8")
 
-        return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
+        return stream_response(body(), "text/plain; charset=utf-8", rid)
 
     @app.post("/coordinator/infer")
     async def coordinator_infer(request: Request):
@@ -255,7 +355,7 @@ def create_app(state: GatewayState) -> FastAPI:
         missing = [k for k in ("prompt", "model") if not body.get(k)]
         if missing:
             raise InvalidRequestError(f"Missing required field(s): {', '.join(missing)}.", missing[0])
-        first, events = await simple_chat(str(body["model"]), str(body["prompt"]), body.get("max_tokens"))
+        rid, first, events = await simple_chat(str(body["model"]), str(body["prompt"]), body.get("max_tokens"))
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -265,7 +365,7 @@ def create_app(state: GatewayState) -> FastAPI:
             except FleetServeError as exc:
                 yield responses.sse({"token": "", "finished": True, "error": str(exc)})
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return stream_response(stream(), "text/event-stream", rid)
 
     @app.post("/v1/requests", status_code=202)
     async def submit(request: Request):
@@ -276,9 +376,7 @@ def create_app(state: GatewayState) -> FastAPI:
         )
         tok = tokenizer_for(req.model)
         prompt = await encode_chat(req.model, tok, req.message_dicts())
-        params = schema.to_sampling_params(
-            req, state.options.default_max_tokens, len(prompt), state.tokenizers.max_model_len[req.model]
-        )
+        params = sampling_for(req, len(prompt))
         rid = responses.new_chat_id()
         job = {"request_id": rid, "status": "queued", "created": int(time.time()), "model": req.model}
         state.jobs[rid] = job

@@ -1,63 +1,192 @@
-"""One request's life on the workers: pick a worker, stream its token chunks, cancel it when the client goes.
+"""One request's life on the workers: admission, the chosen worker's token stream, retries and failover.
+
+A failure before the request's first token is retried on another worker after an exponential backoff with
+jitter. A failure after tokens were sent resumes the request on another worker: the prompt plus the tokens
+already sent are prefilled there (as ``resumed_output_ids``, so they count as output for max_tokens, penalties
+and seeds) and the stream goes on where it stopped; the caller sees one stream with no token repeated or
+missing. Both count against ``max_retries``. Every attempt is recorded in the request's trace.
 
 gRPC statuses become typed errors here: INVALID_ARGUMENT -> InvalidRequestError, RESOURCE_EXHAUSTED ->
-CapacityError, anything else -> UpstreamError.
+CapacityError (neither is retried: another worker would say the same); UNAVAILABLE, CANCELLED (the gateway
+closed the channel of a worker it declared dead), DEADLINE_EXCEEDED, INTERNAL and UNKNOWN are retried; when
+the retries are spent the request fails with UpstreamError.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from fleetserve.engine.request import SamplingParams
-from fleetserve.errors import CapacityError, InvalidRequestError, NoWorkerError, UpstreamError
-from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry
+from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
+from fleetserve.gateway.admission import Admission
+from fleetserve.gateway.balancer import Balancer
+from fleetserve.gateway.policies.base import RouteRequest
+from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.telemetry.tracing import Trace
 
 log = logging.getLogger(__name__)
 
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.ABORTED,
+}
+
+
+@dataclass
+class RetryPolicy:
+    max_retries: int = 3
+    """Attempts after the first, for failures before and after the first token together."""
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+    def delay(self, retry: int) -> float:
+        """Exponential backoff with full jitter: uniform in [0, base * 2^(retry-1)], capped."""
+        return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1)))
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, detail: str, counts_against_worker: bool = True):
+        super().__init__(detail)
+        self.counts_against_worker = counts_against_worker
+
 
 class Dispatcher:
-    """Sends requests to healthy workers of their model, round-robin."""
+    """Sends requests to workers chosen by admission and the model's policy; retries and resumes on failure."""
 
-    def __init__(self, registry: WorkerRegistry):
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        balancer: Balancer,
+        admission: Admission,
+        retry: RetryPolicy | None = None,
+    ):
         self.registry = registry
-        self._turn = itertools.count()
-
-    def pick(self, model: str) -> WorkerRecord:
-        workers = sorted(self.registry.routable(model), key=lambda w: w.worker_id)
-        if not workers:
-            raise NoWorkerError(f"no healthy worker serves {model!r} right now; retry shortly")
-        return workers[next(self._turn) % len(workers)]
+        self.balancer = balancer
+        self.admission = admission
+        self.retry = retry or RetryPolicy()
+        self.retries = 0
+        """Attempts that failed before their first token and were retried."""
+        self.failovers = 0
+        """Attempts that failed after tokens were sent and were resumed elsewhere."""
 
     async def generate(
-        self, model: str, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0
+        self,
+        model: str,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        affinity_key: str | None = None,
+        trace: Trace | None = None,
     ) -> AsyncIterator[tuple[WorkerRecord, pb.GenerateChunk]]:
-        """Stream (worker, chunk) pairs; closing the iterator early cancels the call, which aborts on the worker."""
-        worker = self.pick(model)
-        request = pb.GenerateRequest(
-            request_id=request_id,
-            prompt_token_ids=prompt,
-            params=convert.sampling_to_proto(params),
-            priority=priority,
-        )
-        call = worker.stub.Generate(request, metadata=(("x-request-id", request_id),))
-        worker.in_flight += 1
-        try:
-            async for chunk in call:
-                yield worker, chunk
-        except grpc.aio.AioRpcError as exc:
-            code, details = exc.code(), exc.details()
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidRequestError(details) from exc
-            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                raise CapacityError(details) from exc
-            log.warning("worker %s failed request %s: %s %s", worker.worker_id, request_id, code.name, details)
-            raise UpstreamError(f"worker {worker.info.name} failed: {code.name}: {details}") from exc
-        finally:
-            worker.in_flight -= 1
-            call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
+        """Stream (worker, chunk) pairs until a chunk carries a finish reason.
+
+        Chunks count output tokens from the start of the request, whichever worker made them. Closing the
+        iterator early cancels the current call, which aborts the request on its worker.
+        """
+        route = RouteRequest(model, request_id, prompt, affinity_key)
+        tokens = self.admission.tokens_needed(len(prompt), params.max_tokens)
+        proto_params = convert.sampling_to_proto(params)
+        sent: list[int] = []
+        avoid: set[str] = set()
+        cached_tokens: int | None = None
+        attempt_no = 0
+        while True:
+            lease = await self.admission.acquire(model, route, tokens, priority, avoid, accepted=attempt_no > 0)
+            worker = lease.worker
+            attempt = (
+                trace.begin_attempt(worker.name, worker.info.address, len(sent), lease.queued_s) if trace else None
+            )
+            request = pb.GenerateRequest(
+                request_id=request_id if attempt_no == 0 else f"{request_id}.{attempt_no}",
+                prompt_token_ids=prompt,
+                params=proto_params,
+                priority=priority,
+                resumed_output_ids=sent,
+            )
+            produced = 0
+            try:
+                call = worker.stub.Generate(request, metadata=(("x-request-id", request_id),))
+                try:
+                    async for chunk in call:
+                        if produced == 0 and cached_tokens is None:
+                            cached_tokens = chunk.num_cached_tokens
+                            self._record_prediction(model, route.predicted_cached_tokens, cached_tokens)
+                        produced += len(chunk.token_ids)
+                        sent.extend(chunk.token_ids)
+                        chunk.num_cached_tokens = cached_tokens  # usage reports the first placement's cache hit
+                        yield worker, chunk
+                        if chunk.finish_reason:
+                            self.registry.record_success(worker)
+                            if attempt:
+                                attempt.tokens = produced
+                                trace.end_attempt(attempt, "finished")
+                            return
+                    raise _AttemptFailed("the stream ended without a finish reason")
+                except grpc.aio.AioRpcError as exc:
+                    raise self._classify(worker, exc) from exc
+                finally:
+                    call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
+            except _AttemptFailed as failure:
+                lease.release()  # before the backoff: the slot and reservation are free for others meanwhile
+                detail = f"worker {worker.name} failed: {failure}"
+                if failure.counts_against_worker:
+                    self.registry.record_failure(worker, str(failure))
+                attempt_no += 1
+                outcome = "failed_over" if sent else "retried"
+                if attempt_no > self.retry.max_retries:
+                    outcome = "error"
+                if attempt:
+                    attempt.tokens = produced
+                    trace.end_attempt(attempt, outcome, str(failure))
+                if outcome == "error":
+                    log.warning("request %s failed after %d attempts: %s", request_id, attempt_no, detail)
+                    raise UpstreamError(f"{detail} (after {attempt_no} attempts)") from None
+                if sent:
+                    self.failovers += 1
+                    log.warning("request %s: %s after %d tokens; resuming elsewhere", request_id, detail, len(sent))
+                else:
+                    self.retries += 1
+                    log.warning("request %s: %s before its first token; retrying", request_id, detail)
+                avoid.add(worker.worker_id)
+                await asyncio.sleep(self.retry.delay(attempt_no))
+            except BaseException as exc:
+                if attempt and attempt.ended is None:
+                    attempt.tokens = produced
+                    trace.end_attempt(attempt, "error" if isinstance(exc, Exception) else "cancelled", str(exc))
+                raise
+            finally:
+                lease.release()
+
+    def _classify(self, worker: WorkerRecord, exc: grpc.aio.AioRpcError) -> Exception:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return InvalidRequestError(details)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return CapacityError(details)
+        if code in RETRYABLE:
+            # A draining worker refusing new work is not a fault; neither is a call we cut because the worker
+            # was already declared dead (its failure was counted when it was).
+            fault = not (
+                (code == grpc.StatusCode.UNAVAILABLE and "draining" in details) or worker.state == WorkerState.DEAD
+            )
+            return _AttemptFailed(f"{code.name}: {details}", counts_against_worker=fault)
+        return UpstreamError(f"worker {worker.name} failed: {code.name}: {details}")
+
+    def _record_prediction(self, model: str, predicted: int, actual: int) -> None:
+        policy = self.balancer.policy(model)
+        record = getattr(policy, "record_actual", None)
+        if record is not None:
+            record(predicted, actual)

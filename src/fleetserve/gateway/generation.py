@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fleetserve.engine.request import SamplingParams, TokenLogprob
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.protocol import convert
+from fleetserve.telemetry.tracing import Trace
 from fleetserve.text.detokenizer import IncrementalDetokenizer
 from fleetserve.text.stop import StopStringMatcher
 from fleetserve.text.tokenizer import Tokenizer
@@ -51,12 +52,14 @@ async def generate_text(
     params: SamplingParams,
     stops: list[str] | None = None,
     priority: int = 0,
+    affinity_key: str | None = None,
+    trace: Trace | None = None,
 ) -> AsyncIterator[TextEvent]:
     """Yield text events until the request finishes (a stop string, EOS or the length limit)."""
     detok = IncrementalDetokenizer(tokenizer, prompt)
     matcher = StopStringMatcher(stops) if stops else None
     usage = Usage(prompt_tokens=len(prompt))
-    stream = dispatcher.generate(model, request_id, prompt, params, priority)
+    stream = dispatcher.generate(model, request_id, prompt, params, priority, affinity_key, trace)
     try:
         async for worker, chunk in stream:
             usage.completion_tokens = chunk.num_output_tokens

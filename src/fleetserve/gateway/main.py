@@ -10,12 +10,17 @@ from dataclasses import dataclass, field
 import grpc
 import uvicorn
 
+from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.app import GatewayState, create_app
+from fleetserve.gateway.balancer import Balancer
 from fleetserve.gateway.control import ControlService
-from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
+from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
+from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.gateway.tokenizers import TokenizerStore
+from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -38,22 +43,86 @@ class GatewayOptions:
     """max_tokens when a request gives none (capped by what the context window leaves)."""
     preprocess_workers: int = 0
     """Helper processes for chat templating and tokenization; 0 does it on the event loop."""
+    policy: str | None = None
+    """Balancing policy for models the model config does not give one (None: prefix-aware)."""
+    models: ModelRegistry = field(default_factory=ModelRegistry)
+    state_db: str = ""
+    """SQLite file for the registry's durable part; empty keeps it in memory only."""
+    failure_threshold: int = 3
+    """Failed requests in a row that make a worker suspect, and failed probes that make a suspect dead."""
+    dead_retention_s: float = 300.0
+    max_retries: int = 3
+    max_queue: int = 256
+    """Requests per model that may wait for room; beyond it, 503 at once."""
+    queue_timeout_s: float = 300.0
+    output_reserve_tokens: int = 256
+    slow_client_timeout_s: float = 30.0
+    """A streaming client that reads nothing for this long is cut off and its request aborted (0: never)."""
 
 
-async def _sweep(registry: WorkerRegistry) -> None:
+async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
+    """Age heartbeats, and place queued requests where heartbeats reported room."""
     while True:
         await asyncio.sleep(registry.heartbeat_interval_s / 2)
-        for record in registry.sweep():
-            log.warning("worker %s (%s) missed heartbeats: removed", record.worker_id, record.info.address)
-            if record.channel is not None:
-                await record.channel.close()
+        registry.sweep()
+        admission.pump()
+
+
+async def _probe(registry: WorkerRegistry) -> None:
+    """Actively probe suspect workers with a real one-token generation."""
+
+    async def one(record) -> None:
+        stub = record.stub
+        if stub is None:
+            return
+        try:
+            reply = await stub.Health(pb.HealthRequest(generate=True), timeout=registry.heartbeat_timeout_s)
+            registry.probe_result(record, reply.ok, reply.detail)
+        except grpc.aio.AioRpcError as exc:
+            registry.probe_result(record, False, f"{exc.code().name}: {exc.details()}")
+
+    while True:
+        await asyncio.sleep(registry.heartbeat_interval_s)
+        suspects = registry.suspects()
+        if suspects:
+            await asyncio.gather(*(one(r) for r in suspects))
 
 
 async def run_gateway(opts: GatewayOptions) -> int:
     """Serve until SIGINT/SIGTERM."""
-    registry = WorkerRegistry(opts.heartbeat_interval_s, opts.heartbeat_timeout_s)
+    store = RegistryStore(opts.state_db) if opts.state_db else None
+    registry = WorkerRegistry(
+        opts.heartbeat_interval_s,
+        opts.heartbeat_timeout_s,
+        failure_threshold=opts.failure_threshold,
+        dead_retention_s=opts.dead_retention_s,
+        store=store,
+    )
+    models = opts.models
+    if store is not None:
+        for saved in store.load_models():
+            if models.get(saved["name"]) is None:
+                models.restore(saved)
     tokenizers = TokenizerStore()
-    control = ControlService(registry, opts.registration_token, on_register=tokenizers.on_register)
+    balancer = Balancer(models, opts.policy)
+    admission = Admission(
+        registry,
+        balancer.policy,
+        max_queue=opts.max_queue,
+        output_reserve_tokens=opts.output_reserve_tokens,
+        queue_timeout_s=opts.queue_timeout_s,
+    )
+    registry.on_dead.append(lambda record: balancer.forget(record.worker_id))
+    dispatcher = Dispatcher(registry, balancer, admission, RetryPolicy(max_retries=opts.max_retries))
+
+    async def on_register(record) -> None:
+        await tokenizers.on_register(record)
+        spec = models.learn(record.info)
+        if store is not None:
+            store.save_model(spec.to_json())
+        admission.pump(record.info.model)
+
+    control = ControlService(registry, opts.registration_token, on_register=on_register)
     grpc_server = grpc.aio.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
     control_port = grpc_server.add_insecure_port(f"{opts.control_host}:{opts.control_port}")
@@ -65,12 +134,18 @@ async def run_gateway(opts: GatewayOptions) -> int:
         preprocess = PreprocessPool(opts.preprocess_workers)
         await preprocess.start()
     state = GatewayState(
-        registry=registry, tokenizers=tokenizers, dispatcher=Dispatcher(registry), options=opts, preprocess=preprocess
+        registry=registry,
+        tokenizers=tokenizers,
+        dispatcher=dispatcher,
+        options=opts,
+        models=models,
+        preprocess=preprocess,
     )
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    sweeper = asyncio.create_task(_sweep(registry))
+    sweeper = asyncio.create_task(_sweep(registry, admission))
+    prober = asyncio.create_task(_probe(registry))
 
     async def announce() -> None:
         while not server.started:
@@ -85,7 +160,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
     try:
         await server.serve()
     finally:
-        for task in (sweeper, announcer):
+        for task in (sweeper, prober, announcer):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -95,4 +170,6 @@ async def run_gateway(opts: GatewayOptions) -> int:
         for record in list(registry.workers.values()):
             if record.channel is not None:
                 await record.channel.close()
+        if store is not None:
+            store.close()
     return 0

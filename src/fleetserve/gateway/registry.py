@@ -1,23 +1,42 @@
 """Workers known to the gateway: registration, heartbeats, and a health state per worker.
 
-healthy -> suspect (a heartbeat is late) -> dead (heartbeat_timeout_s without one); draining workers finish
-what they have but get nothing new. Only healthy workers are routable.
+States: healthy -> suspect -> dead. A worker becomes suspect when a heartbeat is late (two intervals) or when
+``failure_threshold`` requests in a row failed on it; the gateway then probes it actively (a real one-token
+generation). A heartbeat clears a late-heartbeat suspicion; only a successful probe clears a failure suspicion.
+``heartbeat_timeout_s`` without a heartbeat, or ``failure_threshold`` failed probes, make it dead: it leaves
+routing (policies forget it, its streams fail over) and stays listed as dead for ``dead_retention_s``, so that it
+can come back under the same id. Draining workers finish what they have but get nothing new. Only healthy
+workers are routable.
+
+The durable part (each worker's id, registration info, state and last sighting) is written to a
+:class:`RegistryStore` when one is given: after a gateway restart the known workers are listed as dead until
+they register again, which they do on their own, and get their old ids back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
+from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+
+
+def _connect(address: str) -> tuple[grpc.aio.Channel, pb_grpc.WorkerStub]:
+    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return channel, pb_grpc.WorkerStub(channel)
 
 
 class WorkerState(str, enum.Enum):
@@ -41,71 +60,218 @@ class WorkerRecord:
     recent_inter_token_s: float = 0.0
     in_flight: int = 0
     """Requests the gateway has sent to this worker and not yet seen finish."""
+    reserved_tokens: int = 0
+    """KV tokens admission has reserved on this worker for its in-flight requests."""
+    block_hashes: set[int] = field(default_factory=set)
+    """Prefix-cache block hashes the worker reported holding (kept current by heartbeat deltas)."""
+    consecutive_failures: int = 0
+    failed_probes: int = 0
+    suspect_reason: str = ""
+    """Why the worker is suspect: "heartbeat" (late) or "failures" (requests failed); empty otherwise."""
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
 
     @property
     def routable(self) -> bool:
-        return self.state == WorkerState.HEALTHY
+        return self.state == WorkerState.HEALTHY and self.stub is not None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
 
 
 class WorkerRegistry:
-    """The gateway's table of workers, updated by the Control service and a periodic sweep."""
+    """The gateway's table of workers, updated by the Control service, request outcomes and a periodic sweep."""
 
-    def __init__(self, heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        heartbeat_interval_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        failure_threshold: int = 3,
+        dead_retention_s: float = 300.0,
+        store: RegistryStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        connect: Callable[[str], tuple[grpc.aio.Channel | None, pb_grpc.WorkerStub]] | None = None,
+    ):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.failure_threshold = max(1, failure_threshold)
+        self.dead_retention_s = dead_retention_s
+        self.store = store
+        self.clock = clock
+        self.connect = connect or _connect
+        """address -> (channel, Worker stub); tests give one that makes no channel."""
         self.workers: dict[str, WorkerRecord] = {}
+        self.on_dead: list[Callable[[WorkerRecord], None]] = []
+        """Called when a worker stops being usable for good (dead, deregistered or replaced)."""
         self._ids = itertools.count(1)
+        self._closing: set[asyncio.Task] = set()
+        if store is not None:
+            self._restore(store)
+
+    # -- membership ------------------------------------------------------------------------------------
+
+    def _restore(self, store: RegistryStore) -> None:
+        now = self.clock()
+        for saved in store.load_workers():
+            record = WorkerRecord(saved.worker_id, saved.info, now, now, state=WorkerState.DEAD)
+            self.workers[record.worker_id] = record
+            number = saved.worker_id.split("-", 1)[0].lstrip("w")
+            if number.isdigit():
+                self._ids = itertools.count(max(int(number) + 1, next(self._ids)))
+        if self.workers:
+            log.info("restored %d known worker(s); they are dead until they register again", len(self.workers))
 
     def register(self, info: pb.WorkerInfo) -> WorkerRecord:
-        # A worker that registers again from the same address replaces its old record.
+        """Add a worker (or take it back: the same name at the same address keeps its id)."""
+        worker_id = None
         for old in [w for w in self.workers.values() if w.info.address == info.address]:
-            self.remove(old.worker_id)
-        now = time.monotonic()
-        record = WorkerRecord(f"w{next(self._ids)}-{info.name}", info, now, now)
-        record.channel = grpc.aio.insecure_channel(info.address)
-        record.stub = pb_grpc.WorkerStub(record.channel)
-        self.workers[record.worker_id] = record
-        log.info("worker %s registered: %s at %s", record.worker_id, info.model, info.address)
-        return record
-
-    def heartbeat(self, report: pb.HeartbeatReport) -> WorkerRecord | None:
-        record = self.workers.get(report.worker_id)
-        if record is None:
-            return None
-        record.last_heartbeat = time.monotonic()
-        record.stats = report.stats
-        record.recent_first_token_s = report.recent_first_token_s
-        record.recent_inter_token_s = report.recent_inter_token_s
-        if report.draining:
-            record.state = WorkerState.DRAINING
-        elif record.state in (WorkerState.SUSPECT, WorkerState.DEAD):
-            record.state = WorkerState.HEALTHY
+            if old.info.name == info.name and old.info.model == info.model:
+                worker_id = old.worker_id
+            self._drop(old)
+        now = self.clock()
+        worker_id = worker_id or f"w{next(self._ids)}-{info.name}"
+        record = WorkerRecord(worker_id, info, now, now)
+        record.channel, record.stub = self.connect(info.address)
+        self.workers[worker_id] = record
+        self._persist(record)
+        log.info("worker %s registered: %s at %s", worker_id, info.model, info.address)
         return record
 
     def remove(self, worker_id: str) -> WorkerRecord | None:
-        record = self.workers.pop(worker_id, None)
+        """Forget a worker now (it deregistered)."""
+        record = self.workers.get(worker_id)
         if record is not None:
-            record.state = WorkerState.DEAD
+            self._drop(record)
             log.info("worker %s removed", worker_id)
         return record
 
+    def _drop(self, record: WorkerRecord) -> None:
+        self.workers.pop(record.worker_id, None)
+        was_live = record.state != WorkerState.DEAD
+        record.state = WorkerState.DEAD
+        if was_live:
+            self._notify_dead(record)
+        self._close(record)
+        if self.store is not None:
+            self.store.delete_worker(record.worker_id)
+
+    # -- state ------------------------------------------------------------------------------------------
+
+    def heartbeat(self, report: pb.HeartbeatReport) -> WorkerRecord | None:
+        """Apply a load report; None when the worker is unknown or was declared dead (it must register again)."""
+        record = self.workers.get(report.worker_id)
+        if record is None or record.state == WorkerState.DEAD:
+            return None
+        record.last_heartbeat = self.clock()
+        record.stats = report.stats
+        record.recent_first_token_s = report.recent_first_token_s
+        record.recent_inter_token_s = report.recent_inter_token_s
+        if report.HasField("block_hashes"):
+            delta = report.block_hashes
+            if delta.reset:
+                record.block_hashes = set(delta.added)
+            else:
+                record.block_hashes.difference_update(delta.removed)
+                record.block_hashes.update(delta.added)
+        if report.draining:
+            self._set(record, WorkerState.DRAINING)
+        elif record.state == WorkerState.SUSPECT and record.suspect_reason == "heartbeat":
+            self._set(record, WorkerState.HEALTHY)
+        return record
+
+    def record_failure(self, record: WorkerRecord, detail: str = "") -> None:
+        """A request failed on this worker; enough in a row make it suspect."""
+        record.consecutive_failures += 1
+        if record.consecutive_failures >= self.failure_threshold and record.state == WorkerState.HEALTHY:
+            log.warning(
+                "worker %s suspect after %d failed requests: %s", record.worker_id, record.consecutive_failures, detail
+            )
+            self._set(record, WorkerState.SUSPECT, "failures")
+
+    def record_success(self, record: WorkerRecord) -> None:
+        record.consecutive_failures = 0
+
+    def probe_result(self, record: WorkerRecord, ok: bool, detail: str = "") -> None:
+        """The outcome of an active probe of a suspect worker."""
+        if record.state != WorkerState.SUSPECT:
+            return
+        if ok:
+            record.failed_probes = 0
+            if record.suspect_reason == "failures":
+                record.consecutive_failures = 0
+                log.info("worker %s passed its probe: healthy again", record.worker_id)
+                self._set(record, WorkerState.HEALTHY)
+            return
+        record.failed_probes += 1
+        if record.failed_probes >= self.failure_threshold:
+            self.mark_dead(record, f"{record.failed_probes} failed probes ({detail})")
+
+    def mark_dead(self, record: WorkerRecord, reason: str) -> None:
+        if record.state == WorkerState.DEAD:
+            return
+        log.warning("worker %s (%s) is dead: %s", record.worker_id, record.info.address, reason)
+        self._set(record, WorkerState.DEAD)
+        record.block_hashes = set()
+        self._notify_dead(record)
+        self._close(record)
+
     def sweep(self) -> list[WorkerRecord]:
-        """Move late workers to suspect and silent ones to dead (removed); returns the removed ones."""
-        now = time.monotonic()
+        """Late heartbeats -> suspect, silent workers -> dead, long-dead ones forgotten; returns the new dead."""
+        now = self.clock()
         dead = []
         for record in list(self.workers.values()):
             age = now - record.last_heartbeat
-            if age > self.heartbeat_timeout_s:
+            if record.state == WorkerState.DEAD:
+                if age > self.dead_retention_s:
+                    self._drop(record)
+            elif age > self.heartbeat_timeout_s:
+                self.mark_dead(record, f"no heartbeat for {age:.1f}s")
                 dead.append(record)
-                self.remove(record.worker_id)
             elif age > 2 * self.heartbeat_interval_s and record.state == WorkerState.HEALTHY:
-                record.state = WorkerState.SUSPECT
+                self._set(record, WorkerState.SUSPECT, "heartbeat")
         return dead
+
+    def suspects(self) -> list[WorkerRecord]:
+        return [w for w in self.workers.values() if w.state == WorkerState.SUSPECT and w.stub is not None]
+
+    def _set(self, record: WorkerRecord, state: WorkerState, reason: str = "") -> None:
+        if record.state == state and record.suspect_reason == reason:
+            return
+        record.state = state
+        record.suspect_reason = reason if state == WorkerState.SUSPECT else ""
+        if state != WorkerState.SUSPECT:
+            record.failed_probes = 0
+        if self.store is not None:
+            self.store.update_state(record.worker_id, state.value, time.time())
+
+    def _persist(self, record: WorkerRecord) -> None:
+        if self.store is not None:
+            now = time.time()
+            self.store.save_worker(record.worker_id, record.info, record.state.value, now, now)
+
+    def _notify_dead(self, record: WorkerRecord) -> None:
+        for listener in self.on_dead:
+            try:
+                listener(record)
+            except Exception:  # a listener's bug must not keep the registry from moving on
+                log.exception("on_dead listener failed for %s", record.worker_id)
+
+    def _close(self, record: WorkerRecord) -> None:
+        channel, record.channel, record.stub = record.channel, None, None
+        if channel is not None:
+            # Closing cancels the calls still open on it, which makes their streams fail over elsewhere.
+            task = asyncio.get_running_loop().create_task(channel.close(grace=None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    # -- queries ----------------------------------------------------------------------------------------
 
     def routable(self, model: str) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.routable and w.info.model == model]
 
     def models(self) -> list[str]:
         return sorted({w.info.model for w in self.workers.values()})
+
+    def live_models(self) -> list[str]:
+        return sorted({w.info.model for w in self.workers.values() if w.state != WorkerState.DEAD})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -34,6 +34,7 @@ class WorkerAgent:
         token: str = "",
         on_drain: Callable[[], None] | None = None,
         latency: Callable[[], tuple[float, float]] | None = None,
+        block_hashes: Callable[[], Awaitable[set[int]]] | None = None,
     ):
         self.gateway = gateway
         self.info = info
@@ -41,6 +42,8 @@ class WorkerAgent:
         self._stats = stats
         self._on_drain = on_drain
         self._latency = latency or (lambda: (0.0, 0.0))
+        self._block_hashes = block_hashes
+        self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
         self.worker_id: str | None = None
         self.draining = False
         self.registered = asyncio.Event()
@@ -54,6 +57,7 @@ class WorkerAgent:
             try:
                 reply = await self._stub.Register(pb.RegisterRequest(info=self.info, token=self.token), timeout=5)
                 self.worker_id = reply.worker_id
+                self._reported = None
                 self.registered.set()
                 backoff = 0.2
                 log.info("registered with %s as %s", self.gateway, self.worker_id)
@@ -78,6 +82,7 @@ class WorkerAgent:
                     recent_first_token_s=first,
                     recent_inter_token_s=inter,
                     draining=self.draining,
+                    block_hashes=await self._hash_delta(),
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(reregister.wait(), interval)
@@ -94,6 +99,18 @@ class WorkerAgent:
                 reregister.set()
                 call.cancel()
                 return
+
+    async def _hash_delta(self) -> pb.BlockHashDelta | None:
+        """The prefix-cache blocks gained and lost since the last report (everything after registering)."""
+        if self._block_hashes is None:
+            return None
+        current = await self._block_hashes()
+        if self._reported is None:
+            delta = pb.BlockHashDelta(reset=True, added=sorted(current))
+        else:
+            delta = pb.BlockHashDelta(added=sorted(current - self._reported), removed=sorted(self._reported - current))
+        self._reported = current
+        return delta
 
     async def deregister(self) -> None:
         if self.worker_id is None:

@@ -67,6 +67,10 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
         max_model_len=core.max_model_len,
         tokenizer_fingerprint=tokenizer.fingerprint,
         model_version=core.model_dir.name,
+        max_num_seqs=opts.engine.scheduler.max_num_seqs,
+        architecture=core.arch.architecture,
+        dtype=str(core.runner.dtype).removeprefix("torch."),
+        num_layers=core.arch.num_layers,
     )
     agent = None
     agent_task = None
@@ -78,6 +82,7 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
             token=opts.token,
             on_drain=lambda: setattr(service, "draining", True),
             latency=service.recent_latency,
+            block_hashes=lambda: engine.call(core.kv.cached_hashes),
         )
         agent_task = asyncio.create_task(agent.run())
     print(f"fleetserve worker ready: {name} at {address}, model {model_name}", flush=True)

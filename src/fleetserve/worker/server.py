@@ -71,6 +71,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             convert.sampling_from_proto(request.params),
             request_id=rid,
             priority=request.priority,
+            resumed_output=list(request.resumed_output_ids) or None,
         )
         first = True
         last = arrived

@@ -1,0 +1,206 @@
+"""Admission control: a request runs only where there is room for it; the rest wait in a bounded queue.
+
+The gateway knows each healthy worker's capacity: how many sequences its engine runs at once
+(``max_num_seqs``) and how many tokens its KV cache holds. Each admitted request holds a lease on one worker: a
+sequence slot and a KV reservation of its prompt plus up to ``output_reserve_tokens`` of output (reserving the
+whole ``max_tokens`` would leave most of the cache idle, since few answers run to their limit; the engine
+preempts if it is wrong). A request that finds no room waits in its model's queue, ordered by priority
+(smaller first) and then arrival; when the queue is full the answer is 503 with Retry-After at once. Queued
+requests are placed as leases end, workers join or heartbeats report free room. A request already accepted
+(a retry, or a stream resuming after its worker died) skips the queue's bound: it is never turned away.
+
+The balancing policy chooses among the workers with room, so a request is bound to a worker as late as
+possible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleetserve.errors import CapacityError, NoWorkerError
+from fleetserve.gateway.policies.base import Policy, RouteRequest
+from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_SEQS = 64
+
+
+class QueueFullError(CapacityError):
+    """The model's admission queue is full: the client should retry later (503 + Retry-After)."""
+
+
+@dataclass
+class Lease:
+    """One admitted request's hold on a worker: a sequence slot and a KV reservation."""
+
+    worker: WorkerRecord
+    tokens: int
+    queued_s: float = 0.0
+    _admission: Admission | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            admission._release(self)
+
+
+@dataclass(order=True)
+class _Ticket:
+    priority: int
+    seq: int
+    model: str = field(compare=False)
+    route: RouteRequest = field(compare=False)
+    tokens: int = field(compare=False)
+    avoid: frozenset[str] = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    enqueued: float = field(compare=False)
+
+
+class Admission:
+    """Per-model bounded queues in front of the workers."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy_for: Callable[[str], Policy],
+        max_queue: int = 256,
+        output_reserve_tokens: int = 256,
+        queue_timeout_s: float = 300.0,
+    ):
+        self.registry = registry
+        self.policy_for = policy_for
+        self.max_queue = max_queue
+        self.output_reserve_tokens = output_reserve_tokens
+        self.queue_timeout_s = queue_timeout_s
+        self._queues: dict[str, list[_Ticket]] = {}
+        self._seq = itertools.count()
+        self.rejected = 0
+        """Requests answered 503 because the queue was full."""
+
+    # -- capacity ---------------------------------------------------------------------------------------
+
+    def tokens_needed(self, prompt_tokens: int, max_tokens: int) -> int:
+        return prompt_tokens + min(max_tokens, self.output_reserve_tokens)
+
+    @staticmethod
+    def slots(worker: WorkerRecord) -> int:
+        return worker.info.max_num_seqs or DEFAULT_MAX_NUM_SEQS
+
+    @staticmethod
+    def kv_tokens(worker: WorkerRecord) -> int:
+        return worker.info.kv_blocks_total * (worker.info.block_size or 16)
+
+    def has_room(self, worker: WorkerRecord, tokens: int) -> bool:
+        if worker.in_flight >= self.slots(worker):
+            return False
+        # An idle worker takes any request the engine accepts: the engine itself refuses what can never fit.
+        return worker.in_flight == 0 or worker.reserved_tokens + tokens <= self.kv_tokens(worker)
+
+    def queued(self, model: str) -> int:
+        return len(self._queues.get(model, ()))
+
+    # -- admission --------------------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        model: str,
+        route: RouteRequest,
+        tokens: int,
+        priority: int = 0,
+        avoid: set[str] | frozenset[str] = frozenset(),
+        accepted: bool = False,
+    ) -> Lease:
+        """A lease on a worker for this request, waiting in the queue when none has room.
+
+        ``avoid``: workers to pass over when another has room (where an earlier attempt failed).
+        ``accepted``: the request was admitted before (a retry or a resume): the queue's bound does not apply.
+        Raises NoWorkerError when no worker serves the model, QueueFullError when the queue is full.
+        """
+        queue = self._queues.setdefault(model, [])
+        if not any(w.info.model == model and w.routable for w in self.registry.workers.values()):
+            if not accepted:
+                raise NoWorkerError(f"no healthy worker serves {model!r} right now; retry shortly")
+        elif not queue:
+            lease = self._place(model, route, tokens, frozenset(avoid))
+            if lease is not None:
+                return lease
+        if not accepted and len(queue) >= self.max_queue:
+            self.rejected += 1
+            raise QueueFullError(f"the queue for {model!r} is full ({self.max_queue} requests waiting); retry shortly")
+        ticket = _Ticket(
+            priority=-(2**31) if accepted else priority,
+            seq=next(self._seq),
+            model=model,
+            route=route,
+            tokens=tokens,
+            avoid=frozenset(avoid),
+            future=asyncio.get_running_loop().create_future(),
+            enqueued=time.monotonic(),
+        )
+        heapq.heappush(queue, ticket)
+        self.pump(model)
+        try:
+            timeout = self.queue_timeout_s if self.queue_timeout_s > 0 else None
+            lease = await asyncio.wait_for(asyncio.shield(ticket.future), timeout)
+        except asyncio.TimeoutError:
+            self._withdraw(ticket)
+            raise CapacityError(
+                f"no worker for {model!r} had room within {self.queue_timeout_s:.0f}s; retry later"
+            ) from None
+        except BaseException:  # the client left while waiting: give back a lease placed at the same moment
+            self._withdraw(ticket)
+            raise
+        lease.queued_s = time.monotonic() - ticket.enqueued
+        return lease
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        queue = self._queues.get(ticket.model, [])
+        if ticket in queue:
+            queue.remove(ticket)
+            heapq.heapify(queue)
+        if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
+            ticket.future.result().release()
+        elif not ticket.future.done():
+            ticket.future.cancel()
+
+    def pump(self, model: str | None = None) -> None:
+        """Place queued requests, head first, while workers have room (call when capacity may have grown)."""
+        for name in [model] if model is not None else list(self._queues):
+            queue = self._queues.get(name, [])
+            while queue:
+                head = queue[0]
+                if head.future.done():
+                    heapq.heappop(queue)
+                    continue
+                lease = self._place(name, head.route, head.tokens, head.avoid)
+                if lease is None:
+                    break
+                heapq.heappop(queue)
+                head.future.set_result(lease)
+
+    def _place(self, model: str, route: RouteRequest, tokens: int, avoid: frozenset[str]) -> Lease | None:
+        roomy = [w for w in self.registry.routable(model) if self.has_room(w, tokens)]
+        preferred = [w for w in roomy if w.worker_id not in avoid] or roomy
+        if not preferred:
+            return None
+        policy = self.policy_for(model)
+        worker = policy.pick(preferred, route)
+        if worker is None:
+            return None
+        worker.in_flight += 1
+        worker.reserved_tokens += tokens
+        policy.on_dispatch(worker, route)
+        return Lease(worker, tokens, _admission=self)
+
+    def _release(self, lease: Lease) -> None:
+        worker = lease.worker
+        worker.in_flight = max(0, worker.in_flight - 1)
+        worker.reserved_tokens = max(0, worker.reserved_tokens - lease.tokens)
+        self.pump(worker.info.model)

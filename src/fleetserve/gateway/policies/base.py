@@ -1,0 +1,93 @@
+"""The interface every balancing policy implements, and the load measures they share.
+
+A policy sees only workers that are healthy, serve the request's model and have room (admission filters them
+first), and returns one of them, or None when it refuses them all (kv-aware refuses workers whose cache is
+full); the request then waits in the model's queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+from fleetserve.engine.kv_cache import block_hashes
+
+if TYPE_CHECKING:
+    from fleetserve.gateway.registry import WorkerRecord
+
+
+@dataclass
+class RouteRequest:
+    """What a policy may know about a request."""
+
+    model: str
+    request_id: str = ""
+    prompt_token_ids: Sequence[int] = ()
+    affinity_key: str | None = None
+    """The `user` field or the session header, when the client sent one (consistent hashing uses it)."""
+    predicted_cached_tokens: int = 0
+    """Set by prefix-aware: prompt tokens it expects the chosen worker to find in its prefix cache."""
+    _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        """The engine's chained hashes of the prompt's full blocks (computed once per block size)."""
+        if block_size not in self._hashes:
+            self._hashes[block_size] = block_hashes(self.prompt_token_ids, block_size)
+        return self._hashes[block_size]
+
+
+def load(worker: WorkerRecord) -> int:
+    """Requests on a worker: the gateway's own count of in-flight requests, or the worker's reported running +
+    waiting when that is larger (other gateways may be sending it work too)."""
+    return max(worker.in_flight, worker.stats.running + worker.stats.waiting)
+
+
+def kv_use(worker: WorkerRecord) -> float:
+    """Fraction of the worker's KV blocks in use by running sequences, from its last heartbeat (0..1)."""
+    total = worker.stats.kv_blocks_total or worker.info.kv_blocks_total
+    return worker.stats.kv_blocks_used / total if total else 0.0
+
+
+def capacity(worker: WorkerRecord) -> int:
+    """How much a worker can hold, in KV blocks (what `weighted` balances by)."""
+    return max(1, worker.info.kv_blocks_total or worker.stats.kv_blocks_total)
+
+
+class Policy(ABC):
+    """Chooses one worker among candidates for a request."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def pick(self, candidates: Sequence[WorkerRecord], request: RouteRequest) -> WorkerRecord | None:
+        """One of ``candidates`` (never empty), or None to refuse them all."""
+
+    def on_dispatch(self, worker: WorkerRecord, request: RouteRequest) -> None:  # noqa: B027 (optional hook)
+        """The request was sent to ``worker`` (policies that learn from their own routing record it here)."""
+
+    def forget(self, worker_id: str) -> None:  # noqa: B027 (optional hook)
+        """The worker left the fleet: drop whatever the policy keeps about it."""
+
+    def describe(self) -> dict:
+        """The policy's name, settings and counters, for the admin API and metrics."""
+        return {"name": self.name}
+
+
+class TieBreaker:
+    """Spreads ties: among equally good workers, each call starts from the next one in a fixed order."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, workers: Sequence[WorkerRecord]) -> WorkerRecord:
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        return ordered[next(self._turn) % len(ordered)]
+
+
+def least_loaded(candidates: Sequence[WorkerRecord], ties: TieBreaker) -> WorkerRecord:
+    """The candidate with the fewest requests; ties spread by ``ties``."""
+    low = min(load(w) for w in candidates)
+    return ties.choose([w for w in candidates if load(w) == low])

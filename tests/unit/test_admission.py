@@ -1,0 +1,129 @@
+"""Admission: leases within each worker's slots and KV, a bounded priority queue, 503 when it is full."""
+
+import asyncio
+
+import pytest
+
+from fleetserve.errors import NoWorkerError
+from fleetserve.gateway.admission import Admission, QueueFullError
+from fleetserve.gateway.policies import make_policy
+from fleetserve.gateway.policies.base import RouteRequest
+from fleetserve.gateway.registry import WorkerRegistry, WorkerState
+from fleetserve.protocol import fleet_pb2 as pb
+
+
+def fleet(*slots, kv_blocks=100):
+    reg = WorkerRegistry(connect=lambda address: (None, object()))  # these tests never call a worker
+    for i, n in enumerate(slots):
+        reg.register(pb.WorkerInfo(name=f"w{i}", address=f"127.0.0.1:{i + 1}", model="m", max_num_seqs=n,
+                                   kv_blocks_total=kv_blocks, block_size=16))  # fmt: skip
+    policy = make_policy("round-robin")
+    return reg, policy
+
+
+async def settle():
+    """Let every ready task run (a placed lease reaches its waiter a few loop turns later)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def route(i=0):
+    return RouteRequest("m", f"r{i}", [1, 2, 3])
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_leases_fill_slots_then_queue_in_priority_order_then_refuse():
+    async def main():
+        reg, policy = fleet(1, 1)
+        adm = Admission(reg, lambda m: policy, max_queue=2, output_reserve_tokens=16)
+        a = await adm.acquire("m", route(0), 19)
+        b = await adm.acquire("m", route(1), 19)
+        assert {a.worker.name, b.worker.name} == {"w0", "w1"}
+        order = []
+
+        async def waiter(i, prio):
+            lease = await adm.acquire("m", route(i), 19, priority=prio)
+            order.append(i)
+            return lease
+
+        low = asyncio.create_task(waiter(2, 5))
+        await settle()
+        high = asyncio.create_task(waiter(3, 0))
+        await settle()
+        assert adm.queued("m") == 2
+        with pytest.raises(QueueFullError):
+            await adm.acquire("m", route(4), 19)
+        assert adm.rejected == 1
+        # An accepted request (a retry) is never turned away by the bound.
+        retry = asyncio.create_task(adm.acquire("m", route(5), 19, accepted=True))
+        await settle()
+        a.release()
+        await settle()
+        assert retry.done() and not high.done()  # the retry jumped the queue
+        b.release()
+        await settle()
+        assert order == [3]  # priority 0 before priority 5
+        retry.result().release()
+        await settle()
+        assert order == [3, 2]
+        (await high).release()
+        (await low).release()
+        assert all(w.in_flight == 0 and w.reserved_tokens == 0 for w in reg.workers.values())
+
+    run(main())
+
+
+def test_kv_reservations_bound_what_a_worker_takes():
+    async def main():
+        reg, policy = fleet(64, kv_blocks=4)  # 64 tokens of KV
+        adm = Admission(reg, lambda m: policy, output_reserve_tokens=8)
+        assert adm.tokens_needed(20, 1000) == 28
+        first = await adm.acquire("m", route(0), 28)
+        second = await adm.acquire("m", route(1), 28)
+        third = asyncio.create_task(adm.acquire("m", route(2), 28))
+        await settle()
+        assert not third.done()  # 84 > 64 tokens
+        first.release()
+        await settle()
+        assert third.done()
+        second.release()
+        third.result().release()
+
+    run(main())
+
+
+def test_no_worker_is_503_at_once_and_a_client_leaving_the_queue_frees_its_place():
+    async def main():
+        reg, policy = fleet(1)
+        adm = Admission(reg, lambda m: policy)
+        with pytest.raises(NoWorkerError):
+            await adm.acquire("other", route(), 10)
+        held = await adm.acquire("m", route(), 10)
+        waiting = asyncio.create_task(adm.acquire("m", route(1), 10))
+        await settle()
+        waiting.cancel()
+        await settle()
+        held.release()
+        w = next(iter(reg.workers.values()))
+        assert w.in_flight == 0 and adm.queued("m") == 0
+        w.state = WorkerState.DRAINING
+        with pytest.raises(NoWorkerError):
+            await adm.acquire("m", route(), 10)
+
+    run(main())
+
+
+def test_queue_timeout_answers_instead_of_waiting_forever():
+    async def main():
+        reg, policy = fleet(1)
+        adm = Admission(reg, lambda m: policy, queue_timeout_s=0.05)
+        held = await adm.acquire("m", route(), 10)
+        with pytest.raises(Exception, match="had room"):
+            await adm.acquire("m", route(1), 10)
+        assert adm.queued("m") == 0
+        held.release()
+
+    run(main())
