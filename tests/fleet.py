@@ -126,7 +126,8 @@ def start_fleet(workers: int = 2, api_key: str = "", heartbeat_timeout: float = 
     try:
         for i in range(workers):
             fleet.add_worker(f"worker-{i}")
-        fleet.wait_workers(workers)
+        if workers:
+            fleet.wait_workers(workers)
     except BaseException:
         fleet.stop()
         raise

@@ -229,6 +229,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         queue_timeout_s=args.queue_timeout,
         output_reserve_tokens=args.output_reserve_tokens,
         slow_client_timeout_s=args.slow_client_timeout,
+        stream_buffer_bytes=args.stream_buffer_kb * 1024,
     )
     return asyncio.run(run_gateway(opts))
 
@@ -372,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="cut off a streaming client that reads nothing for this many seconds; 0: never (default: 30)",
+    )
+    r.add_argument(
+        "--stream-buffer-kb",
+        type=int,
+        default=256,
+        help="kernel send buffer per client connection in KiB, fixed; 0: the kernel's (default: 256)",
     )
     _config_option(gw)
     gw.set_defaults(func=cmd_gateway)

@@ -166,7 +166,7 @@ def _raw_stream_request(port: int, body: dict) -> socket.socket:
     sock.connect(("127.0.0.1", port))
     payload = json.dumps(body).encode()
     sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
@@ -180,10 +180,11 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(model_dir
         # Lots of bytes per token (20 alternatives with their log-probabilities) fill the buffers quickly.
         body = {
             "model": MODEL,
-            "prompt": "Once upon a time",
-            "max_tokens": 1500,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 1000,
             "ignore_eos": True,
-            "logprobs": 20,
+            "logprobs": True,
+            "top_logprobs": 20,
             "stream": True,
         }
         sock = _raw_stream_request(port, body)

@@ -127,12 +127,13 @@ class Dispatcher:
                         produced += len(chunk.token_ids)
                         sent.extend(chunk.token_ids)
                         chunk.num_cached_tokens = cached_tokens  # usage reports the first placement's cache hit
-                        yield worker, chunk
-                        if chunk.finish_reason:
+                        if chunk.finish_reason:  # recorded first: the caller may stop reading at the last chunk
                             self.registry.record_success(worker)
                             if attempt:
                                 attempt.tokens = produced
                                 trace.end_attempt(attempt, "finished")
+                        yield worker, chunk
+                        if chunk.finish_reason:
                             return
                     raise _AttemptFailed("the stream ended without a finish reason")
                 except grpc.aio.AioRpcError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass, field
 
 import grpc
@@ -58,6 +59,9 @@ class GatewayOptions:
     output_reserve_tokens: int = 256
     slow_client_timeout_s: float = 30.0
     """A streaming client that reads nothing for this long is cut off and its request aborted (0: never)."""
+    stream_buffer_bytes: int = 256 * 1024
+    """Kernel send buffer per client connection (fixed, not auto-tuned): with the server's own write buffer it
+    bounds what a client that stops reading can hold up before sends wait (0: the kernel's default)."""
 
 
 async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
@@ -86,6 +90,19 @@ async def _probe(registry: WorkerRegistry) -> None:
         suspects = registry.suspects()
         if suspects:
             await asyncio.gather(*(one(r) for r in suspects))
+
+
+def _listen(host: str, port: int, send_buffer: int) -> socket.socket:
+    """The HTTP listening socket; accepted connections inherit its fixed send buffer size."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if send_buffer > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
 
 
 async def run_gateway(opts: GatewayOptions) -> int:
@@ -144,6 +161,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
+    listener = _listen(opts.host, opts.port, opts.stream_buffer_bytes)
     sweeper = asyncio.create_task(_sweep(registry, admission))
     prober = asyncio.create_task(_probe(registry))
 
@@ -158,7 +176,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
 
     announcer = asyncio.create_task(announce())
     try:
-        await server.serve()
+        await server.serve(sockets=[listener])
     finally:
         for task in (sweeper, prober, announcer):
             task.cancel()
