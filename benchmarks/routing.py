@@ -17,6 +17,14 @@ Each writes ``benchmarks/results/routing-<scenario>.json``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# benchmarks/http.py shares its name with the standard library's ``http`` package, and Python puts a script's
+# folder first on the import path: take that folder off, or ``import http`` (httpx does it) would run it.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+
 import argparse
 import asyncio
 import json
@@ -26,11 +34,9 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import httpx
 
@@ -80,13 +86,23 @@ class Proc:
 class Fleet:
     """A gateway with ``workers`` local workers of ``threads`` torch threads each."""
 
-    def __init__(self, workers: int, threads: int, *gateway_args: str):
+    def __init__(self, workers: int, threads: int, *gateway_args: str, kv_cache_mb: int = 512):
         port, control = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.gateway = Proc("gateway", "--port", str(port), "--control-port", str(control), *gateway_args)
         self.gateway.wait_for("fleetserve gateway ready")
         self.workers = [
-            Proc("worker", "--gateway", f"127.0.0.1:{control}", "--name", f"w{i}", "--threads", str(threads))
+            Proc(
+                "worker",
+                "--gateway",
+                f"127.0.0.1:{control}",
+                "--name",
+                f"w{i}",
+                "--threads",
+                str(threads),
+                "--kv-cache-mb",
+                str(kv_cache_mb),
+            )  # fmt: skip
             for i in range(workers)
         ]
         for w in self.workers:
@@ -104,12 +120,27 @@ class Fleet:
             p.stop()
 
 
-def _bench_args(url: str, scenario: str, concurrency: int, requests: int, output: Path) -> argparse.Namespace:
+def _bench_args(
+    url: str, scenario: str, concurrency: int, requests: int, output: Path, prompts: Path | None = None
+) -> argparse.Namespace:
     parser = http_bench.build_parser()
     return parser.parse_args(
         ["--url", url, "--scenario", scenario, "--concurrency", str(concurrency), "--requests", str(requests)]
         + ["--output", str(output)]
+        + (["--prompts", str(prompts)] if prompts else [])
     )
+
+
+def _grouped_prompts(groups: int, out: Path) -> Path:
+    """The shared-prefix prompts split into ``groups`` prefixes: request i opens its system prompt with a line
+    naming group i % groups, so groups share no KV block."""
+    rows = http_bench.load_prompts(ROOT / "data" / "shared_prefix.jsonl")
+    with open(out, "w", encoding="utf-8") as f:
+        for i, messages in enumerate(rows):
+            system, *rest = messages
+            tagged = {**system, "content": f"Branch office number {i % groups}. " + system["content"]}
+            f.write(json.dumps({"id": i, "messages": [tagged, *rest]}) + "\n")
+    return out
 
 
 def shared_prefix(args: argparse.Namespace) -> dict:
@@ -119,15 +150,15 @@ def shared_prefix(args: argparse.Namespace) -> dict:
         ("prefix-aware", 2, 1, "prefix-aware"),
     ]
     rows = []
+    prompts = _grouped_prompts(args.groups, ROOT / "results" / ".routing-prompts.jsonl") if args.groups > 1 else None
     for label, workers, threads, policy in runs:
-        fleet = Fleet(workers, threads, "--policy", policy)
+        # The single worker gets the whole fleet's cores and KV memory: the hit rate one cache of that size gets.
+        kv = args.kv_cache_mb * (2 if workers == 1 else 1)
+        fleet = Fleet(workers, threads, "--policy", policy, kv_cache_mb=kv)
         try:
             tmp = ROOT / "results" / f".routing-{policy}-{workers}.json"
-            result = asyncio.run(
-                http_bench.run_async(
-                    _bench_args(fleet.url, "shared-prefix", args.concurrency, args.requests, tmp), log=lambda _: None
-                )
-            )
+            bench = _bench_args(fleet.url, "shared-prefix", args.concurrency, args.requests, tmp, prompts)
+            result = asyncio.run(http_bench.run_async(bench, log=lambda _: None))
             tmp.unlink(missing_ok=True)
             row = result["rows"][0]
             routing = httpx.get(fleet.url + "/admin/routing", timeout=10).json()
@@ -136,6 +167,7 @@ def shared_prefix(args: argparse.Namespace) -> dict:
                     "run": label,
                     "workers": workers,
                     "threads_per_worker": threads,
+                    "kv_cache_mb_per_worker": kv,
                     "policy": policy,
                     "completed": row["completed"],
                     "requests": row["requests"],
@@ -156,7 +188,16 @@ def shared_prefix(args: argparse.Namespace) -> dict:
         else None,
         "ttft_p50_speedup_vs_round_robin": rr["ttft_p50_s"] / pa["ttft_p50_s"] if pa["ttft_p50_s"] else None,
     }
-    return {"rows": rows, "summary": summary, "goals": {"hit_rate_vs_one_worker": 0.9, "ttft_p50_speedup": 2.0}}
+    if prompts:
+        prompts.unlink(missing_ok=True)
+    return {
+        "groups": args.groups,
+        "kv_cache_mb_per_worker": args.kv_cache_mb,
+        "concurrency": args.concurrency,
+        "rows": rows,
+        "summary": summary,
+        "goals": {"hit_rate_vs_one_worker": 0.9, "ttft_p50_speedup": 2.0},
+    }
 
 
 async def _streams(url: str, prompts: list[list[dict]], max_tokens: int) -> list[dict]:
@@ -229,6 +270,8 @@ def main() -> int:
     sp = sub.add_parser("shared-prefix", help="round-robin vs prefix-aware on 2 workers, and one worker alone")
     sp.add_argument("--concurrency", type=int, default=8)
     sp.add_argument("--requests", type=int, default=64)
+    sp.add_argument("--groups", type=int, default=1, help="distinct system prompts (default 1: the data as it is)")
+    sp.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker (default 512)")
     fo = sub.add_parser("failover", help="32 streams, one of 2 workers killed 2 s in")
     fo.add_argument("--streams", type=int, default=32)
     fo.add_argument("--max-tokens", type=int, default=64)
@@ -242,7 +285,8 @@ def main() -> int:
         "command": "python benchmarks/routing.py " + " ".join(sys.argv[1:]),
         **result,
     }
-    out = ROOT / "results" / f"routing-{args.scenario}.json"
+    suffix = f"-{args.groups}-groups" if getattr(args, "groups", 1) > 1 else ""
+    out = ROOT / "results" / f"routing-{args.scenario}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
     print(f"results: {out}")

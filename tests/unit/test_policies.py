@@ -547,3 +547,25 @@ def test_policies_reject_bad_settings():
         make_policy("kv-aware", full_threshold=1.5)
     with pytest.raises(ValueError):
         make_policy("prefix-aware", min_match_blocks=0)
+
+
+def test_prefix_aware_a_newer_heartbeat_overrules_the_routing_history():
+    clock = Clock()
+    workers = fleet(2)
+    policy = PrefixAwarePolicy(history_ttl_s=60, report_grace_s=2, clock=clock)
+    first = dispatch(policy, workers, request(prompt(5)))
+    first.in_flight = 0
+    # A heartbeat within the grace period that does not list the blocks yet: the history still counts.
+    first.hashes_reported_at = clock.now + 1
+    req = request(prompt(5))
+    assert policy.pick(workers, req) is first and req.predicted_cached_tokens == 64
+    # A later heartbeat still without them: the worker evicted the prefix; the history no longer counts.
+    clock.now += 10
+    first.hashes_reported_at = clock.now
+    req = request(prompt(5))
+    policy.pick(workers, req)
+    assert req.predicted_cached_tokens == 0
+    # Blocks the heartbeat does report count, however old the history.
+    first.block_hashes = set(request(prompt(5)).block_hashes(16))
+    req = request(prompt(5))
+    assert policy.pick(workers, req) is first and req.predicted_cached_tokens == 64

@@ -50,13 +50,20 @@ class GatewayState:
     tasks: set[asyncio.Task] = field(default_factory=set)
 
 
-def _error(exc: BaseException) -> JSONResponse:
+def _error_payload(exc: BaseException) -> tuple[int, dict]:
     if isinstance(exc, UpstreamError):
-        status, body = 502, responses.error_body(str(exc), "server_error", None, "worker_failed")
-    else:
-        status, body = responses.error_for(exc)
+        return 502, responses.error_body(str(exc), "server_error", None, "worker_failed")
+    return responses.error_for(exc)
+
+
+def _error(exc: BaseException) -> JSONResponse:
+    status, body = _error_payload(exc)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _not_found(message: str) -> JSONResponse:
+    return JSONResponse(responses.error_body(message, "invalid_request_error", "request_id", "not_found"), 404)
 
 
 async def _json_body(request: Request) -> Any:
@@ -186,15 +193,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def request_trace(request_id: str):
         trace = state.traces.get(request_id)
         if trace is None:
-            return JSONResponse(
-                responses.error_body(
-                    f"No trace for request '{request_id}' (only recent requests are kept).",
-                    "invalid_request_error",
-                    "request_id",
-                    "not_found",
-                ),
-                status_code=404,
-            )
+            return _not_found(f"No trace for request '{request_id}' (only recent requests are kept).")
         return trace.to_json()
 
     @app.get("/admin/routing")
@@ -287,13 +286,16 @@ def create_app(state: GatewayState) -> FastAPI:
         async def body() -> AsyncIterator[bytes]:
             if chat:  # a chat stream opens with the assistant role; a completion stream has no such chunk
                 yield responses.sse(stream.first_chunk())
-            async for ev in all_events(first, events):
-                chunk = stream.delta(ev.text, ev.logprobs or None)
-                if chunk is not None:
-                    yield responses.sse(chunk)
-                if ev.finish_reason:
-                    for c in stream.final(ev.finish_reason, ev.usage):
-                        yield responses.sse(c)
+            try:
+                async for ev in all_events(first, events):
+                    chunk = stream.delta(ev.text, ev.logprobs or None)
+                    if chunk is not None:
+                        yield responses.sse(chunk)
+                    if ev.finish_reason:
+                        for c in stream.final(ev.finish_reason, ev.usage):
+                            yield responses.sse(c)
+            except FleetServeError as exc:  # failed mid-stream, retries spent: say so in the stream
+                yield responses.sse(_error_payload(exc)[1])
             yield responses.SSE_DONE
 
         return stream_response(body(), "text/event-stream", rid)
@@ -391,9 +393,8 @@ def create_app(state: GatewayState) -> FastAPI:
                 job["result"] = responses.chat_completion(req.model, rid, text, finish, usage)
                 job["status"] = "completed"
             except FleetServeError as exc:
-                status, err = (502, None) if isinstance(exc, UpstreamError) else responses.error_for(exc)
                 job["status"] = "failed"
-                job["error"] = (err or responses.error_body(str(exc), "server_error"))["error"]
+                job["error"] = _error_payload(exc)[1]["error"]
 
         task = asyncio.create_task(run())
         state.tasks.add(task)
@@ -404,12 +405,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def poll(request_id: str):
         job = state.jobs.get(request_id)
         if job is None:
-            return JSONResponse(
-                responses.error_body(
-                    f"No request with id '{request_id}'.", "invalid_request_error", "request_id", "not_found"
-                ),
-                status_code=404,
-            )
+            return _not_found(f"No request with id '{request_id}'.")
         return job
 
     @app.get("/favicon.ico", include_in_schema=False)

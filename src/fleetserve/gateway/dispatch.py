@@ -118,7 +118,10 @@ class Dispatcher:
             )
             produced = 0
             try:
-                call = worker.stub.Generate(request, metadata=(("x-request-id", request_id),))
+                stub = worker.stub
+                if stub is None:  # declared dead between admission and now
+                    raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
+                call = stub.Generate(request, metadata=(("x-request-id", request_id),))
                 try:
                     async for chunk in call:
                         if produced == 0 and cached_tokens is None:

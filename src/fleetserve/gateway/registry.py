@@ -64,6 +64,8 @@ class WorkerRecord:
     """KV tokens admission has reserved on this worker for its in-flight requests."""
     block_hashes: set[int] = field(default_factory=set)
     """Prefix-cache block hashes the worker reported holding (kept current by heartbeat deltas)."""
+    hashes_reported_at: float = 0.0
+    """When the last heartbeat carrying block hashes arrived (registry clock); 0: never."""
     consecutive_failures: int = 0
     failed_probes: int = 0
     suspect_reason: str = ""
@@ -168,6 +170,7 @@ class WorkerRegistry:
         record.recent_first_token_s = report.recent_first_token_s
         record.recent_inter_token_s = report.recent_inter_token_s
         if report.HasField("block_hashes"):
+            record.hashes_reported_at = record.last_heartbeat
             delta = report.block_hashes
             if delta.reset:
                 record.block_hashes = set(delta.added)

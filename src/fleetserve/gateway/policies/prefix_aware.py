@@ -56,6 +56,7 @@ class PrefixAwarePolicy(Policy):
         balance_rel: float = 1.5,
         full_threshold: float = 0.95,
         history_ttl_s: float = 60.0,
+        report_grace_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if min_match_blocks < 1:
@@ -71,6 +72,7 @@ class PrefixAwarePolicy(Policy):
         self.balance_rel = balance_rel
         self.full_threshold = full_threshold
         self.history_ttl_s = history_ttl_s
+        self.report_grace_s = report_grace_s
         self.clock = clock
         self._ties = TieBreaker()
         self._history: dict[str, OrderedDict[int, float]] = {}
@@ -130,10 +132,16 @@ class PrefixAwarePolicy(Policy):
         """Leading blocks of the prompt the worker is believed to hold (reported, or recently sent there)."""
         history = self._live_history(worker.worker_id) or {}
         reported = worker.block_hashes
+        # Once a heartbeat newer than a routing entry (by the grace a prefill and a report take) leaves a block
+        # out, the worker no longer holds it: the report wins over the gateway's memory of what it sent.
+        reported_at = worker.hashes_reported_at
+        stale_before = reported_at - self.report_grace_s if reported_at else float("-inf")
         matched = 0
         for h in request.block_hashes(_block_size(worker)):
-            if h not in reported and h not in history:
-                break
+            if h not in reported:
+                sent = history.get(h)
+                if sent is None or sent < stale_before:
+                    break
             matched += 1
         return matched
 
@@ -178,6 +186,7 @@ class PrefixAwarePolicy(Policy):
             "balance_rel": self.balance_rel,
             "full_threshold": self.full_threshold,
             "history_ttl_s": self.history_ttl_s,
+            "report_grace_s": self.report_grace_s,
             "picks": self.picks,
             "cache_hits": self.cache_hits,
             "load_guard_fallbacks": self.load_guard_fallbacks,
