@@ -127,3 +127,22 @@ def test_queue_timeout_answers_instead_of_waiting_forever():
         held.release()
 
     run(main())
+
+
+def test_prompt_blocks_a_worker_holds_are_not_reserved_again():
+    async def main():
+        reg, policy = fleet(64, kv_blocks=8)  # 128 tokens of KV
+        adm = Admission(reg, lambda m: policy)
+        w = next(iter(reg.workers.values()))
+        prompt = list(range(100))  # 6 full blocks
+        route = RouteRequest("m", "r", prompt)
+        assert adm.reservation(w, route, 110) == 110
+        w.block_hashes = set(route.block_hashes(16)[:4])  # the worker reported the first 4 blocks cached
+        assert adm.reservation(w, route, 110) == 110 - 64
+        leases = [await adm.acquire("m", RouteRequest("m", f"r{i}", prompt), 110) for i in range(2)]
+        assert w.reserved_tokens == 2 * 46  # two fit where, counted in full, only one would
+        for lease in leases:
+            lease.release()
+        assert w.reserved_tokens == 0
+
+    run(main())

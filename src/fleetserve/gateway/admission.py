@@ -4,7 +4,8 @@ The gateway knows each healthy worker's capacity: how many sequences its engine 
 (``max_num_seqs``) and how many tokens its KV cache holds. Each admitted request holds a lease on one worker: a
 sequence slot and a KV reservation of its prompt plus up to ``output_reserve_tokens`` of output (reserving the
 whole ``max_tokens`` would leave most of the cache idle, since few answers run to their limit; the engine
-preempts if it is wrong). A request that finds no room waits in its model's queue, ordered by priority
+preempts if it is wrong), less the prompt blocks the worker reported holding in its prefix cache (shared blocks
+are not allocated again, so requests on a common prefix do not crowd each other out). A request that finds no room waits in its model's queue, ordered by priority
 (smaller first) and then arrival; when the queue is full the answer is 503 with Retry-After at once. Queued
 requests are placed as leases end, workers join or heartbeats report free room. A request already accepted
 (a retry, or a stream resuming after its worker died) skips the queue's bound: it is never turned away.
@@ -185,8 +186,22 @@ class Admission:
                 heapq.heappop(queue)
                 head.future.set_result(lease)
 
+    @staticmethod
+    def reservation(worker: WorkerRecord, route: RouteRequest, tokens: int) -> int:
+        """KV tokens the request would add on ``worker``: ``tokens`` less the prompt blocks the worker reported
+        holding in its prefix cache (those are shared, not allocated again), at least one block."""
+        block_size = worker.info.block_size or 16
+        shared = 0
+        if worker.block_hashes:
+            for h in route.block_hashes(block_size):
+                if h not in worker.block_hashes:
+                    break
+                shared += block_size
+        return max(tokens - shared, block_size)
+
     def _place(self, model: str, route: RouteRequest, tokens: int, avoid: frozenset[str]) -> Lease | None:
-        roomy = [w for w in self.registry.routable(model) if self.has_room(w, tokens)]
+        need = {w.worker_id: self.reservation(w, route, tokens) for w in self.registry.routable(model)}
+        roomy = [w for w in self.registry.routable(model) if self.has_room(w, need[w.worker_id])]
         preferred = [w for w in roomy if w.worker_id not in avoid] or roomy
         if not preferred:
             return None
@@ -194,10 +209,11 @@ class Admission:
         worker = policy.pick(preferred, route)
         if worker is None:
             return None
+        reserved = need[worker.worker_id]
         worker.in_flight += 1
-        worker.reserved_tokens += tokens
+        worker.reserved_tokens += reserved
         policy.on_dispatch(worker, route)
-        return Lease(worker, tokens, _admission=self)
+        return Lease(worker, reserved, _admission=self)
 
     def _release(self, lease: Lease) -> None:
         worker = lease.worker
