@@ -220,7 +220,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         heartbeat_timeout_s=args.heartbeat_timeout,
         preprocess_workers=args.preprocess_workers,
         default_max_tokens=args.default_max_tokens,
-        policy=args.policy,
+        policy=_checked_policy(args.policy),
         models=_model_registry(args.models),
         state_db=args.state_db or "",
         failure_threshold=args.failure_threshold,
@@ -234,17 +234,35 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return asyncio.run(run_gateway(opts))
 
 
+def _checked_policy(name: str | None) -> str | None:
+    from fleetserve.errors import InvalidRequestError
+    from fleetserve.gateway.policies import make_policy
+
+    if name is not None:
+        try:
+            make_policy(name)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "policy") from None
+    return name
+
+
 def _model_registry(source):
     """The model registry from --models (a JSON or YAML file) or a config file's `models` entry."""
     from fleetserve.errors import InvalidRequestError
     from fleetserve.gateway.models import ModelRegistry
+    from fleetserve.gateway.policies import make_policy
 
     try:
         if source is None:
             return ModelRegistry()
-        if isinstance(source, str):
-            return ModelRegistry.load(source)
-        return ModelRegistry.from_config(source)
+        registry = ModelRegistry.load(source) if isinstance(source, str) else ModelRegistry.from_config(source)
+        for name in registry.names():  # a wrong policy name or option stops the gateway now, not at a request
+            policy, options = registry.policy_for(name)
+            try:
+                make_policy(policy, **options)
+            except ValueError as exc:
+                raise ValueError(f"model {name!r}: {exc}") from None
+        return registry
     except (OSError, ValueError) as exc:
         raise InvalidRequestError(f"bad model configuration: {exc}", "models") from None
 

@@ -57,4 +57,10 @@ def test_demo_config_is_valid():
     demo = Path(__file__).resolve().parents[2] / "examples" / "demo_config.yaml"
     args = parse(["up", "--config", str(demo)])
     assert args.workers == 2 and args.kv_cache_mb == 256
-    assert parse(["gateway", "--config", str(demo)]).heartbeat_timeout == 5.0
+    gateway = parse(["gateway", "--config", str(demo)])
+    assert gateway.heartbeat_timeout == 5.0 and gateway.max_queue == 256
+
+    from fleetserve.cli import _model_registry
+
+    spec = _model_registry(gateway.models).get("smollm2-135m-instruct")
+    assert spec.temperature == 0.7 and spec.max_tokens == 512 and spec.policy == "prefix-aware"

@@ -61,7 +61,7 @@ def __getattr__(name: str):
 def policy_options(name: str) -> list[str]:
     """The option names the policy's constructor takes."""
     parameters = inspect.signature(_registry()[name].__init__).parameters
-    return [p for p in parameters if p != "self"]
+    return [p for p in parameters if p not in ("self", "clock")]  # the clock is for tests, not configuration
 
 
 def make_policy(name: str, **options) -> Policy:
