@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import sys
 import time
 
 from fleetserve import __version__
 from fleetserve.errors import FleetServeError
+from fleetserve.telemetry.logs import configure_logging
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
@@ -305,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetserve", description="A distributed LLM serving engine.")
     parser.add_argument("--version", action="version", version=f"fleetserve {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR (default: WARNING)")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="log lines as text or one JSON object each; both carry the request id (default: text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text from a prompt with an in-process engine")
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             args.args = ["--help"]
         return cmd_bench(args)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         args = apply_config(parser, args, argv)
         return args.func(args)

@@ -81,6 +81,8 @@ def test_kill_9_mid_stream_every_stream_completes_with_identical_text(model_dir)
             assert first["worker"] == "worker-0" and first["outcome"] == "failed_over" and first["tokens"] > 0
             assert second["worker"] == "worker-1" and second["outcome"] == "finished"
             assert second["resumed_tokens"] == first["tokens"]
+            dispatches = [s for s in t["spans"] if s["name"] == "dispatch"]
+            assert [d["attributes"]["outcome"] for d in dispatches][:2] == ["failed_over", "finished"]
         assert _routing(fleet)["failovers"] == len(resumed)
     finally:
         fleet.stop()

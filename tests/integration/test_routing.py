@@ -84,3 +84,38 @@ def test_cold_prompts_are_spread_over_both_workers(fleet):
         assert r.status_code == 200
         seen.update(workers_of(fleet, r.json()))
     assert len(seen) == 2
+
+
+def test_a_streamed_request_keeps_its_id_and_its_trace_has_the_spans_in_order(fleet):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 6,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", fleet.url + "/v1/chat/completions", json=body, headers={"X-Request-Id": "trace-me-1"}, timeout=60
+    ) as r:
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-1"
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    trace = httpx.get(fleet.url + "/v1/requests/trace-me-1/trace", timeout=10).json()
+    spans = trace["spans"]
+    names = [s["name"] for s in spans]
+    order = ["receive", "preprocess", "queue", "prefill", "first_token", "decode", "postprocess", "finish"]
+    assert [n for n in names if n in order] == order, names
+    assert names.count("dispatch") == 1
+    assert all(s["duration"] >= 0 and s["start"] >= 0 for s in spans)
+    starts = [s["start"] for s in spans]
+    assert starts == sorted(starts)
+    dispatch = next(s for s in spans if s["name"] == "dispatch")
+    assert dispatch["attributes"]["outcome"] == "finished" and dispatch["attributes"]["tokens"] >= 1
+    # A reused X-Request-Id does not collide on the worker: both requests run.
+    for _ in range(2):
+        again = httpx.post(
+            fleet.url + "/v1/chat/completions",
+            json={**body, "stream": False},
+            headers={"X-Request-Id": "trace-me-1"},
+            timeout=60,
+        )
+        assert again.status_code == 200

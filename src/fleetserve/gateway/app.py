@@ -26,7 +26,7 @@ from fleetserve.gateway.registry import WorkerRegistry, WorkerState
 from fleetserve.gateway.streaming import SlowClientStreamingResponse
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
-from fleetserve.telemetry.tracing import TraceStore
+from fleetserve.telemetry.tracing import Trace, TraceStore, request_id_var
 from fleetserve.text.tokenizer import Tokenizer
 
 RETRY_AFTER_S = "1"
@@ -81,6 +81,7 @@ def create_app(state: GatewayState) -> FastAPI:
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
+        request.state.arrived = time.monotonic()
         if keys and request.url.path != "/health":
             header = request.headers.get("authorization", "")
             if not (header.startswith("Bearer ") and header[7:].strip() in keys):
@@ -96,6 +97,22 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.exception_handler(FleetServeError)
     async def fleet_error(request: Request, exc: FleetServeError):
         return _error(exc)
+
+    def begin(request: Request, model: str, body_id: str) -> tuple[str, Trace]:
+        """The request's id (its X-Request-Id when it sent a usable one, else the answer's id) and its trace,
+        which starts at the request's arrival with the receive span (reading and parsing the body)."""
+        given = request.headers.get("x-request-id", "")
+        rid = given if 0 < len(given) <= 128 and given.isprintable() else body_id
+        request_id_var.set(rid)
+        trace = state.traces.start(rid, model, arrived=getattr(request.state, "arrived", None))
+        trace.add_span("receive", 0.0)
+        return rid, trace
+
+    async def preprocess(trace: Trace, encoding) -> list[int]:
+        start = trace.elapsed()
+        prompt = await encoding
+        trace.add_span("preprocess", start, prompt_tokens=len(prompt))
+        return prompt
 
     def tokenizer_for(model: str) -> Tokenizer:
         tok = state.tokenizers.get(model)
@@ -229,10 +246,16 @@ def create_app(state: GatewayState) -> FastAPI:
     # -- OpenAI ---------------------------------------------------------------------------------------------
 
     async def start(
-        model: str, request_id: str, prompt: list[int], params, stops, priority: int, affinity_key: str | None = None
+        model: str,
+        request_id: str,
+        prompt: list[int],
+        params,
+        stops,
+        priority: int,
+        trace: Trace,
+        affinity_key: str | None = None,
     ):
         """Begin generating; errors before the first event surface as HTTP errors, not as a broken stream."""
-        trace = state.traces.start(request_id, model)
         events = generate_text(
             state.dispatcher,
             tokenizer_for(model),
@@ -269,19 +292,26 @@ def create_app(state: GatewayState) -> FastAPI:
             last = ev
         return text, lps, (last.finish_reason if last else "stop"), (last.usage if last else Usage())
 
-    async def respond(req, tok: Tokenizer, prompt: list[int], rid: str, chat: bool, session: str | None):
-        """Run one OpenAI request; a JSON body, or an SSE stream when it asked for one."""
+    async def respond(
+        req, tok: Tokenizer, prompt: list[int], rid: str, cid: str, trace: Trace, chat: bool, session: str | None
+    ):
+        """Run one OpenAI request (``rid`` its request id, ``cid`` the answer's id); a JSON body, or an SSE stream
+        when it asked for one."""
         params = sampling_for(req, len(prompt))
         want_lp = params.logprobs
         text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
         affinity = req.user or session
-        first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority, affinity)
+        stops = schema.stop_strings(req)
+        first, events = await start(req.model, rid, prompt, params, stops, req.priority, trace, affinity)
         if not req.stream:
             text, lps, finish, usage = await collect(first, events)
             build = responses.chat_completion if chat else responses.completion
-            return build(req.model, rid, text, finish, usage, logprobs=want_lp, token_logprobs=lps, token_text=text_of)
+            answer = build(
+                req.model, cid, text, finish, usage, logprobs=want_lp, token_logprobs=lps, token_text=text_of
+            )
+            return JSONResponse(answer, headers={"X-Request-Id": rid})
         stream_cls = responses.ChatStream if chat else responses.CompletionStream
-        stream = stream_cls(req.model, rid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of)
+        stream = stream_cls(req.model, cid, include_usage=req.include_usage, logprobs=want_lp, token_text=text_of)
 
         async def body() -> AsyncIterator[bytes]:
             if chat:  # a chat stream opens with the assistant role; a completion stream has no such chunk
@@ -303,22 +333,29 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = schema.parse_request(schema.ChatCompletionRequest, await _json_body(request))
+        cid = responses.new_chat_id()
+        rid, trace = begin(request, req.model, cid)
         tok = tokenizer_for(req.model)
-        prompt = await encode_chat(req.model, tok, req.message_dicts())
+        prompt = await preprocess(trace, encode_chat(req.model, tok, req.message_dicts()))
         session = request.headers.get("x-session-id")
-        return await respond(req, tok, prompt, responses.new_chat_id(), chat=True, session=session)
+        return await respond(req, tok, prompt, rid, cid, trace, chat=True, session=session)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = schema.parse_request(schema.CompletionRequest, await _json_body(request))
+        cid = responses.new_completion_id()
+        rid, trace = begin(request, req.model, cid)
         tok = tokenizer_for(req.model)
-        prompt = list(req.prompt) if isinstance(req.prompt, list) else await encode(req.model, tok, req.prompt)
+        if isinstance(req.prompt, list):
+            prompt = list(req.prompt)
+        else:
+            prompt = await preprocess(trace, encode(req.model, tok, req.prompt))
         session = request.headers.get("x-session-id")
-        return await respond(req, tok, prompt, responses.new_completion_id(), chat=False, session=session)
+        return await respond(req, tok, prompt, rid, cid, trace, chat=False, session=session)
 
     # -- the original briefs' routes ------------------------------------------------------------------------
 
-    async def simple_chat(model: str, content: str, max_tokens: int | None):
+    async def simple_chat(request: Request, model: str, content: str, max_tokens: int | None):
         tok = tokenizer_for(model)
         req = schema.parse_request(
             schema.ChatCompletionRequest,
@@ -329,9 +366,9 @@ def create_app(state: GatewayState) -> FastAPI:
                 "temperature": 0,
             },
         )
-        prompt = await encode_chat(req.model, tok, req.message_dicts())
-        rid = uuid.uuid4().hex
-        return rid, *await start(model, rid, prompt, sampling_for(req, len(prompt)), [], 0)
+        rid, trace = begin(request, model, uuid.uuid4().hex)
+        prompt = await preprocess(trace, encode_chat(req.model, tok, req.message_dicts()))
+        return rid, *await start(model, rid, prompt, sampling_for(req, len(prompt)), [], 0, trace)
 
     @app.post("/v1/chat/{model}")
     async def plain_chat(model: str, request: Request):
@@ -339,7 +376,7 @@ def create_app(state: GatewayState) -> FastAPI:
         content = (await request.body()).decode("utf-8", errors="replace").strip()
         if not content:
             raise InvalidRequestError("The request body must be the prompt as plain text.", "body")
-        rid, first, events = await simple_chat(model, content, None)
+        rid, first, events = await simple_chat(request, model, content, None)
 
         async def body() -> AsyncIterator[bytes]:
             async for ev in all_events(first, events):
@@ -357,7 +394,7 @@ def create_app(state: GatewayState) -> FastAPI:
         missing = [k for k in ("prompt", "model") if not body.get(k)]
         if missing:
             raise InvalidRequestError(f"Missing required field(s): {', '.join(missing)}.", missing[0])
-        rid, first, events = await simple_chat(str(body["model"]), str(body["prompt"]), body.get("max_tokens"))
+        rid, first, events = await simple_chat(request, str(body["model"]), str(body["prompt"]), body.get("max_tokens"))
 
         async def stream() -> AsyncIterator[bytes]:
             try:
@@ -377,9 +414,9 @@ def create_app(state: GatewayState) -> FastAPI:
             schema.ChatCompletionRequest, {**body, "stream": False} if isinstance(body, dict) else body
         )
         tok = tokenizer_for(req.model)
-        prompt = await encode_chat(req.model, tok, req.message_dicts())
+        rid, trace = begin(request, req.model, responses.new_chat_id())
+        prompt = await preprocess(trace, encode_chat(req.model, tok, req.message_dicts()))
         params = sampling_for(req, len(prompt))
-        rid = responses.new_chat_id()
         job = {"request_id": rid, "status": "queued", "created": int(time.time()), "model": req.model}
         state.jobs[rid] = job
         while len(state.jobs) > POLL_KEEP:
@@ -387,7 +424,9 @@ def create_app(state: GatewayState) -> FastAPI:
 
         async def run() -> None:
             try:
-                first, events = await start(req.model, rid, prompt, params, schema.stop_strings(req), req.priority)
+                first, events = await start(
+                    req.model, rid, prompt, params, schema.stop_strings(req), req.priority, trace
+                )
                 job["status"] = "running"
                 text, _, finish, usage = await collect(first, events)
                 job["result"] = responses.chat_completion(req.model, rid, text, finish, usage)

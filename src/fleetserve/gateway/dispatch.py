@@ -15,6 +15,7 @@ the retries are spent the request fails with UpstreamError.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -80,6 +81,8 @@ class Dispatcher:
         """Attempts that failed before their first token and were retried."""
         self.failovers = 0
         """Attempts that failed after tokens were sent and were resumed elsewhere."""
+        self._calls = itertools.count(1)
+        """Makes each call's engine request id unique, even when clients reuse an X-Request-Id."""
 
     async def generate(
         self,
@@ -104,13 +107,15 @@ class Dispatcher:
         cached_tokens: int | None = None
         attempt_no = 0
         while True:
+            queue_start = trace.elapsed() if trace else 0.0
             lease = await self.admission.acquire(model, route, tokens, priority, avoid, accepted=attempt_no > 0)
             worker = lease.worker
-            attempt = (
-                trace.begin_attempt(worker.name, worker.info.address, len(sent), lease.queued_s) if trace else None
-            )
+            attempt = None
+            if trace:
+                trace.add_span("queue", queue_start, attempt=attempt_no + 1)
+                attempt = trace.begin_attempt(worker.name, worker.info.address, len(sent), lease.queued_s)
             request = pb.GenerateRequest(
-                request_id=request_id if attempt_no == 0 else f"{request_id}.{attempt_no}",
+                request_id=f"{request_id}-{next(self._calls)}",
                 prompt_token_ids=prompt,
                 params=proto_params,
                 priority=priority,
@@ -124,6 +129,19 @@ class Dispatcher:
                 call = stub.Generate(request, metadata=(("x-request-id", request_id),))
                 try:
                     async for chunk in call:
+                        if produced == 0 and attempt:
+                            trace.add_span(
+                                "prefill",
+                                attempt.started,
+                                worker=worker.name,
+                                worker_queue_s=round(chunk.queue_s, 6),
+                                worker_first_token_s=round(chunk.first_token_s, 6),
+                                cached_tokens=chunk.num_cached_tokens,
+                                resumed_tokens=len(sent),
+                            )
+                            if not sent:
+                                now = trace.elapsed()
+                                trace.add_span("first_token", now, now)
                         if produced == 0 and cached_tokens is None:
                             cached_tokens = chunk.num_cached_tokens
                             self._record_prediction(model, route.predicted_cached_tokens, cached_tokens)

@@ -7,6 +7,7 @@ stream cancels the call, which aborts the request on the worker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -60,8 +61,13 @@ async def generate_text(
     matcher = StopStringMatcher(stops) if stops else None
     usage = Usage(prompt_tokens=len(prompt))
     stream = dispatcher.generate(model, request_id, prompt, params, priority, affinity_key, trace)
+    first_token_at: float | None = None
+    busy = 0.0  # time spent detokenizing and matching stop strings
     try:
         async for worker, chunk in stream:
+            began = time.monotonic()
+            if first_token_at is None and trace:
+                first_token_at = trace.elapsed()
             usage.completion_tokens = chunk.num_output_tokens
             usage.cached_tokens = chunk.num_cached_tokens
             # "abort" reaches a client only when the worker ended the request itself: report it as a stop
@@ -78,6 +84,12 @@ async def generate_text(
                     stopped = matcher.stopped
             if stopped:
                 finish = "stop"
+            busy += time.monotonic() - began
+            if finish and trace:
+                end = trace.elapsed()
+                trace.add_span("decode", first_token_at or end, end, completion_tokens=usage.completion_tokens)
+                trace.add_span("postprocess", max(0.0, end - busy), end, note="detokenization and stop strings, summed")
+                trace.add_span("finish", end, end, finish_reason=finish)
             yield TextEvent(text, token_ids, convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name)
             if finish:
                 return

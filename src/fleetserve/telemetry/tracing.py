@@ -1,14 +1,47 @@
 """Request traces: what happened to one request, kept for the most recent requests.
 
-A trace records each dispatch attempt (which worker, when, how it ended, how many tokens it produced and how many
-earlier tokens it resumed from), so a request that failed over shows both attempts.
+A trace is a timeline of spans, in seconds since the request arrived: receive (the body read and parsed),
+preprocess (chat template and tokenization), cache_lookup, queue (waiting for admission), dispatch (one per
+attempt: worker and outcome), prefill (dispatch to the first token, with the worker's own queue and prefill
+times), first_token (a point), decode (first to last token), postprocess (detokenization and stop strings,
+summed over the stream) and finish (a point). Dispatch attempts are also listed with their token counts, so a
+request that failed over shows both attempts.
+
+The request id travels with the request: ``request_id_var`` holds it in the gateway's handlers (log lines
+carry it), gRPC metadata (``x-request-id``) takes it to the worker, which sets it there too.
 """
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("fleetserve_request_id", default="")
+"""The id of the request the current task serves ("" outside one)."""
+
+
+@dataclass
+class Span:
+    name: str
+    start: float
+    """Seconds since the trace began."""
+    end: float
+    attributes: dict = field(default_factory=dict)
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "start": round(self.start, 6),
+            "end": round(self.end, 6),
+            "duration": round(self.duration, 6),
+            **({"attributes": self.attributes} if self.attributes else {}),
+        }
 
 
 @dataclass
@@ -39,9 +72,21 @@ class Trace:
     """Wall-clock start (Unix seconds)."""
     _start: float = field(default_factory=time.monotonic, repr=False)
     attempts: list[Attempt] = field(default_factory=list)
+    spans: list[Span] = field(default_factory=list)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._start
+
+    def at(self, monotonic: float) -> float:
+        """A time.monotonic() reading as seconds since the trace began."""
+        return monotonic - self._start
+
+    def add_span(self, name: str, start: float, end: float | None = None, **attributes) -> Span:
+        """A span from ``start`` to ``end`` (seconds since the trace began; ``end`` None: now); a point when
+        they are equal."""
+        span = Span(name, start, self.elapsed() if end is None else end, attributes)
+        self.spans.append(span)
+        return span
 
     def begin_attempt(self, worker: str, address: str, resumed_tokens: int, queued_s: float) -> Attempt:
         attempt = Attempt(worker, address, self.elapsed(), resumed_tokens=resumed_tokens, queued_s=queued_s)
@@ -52,12 +97,17 @@ class Trace:
         attempt.ended = self.elapsed()
         attempt.outcome = outcome
         attempt.detail = detail
+        attributes = {"worker": attempt.worker, "outcome": outcome, "tokens": attempt.tokens}
+        if detail:
+            attributes["detail"] = detail
+        self.add_span("dispatch", attempt.started, attempt.ended, **attributes)
 
     def to_json(self) -> dict:
         return {
             "request_id": self.request_id,
             "model": self.model,
             "created": self.created,
+            "spans": [s.to_json() for s in sorted(self.spans, key=lambda s: (s.start, s.end))],
             "attempts": [asdict(a) for a in self.attempts],
         }
 
@@ -69,8 +119,12 @@ class TraceStore:
         self.capacity = capacity
         self._traces: OrderedDict[str, Trace] = OrderedDict()
 
-    def start(self, request_id: str, model: str) -> Trace:
+    def start(self, request_id: str, model: str, arrived: float | None = None) -> Trace:
+        """A new trace; ``arrived`` (time.monotonic()) backdates its start to when the request came in."""
         trace = Trace(request_id, model)
+        if arrived is not None:
+            trace._start = arrived
+            trace.created -= time.monotonic() - arrived
         self._traces[request_id] = trace
         self._traces.move_to_end(request_id)
         while len(self._traces) > self.capacity:

@@ -20,6 +20,7 @@ from fleetserve.errors import CapacityError, InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.telemetry.tracing import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
         arrived = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
+        # The gateway's request id (several calls of one request share it), for this worker's log lines.
+        metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
+        request_id_var.set(metadata.get("x-request-id") or rid)
         stream = self.engine.generate(
             list(request.prompt_token_ids),
             convert.sampling_from_proto(request.params),
