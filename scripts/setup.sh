@@ -17,6 +17,16 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
+# The tests start a real redis-server (the response cache's shared backend); install it when apt can.
+if [ -n "$extras" ] && ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else sudo="no"; fi
+  if [ "$sudo" != "no" ]; then
+    echo "setup: installing redis-server (apt)" >&2
+    { $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null; } \
+      || echo "setup: could not install redis-server; the Redis tests will be skipped" >&2
+  fi
+fi
+
 stamp=".venv/.fleetserve-setup${extras:+-test}"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $torch_spec"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -192,6 +192,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         gateway=args.gateway,
         token=args.registration_token or "",
         name=args.name,
+        metrics_port=args.metrics_port,
     )
     return asyncio.run(run_worker(opts))
 
@@ -230,6 +231,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         output_reserve_tokens=args.output_reserve_tokens,
         slow_client_timeout_s=args.slow_client_timeout,
         stream_buffer_bytes=args.stream_buffer_kb * 1024,
+        response_cache=args.response_cache or "",
+        response_cache_entries=args.response_cache_entries,
+        response_cache_mb=args.response_cache_mb,
+        response_cache_ttl_s=args.response_cache_ttl,
     )
     return asyncio.run(run_gateway(opts))
 
@@ -340,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--port", type=int, default=0, help="gRPC port (default: 0, a free one)")
     w.add_argument("--advertise", default=None, help="HOST:PORT the gateway should dial (default: host:port)")
     w.add_argument("--name", default=None, help="worker name (default: hostname-port)")
+    w.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this HTTP port at /metrics (0: a free one; default: none)",
+    )
     w.add_argument("--registration-token", default=None, help="the gateway's shared registration secret")
     _engine_options(w)
     _config_option(w)
@@ -404,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="kernel send buffer per client connection in KiB, fixed; 0: the kernel's (default: 256)",
     )
+    c = gw.add_argument_group("response cache (deterministic requests: temperature 0 or a seed)")
+    c.add_argument(
+        "--response-cache",
+        default=None,
+        help="memory, an SQLite file (.sqlite, .db or sqlite:///PATH; survives restarts) or redis://HOST:PORT/DB "
+        "(shared by gateways); default: off",
+    )
+    c.add_argument("--response-cache-entries", type=int, default=10000, help="most entries kept (default: 10000)")
+    c.add_argument("--response-cache-mb", type=int, default=256, help="most MiB kept (default: 256)")
+    c.add_argument("--response-cache-ttl", type=float, default=0.0, help="seconds an entry lives; 0: until evicted")
     _config_option(gw)
     gw.set_defaults(func=cmd_gateway)
 

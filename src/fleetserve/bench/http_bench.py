@@ -622,6 +622,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", type=Path, default=None, help="JSON result file (default benchmarks/results/http-<scenario>.json)"
     )
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="also draw latency and throughput per load level to this PNG"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -852,6 +855,13 @@ async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print
     for line in headline:
         log(line)
     log(f"results: {settings.output}")
+    if getattr(args, "plot", None):
+        from fleetserve.bench.plot import plot_rows
+
+        try:
+            log(f"plot: {plot_rows(rows, args.plot, f'fleetserve HTTP benchmark, {settings.scenario} ({args.model})')}")
+        except (ImportError, ValueError) as exc:
+            raise BenchError(f"cannot plot the results: {exc}") from exc
     return result
 
 

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
+from fleetserve.gateway.answer_cache import AnswerCache, bypassed
 from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.generation import TextEvent, Usage, generate_text
@@ -43,6 +44,8 @@ class GatewayState:
     dispatcher: Dispatcher
     options: Any  # GatewayOptions (kept untyped here to avoid an import cycle with main)
     models: ModelRegistry = field(default_factory=ModelRegistry)
+    answers: AnswerCache | None = None
+    """The response cache for deterministic answers; None when it is off."""
     traces: TraceStore = field(default_factory=TraceStore)
     preprocess: PreprocessPool | None = None
     """Helper processes for templating and tokenization; None tokenizes inline."""
@@ -206,6 +209,21 @@ def create_app(state: GatewayState) -> FastAPI:
             )
         return {"object": "list", "data": data}
 
+    metrics = state.dispatcher.metrics
+    metrics.set_worker_source(lambda: list(state.registry.workers.values()))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        """Prometheus text format: the gateway's own metrics and per-worker gauges from the heartbeats."""
+        running: dict[str, int] = {}
+        for w in state.registry.workers.values():
+            running[w.info.model] = running.get(w.info.model, 0) + w.in_flight
+        for model in set(running) | set(state.registry.models()):
+            metrics.requests_running.labels(model=model).set(running.get(model, 0))
+            metrics.requests_waiting.labels(model=model).set(state.dispatcher.admission.queued(model))
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/requests/{request_id}/trace")
     async def request_trace(request_id: str):
         trace = state.traces.get(request_id)
@@ -292,17 +310,26 @@ def create_app(state: GatewayState) -> FastAPI:
             last = ev
         return text, lps, (last.finish_reason if last else "stop"), (last.usage if last else Usage())
 
-    async def respond(
-        req, tok: Tokenizer, prompt: list[int], rid: str, cid: str, trace: Trace, chat: bool, session: str | None
-    ):
+    async def respond(req, tok: Tokenizer, prompt: list[int], rid: str, cid: str, trace: Trace, chat: bool, request):
         """Run one OpenAI request (``rid`` its request id, ``cid`` the answer's id); a JSON body, or an SSE stream
-        when it asked for one."""
+        when it asked for one. Deterministic requests may be answered from the response cache."""
         params = sampling_for(req, len(prompt))
         want_lp = params.logprobs
         text_of = (lambda t: tok.decode([t], skip_special_tokens=False)) if want_lp is not None else None
-        affinity = req.user or session
+        affinity = req.user or request.headers.get("x-session-id")
         stops = schema.stop_strings(req)
-        first, events = await start(req.model, rid, prompt, params, stops, req.priority, trace, affinity)
+        key = None
+        if state.answers is not None and not bypassed(request.headers.get("cache-control")):
+            spec = state.models.get(req.model)
+            version = spec.version if spec is not None else ""
+            key = state.answers.key_for(req.model, version, prompt, params, stops, "chat" if chat else "completion")
+        cached = await state.answers.lookup(key, req.model, trace) if key else None
+        if cached is not None:
+            first, events = None, state.answers.replay(cached)
+        else:
+            first, events = await start(req.model, rid, prompt, params, stops, req.priority, trace, affinity)
+            if key:
+                first, events = None, state.answers.recording(key, all_events(first, events))
         if not req.stream:
             text, lps, finish, usage = await collect(first, events)
             build = responses.chat_completion if chat else responses.completion
@@ -337,8 +364,7 @@ def create_app(state: GatewayState) -> FastAPI:
         rid, trace = begin(request, req.model, cid)
         tok = tokenizer_for(req.model)
         prompt = await preprocess(trace, encode_chat(req.model, tok, req.message_dicts()))
-        session = request.headers.get("x-session-id")
-        return await respond(req, tok, prompt, rid, cid, trace, chat=True, session=session)
+        return await respond(req, tok, prompt, rid, cid, trace, True, request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -350,8 +376,7 @@ def create_app(state: GatewayState) -> FastAPI:
             prompt = list(req.prompt)
         else:
             prompt = await preprocess(trace, encode(req.model, tok, req.prompt))
-        session = request.headers.get("x-session-id")
-        return await respond(req, tok, prompt, rid, cid, trace, chat=False, session=session)
+        return await respond(req, tok, prompt, rid, cid, trace, False, request)
 
     # -- the original briefs' routes ------------------------------------------------------------------------
 

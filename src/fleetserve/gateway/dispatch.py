@@ -31,6 +31,7 @@ from fleetserve.gateway.policies.base import RouteRequest
 from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.tracing import Trace
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,10 @@ class Dispatcher:
         balancer: Balancer,
         admission: Admission,
         retry: RetryPolicy | None = None,
+        metrics: GatewayMetrics | None = None,
     ):
         self.registry = registry
+        self.metrics = metrics or GatewayMetrics()
         self.balancer = balancer
         self.admission = admission
         self.retry = retry or RetryPolicy()
@@ -110,6 +113,8 @@ class Dispatcher:
             queue_start = trace.elapsed() if trace else 0.0
             lease = await self.admission.acquire(model, route, tokens, priority, avoid, accepted=attempt_no > 0)
             worker = lease.worker
+            if attempt_no == 0:
+                self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
             attempt = None
             if trace:
                 trace.add_span("queue", queue_start, attempt=attempt_no + 1)
@@ -178,9 +183,11 @@ class Dispatcher:
                     raise UpstreamError(f"{detail} (after {attempt_no} attempts)") from None
                 if sent:
                     self.failovers += 1
+                    self.metrics.failovers_total.labels(model=model).inc()
                     log.warning("request %s: %s after %d tokens; resuming elsewhere", request_id, detail, len(sent))
                 else:
                     self.retries += 1
+                    self.metrics.retries_total.labels(model=model).inc()
                     log.warning("request %s: %s before its first token; retrying", request_id, detail)
                 avoid.add(worker.worker_id)
                 await asyncio.sleep(self.retry.delay(attempt_no))
@@ -208,6 +215,8 @@ class Dispatcher:
         return UpstreamError(f"worker {worker.name} failed: {code.name}: {details}")
 
     def _record_prediction(self, model: str, predicted: int, actual: int) -> None:
+        self.metrics.prefix_cache_predicted_tokens_total.labels(model=model).inc(predicted)
+        self.metrics.prefix_cache_hit_tokens_total.labels(model=model).inc(actual)
         policy = self.balancer.policy(model)
         record = getattr(policy, "record_actual", None)
         if record is not None:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fleetserve.engine.request import SamplingParams, TokenLogprob
+from fleetserve.errors import CapacityError
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.protocol import convert
 from fleetserve.telemetry.tracing import Trace
@@ -61,13 +62,21 @@ async def generate_text(
     matcher = StopStringMatcher(stops) if stops else None
     usage = Usage(prompt_tokens=len(prompt))
     stream = dispatcher.generate(model, request_id, prompt, params, priority, affinity_key, trace)
+    metrics = dispatcher.metrics
+    arrived = time.monotonic() - (trace.elapsed() if trace else 0.0)
     first_token_at: float | None = None
+    last_chunk_at = arrived
     busy = 0.0  # time spent detokenizing and matching stop strings
+    outcome = "cancelled"
     try:
         async for worker, chunk in stream:
             began = time.monotonic()
-            if first_token_at is None and trace:
-                first_token_at = trace.elapsed()
+            if first_token_at is None:
+                first_token_at = began - arrived
+                metrics.time_to_first_token_seconds.labels(model=model).observe(first_token_at)
+            elif chunk.token_ids:
+                metrics.inter_token_latency_seconds.labels(model=model).observe(began - last_chunk_at)
+            last_chunk_at = began
             usage.completion_tokens = chunk.num_output_tokens
             usage.cached_tokens = chunk.num_cached_tokens
             # "abort" reaches a client only when the worker ended the request itself: report it as a stop
@@ -85,13 +94,26 @@ async def generate_text(
             if stopped:
                 finish = "stop"
             busy += time.monotonic() - began
-            if finish and trace:
-                end = trace.elapsed()
-                trace.add_span("decode", first_token_at or end, end, completion_tokens=usage.completion_tokens)
-                trace.add_span("postprocess", max(0.0, end - busy), end, note="detokenization and stop strings, summed")
-                trace.add_span("finish", end, end, finish_reason=finish)
+            if finish:
+                outcome = "ok"
+                end = time.monotonic() - arrived
+                metrics.e2e_request_latency_seconds.labels(model=model).observe(end)
+                metrics.prompt_tokens_total.labels(model=model).inc(usage.prompt_tokens)
+                metrics.generation_tokens_total.labels(model=model).inc(usage.completion_tokens)
+                if trace:
+                    end = trace.elapsed()
+                    trace.add_span("decode", first_token_at or end, end, completion_tokens=usage.completion_tokens)
+                    trace.add_span("postprocess", max(0.0, end - busy), end, note="detokenization and stop strings")
+                    trace.add_span("finish", end, end, finish_reason=finish)
             yield TextEvent(text, token_ids, convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name)
             if finish:
                 return
+    except CapacityError:
+        outcome = "rejected"
+        raise
+    except Exception:
+        outcome = "error"
+        raise
     finally:
+        metrics.requests_total.labels(model=model, outcome=outcome).inc()
         await stream.aclose()

@@ -12,6 +12,7 @@ import grpc
 import uvicorn
 
 from fleetserve.gateway.admission import Admission
+from fleetserve.gateway.answer_cache import AnswerCache
 from fleetserve.gateway.app import GatewayState, create_app
 from fleetserve.gateway.balancer import Balancer
 from fleetserve.gateway.control import ControlService
@@ -20,9 +21,11 @@ from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.registry_store import RegistryStore
+from fleetserve.gateway.response_cache import make_cache
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.telemetry.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,13 @@ class GatewayOptions:
     output_reserve_tokens: int = 256
     slow_client_timeout_s: float = 30.0
     """A streaming client that reads nothing for this long is cut off and its request aborted (0: never)."""
+    response_cache: str = ""
+    """Where deterministic answers are cached: "" off, "memory", an SQLite file (".sqlite"/".db" or
+    "sqlite:///path": kept across restarts) or "redis://HOST:PORT/DB" (shared by several gateways)."""
+    response_cache_entries: int = 10000
+    response_cache_mb: int = 256
+    response_cache_ttl_s: float = 0.0
+    """0: entries live until evicted."""
     stream_buffer_bytes: int = 256 * 1024
     """Kernel send buffer per client connection (fixed, not auto-tuned): with the server's own write buffer it
     bounds what a client that stops reading can hold up before sends wait (0: the kernel's default)."""
@@ -130,7 +140,9 @@ async def run_gateway(opts: GatewayOptions) -> int:
         queue_timeout_s=opts.queue_timeout_s,
     )
     registry.on_dead.append(lambda record: balancer.forget(record.worker_id))
-    dispatcher = Dispatcher(registry, balancer, admission, RetryPolicy(max_retries=opts.max_retries))
+    dispatcher = Dispatcher(
+        registry, balancer, admission, RetryPolicy(max_retries=opts.max_retries), metrics=GatewayMetrics()
+    )
 
     async def on_register(record) -> None:
         await tokenizers.on_register(record)
@@ -150,12 +162,19 @@ async def run_gateway(opts: GatewayOptions) -> int:
     if opts.preprocess_workers > 0:
         preprocess = PreprocessPool(opts.preprocess_workers)
         await preprocess.start()
+    answers = None
+    if opts.response_cache:
+        backend = make_cache(
+            opts.response_cache, max_entries=opts.response_cache_entries, max_bytes=opts.response_cache_mb * 2**20
+        )
+        answers = AnswerCache(backend, dispatcher.metrics, opts.response_cache_ttl_s or None)
     state = GatewayState(
         registry=registry,
         tokenizers=tokenizers,
         dispatcher=dispatcher,
         options=opts,
         models=models,
+        answers=answers,
         preprocess=preprocess,
     )
     app = create_app(state)
@@ -190,4 +209,6 @@ async def run_gateway(opts: GatewayOptions) -> int:
                 await record.channel.close()
         if store is not None:
             store.close()
+        if answers is not None:
+            answers.backend.close()
     return 0

@@ -13,6 +13,7 @@ from fleetserve.config import EngineConfig
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.text.tokenizer import Tokenizer
 from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
 from fleetserve.worker.server import WorkerService, serve_worker, wait_idle
@@ -36,6 +37,8 @@ class WorkerOptions:
     name: str | None = None
     role: str = "replica"
     drain_timeout_s: float = 60.0
+    metrics_port: int | None = None
+    """HTTP port for this worker's /metrics (0 picks a free one); None serves none."""
 
 
 async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> int:
@@ -51,6 +54,11 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
     model_name = opts.engine.model.model
     service = WorkerService(engine, model_name, tokenizer.fingerprint)
     server, port = await serve_worker(engine, service, opts.host, opts.port)
+    metrics_note = ""
+    if opts.metrics_port is not None:
+        service.metrics = WorkerMetrics(engine.stats)
+        _, metrics_port = service.metrics.serve(opts.host, opts.metrics_port)
+        metrics_note = f", metrics http://{opts.host}:{metrics_port}/metrics"
     address = opts.advertise or f"{opts.host}:{port}"
     name = opts.name or f"{socket.gethostname()}-{port}"
     info = pb.WorkerInfo(
@@ -85,7 +93,7 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
             block_hashes=lambda: engine.call(core.kv.cached_hashes),
         )
         agent_task = asyncio.create_task(agent.run())
-    print(f"fleetserve worker ready: {name} at {address}, model {model_name}", flush=True)
+    print(f"fleetserve worker ready: {name} at {address}, model {model_name}{metrics_note}", flush=True)
 
     code = 0
     waiter = asyncio.create_task(stop.wait())
@@ -109,5 +117,7 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
         await agent.close()
     waiter.cancel()
     await server.stop(grace=1.0)
+    if service.metrics is not None:
+        service.metrics.close()
     await engine.close()
     return code

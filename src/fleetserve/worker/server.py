@@ -20,6 +20,7 @@ from fleetserve.errors import CapacityError, InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.telemetry.tracing import request_id_var
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.draining = False
         self._files = tokenizer_files(Path(engine.engine.model_dir))
         self._health_prompt = [engine.engine.arch.bos_token_id or 0]
+        self.metrics: WorkerMetrics | None = None
+        """Prometheus metrics, when the worker serves them (--metrics-port)."""
         self._first_token_s = 0.0  # moving averages for heartbeats
         self._inter_token_s = 0.0
 
@@ -83,6 +86,13 @@ class WorkerService(pb_grpc.WorkerServicer):
             async for out in stream:
                 now = time.monotonic()
                 self._observe(first, now - last)
+                if self.metrics is not None:
+                    if first:
+                        self.metrics.time_to_first_token_seconds.observe(now - arrived)
+                    self.metrics.generation_tokens_total.inc(len(out.new_token_ids))
+                    if out.finish_reason:
+                        outcome = "cancelled" if out.finish_reason == "abort" else "ok"
+                        self.metrics.requests_total.labels(outcome=outcome).inc()
                 last = now
                 yield convert.output_to_chunk(out, first=first, queue_s=now - arrived if first else 0.0)
                 first = False

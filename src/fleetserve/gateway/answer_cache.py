@@ -1,0 +1,105 @@
+"""Whole answers kept in the response cache, and replayed as the same stream of text events.
+
+Only deterministic requests are cached: temperature 0 or a fixed seed, and no log-probabilities asked for.
+The key covers the model, its version, the prompt's token ids, every sampling parameter, the stop strings and
+the kind of route (chat or completion). A hit goes through the same response code as a generated answer
+(streamed when the request asked for a stream) without touching a worker. ``Cache-Control: no-cache`` (or
+``no-store``) on a request skips the lookup and the store. The store is blocking (SQLite or Redis), so it is
+used from a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fleetserve.engine.request import SamplingParams
+from fleetserve.gateway.generation import TextEvent, Usage
+from fleetserve.gateway.response_cache import CacheBackend, cache_key, is_cacheable
+from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.tracing import Trace
+
+log = logging.getLogger(__name__)
+
+
+def bypassed(cache_control: str | None) -> bool:
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    return bool(directives & {"no-cache", "no-store"})
+
+
+class AnswerCache:
+    def __init__(self, backend: CacheBackend, metrics: GatewayMetrics, ttl_s: float | None = None):
+        self.backend = backend
+        self.metrics = metrics
+        self.ttl_s = ttl_s
+
+    def key_for(
+        self, model: str, version: str, prompt: list[int], params: SamplingParams, stops: list[str], kind: str
+    ) -> str | None:
+        """The request's cache key, or None when its answer must not be cached."""
+        if params.logprobs is not None or not is_cacheable(params.temperature, params.seed):
+            return None
+        return cache_key(model, version, prompt, {**asdict(params), "stop": list(stops), "kind": kind})
+
+    async def lookup(self, key: str, model: str, trace: Trace) -> list[TextEvent] | None:
+        start = trace.elapsed()
+        try:
+            raw = await asyncio.to_thread(self.backend.get, key)
+        except Exception as exc:  # a broken cache must not fail the request: generate instead
+            log.warning("response cache lookup failed: %s", exc)
+            raw = None
+        events = _decode(raw) if raw is not None else None
+        trace.add_span("cache_lookup", start, hit=events is not None)
+        if events is None:
+            self.metrics.response_cache_misses_total.labels(model=model).inc()
+        else:
+            self.metrics.response_cache_hits_total.labels(model=model).inc()
+            self.metrics.requests_total.labels(model=model, outcome="cached").inc()
+            trace.add_span(
+                "finish", trace.elapsed(), trace.elapsed(), finish_reason=events[-1].finish_reason, cached=True
+            )
+        return events
+
+    async def replay(self, events: list[TextEvent]) -> AsyncIterator[TextEvent]:
+        for event in events:
+            yield event
+
+    async def recording(self, key: str, events: AsyncIterator[TextEvent]) -> AsyncIterator[TextEvent]:
+        """Pass ``events`` through; when they end with a finish reason, store the answer under ``key``."""
+        seen: list[TextEvent] = []
+        async for event in events:
+            seen.append(event)
+            if event.finish_reason:  # stored first: the reader may stop at the last event
+                await self._store(key, seen)
+            yield event
+
+    async def _store(self, key: str, events: list[TextEvent]) -> None:
+        last = events[-1]
+        value = {
+            "pieces": [e.text for e in events],
+            "finish_reason": last.finish_reason,
+            "usage": [last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_tokens],
+        }
+        try:
+            await asyncio.to_thread(self.backend.set, key, json.dumps(value).encode(), self.ttl_s)
+        except Exception as exc:  # the answer was delivered; failing to keep it is only a warning
+            log.warning("response cache store failed: %s", exc)
+
+
+def _decode(raw: bytes) -> list[TextEvent] | None:
+    try:
+        value = json.loads(raw)
+        pieces, finish = value["pieces"], value["finish_reason"]
+        usage = Usage(*value["usage"])
+    except (ValueError, KeyError, TypeError):
+        return None  # an entry another version wrote, or a damaged one: a miss
+    if not pieces:
+        return None
+    events = [TextEvent(piece, []) for piece in pieces]
+    for event in events:
+        event.usage = usage
+    events[-1].finish_reason = finish
+    return events

@@ -1,0 +1,395 @@
+"""Prometheus metrics of the gateway and of a worker.
+
+Each set of metrics lives on its own ``CollectorRegistry`` (never the process-global one), so that several gateways
+or workers in one process, and tests, do not clash. Every name starts with ``fleetserve_`` and carries its unit
+(``_seconds``, ``_total``, ``_ratio``); labels are low-cardinality only (model, worker name, outcome, state), never
+request ids or prompts.
+
+Gateway (:class:`GatewayMetrics`): request counters, latency histograms and token counters that the request path
+updates, plus per-worker gauges that a custom collector reads from the worker registry's heartbeat data at scrape
+time (see :meth:`GatewayMetrics.set_worker_source`). Worker (:class:`WorkerMetrics`): the engine's load and cache
+figures, read from ``engine_stats()`` at scrape time, plus request counters the worker service updates; it can serve
+``/metrics`` on its own port (:meth:`WorkerMetrics.serve`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    make_wsgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    45.0,
+    60.0,
+)
+"""Seconds: time to first token, end-to-end latency and queue time, from a few milliseconds to a minute."""
+
+INTER_TOKEN_BUCKETS: tuple[float, ...] = (
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+"""Seconds between consecutive tokens of one stream: finer where decode steps usually fall."""
+
+REQUEST_OUTCOMES: tuple[str, ...] = ("ok", "error", "rejected", "cancelled", "cached")
+"""The values of the ``outcome`` label of ``fleetserve_requests_total``."""
+
+WORKER_STATES: tuple[str, ...] = ("healthy", "suspect", "draining", "dead")
+"""The states ``fleetserve_worker_state`` always lists (the gateway registry's WorkerState values)."""
+
+
+def _ratio(used: float, total: float) -> float:
+    return float(used) / float(total) if total else 0.0
+
+
+# -- the gateway ------------------------------------------------------------------------------------------
+
+
+class WorkerCollector(Collector):
+    """Per-worker gauges, built at scrape time from the records a callable returns.
+
+    A record needs ``name``, ``info.model``, ``state.value``, ``stats.running``, ``stats.waiting``,
+    ``stats.kv_blocks_used``, ``stats.kv_blocks_total``, ``stats.prefix_cache_hits``, ``stats.prefix_cache_queries``,
+    ``recent_first_token_s`` and ``recent_inter_token_s`` (the gateway's WorkerRecord has them all).
+    """
+
+    def __init__(self, source: Callable[[], Iterable[Any]] | None = None, states: Iterable[str] = WORKER_STATES):
+        self.source = source
+        self.states = tuple(states)
+
+    def _records(self) -> list[Any]:
+        if self.source is None:
+            return []
+        for attempt in range(3):
+            try:
+                records = list(self.source())
+                break
+            except RuntimeError:  # the table changed while it was read (a scrape on another thread): read again
+                if attempt == 2:
+                    log.exception("could not read the worker records for metrics")
+                    return []
+            except Exception:  # a broken source must not break the whole scrape
+                log.exception("could not read the worker records for metrics")
+                return []
+        # One series per (worker, model): when a name appears twice (a worker came back elsewhere and its old
+        # record is still listed as dead), the live record wins.
+        chosen: dict[tuple[str, str], Any] = {}
+        for record in records:
+            key = (str(record.name), str(record.info.model))
+            old = chosen.get(key)
+            if old is None or str(old.state.value) == "dead":
+                chosen[key] = record
+        return list(chosen.values())
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["worker", "model"]
+        state = GaugeMetricFamily(
+            "fleetserve_worker_state",
+            "The worker's health state as the gateway sees it: 1 for the current state, 0 for the others.",
+            labels=["worker", "model", "state"],
+        )
+        running = GaugeMetricFamily("fleetserve_worker_running", "Requests running on the worker.", labels=labels)
+        waiting = GaugeMetricFamily("fleetserve_worker_waiting", "Requests waiting on the worker.", labels=labels)
+        kv = GaugeMetricFamily(
+            "fleetserve_worker_kv_cache_usage_ratio", "Fraction of the worker's KV cache blocks in use.", labels=labels
+        )
+        hits = CounterMetricFamily(
+            "fleetserve_worker_prefix_cache_hits",
+            "Prompt tokens the worker found in its prefix cache, as last reported.",
+            labels=labels,
+        )
+        queries = CounterMetricFamily(
+            "fleetserve_worker_prefix_cache_queries",
+            "Prompt tokens the worker looked up in its prefix cache, as last reported.",
+            labels=labels,
+        )
+        ttft = GaugeMetricFamily(
+            "fleetserve_worker_recent_ttft_seconds",
+            "The worker's recent time to first token, as last reported.",
+            labels=labels,
+        )
+        itl = GaugeMetricFamily(
+            "fleetserve_worker_recent_itl_seconds",
+            "The worker's recent inter-token latency, as last reported.",
+            labels=labels,
+        )
+        for record in self._records():
+            values = [str(record.name), str(record.info.model)]
+            current = str(record.state.value)
+            for name in self.states if current in self.states else (*self.states, current):
+                state.add_metric([*values, name], 1.0 if name == current else 0.0)
+            stats = record.stats
+            running.add_metric(values, float(stats.running))
+            waiting.add_metric(values, float(stats.waiting))
+            kv.add_metric(values, _ratio(stats.kv_blocks_used, stats.kv_blocks_total))
+            hits.add_metric(values, float(stats.prefix_cache_hits))
+            queries.add_metric(values, float(stats.prefix_cache_queries))
+            ttft.add_metric(values, float(record.recent_first_token_s))
+            itl.add_metric(values, float(record.recent_inter_token_s))
+        yield from (state, running, waiting, kv, hits, queries, ttft, itl)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # the names are fixed, but the samples depend on the source: no check at registration
+
+
+class GatewayMetrics:
+    """The gateway's metrics, on a registry of their own.
+
+    Update the attributes directly, e.g. ``metrics.requests_total.labels(model=m, outcome="ok").inc()`` or
+    ``metrics.time_to_first_token_seconds.labels(model=m).observe(s)``; serve :meth:`render` at ``/metrics``.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        model = ["model"]
+        self.requests_total = Counter(
+            "fleetserve_requests_total",
+            "Requests finished, by outcome: ok, error, rejected, cancelled or cached.",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "fleetserve_time_to_first_token_seconds",
+            "From the request's arrival to its first output token.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency_seconds = Histogram(
+            "fleetserve_inter_token_latency_seconds",
+            "Between consecutive output tokens of one request.",
+            model,
+            buckets=INTER_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e_request_latency_seconds = Histogram(
+            "fleetserve_e2e_request_latency_seconds",
+            "From the request's arrival to its last output token.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time_seconds = Histogram(
+            "fleetserve_queue_time_seconds",
+            "Time a request waited in the gateway before it was sent to a worker.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens_total = Counter(
+            "fleetserve_prompt_tokens_total", "Prompt tokens of the requests served.", model, registry=r
+        )
+        self.generation_tokens_total = Counter(
+            "fleetserve_generation_tokens_total", "Output tokens generated.", model, registry=r
+        )
+        self.requests_running = Gauge(
+            "fleetserve_requests_running", "Requests sent to a worker and not finished.", model, registry=r
+        )
+        self.requests_waiting = Gauge(
+            "fleetserve_requests_waiting", "Requests waiting in the gateway for a worker.", model, registry=r
+        )
+        self.response_cache_hits_total = Counter(
+            "fleetserve_response_cache_hits_total", "Requests answered from the response cache.", model, registry=r
+        )
+        self.response_cache_misses_total = Counter(
+            "fleetserve_response_cache_misses_total",
+            "Cacheable requests not found in the response cache.",
+            model,
+            registry=r,
+        )
+        self.retries_total = Counter(
+            "fleetserve_retries_total", "Requests sent again after a worker failed before answering.", model, registry=r
+        )
+        self.failovers_total = Counter(
+            "fleetserve_failovers_total", "Streams moved to another worker after theirs failed.", model, registry=r
+        )
+        self.prefix_cache_predicted_tokens_total = Counter(
+            "fleetserve_prefix_cache_predicted_tokens_total",
+            "Prompt tokens the router expected the chosen worker to have cached.",
+            model,
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens_total = Counter(
+            "fleetserve_prefix_cache_hit_tokens_total",
+            "Prompt tokens the workers reported as found in their prefix cache.",
+            model,
+            registry=r,
+        )
+        self.workers = WorkerCollector()
+        r.register(self.workers)
+
+    def set_worker_source(self, source: Callable[[], Iterable[Any]] | None) -> None:
+        """Where the per-worker gauges come from: a callable returning the worker records (called at each scrape)."""
+        self.workers.source = source
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# -- a worker ---------------------------------------------------------------------------------------------
+
+
+class EngineCollector(Collector):
+    """The engine's load and cache figures, read from ``engine_stats()`` at scrape time.
+
+    ``engine_stats()`` returns an object with ``running``, ``waiting``, ``kv_blocks_used``, ``kv_blocks_total``,
+    ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions`` and ``steps`` (the engine's EngineStats).
+    """
+
+    def __init__(self, engine_stats: Callable[[], Any]):
+        self.engine_stats = engine_stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            s = self.engine_stats()
+        except Exception:  # a failing engine must not break the scrape of the other metrics
+            log.exception("could not read the engine stats for metrics")
+            return
+        yield GaugeMetricFamily("fleetserve_engine_running", "Requests running in the engine.", value=s.running)
+        yield GaugeMetricFamily("fleetserve_engine_waiting", "Requests waiting in the engine.", value=s.waiting)
+        yield GaugeMetricFamily(
+            "fleetserve_engine_kv_cache_usage_ratio",
+            "Fraction of the KV cache blocks in use.",
+            value=_ratio(s.kv_blocks_used, s.kv_blocks_total),
+        )
+        yield CounterMetricFamily(
+            "fleetserve_engine_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            value=s.prefix_cache_queries,
+        )
+        yield CounterMetricFamily(
+            "fleetserve_engine_prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            value=s.prefix_cache_hits,
+        )
+        yield CounterMetricFamily(
+            "fleetserve_engine_preemptions", "Requests preempted for lack of KV cache.", value=s.num_preemptions
+        )
+        yield CounterMetricFamily("fleetserve_engine_steps", "Engine steps run.", value=s.steps)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _ThreadingWSGIServerV6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would flood stderr
+
+
+class WorkerMetrics:
+    """A worker's metrics, on a registry of their own: the engine's figures plus what the worker service counts.
+
+    The worker service updates ``requests_total.labels(outcome=...)``, ``generation_tokens_total`` and
+    ``time_to_first_token_seconds``; :meth:`serve` exposes ``/metrics`` over HTTP on a background thread.
+    """
+
+    def __init__(self, engine_stats: Callable[[], Any], registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.engine = EngineCollector(engine_stats)
+        r.register(self.engine)
+        self.requests_total = Counter(
+            "fleetserve_engine_requests_total",
+            "Requests the worker finished, by outcome (ok, error, cancelled, ...).",
+            ["outcome"],
+            registry=r,
+        )
+        self.generation_tokens_total = Counter(
+            "fleetserve_engine_generation_tokens_total", "Output tokens the worker generated.", registry=r
+        )
+        self.time_to_first_token_seconds = Histogram(
+            "fleetserve_engine_time_to_first_token_seconds",
+            "From the request's arrival at the worker to its first output token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._servers: list[tuple[WSGIServer, threading.Thread]] = []
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def serve(self, host: str = "0.0.0.0", port: int = 0) -> tuple[WSGIServer, int]:
+        """Serve the metrics over HTTP (``GET /metrics``) on a daemon thread; return the server and its bound port.
+
+        ``port`` 0 picks a free port. Stop it with :meth:`close` (or ``server.shutdown(); server.server_close()``).
+        """
+        server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
+        server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
+        thread = threading.Thread(target=server.serve_forever, name=f"metrics-{server.server_port}", daemon=True)
+        thread.start()
+        self._servers.append((server, thread))
+        return server, int(server.server_port)
+
+    def close(self) -> None:
+        """Stop every server :meth:`serve` started."""
+        servers, self._servers = self._servers, []
+        for server, thread in servers:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
