@@ -235,6 +235,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         response_cache_entries=args.response_cache_entries,
         response_cache_mb=args.response_cache_mb,
         response_cache_ttl_s=args.response_cache_ttl,
+        telemetry=not args.no_telemetry,
     )
     return asyncio.run(run_gateway(opts))
 
@@ -414,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="kernel send buffer per client connection in KiB, fixed; 0: the kernel's (default: 256)",
+    )
+    gw.add_argument(
+        "--no-telemetry",
+        action="store_true",
+        help="record no metrics and keep no traces (to measure what they cost)",
     )
     c = gw.add_argument_group("response cache (deterministic requests: temperature 0 or a seed)")
     c.add_argument(

@@ -274,6 +274,8 @@ def create_app(state: GatewayState) -> FastAPI:
         affinity_key: str | None = None,
     ):
         """Begin generating; errors before the first event surface as HTTP errors, not as a broken stream."""
+        if not state.traces.enabled:
+            trace = None  # telemetry off: the dispatch and generation spans are not recorded
         events = generate_text(
             state.dispatcher,
             tokenizer_for(model),

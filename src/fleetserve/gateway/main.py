@@ -25,7 +25,8 @@ from fleetserve.gateway.response_cache import make_cache
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
-from fleetserve.telemetry.metrics import GatewayMetrics
+from fleetserve.telemetry.metrics import DisabledGatewayMetrics, GatewayMetrics
+from fleetserve.telemetry.tracing import TraceStore
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class GatewayOptions:
     response_cache_mb: int = 256
     response_cache_ttl_s: float = 0.0
     """0: entries live until evicted."""
+    telemetry: bool = True
+    """False: no metrics recorded and no traces kept (to measure what they cost)."""
     stream_buffer_bytes: int = 256 * 1024
     """Kernel send buffer per client connection (fixed, not auto-tuned): with the server's own write buffer it
     bounds what a client that stops reading can hold up before sends wait (0: the kernel's default)."""
@@ -141,7 +144,11 @@ async def run_gateway(opts: GatewayOptions) -> int:
     )
     registry.on_dead.append(lambda record: balancer.forget(record.worker_id))
     dispatcher = Dispatcher(
-        registry, balancer, admission, RetryPolicy(max_retries=opts.max_retries), metrics=GatewayMetrics()
+        registry,
+        balancer,
+        admission,
+        RetryPolicy(max_retries=opts.max_retries),
+        metrics=GatewayMetrics() if opts.telemetry else DisabledGatewayMetrics(),
     )
 
     async def on_register(record) -> None:
@@ -176,6 +183,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
         models=models,
         answers=answers,
         preprocess=preprocess,
+        traces=TraceStore(capacity=1000 if opts.telemetry else 0),
     )
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")

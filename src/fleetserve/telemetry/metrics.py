@@ -393,3 +393,32 @@ class WorkerMetrics:
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
+
+
+class _NoOp:
+    """Stands in for any metric: every call is accepted and does nothing."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> _NoOp:
+        return self
+
+    def inc(self, *args: Any) -> None:
+        pass
+
+    def observe(self, *args: Any) -> None:
+        pass
+
+    def set(self, *args: Any) -> None:
+        pass
+
+
+class DisabledGatewayMetrics(GatewayMetrics):
+    """GatewayMetrics that record nothing (``--no-telemetry``): /metrics answers with an empty page."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+    def __getattr__(self, name: str) -> _NoOp:
+        return _NoOp()
+
+    def set_worker_source(self, fn: Callable[[], Iterable[Any]]) -> None:
+        pass

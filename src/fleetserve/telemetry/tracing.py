@@ -119,12 +119,19 @@ class TraceStore:
         self.capacity = capacity
         self._traces: OrderedDict[str, Trace] = OrderedDict()
 
+    @property
+    def enabled(self) -> bool:
+        return self.capacity > 0
+
     def start(self, request_id: str, model: str, arrived: float | None = None) -> Trace:
-        """A new trace; ``arrived`` (time.monotonic()) backdates its start to when the request came in."""
+        """A new trace; ``arrived`` (time.monotonic()) backdates its start to when the request came in. With
+        capacity 0 the trace is not kept (and callers skip recording its spans)."""
         trace = Trace(request_id, model)
         if arrived is not None:
             trace._start = arrived
             trace.created -= time.monotonic() - arrived
+        if not self.enabled:
+            return trace
         self._traces[request_id] = trace
         self._traces.move_to_end(request_id)
         while len(self._traces) > self.capacity:
