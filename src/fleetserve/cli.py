@@ -236,6 +236,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         response_cache_mb=args.response_cache_mb,
         response_cache_ttl_s=args.response_cache_ttl,
         telemetry=not args.no_telemetry,
+        otlp_endpoint=args.otlp_endpoint or "",
     )
     return asyncio.run(run_gateway(opts))
 
@@ -420,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-telemetry",
         action="store_true",
         help="record no metrics and keep no traces (to measure what they cost)",
+    )
+    gw.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export finished request traces over OTLP/HTTP, e.g. http://collector:4318/v1/traces "
+        "(pip install 'fleetserve[otel]')",
     )
     c = gw.add_argument_group("response cache (deterministic requests: temperature 0 or a seed)")
     c.add_argument(

@@ -58,9 +58,9 @@ class AnswerCache:
         else:
             self.metrics.response_cache_hits_total.labels(model=model).inc()
             self.metrics.requests_total.labels(model=model, outcome="cached").inc()
-            trace.add_span(
-                "finish", trace.elapsed(), trace.elapsed(), finish_reason=events[-1].finish_reason, cached=True
-            )
+            now = trace.elapsed()
+            trace.add_span("finish", now, now, finish_reason=events[-1].finish_reason, cached=True)
+            trace.close()
         return events
 
     async def replay(self, events: list[TextEvent]) -> AsyncIterator[TextEvent]:

@@ -117,3 +117,5 @@ async def generate_text(
     finally:
         metrics.requests_total.labels(model=model, outcome=outcome).inc()
         await stream.aclose()
+        if trace:
+            trace.close()

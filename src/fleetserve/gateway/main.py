@@ -70,6 +70,9 @@ class GatewayOptions:
     response_cache_mb: int = 256
     response_cache_ttl_s: float = 0.0
     """0: entries live until evicted."""
+    otlp_endpoint: str = ""
+    """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): finished traces are exported there
+    (needs the `otel` extra); empty: no export."""
     telemetry: bool = True
     """False: no metrics recorded and no traces kept (to measure what they cost)."""
     stream_buffer_bytes: int = 256 * 1024
@@ -169,6 +172,11 @@ async def run_gateway(opts: GatewayOptions) -> int:
     if opts.preprocess_workers > 0:
         preprocess = PreprocessPool(opts.preprocess_workers)
         await preprocess.start()
+    exporter = None
+    if opts.otlp_endpoint:
+        from fleetserve.telemetry.otel import OtelExporter
+
+        exporter = OtelExporter(opts.otlp_endpoint)
     answers = None
     if opts.response_cache:
         backend = make_cache(
@@ -183,7 +191,7 @@ async def run_gateway(opts: GatewayOptions) -> int:
         models=models,
         answers=answers,
         preprocess=preprocess,
-        traces=TraceStore(capacity=1000 if opts.telemetry else 0),
+        traces=TraceStore(capacity=1000 if opts.telemetry else 0, exporter=exporter),
     )
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
@@ -219,4 +227,6 @@ async def run_gateway(opts: GatewayOptions) -> int:
             store.close()
         if answers is not None:
             answers.backend.close()
+        if exporter is not None:
+            exporter.shutdown()
     return 0

@@ -14,8 +14,10 @@ carry it), gRPC metadata (``x-request-id``) takes it to the worker, which sets i
 from __future__ import annotations
 
 import contextvars
+import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("fleetserve_request_id", default="")
@@ -73,6 +75,16 @@ class Trace:
     _start: float = field(default_factory=time.monotonic, repr=False)
     attempts: list[Attempt] = field(default_factory=list)
     spans: list[Span] = field(default_factory=list)
+    on_close: Callable[[Trace], None] | None = field(default=None, repr=False)
+    """Called once when the request is over (the trace store exports it from here)."""
+    closed: bool = False
+
+    def close(self) -> None:
+        """The request is over (finished, failed or cancelled); idempotent."""
+        if not self.closed:
+            self.closed = True
+            if self.on_close is not None:
+                self.on_close(self)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._start
@@ -113,11 +125,19 @@ class Trace:
 
 
 class TraceStore:
-    """The last ``capacity`` traces by request id."""
+    """The last ``capacity`` traces by request id; each finished trace also goes to ``exporter`` when given (an
+    object with ``export(trace)``, e.g. :class:`fleetserve.telemetry.otel.OtelExporter`)."""
 
-    def __init__(self, capacity: int = 1000):
+    def __init__(self, capacity: int = 1000, exporter=None):
         self.capacity = capacity
+        self.exporter = exporter
         self._traces: OrderedDict[str, Trace] = OrderedDict()
+
+    def _export(self, trace: Trace) -> None:
+        try:
+            self.exporter.export(trace)
+        except Exception as exc:  # an unreachable collector must not fail requests
+            logging.getLogger(__name__).warning("trace export failed: %s", exc)
 
     @property
     def enabled(self) -> bool:
@@ -132,6 +152,8 @@ class TraceStore:
             trace.created -= time.monotonic() - arrived
         if not self.enabled:
             return trace
+        if self.exporter is not None:
+            trace.on_close = self._export
         self._traces[request_id] = trace
         self._traces.move_to_end(request_id)
         while len(self._traces) > self.capacity:
