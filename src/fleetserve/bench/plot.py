@@ -152,3 +152,24 @@ def plot_rows(rows: Sequence[dict[str, Any]], out: Path | str, title: str) -> Pa
     fig.savefig(out, format="png", bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fleetserve.bench.plot RESULT.json OUT.png``: redraw a saved benchmark result."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m fleetserve.bench.plot", description=main.__doc__)
+    parser.add_argument("result", type=Path, help="a JSON result of fleetserve bench or benchmarks/engine.py")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("--title", default=None, help="title (default: the result's benchmark and scenario)")
+    args = parser.parse_args(argv)
+    result = json.loads(args.result.read_text(encoding="utf-8"))
+    title = args.title or " ".join(str(result.get(k, "")) for k in ("benchmark", "scenario")).strip()
+    plot_rows(result["rows"], args.out, title or args.result.stem)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
