@@ -9,10 +9,13 @@ tracing and on one started with ``--no-telemetry``, alternating (with, without, 
 of 2 workers, so slow drift of the machine hits both sides alike. Reports tokens/s of each run and the ratio of
 the sums.
 
-    python benchmarks/observability.py cache
-    python benchmarks/observability.py telemetry
+``telemetry-cpu``: the CPU time of one 64-token request's telemetry (trace and metric updates), in-process.
 
-Each writes ``benchmarks/results/observability-<scenario>.json``; ``--plot`` on telemetry also draws it.
+    python benchmarks/observability.py cache
+    python benchmarks/observability.py telemetry --rounds 4
+    python benchmarks/observability.py telemetry-cpu
+
+Each writes ``benchmarks/results/observability-<scenario>.json``.
 """
 
 from __future__ import annotations
@@ -121,6 +124,44 @@ def telemetry(args: argparse.Namespace) -> dict:
     return {"runs": runs, "throughput_with_over_without": with_tps / without_tps, "goal_cost_below": 0.02}
 
 
+def telemetry_cpu(args: argparse.Namespace) -> dict:
+    """The gateway's telemetry work for one 64-token request, timed in-process: its trace (11 spans and an
+    attempt) and its metric updates (63 inter-token observations, TTFT, E2E, queue, counters)."""
+    from fleetserve.telemetry.metrics import GatewayMetrics
+    from fleetserve.telemetry.tracing import TraceStore
+
+    metrics, store = GatewayMetrics(), TraceStore()
+
+    def one(i: int) -> None:
+        t = store.start(f"r{i}", MODEL)
+        t.add_span("receive", 0.0)
+        t.add_span("preprocess", 0.0, prompt_tokens=50)
+        metrics.queue_time_seconds.labels(model=MODEL).observe(0.001)
+        t.add_span("queue", 0.0)
+        attempt = t.begin_attempt("w0", "127.0.0.1:1", 0, 0.0)
+        t.add_span("prefill", 0.0, worker="w0")
+        t.add_span("first_token", 0.0, 0.0)
+        metrics.time_to_first_token_seconds.labels(model=MODEL).observe(0.1)
+        for _ in range(63):
+            metrics.inter_token_latency_seconds.labels(model=MODEL).observe(0.05)
+        attempt.tokens = 64
+        t.end_attempt(attempt, "finished")
+        metrics.e2e_request_latency_seconds.labels(model=MODEL).observe(3.0)
+        metrics.prompt_tokens_total.labels(model=MODEL).inc(50)
+        metrics.generation_tokens_total.labels(model=MODEL).inc(64)
+        t.add_span("decode", 0.0)
+        t.add_span("postprocess", 0.0)
+        t.add_span("finish", 0.0, 0.0)
+        metrics.requests_total.labels(model=MODEL, outcome="ok").inc()
+        t.close()
+
+    start = time.perf_counter()
+    for i in range(args.requests):
+        one(i)
+    per_request = (time.perf_counter() - start) / args.requests
+    return {"requests": args.requests, "cpu_us_per_request": per_request * 1e6}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="scenario", required=True)
@@ -129,8 +170,10 @@ def main() -> int:
     c.add_argument("--max-tokens", type=int, default=64)
     t = sub.add_parser("telemetry", help="chat at c=16 with and without metrics and tracing")
     t.add_argument("--rounds", type=int, default=2)
+    cpu = sub.add_parser("telemetry-cpu", help="CPU time of one request's telemetry, in-process")
+    cpu.add_argument("--requests", type=int, default=2000)
     args = parser.parse_args()
-    result = cache(args) if args.scenario == "cache" else telemetry(args)
+    result = {"cache": cache, "telemetry": telemetry, "telemetry-cpu": telemetry_cpu}[args.scenario](args)
     result = {
         "benchmark": "observability",
         "scenario": args.scenario,
