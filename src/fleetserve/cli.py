@@ -237,6 +237,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         response_cache_ttl_s=args.response_cache_ttl,
         telemetry=not args.no_telemetry,
         otlp_endpoint=args.otlp_endpoint or "",
+        admin_key=args.admin_key or "",
     )
     return asyncio.run(run_gateway(opts))
 
@@ -366,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--api-key", action="append", help="require this bearer key on every route but /health")
     gw.add_argument("--api-keys-file", default=None, help="a file of accepted API keys, one a line")
     gw.add_argument("--registration-token", default=None, help="workers must present this secret to register")
+    gw.add_argument("--admin-key", default=None, help="bearer key the /admin API needs (default: the API keys' rule)")
     gw.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of silence before a worker is dead")
     gw.add_argument(
         "--preprocess-workers",
@@ -440,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--response-cache-ttl", type=float, default=0.0, help="seconds an entry lives; 0: until evicted")
     _config_option(gw)
     gw.set_defaults(func=cmd_gateway)
+
+    n = sub.add_parser("nodes", help="list the workers, join a local one, drain or stop one (the admin API)")
+    from fleetserve import nodes_cli
+
+    nodes_cli.add_arguments(n)
+    n.set_defaults(func=nodes_cli.run)
 
     up = sub.add_parser("up", help="a gateway plus local workers on the default model, in one command")
     up.add_argument("--model", default="smollm2-135m-instruct", help="model for every worker")

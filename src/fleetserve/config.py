@@ -121,7 +121,7 @@ def layered_options(
     that apply to this command are errors naming the valid ones.
     """
     known = set(options)
-    commands = {"generate", "worker", "gateway", "up", "bench", "models"}
+    commands = {"generate", "worker", "gateway", "up", "bench", "models", "nodes"}
     top = {k: v for k, v in file_data.items() if k not in commands}
     section = file_data.get(command) or {}
     if not isinstance(section, dict):

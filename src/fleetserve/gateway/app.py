@@ -6,6 +6,7 @@ Typed errors become HTTP statuses with OpenAI-style bodies here and only here.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -17,10 +18,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
+from fleetserve.gateway.admin import add_admin_routes
 from fleetserve.gateway.answer_cache import AnswerCache, bypassed
 from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.generation import TextEvent, Usage, generate_text
+from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry, WorkerState
@@ -44,6 +47,10 @@ class GatewayState:
     dispatcher: Dispatcher
     options: Any  # GatewayOptions (kept untyped here to avoid an import cycle with main)
     models: ModelRegistry = field(default_factory=ModelRegistry)
+    control: Any = None
+    """The Control service (the admin API sends drain commands through it)."""
+    launcher: Launcher | None = None
+    """Starts local workers for the admin API's join; None where the gateway does not launch workers."""
     answers: AnswerCache | None = None
     """The response cache for deterministic answers; None when it is off."""
     traces: TraceStore = field(default_factory=TraceStore)
@@ -85,7 +92,18 @@ def create_app(state: GatewayState) -> FastAPI:
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
         request.state.arrived = time.monotonic()
-        if keys and request.url.path != "/health":
+        admin_key = getattr(state.options, "admin_key", "")
+        if admin_key and request.url.path.startswith("/admin"):
+            header = request.headers.get("authorization", "")
+            if not (header.startswith("Bearer ") and hmac.compare_digest(header[7:].strip(), admin_key)):
+                body = responses.error_body(
+                    "The admin API needs the admin key: send 'Authorization: Bearer ADMIN_KEY'.",
+                    "invalid_request_error",
+                    None,
+                    "invalid_api_key",
+                )
+                return JSONResponse(body, status_code=401)
+        elif keys and request.url.path != "/health":
             header = request.headers.get("authorization", "")
             if not (header.startswith("Bearer ") and header[7:].strip() in keys):
                 body = responses.error_body(
@@ -230,36 +248,6 @@ def create_app(state: GatewayState) -> FastAPI:
         if trace is None:
             return _not_found(f"No trace for request '{request_id}' (only recent requests are kept).")
         return trace.to_json()
-
-    @app.get("/admin/routing")
-    async def routing():
-        """Each model's policy with its counters (prefix-aware: predicted vs actual cached tokens), queue
-        lengths, retries and failovers."""
-        dispatcher = state.dispatcher
-        return {
-            "policies": dispatcher.balancer.describe(),
-            "queued": {m: dispatcher.admission.queued(m) for m in state.registry.models()},
-            "rejected": dispatcher.admission.rejected,
-            "retries": dispatcher.retries,
-            "failovers": dispatcher.failovers,
-            "workers": [
-                {
-                    "worker_id": w.worker_id,
-                    "name": w.name,
-                    "model": w.info.model,
-                    "state": w.state.value,
-                    "in_flight": w.in_flight,
-                    "reserved_tokens": w.reserved_tokens,
-                    "running": w.stats.running,
-                    "waiting": w.stats.waiting,
-                    "kv_blocks_used": w.stats.kv_blocks_used,
-                    "kv_blocks_total": w.stats.kv_blocks_total,
-                    "cached_blocks_reported": len(w.block_hashes),
-                    "consecutive_failures": w.consecutive_failures,
-                }
-                for w in state.registry.workers.values()
-            ],
-        }
 
     # -- OpenAI ---------------------------------------------------------------------------------------------
 
@@ -478,4 +466,5 @@ def create_app(state: GatewayState) -> FastAPI:
     async def favicon():
         return Response(status_code=204)
 
+    add_admin_routes(app, state)
     return app

@@ -17,6 +17,7 @@ from fleetserve.gateway.app import GatewayState, create_app
 from fleetserve.gateway.balancer import Balancer
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
+from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
@@ -73,6 +74,10 @@ class GatewayOptions:
     otlp_endpoint: str = ""
     """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): finished traces are exported there
     (needs the `otel` extra); empty: no export."""
+    admin_key: str = ""
+    """When set, /admin needs this bearer key (API keys do not open it)."""
+    launch_threads: int | None = None
+    """torch threads of workers joined through the admin API (None: half the cores)."""
     telemetry: bool = True
     """False: no metrics recorded and no traces kept (to measure what they cost)."""
     stream_buffer_bytes: int = 256 * 1024
@@ -119,6 +124,11 @@ def _listen(host: str, port: int, send_buffer: int) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _dial(host: str) -> str:
+    """An address local workers can dial for a listening host (a wildcard listens on loopback too)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
 async def run_gateway(opts: GatewayOptions) -> int:
@@ -192,6 +202,8 @@ async def run_gateway(opts: GatewayOptions) -> int:
         answers=answers,
         preprocess=preprocess,
         traces=TraceStore(capacity=1000 if opts.telemetry else 0, exporter=exporter),
+        control=control,
+        launcher=Launcher(f"{_dial(opts.control_host)}:{control_port}", opts.registration_token, opts.launch_threads),
     )
     app = create_app(state)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
@@ -229,4 +241,5 @@ async def run_gateway(opts: GatewayOptions) -> int:
             answers.backend.close()
         if exporter is not None:
             exporter.shutdown()
+        await state.launcher.close()
     return 0

@@ -249,9 +249,11 @@ class Command(_message.Message):
         NONE: _ClassVar[Command.Kind]
         DRAIN: _ClassVar[Command.Kind]
         REREGISTER: _ClassVar[Command.Kind]
+        STOP: _ClassVar[Command.Kind]
     NONE: Command.Kind
     DRAIN: Command.Kind
     REREGISTER: Command.Kind
+    STOP: Command.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     kind: Command.Kind

@@ -35,6 +35,7 @@ class WorkerAgent:
         on_drain: Callable[[], None] | None = None,
         latency: Callable[[], tuple[float, float]] | None = None,
         block_hashes: Callable[[], Awaitable[set[int]]] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ):
         self.gateway = gateway
         self.info = info
@@ -43,6 +44,7 @@ class WorkerAgent:
         self._on_drain = on_drain
         self._latency = latency or (lambda: (0.0, 0.0))
         self._block_hashes = block_hashes
+        self._on_stop = on_stop
         self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
         self.worker_id: str | None = None
         self.draining = False
@@ -94,6 +96,11 @@ class WorkerAgent:
                 self.draining = True
                 if self._on_drain:
                     self._on_drain()
+            elif command.kind == pb.Command.STOP:
+                log.info("gateway asks this worker to stop")
+                self.draining = True
+                if self._on_stop:
+                    self._on_stop()
             elif command.kind == pb.Command.REREGISTER:
                 log.info("gateway does not know this worker; registering again")
                 reregister.set()

@@ -91,6 +91,7 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
             on_drain=lambda: setattr(service, "draining", True),
             latency=service.recent_latency,
             block_hashes=lambda: engine.call(core.kv.cached_hashes),
+            on_stop=stop.set,
         )
         agent_task = asyncio.create_task(agent.run())
     print(f"fleetserve worker ready: {name} at {address}, model {model_name}{metrics_note}", flush=True)

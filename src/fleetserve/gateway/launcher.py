@@ -1,0 +1,162 @@
+"""Workers the gateway starts on its own machine (the admin API's join), and their memory budget.
+
+A joined worker is an ordinary ``fleetserve worker`` child process that registers with this gateway like any
+other. Its memory cap is split into the model's weights, a fixed allowance for the runtime and activations,
+and the KV cache (the rest); a cap that leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused,
+with the amount that would do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from fleetserve.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+RUNTIME_OVERHEAD_MB = 256
+"""Python, torch and the activations of one step, on top of the weights and the KV cache."""
+MIN_KV_TOKENS = 2048
+ROLES = ("replica",)
+"""Roles a joined worker may take (prefill, decode and stage workers are not launched from here yet)."""
+
+
+@dataclass
+class MemoryPlan:
+    weights_mb: int
+    kv_per_token_bytes: int
+    min_kv_mb: int
+
+    @property
+    def minimum_mb(self) -> int:
+        return self.weights_mb + RUNTIME_OVERHEAD_MB + self.min_kv_mb
+
+    def kv_mb(self, cap_mb: int) -> int:
+        return cap_mb - self.weights_mb - RUNTIME_OVERHEAD_MB
+
+
+def memory_plan(model: str, device: str) -> MemoryPlan:
+    """Weights and KV sizes of ``model`` on ``device`` (float32 on CPU, bfloat16 on CUDA, as the engine picks)."""
+    from fleetserve.engine.models.loader import load_arch, prepare_model_dir
+
+    arch = load_arch(prepare_model_dir(model, progress=False))
+    elem = 2 if device.startswith("cuda") else 4
+    hidden, inter, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    per_layer = hidden * (q + 2 * kv) + q * hidden + 3 * hidden * inter + 2 * hidden
+    if arch.qkv_bias:
+        per_layer += q + 2 * kv
+    params = arch.vocab_size * hidden * (1 if arch.tie_word_embeddings else 2) + layers * per_layer + hidden
+    per_token = 2 * layers * kv * elem
+    min_kv_tokens = min(MIN_KV_TOKENS, arch.max_position_embeddings or MIN_KV_TOKENS)
+    return MemoryPlan(-(-params * elem // 2**20), per_token, -(-per_token * min_kv_tokens // 2**20))
+
+
+@dataclass
+class LaunchedWorker:
+    name: str
+    model: str
+    device: str
+    role: str
+    max_memory_mb: int
+    kv_cache_mb: int
+    popen: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "model": self.model,
+            "device": self.device,
+            "role": self.role,
+            "max_memory_mb": self.max_memory_mb,
+            "kv_cache_mb": self.kv_cache_mb,
+            "pid": self.popen.pid,
+            "running": self.popen.poll() is None,
+        }
+
+
+class Launcher:
+    """Starts and stops local worker processes that register with ``control_address``."""
+
+    def __init__(self, control_address: str, registration_token: str = "", threads: int | None = None):
+        self.control_address = control_address
+        self.registration_token = registration_token
+        self.threads = threads
+        self.workers: dict[str, LaunchedWorker] = {}
+        self._names = itertools.count(1)
+
+    async def join(
+        self, model: str, device: str = "cpu", max_memory_mb: int | None = None, role: str = "replica"
+    ) -> LaunchedWorker:
+        if role not in ROLES:
+            raise InvalidRequestError(f"role {role!r} cannot be launched here; use one of: {', '.join(ROLES)}", "role")
+        if device != "cpu" and not device.startswith("cuda"):
+            raise InvalidRequestError(f"device must be cpu or cuda[:N], not {device!r}", "device")
+        plan = await asyncio.to_thread(memory_plan, model, device)  # UnknownModelError for an unknown model
+        if max_memory_mb is None:
+            max_memory_mb = plan.minimum_mb + 256
+        if max_memory_mb < plan.minimum_mb:
+            raise InvalidRequestError(
+                f"max_memory_mb {max_memory_mb} is too small for {model} on {device}: it needs at least "
+                f"{plan.minimum_mb} MiB ({plan.weights_mb} MiB of weights, {RUNTIME_OVERHEAD_MB} MiB for the runtime "
+                f"and {plan.min_kv_mb} MiB of KV cache for {MIN_KV_TOKENS} tokens)",
+                "max_memory_mb",
+            )
+        name = f"local-{next(self._names)}"
+        while name in self.workers:
+            name = f"local-{next(self._names)}"
+        kv_mb = plan.kv_mb(max_memory_mb)
+        args = [sys.executable, "-m", "fleetserve", "worker", "--gateway", self.control_address]
+        args += ["--model", model, "--device", device, "--kv-cache-mb", str(kv_mb), "--name", name]
+        if self.registration_token:
+            args += ["--registration-token", self.registration_token]
+        threads = self.threads or max(1, (os.cpu_count() or 1) // 2)
+        args += ["--threads", str(threads)]
+        popen = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        worker = LaunchedWorker(name, model, device, role, max_memory_mb, kv_mb, popen)
+        self.workers[name] = worker
+        asyncio.get_running_loop().run_in_executor(None, self._pump, worker)
+        log.info("launched worker %s (pid %d): %s on %s, %d MiB KV", name, popen.pid, model, device, kv_mb)
+        return worker
+
+    @staticmethod
+    def _pump(worker: LaunchedWorker) -> None:
+        for line in worker.popen.stdout:
+            worker.lines.append(line)
+            del worker.lines[:-200]
+
+    async def stop(self, name: str, grace_s: float = 30.0) -> int | None:
+        """SIGTERM (the worker drains, deregisters and exits), then SIGKILL after ``grace_s``; the exit code."""
+        worker = self.workers.get(name)
+        if worker is None:
+            return None
+        popen = worker.popen
+        if popen.poll() is None:
+            popen.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(popen.wait), grace_s)
+            except asyncio.TimeoutError:
+                log.warning("worker %s did not stop within %.0fs; killing it", name, grace_s)
+                popen.kill()
+                await asyncio.to_thread(popen.wait)
+        self.workers.pop(name, None)
+        return popen.returncode
+
+    async def close(self) -> None:
+        for name in list(self.workers):
+            with contextlib.suppress(Exception):
+                await self.stop(name, grace_s=10.0)

@@ -1,0 +1,106 @@
+"""`fleetserve nodes list|join|drain|stop --url URL`: the admin API from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from fleetserve.errors import InvalidRequestError
+
+COLUMNS = (
+    ("NAME", "name"),
+    ("STATE", "state"),
+    ("MODEL", "model"),
+    ("ROLE", "role"),
+    ("ADDRESS", "address"),
+    ("DEVICE", "device"),
+    ("MEM MiB", "memory"),
+    ("RUN", "running"),
+    ("WAIT", "waiting"),
+    ("KV", "kv"),
+    ("TTFT ms", "ttft"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("list", "join", "drain", "stop"), help="what to do")
+    parser.add_argument("worker", nargs="?", help="drain/stop: the worker's name or id")
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default: http://127.0.0.1:8000)")
+    parser.add_argument("--admin-key", default=None, help="the gateway's admin key, if it has one")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="join: the model (default: the default)")
+    parser.add_argument("--device", default="cpu", help="join: cpu or cuda[:N] (default: cpu)")
+    parser.add_argument("--max-memory-mb", type=int, default=None, help="join: memory cap (default: enough)")
+    parser.add_argument("--role", default="replica", help="join: the worker's role (default: replica)")
+    parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
+
+
+def call(url: str, method: str, path: str, admin_key: str | None, body: dict | None = None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if admin_key:
+        headers["Authorization"] = f"Bearer {admin_key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]["message"]
+        raise InvalidRequestError(f"the gateway answered {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise InvalidRequestError(f"cannot reach {url}: {exc.reason}") from None
+
+
+def _cells(w: dict) -> dict[str, str]:
+    mem = w.get("memory_cap_bytes") or 0
+    kv = w.get("kv_usage")
+    ttft = w.get("recent_ttft_s") or 0
+    return {
+        "name": w.get("name", ""),
+        "state": w.get("state", ""),
+        "model": w.get("model", ""),
+        "role": w.get("role", "") or "",
+        "address": w.get("address", "") or "-",
+        "device": w.get("device", "") or "-",
+        "memory": f"{mem / 2**20:.0f}" if mem else "-",
+        "running": str(w.get("running", "-")),
+        "waiting": str(w.get("waiting", "-")),
+        "kv": f"{100 * kv:.0f}%" if kv is not None else "-",
+        "ttft": f"{1000 * ttft:.0f}" if ttft else "-",
+    }
+
+
+def format_table(workers: list[dict]) -> str:
+    rows = [_cells(w) for w in workers]
+    widths = {key: max([len(title)] + [len(r[key]) for r in rows]) for title, key in COLUMNS}
+    lines = ["  ".join(title.ljust(widths[key]) for title, key in COLUMNS).rstrip()]
+    lines += ["  ".join(r[key].ljust(widths[key]) for _, key in COLUMNS).rstrip() for r in rows]
+    return "\n".join(lines) if rows else lines[0] + "\n(no workers)"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action in ("drain", "stop") and not args.worker:
+        raise InvalidRequestError(f"nodes {args.action} needs the worker's name or id", "worker")
+    if args.action == "list":
+        answer = call(args.url, "GET", "/admin/workers", args.admin_key)
+        print(json.dumps(answer, indent=2) if args.json else format_table(answer["workers"]))
+        return 0
+    if args.action == "join":
+        body = {"model": args.model, "device": args.device, "role": args.role}
+        if args.max_memory_mb is not None:
+            body["max_memory_mb"] = args.max_memory_mb
+        answer = call(args.url, "POST", "/admin/workers", args.admin_key, body)
+        message = (
+            f"started {answer['name']} (pid {answer['pid']}): {answer['model']} on {answer['device']}, "
+            f"{answer['max_memory_mb']} MiB cap, {answer['kv_cache_mb']} MiB KV; it registers when loaded"
+        )
+    else:
+        answer = call(args.url, "POST", f"/admin/workers/{args.worker}/{args.action}", args.admin_key)
+        message = f"{args.worker}: " + ("draining" if args.action == "drain" else "draining, then stopping")
+    print(json.dumps(answer, indent=2) if args.json else message)
+    return 0
