@@ -17,13 +17,19 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
-# The tests start a real redis-server (the response cache's shared backend); install it when apt can.
-if [ -n "$extras" ] && ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else sudo="no"; fi
-  if [ "$sudo" != "no" ]; then
-    echo "setup: installing redis-server (apt)" >&2
-    { $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null; } \
-      || echo "setup: could not install redis-server; the Redis tests will be skipped" >&2
+# The tests start a real redis-server (the response cache's shared backend) and drive the console in Debian's
+# Chromium; install what is missing when apt can (root or passwordless sudo).
+if [ -n "$extras" ] && command -v apt-get >/dev/null 2>&1; then
+  missing=""
+  command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+  [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else sudo="no"; fi
+    if [ "$sudo" != "no" ]; then
+      echo "setup: installing$missing (apt)" >&2
+      { $sudo apt-get update -qq && $sudo apt-get install -y -qq $missing >/dev/null; } \
+        || echo "setup: could not install$missing; the tests that need them will be skipped" >&2
+    fi
   fi
 fi
 

@@ -12,10 +12,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
 from fleetserve.gateway.admin import add_admin_routes
@@ -34,6 +36,9 @@ from fleetserve.telemetry.tracing import Trace, TraceStore, request_id_var
 from fleetserve.text.tokenizer import Tokenizer
 
 RETRY_AFTER_S = "1"
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+PUBLIC_PATHS = {"/health", "/", "/favicon.ico"}
+"""Routes open without an API key: liveness and the console's static page (its API calls carry the key)."""
 POLL_KEEP = 1000
 """Finished polling-mode requests kept for GET /v1/requests/{id}."""
 
@@ -103,7 +108,7 @@ def create_app(state: GatewayState) -> FastAPI:
                     "invalid_api_key",
                 )
                 return JSONResponse(body, status_code=401)
-        elif keys and request.url.path != "/health":
+        elif keys and request.url.path not in PUBLIC_PATHS and not request.url.path.startswith("/console/"):
             header = request.headers.get("authorization", "")
             if not (header.startswith("Bearer ") and header[7:].strip() in keys):
                 body = responses.error_body(
@@ -461,6 +466,13 @@ def create_app(state: GatewayState) -> FastAPI:
         if job is None:
             return _not_found(f"No request with id '{request_id}'.")
         return job
+
+    @app.get("/", include_in_schema=False)
+    async def console():
+        """The web console: a static page that uses this API from the browser."""
+        return FileResponse(CONSOLE_DIR / "index.html", media_type="text/html")
+
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon():
