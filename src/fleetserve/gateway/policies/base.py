@@ -40,9 +40,10 @@ class RouteRequest:
 
 
 def load(worker: WorkerRecord) -> int:
-    """Requests on a worker: the gateway's own count of in-flight requests, or the worker's reported running +
-    waiting when that is larger (other gateways may be sending it work too)."""
-    return max(worker.in_flight, worker.stats.running + worker.stats.waiting)
+    """Requests on a worker: the gateway's own count of the requests it has in flight there. The worker's reported
+    running + waiting is not used: it is up to a heartbeat old, and a request that finished since would keep
+    steering work away from an idle worker (this gateway's own count is exact and current)."""
+    return worker.in_flight
 
 
 def kv_use(worker: WorkerRecord) -> float:
