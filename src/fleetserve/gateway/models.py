@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fleetserve.gateway.policies import DEFAULT_POLICY
 from fleetserve.protocol import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-DEFAULT_POLICY = "prefix-aware"
 
 _QUANTIZED_DTYPE = re.compile(r"^(i?q\d|u?int[48]|fp[48]|float8|nf4|mxfp4|gptq|awq|bnb)", re.IGNORECASE)
 

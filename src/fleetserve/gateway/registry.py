@@ -275,6 +275,3 @@ class WorkerRegistry:
 
     def models(self) -> list[str]:
         return sorted({w.info.model for w in self.workers.values()})
-
-    def live_models(self) -> list[str]:
-        return sorted({w.info.model for w in self.workers.values() if w.state != WorkerState.DEAD})
