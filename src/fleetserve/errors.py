@@ -20,6 +20,17 @@ class UnknownModelError(FleetServeError, LookupError):
     """No model by that name or path is known."""
 
 
+class NotFoundError(FleetServeError, LookupError):
+    """The request names something that does not exist (a request id, a worker): HTTP 404.
+
+    ``param`` names the field that named it.
+    """
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class UnsupportedModelError(FleetServeError):
     """The model exists but its architecture or file format is not supported."""
 

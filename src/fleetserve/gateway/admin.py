@@ -11,10 +11,8 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from fleetserve.errors import InvalidRequestError
-from fleetserve.gateway.api import responses
+from fleetserve.errors import InvalidRequestError, NotFoundError
 from fleetserve.gateway.registry import WorkerRecord, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
 
@@ -49,10 +47,8 @@ def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
     }
 
 
-def _not_found(worker: str) -> JSONResponse:
-    body = responses.error_body(f"No worker '{worker}' (give its worker_id or name).", "invalid_request_error",
-                                "worker", "not_found")  # fmt: skip
-    return JSONResponse(body, status_code=404)
+def _not_found(worker: str) -> NotFoundError:
+    return NotFoundError(f"No worker '{worker}' (give its worker_id or name).", "worker")
 
 
 def add_admin_routes(app: FastAPI, state: Any) -> None:
@@ -118,7 +114,7 @@ def add_admin_routes(app: FastAPI, state: Any) -> None:
     async def drain_worker(worker: str):
         record = find(worker)
         if record is None:
-            return _not_found(worker)
+            raise _not_found(worker)
         if record.state == WorkerState.DEAD:
             raise InvalidRequestError(f"worker '{worker}' is dead: there is nothing to drain", "worker")
         state.control.send(record.worker_id, pb.Command(kind=pb.Command.DRAIN, detail="drain asked by the admin API"))
@@ -132,7 +128,7 @@ def add_admin_routes(app: FastAPI, state: Any) -> None:
         record = find(worker)
         launched = state.launcher.workers.get(worker) if state.launcher else None
         if record is None and launched is None:
-            return _not_found(worker)
+            raise _not_found(worker)
         name = record.name if record is not None else worker
         local = state.launcher.workers.get(name) if state.launcher else None
         if record is not None and record.state != WorkerState.DEAD:

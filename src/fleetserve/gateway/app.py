@@ -19,7 +19,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fleetserve.errors import FleetServeError, InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
+from fleetserve.errors import (
+    FleetServeError,
+    InvalidRequestError,
+    NotFoundError,
+    NoWorkerError,
+    UnknownModelError,
+    UpstreamError,
+)
 from fleetserve.gateway.admin import add_admin_routes
 from fleetserve.gateway.answer_cache import AnswerCache, bypassed
 from fleetserve.gateway.api import responses, schema
@@ -75,10 +82,6 @@ def _error(exc: BaseException) -> JSONResponse:
     status, body = _error_payload(exc)
     headers = {"Retry-After": RETRY_AFTER_S} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def _not_found(message: str) -> JSONResponse:
-    return JSONResponse(responses.error_body(message, "invalid_request_error", "request_id", "not_found"), 404)
 
 
 async def _json_body(request: Request) -> Any:
@@ -251,7 +254,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def request_trace(request_id: str):
         trace = state.traces.get(request_id)
         if trace is None:
-            return _not_found(f"No trace for request '{request_id}' (only recent requests are kept).")
+            raise NotFoundError(f"No trace for request '{request_id}' (only recent requests are kept).", "request_id")
         return trace.to_json()
 
     # -- OpenAI ---------------------------------------------------------------------------------------------
@@ -464,7 +467,7 @@ def create_app(state: GatewayState) -> FastAPI:
     async def poll(request_id: str):
         job = state.jobs.get(request_id)
         if job is None:
-            return _not_found(f"No request with id '{request_id}'.")
+            raise NotFoundError(f"No request with id '{request_id}'.", "request_id")
         return job
 
     @app.get("/", include_in_schema=False)

@@ -74,8 +74,9 @@ async def generate_text(
             if first_token_at is None:
                 first_token_at = began - arrived
                 metrics.time_to_first_token_seconds.labels(model=model).observe(first_token_at)
+                itl = metrics.inter_token_latency_seconds.labels(model=model)  # once, not per chunk
             elif chunk.token_ids:
-                metrics.inter_token_latency_seconds.labels(model=model).observe(began - last_chunk_at)
+                itl.observe(began - last_chunk_at)
             last_chunk_at = began
             usage.completion_tokens = chunk.num_output_tokens
             usage.cached_tokens = chunk.num_cached_tokens

@@ -12,7 +12,7 @@ Decisions:
   supported), advancing by each token string's length.
 * Errors: InvalidRequestError -> 400 ``invalid_request_error`` (with ``param``, and ``code`` when the exception has
   one, e.g. ``context_length_exceeded``); UnknownModelError -> 404 ``invalid_request_error`` / ``model_not_found``;
-  CapacityError -> 503 ``server_error`` / ``overloaded`` (the condition is usually temporary, and the ``openai``
+  NotFoundError (a request id, a worker) -> 404 ``invalid_request_error`` / ``not_found`` with ``param``; CapacityError -> 503 ``server_error`` / ``overloaded`` (the condition is usually temporary, and the ``openai``
   client retries 503s with back-off, as it does for OpenAI's own "engine overloaded" answers); anything else -> 500
   ``server_error`` with a generic message (internal details are logged, not sent).
 """
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fleetserve.engine.request import TokenLogprob
-from fleetserve.errors import CapacityError, InvalidRequestError, UnknownModelError
+from fleetserve.errors import CapacityError, InvalidRequestError, NotFoundError, UnknownModelError
 
 TokenText = Callable[[int], str]
 """Maps a token id to its text, e.g. ``lambda i: tokenizer.decode([i], skip_special_tokens=False)``."""
@@ -348,6 +348,8 @@ def error_for(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 400, error_body(str(exc), "invalid_request_error", exc.param, getattr(exc, "code", None))
     if isinstance(exc, UnknownModelError):
         return 404, error_body(str(exc), "invalid_request_error", None, "model_not_found")
+    if isinstance(exc, NotFoundError):
+        return 404, error_body(str(exc), "invalid_request_error", exc.param, "not_found")
     if isinstance(exc, CapacityError):
         return 503, error_body(str(exc), "server_error", None, "overloaded")
     return 500, error_body("The server had an error while processing your request.", "server_error")
