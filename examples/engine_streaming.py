@@ -2,8 +2,8 @@
 
 import asyncio
 
+from fleetserve.contract import SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine
-from fleetserve.engine.request import SamplingParams
 from fleetserve.text.detokenizer import IncrementalDetokenizer
 from fleetserve.text.tokenizer import Tokenizer
 

@@ -13,7 +13,7 @@ os.environ.setdefault("FLEETSERVE_CACHE", str(Path(__file__).resolve().parent.pa
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from fleetserve.engine.models.loader import DEFAULT_MODEL, prepare_model_dir
+    from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir
 
     return prepare_model_dir(DEFAULT_MODEL, progress=False)
 
@@ -58,7 +58,7 @@ def hf_model():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from fleetserve.engine.models.loader import DEFAULT_MODEL, KNOWN_MODELS
+    from fleetserve.model_files import DEFAULT_MODEL, KNOWN_MODELS
 
     path = KNOWN_MODELS[DEFAULT_MODEL].path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

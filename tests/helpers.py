@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fleetserve.contract import SamplingParams
 from fleetserve.engine.kv_cache import KVCacheManager
-from fleetserve.engine.request import Request, SamplingParams
+from fleetserve.engine.request import Request
 from fleetserve.engine.scheduler import Scheduler
 
 EOS = 2

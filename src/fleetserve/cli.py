@@ -51,8 +51,8 @@ def engine_config_from_args(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text for one prompt with an in-process engine, streaming it to the terminal."""
+    from fleetserve.contract import SamplingParams
     from fleetserve.engine.engine import LLMEngine
-    from fleetserve.engine.request import SamplingParams
     from fleetserve.text.detokenizer import IncrementalDetokenizer
     from fleetserve.text.tokenizer import Tokenizer
 
@@ -164,7 +164,7 @@ def _generate_remote(args: argparse.Namespace, prompt: str) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the models fleetserve knows by name."""
-    from fleetserve.engine.models.loader import list_models
+    from fleetserve.model_files import list_models
 
     rows = list_models()
     if args.json:

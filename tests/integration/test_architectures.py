@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fleetserve.engine.models.gguf_convert import hf_name, undo_rotary_permutation
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
+from fleetserve.model_files.gguf_convert import hf_name, undo_rotary_permutation
 
 pytestmark = pytest.mark.reference
 

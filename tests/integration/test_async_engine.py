@@ -4,8 +4,8 @@ import asyncio
 
 import pytest
 
+from fleetserve.contract import SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
-from fleetserve.engine.request import SamplingParams
 from fleetserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow

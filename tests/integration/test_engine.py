@@ -4,7 +4,7 @@ layer ranges and bad input."""
 import pytest
 import torch
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError, UnknownModelError, UnsupportedModelError
 
 pytestmark = pytest.mark.slow

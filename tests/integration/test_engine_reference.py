@@ -9,7 +9,7 @@ NEW_TOKENS = 32
 
 
 def test_greedy_matches_transformers_generate(engine, hf_model, chat_prompts):
-    from fleetserve.engine.request import SamplingParams
+    from fleetserve.contract import SamplingParams
 
     assert len(chat_prompts) >= 8
     # min_tokens masks EOS exactly as min_new_tokens does in transformers
@@ -28,7 +28,7 @@ def test_greedy_matches_transformers_generate(engine, hf_model, chat_prompts):
 
 def test_first_step_logits_match_transformers(engine, hf_model, chat_prompts):
     # Beyond the argmax: the whole next-token distribution agrees to float32 rounding.
-    from fleetserve.engine.request import SamplingParams
+    from fleetserve.contract import SamplingParams
     from fleetserve.engine.scheduler import SampledToken
 
     prompt = chat_prompts[0]

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from tests.fleet import READY_WORKER, start_fleet

@@ -1,6 +1,7 @@
 """KV block pool: allocation, freeing, prefix hashes, LRU reuse and eviction (no model)."""
 
-from fleetserve.engine.kv_cache import KVCacheManager, block_hashes, hash_block
+from fleetserve.contract import block_hashes, hash_block
+from fleetserve.engine.kv_cache import KVCacheManager
 
 
 def test_block_hashes_chain_and_ignore_partial_block():

@@ -13,7 +13,7 @@ import pytest
 from openai.types import Completion, CompletionChoice
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from fleetserve.engine.request import TokenLogprob
+from fleetserve.contract import TokenLogprob
 from fleetserve.errors import CapacityError, InvalidRequestError, UnknownModelError, UnsupportedModelError
 from fleetserve.gateway.api.responses import (
     SSE_DONE,

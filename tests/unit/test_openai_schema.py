@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.errors import InvalidRequestError
 from fleetserve.gateway.api.schema import (
     ChatCompletionRequest,

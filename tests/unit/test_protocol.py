@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fleetserve.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from fleetserve.contract import RequestOutput, SamplingParams, TokenLogprob
 from fleetserve.protocol import convert
 from fleetserve.protocol.generate import PROTO, generate
 

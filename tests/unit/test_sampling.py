@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fleetserve.engine.request import Request, SamplingParams
+from fleetserve.contract import SamplingParams
+from fleetserve.engine.request import Request
 from fleetserve.engine.sampling import Sampler
 from fleetserve.errors import InvalidRequestError
 

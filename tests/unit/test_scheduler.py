@@ -1,6 +1,7 @@
 """Scheduler on hand-built requests and a hand-made runner output (no model)."""
 
-from fleetserve.engine.request import Request, RequestStatus, SamplingParams
+from fleetserve.contract import SamplingParams
+from fleetserve.engine.request import Request, RequestStatus
 from fleetserve.engine.scheduler import SampledToken
 from tests.helpers import EOS, make_request, make_scheduler
 

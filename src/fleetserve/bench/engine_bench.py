@@ -256,7 +256,7 @@ def _engine_config(args: argparse.Namespace):
 
 def _warm_up(engine, warm_ids: list[int]) -> None:
     """One short request through every stage (prefill, decode, sampling) before timing."""
-    from fleetserve.engine.request import SamplingParams
+    from fleetserve.contract import SamplingParams
 
     engine.generate([warm_ids], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
 
@@ -271,7 +271,7 @@ def kv_bytes_per_token(engine) -> int:
 
 def run_engine_closed_loop(engine, prompts: Sequence[list[int]], concurrency: int, max_tokens: int) -> dict[str, Any]:
     """Run ``prompts`` through ``engine`` keeping ``concurrency`` in flight; return the row's figures."""
-    from fleetserve.engine.request import SamplingParams
+    from fleetserve.contract import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     queue = deque(enumerate(prompts))

@@ -310,7 +310,7 @@ class WorkerClient:
     def __init__(self, address: str, max_tokens: int):
         import grpc
 
-        from fleetserve.engine.request import SamplingParams
+        from fleetserve.contract import SamplingParams
         from fleetserve.protocol import convert
         from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 
@@ -358,7 +358,7 @@ class WorkerClient:
         """One short plain-text generation; raise BenchError if the worker refuses it."""
         import grpc
 
-        from fleetserve.engine.request import SamplingParams
+        from fleetserve.contract import SamplingParams
         from fleetserve.protocol import convert
 
         params = convert.sampling_to_proto(SamplingParams(max_tokens=2))

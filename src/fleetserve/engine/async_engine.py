@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from fleetserve.config import EngineConfig
-from fleetserve.engine.engine import EngineStats, LLMEngine
-from fleetserve.engine.request import KVTransfer, RequestOutput, SamplingParams
+from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, SamplingParams
+from fleetserve.engine.engine import LLMEngine
 from fleetserve.errors import FleetServeError
 
 log = logging.getLogger(__name__)

@@ -8,41 +8,19 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from fleetserve.config import EngineConfig, ModelConfig
+from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, SamplingParams
 from fleetserve.engine.kv_cache import KVCacheManager
 from fleetserve.engine.model_runner import ModelRunner
-from fleetserve.engine.models.loader import load_arch, prepare_model_dir
-from fleetserve.engine.request import KVTransfer, Request, RequestOutput, SamplingParams
+from fleetserve.engine.request import Request
 from fleetserve.engine.scheduler import Scheduler
 from fleetserve.errors import CapacityError, InvalidRequestError
+from fleetserve.model_files import load_arch, prepare_model_dir
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    """Load and cache figures, for logs, heartbeats and benchmarks."""
-
-    running: int
-    waiting: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    kv_blocks_free: int
-    kv_blocks_cached: int
-    kv_cache_bytes: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    steps: int
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 class LLMEngine:

@@ -8,29 +8,11 @@ until its memory is needed for something else.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_ROOT_HASH = 0
-
-
-def hash_block(parent_hash: int, token_ids: Sequence[int]) -> int:
-    """Stable 64-bit key of a full block: the same in every process, so a gateway can compute it too."""
-    payload = struct.pack(f"<Q{len(token_ids)}I", parent_hash, *token_ids)
-    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Keys of every full block of ``token_ids``, in order (a trailing partial block has none)."""
-    hashes: list[int] = []
-    parent = _ROOT_HASH
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start : start + block_size])
-        hashes.append(parent)
-    return hashes
+from fleetserve.contract.kv import ROOT_HASH, block_hashes, hash_block
 
 
 @dataclass
@@ -147,7 +129,7 @@ class KVCacheManager:
         bs = self.block_size
         while (len(hashes) + 1) * bs <= num_computed:
             i = len(hashes)
-            parent = hashes[-1] if hashes else _ROOT_HASH
+            parent = hashes[-1] if hashes else ROOT_HASH
             h = hash_block(parent, token_ids[i * bs : (i + 1) * bs])
             hashes.append(h)
             block = table[i]

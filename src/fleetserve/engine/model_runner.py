@@ -8,14 +8,14 @@ from __future__ import annotations
 import torch
 
 from fleetserve.config import EngineConfig
+from fleetserve.contract import KVTransfer
 from fleetserve.engine.attention import build_attention_batch
 from fleetserve.engine.models.linear import choose_kernels
 from fleetserve.engine.models.loader import load_model
-from fleetserve.engine.models.registry import ModelArch
-from fleetserve.engine.request import KVTransfer
 from fleetserve.engine.sampling import Sampler
 from fleetserve.engine.scheduler import SampledToken, SchedulerOutput
 from fleetserve.errors import InvalidRequestError
+from fleetserve.model_files.arch import ModelArch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

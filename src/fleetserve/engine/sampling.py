@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetserve.engine.request import Request, TokenLogprob
+from fleetserve.contract import TokenLogprob
+from fleetserve.engine.request import Request
 
 
 @dataclass

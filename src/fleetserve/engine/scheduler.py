@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 
 from fleetserve.config import SchedulerConfig
+from fleetserve.contract import RequestOutput, TokenLogprob
 from fleetserve.engine.kv_cache import KVCacheManager
-from fleetserve.engine.request import Request, RequestOutput, RequestStatus, TokenLogprob
+from fleetserve.engine.request import Request, RequestStatus
 
 
 @dataclass

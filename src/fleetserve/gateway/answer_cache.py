@@ -16,7 +16,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.gateway.generation import TextEvent, Usage
 from fleetserve.gateway.response_cache import CacheBackend, cache_key, is_cacheable
 from fleetserve.telemetry.metrics import GatewayMetrics

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
 from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.balancer import Balancer

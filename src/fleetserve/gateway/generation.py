@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fleetserve.engine.request import SamplingParams, TokenLogprob
+from fleetserve.contract import SamplingParams, TokenLogprob
 from fleetserve.errors import CapacityError
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.protocol import convert

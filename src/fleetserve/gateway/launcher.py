@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field
 
 from fleetserve.errors import InvalidRequestError
+from fleetserve.model_files import model_arch
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ class MemoryPlan:
 
 def memory_plan(model: str, device: str) -> MemoryPlan:
     """Weights and KV sizes of ``model`` on ``device`` (float32 on CPU, bfloat16 on CUDA, as the engine picks)."""
-    from fleetserve.engine.models.loader import load_arch, prepare_model_dir
-
-    arch = load_arch(prepare_model_dir(model, progress=False))
+    arch = model_arch(model)  # read from the model's config or GGUF metadata: nothing converted, no torch
     elem = 2 if device.startswith("cuda") else 4
     hidden, inter, layers = arch.hidden_size, arch.intermediate_size, arch.num_layers
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim

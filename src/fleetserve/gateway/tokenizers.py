@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fleetserve.engine.models.loader import cache_root
 from fleetserve.gateway.registry import WorkerRecord
+from fleetserve.model_files import cache_root
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.text.tokenizer import Tokenizer
 

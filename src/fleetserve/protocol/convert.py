@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fleetserve.engine.engine import EngineStats
-from fleetserve.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from fleetserve.contract import EngineStats, RequestOutput, SamplingParams, TokenLogprob
 from fleetserve.protocol import fleet_pb2 as pb
 
 

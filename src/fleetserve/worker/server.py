@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 
+from fleetserve.contract import SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
-from fleetserve.engine.request import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb

@@ -15,7 +15,7 @@ from torch import nn
 
 from fleetserve.engine.attention import AttentionBatch, paged_attention
 from fleetserve.engine.models.linear import Linear
-from fleetserve.engine.models.registry import ModelArch
+from fleetserve.model_files.arch import ModelArch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from fleetserve.engine.request import TokenLogprob
+from fleetserve.contract import TokenLogprob
 from fleetserve.errors import CapacityError, InvalidRequestError, NotFoundError, UnknownModelError
 
 TokenText = Callable[[int], str]

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fleetserve.engine.request import SamplingParams
+from fleetserve.contract import SamplingParams
 from fleetserve.errors import InvalidRequestError
 
 MAX_STOP_STRINGS = 4

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
-from fleetserve.engine.kv_cache import block_hashes
+from fleetserve.contract import block_hashes
 
 if TYPE_CHECKING:
     from fleetserve.gateway.registry import WorkerRecord

@@ -58,6 +58,13 @@ def undo_rotary_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def open_reader(gguf_path: str | Path) -> Any:
+    """A GGUF reader over the file (memory-mapped: reading metadata touches no tensor data)."""
+    import gguf
+
+    return gguf.GGUFReader(str(gguf_path))
+
+
 def hf_config(reader: Any) -> dict[str, Any]:
     """config.json contents from the GGUF metadata."""
     arch = _field(reader, "general.architecture")
@@ -109,32 +116,31 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """De-quantize ``gguf_path`` into a Hugging Face folder at ``out_dir`` (written atomically); return it."""
-    import gguf
-    import torch
-    from safetensors.torch import save_file
+    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     from fleetserve.text.gguf_tokenizer import write_tokenizer_files
 
     out_dir = Path(out_dir)
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = open_reader(gguf_path)
     config = hf_config(reader)
     permute = _ARCHITECTURES[config["model_type"]][1]
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
     try:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, np.ndarray] = {}
         for t in tqdm(
             reader.tensors, desc=f"de-quantizing {Path(gguf_path).name}", unit="tensor", disable=not progress
         ):
             name = hf_name(t.name)
             if name is None:
                 continue
-            w = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
             if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
                 w = undo_rotary_permutation(w, config["num_attention_heads"])
             elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
                 w = undo_rotary_permutation(w, config["num_key_value_heads"])
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+            tensors[name] = np.ascontiguousarray(w)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(reader, tmp)

@@ -1,0 +1,59 @@
+"""What an engine reports: per-step request outputs, token log-probabilities and engine statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one sampled token and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+    """(token id, log-probability) pairs, most likely first."""
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    num_output_tokens: int
+    """Tokens generated so far, these included."""
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finish_reason: str | None
+    """None while running; then "stop", "length" or "abort"."""
+    logprobs: list[TokenLogprob] | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    time: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineStats:
+    """Load and cache figures, for logs, heartbeats and benchmarks."""
+
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    kv_cache_bytes: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

@@ -1,0 +1,70 @@
+"""SamplingParams: how a request picks each token and when it stops, validated where it enters the fleet."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from fleetserve.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop. Defaults mean greedy, 16 tokens."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 0.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 or -1 means no top-k cut."""
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    """None: no log-probabilities; n >= 0: the sampled token's, plus the n most likely alternatives."""
+
+    def validate(self) -> SamplingParams:
+        """Raise InvalidRequestError naming the first parameter out of range; return self."""
+
+        def bad(param: str, rule: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{param} {rule}, got {getattr(self, param)!r}", param)
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be an integer in 0..max_tokens ({self.max_tokens})")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "must be -1, 0 (no limit) or a positive integer")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "must be in [-2, 2]")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "must be in [-2, 2]")
+        if not 0 < self.repetition_penalty <= 10 or not math.isfinite(self.repetition_penalty):
+            raise bad("repetition_penalty", "must be in (0, 10]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise bad("seed", "must be an integer in [0, 2**63)")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            raise bad("logprobs", "must be an integer in 0..20")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be non-negative integers")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

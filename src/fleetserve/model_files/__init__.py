@@ -1,0 +1,25 @@
+"""Model files on disk: known model names, their architecture, GGUF conversion into a cached folder (no torch)."""
+
+from fleetserve.model_files.arch import ModelArch
+from fleetserve.model_files.catalog import (
+    DEFAULT_MODEL,
+    KNOWN_MODELS,
+    cache_root,
+    list_models,
+    load_arch,
+    model_arch,
+    prepare_model_dir,
+    resolve_source,
+)
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "ModelArch",
+    "cache_root",
+    "list_models",
+    "load_arch",
+    "model_arch",
+    "prepare_model_dir",
+    "resolve_source",
+]
