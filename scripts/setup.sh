@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Creates .venv and installs fleetserve with everything it needs; re-running is quick when nothing changed.
-#   scripts/setup.sh          the package and the default model
+#   scripts/setup.sh          the package, the default model and what the README's examples use (openai)
 #   scripts/setup.sh --test   plus the test tools (pytest, transformers as the reference, ruff)
 # FLEETSERVE_TORCH overrides the torch requirement (default: torch==2.13.0, the CPU build this machine holds;
 # the package itself accepts torch>=2.4, so an existing torch is kept when you install it elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[ "${1:-}" = "--test" ] && extras="[test]"
+extras="[examples]"
+kind=""
+[ "${1:-}" = "--test" ] && extras="[examples,test]" && kind="-test"
 torch_spec="${FLEETSERVE_TORCH:-torch==2.13.0}"
 python="${PYTHON:-python3}"
 
@@ -19,7 +20,7 @@ fi
 
 # The tests start a real redis-server (the response cache's shared backend) and drive the console in Debian's
 # Chromium; install what is missing when apt can (root or passwordless sudo).
-if [ -n "$extras" ] && command -v apt-get >/dev/null 2>&1; then
+if [ -n "$kind" ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   [ -x /usr/bin/chromium ] || missing="$missing chromium"
@@ -33,7 +34,7 @@ if [ -n "$extras" ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
-stamp=".venv/.fleetserve-setup${extras:+-test}"
+stamp=".venv/.fleetserve-setup$kind"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $torch_spec"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0

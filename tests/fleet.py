@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
+
+from fleetserve.supervisor import Child, ChildSpec
 
 READY_WORKER = re.compile(r"fleetserve worker ready: (\S+) at (\S+),")
 
@@ -23,53 +23,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@dataclass
 class Proc:
-    """A child process whose output is collected line by line."""
+    """A ``fleetserve`` child process whose output is collected line by line (a view of a supervisor's Child)."""
 
-    popen: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
+    def __init__(self, child: Child):
+        self.child = child
+
+    @property
+    def popen(self) -> subprocess.Popen:
+        return self.child.popen
+
+    @property
+    def lines(self) -> list[str]:
+        """Its latest output lines; once it has exited, up to the last line it wrote."""
+        if self.child.returncode is not None:
+            self.child.join_output()
+        return self.child.output()
 
     def wait_for(self, pattern: re.Pattern, timeout: float = 120) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                m = pattern.search(line)
-                if m:
-                    return m
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"process exited ({self.popen.returncode}):\n" + "".join(self.lines[-30:]))
-            time.sleep(0.05)
-        raise TimeoutError("".join(self.lines[-30:]))
+        return self.child.wait_for(pattern, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        return self.child.stop(timeout, sig)
 
 
 def spawn(*args: str) -> Proc:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "fleetserve", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    proc = Proc(popen)
-
-    def pump():
-        for line in popen.stdout:
-            proc.lines.append(line)
-
-    threading.Thread(target=pump, daemon=True).start()
-    return proc
+    """Start ``fleetserve *args`` in its own process group."""
+    spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args])
+    return Proc(Child(spec).launch())
 
 
 @dataclass
@@ -109,7 +90,8 @@ class Fleet:
         raise TimeoutError(f"expected {count} healthy workers, /ready says {body}")
 
     def stop(self) -> None:
-        for w in self.workers:
+        """The workers (the latest first), then the gateway."""
+        for w in reversed(self.workers):
             w.stop()
         self.gateway.stop()
 

@@ -1,4 +1,6 @@
-"""Typed settings, one class per concern, composed into EngineConfig and validated once."""
+"""The engine's typed config, one class per concern, composed into EngineConfig and validated once.
+
+Processes build it from their settings (fleetserve.settings); the engine takes nothing else."""
 
 from __future__ import annotations
 
@@ -88,62 +90,3 @@ class EngineConfig:
         self.cache.validate()
         self.scheduler.validate()
         return self
-
-
-# -- layering: defaults < config file < environment < command-line flags ------------------------------------
-
-ENV_PREFIX = "FLEETSERVE_"
-
-
-def load_config_file(path: str) -> dict:
-    """Read a YAML (or JSON) config file: option names as keys, at the top level or under a command's name."""
-    import yaml
-
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as exc:
-        raise InvalidRequestError(f"cannot read config file {path}: {exc.strerror}", "config") from None
-    except yaml.YAMLError as exc:
-        raise InvalidRequestError(f"config file {path} is not valid YAML: {exc}", "config") from None
-    if not isinstance(data, dict):
-        raise InvalidRequestError(f"config file {path} must hold a mapping of option names to values", "config")
-    return data
-
-
-def layered_options(
-    command: str, options: dict[str, object], explicit: set[str], file_data: dict, env: dict[str, str], parse
-) -> dict[str, object]:
-    """Merge one command's options: flags given on the command line win, then FLEETSERVE_* variables, then the
-    file's section for the command, then the file's top level, then the defaults already in ``options``.
-
-    ``parse(name, text)`` converts an environment string to the option's type. Unknown keys in the file's parts
-    that apply to this command are errors naming the valid ones.
-    """
-    known = set(options)
-    commands = {"generate", "worker", "gateway", "up", "bench", "models", "nodes"}
-    top = {k: v for k, v in file_data.items() if k not in commands}
-    section = file_data.get(command) or {}
-    if not isinstance(section, dict):
-        raise InvalidRequestError(f"config section {command!r} must be a mapping", "config")
-    for where, part in (("top level", top), (f"section {command!r}", section)):
-        unknown = sorted(set(part) - known - ({"config"} if where == "top level" else set()))
-        # Top-level keys may belong to other commands; only a command's own section must be exact.
-        if unknown and where != "top level":
-            raise InvalidRequestError(
-                f"unknown option(s) {', '.join(unknown)} in the config file's {where}; "
-                f"valid: {', '.join(sorted(known))}",
-                "config",
-            )
-    merged = dict(options)
-    for name in known:
-        if name in explicit:
-            continue
-        env_name = ENV_PREFIX + name.upper()
-        if env_name in env:
-            merged[name] = parse(name, env[env_name])
-        elif name in section:
-            merged[name] = section[name]
-        elif name in top:
-            merged[name] = top[name]
-    return merged

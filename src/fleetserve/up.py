@@ -1,7 +1,9 @@
 """`fleetserve up`: a gateway plus N local workers as child processes, ready when /ready says so.
 
 The machine's cores are split between the workers (torch threads each), since workers that each use every core
-slow one another down. Ctrl-C (or SIGTERM) stops every process it started: SIGTERM first, SIGKILL after a grace.
+slow one another down. The processes run under a :class:`~fleetserve.supervisor.Supervisor`, each in its own
+session, their output echoed to stderr with a ``[name]`` prefix. Ctrl-C (or SIGTERM) stops every process it
+started, the workers first (they drain and deregister) and the gateway last: SIGTERM, then SIGKILL after a grace.
 """
 
 from __future__ import annotations
@@ -9,44 +11,60 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+
+from fleetserve.settings.base import ENV_PREFIX, dial_host
+from fleetserve.settings.up import UpSettings
+from fleetserve.supervisor import ChildExited, ChildSpec, Supervisor
+
+READY_TIMEOUT_S = 600.0
+STOP_GRACE_S = 15.0
+"""How long each process has to stop on SIGTERM before it gets SIGKILL."""
 
 
-@dataclass
-class UpOptions:
-    model: str = "smollm2-135m-instruct"
-    workers: int = 2
-    host: str = "127.0.0.1"
-    port: int = 8000
-    control_port: int = 50050
-    threads_per_worker: int | None = None
-    """None: the machine's cores divided between the workers (at least 1)."""
-    worker_args: list[str] = field(default_factory=list)
-    gateway_args: list[str] = field(default_factory=list)
-    ready_timeout_s: float = 600.0
+def child_specs(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> list[ChildSpec]:
+    """The gateway's and the workers' specs, gateway first; their output is echoed to stderr.
 
-
-def _pipe(proc: subprocess.Popen, prefix: str) -> None:
-    for line in proc.stdout:  # type: ignore[union-attr]
-        sys.stderr.write(f"[{prefix}] {line}")
+    Each child gets the settings of ``explicit`` that it has, as FLEETSERVE_* variables (so keys never show in
+    process arguments), and the config file; this process's own FLEETSERVE_* settings variables are not
+    inherited (a FLEETSERVE_PORT meant for `up` must not become every worker's port).
+    """
+    exe = [sys.executable, "-m", "fleetserve"]
+    config = ["--config", config_file] if config_file else []
+    clean: dict[str, str | None] = {ENV_PREFIX + name.upper(): None for name in UpSettings.model_fields}
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    gateway_env = {**clean, **settings.gateway_env(explicit)}
+    specs = [ChildSpec("gateway", [*exe, "gateway", *config], gateway_env, "fleetserve gateway ready", sys.stderr)]
+    control = f"{dial_host(settings.control_host)}:{settings.control_port}"
+    worker_env = {**clean, **settings.worker_env(explicit)}
+    for i in range(settings.workers):
+        argv = [*exe, "worker", "--gateway", control, "--name", f"worker-{i}", "--threads", str(threads), *config]
+        specs.append(ChildSpec(f"worker-{i}", argv, worker_env, "fleetserve worker ready", sys.stderr))
+    return specs
 
 
 def wait_ready(
-    url: str, procs: list[subprocess.Popen], timeout_s: float, workers: int, headers: dict | None = None
-) -> dict:
-    """Poll GET url/ready until it is ready with ``workers`` healthy workers; raise if a child dies or time runs out."""
+    url: str,
+    supervisor: Supervisor,
+    timeout_s: float,
+    workers: int,
+    headers: dict | None = None,
+    stopping: threading.Event | None = None,
+) -> dict | None:
+    """Poll GET url/ready until it is ready with ``workers`` healthy workers; None if ``stopping`` is set first.
+
+    Raises ChildExited if a child exits, TimeoutError when time runs out."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
-        for p in procs:
-            if p.poll() is not None:
-                raise RuntimeError(f"a process exited with code {p.returncode} before the fleet was ready")
+        if stopping is not None and stopping.is_set():
+            return None
+        for child in supervisor.exited():
+            raise ChildExited(child.name, child.returncode, child.tail())
         try:
             req = urllib.request.Request(url + "/ready", headers=headers or {})
             with urllib.request.urlopen(req, timeout=15) as resp:
@@ -58,74 +76,39 @@ def wait_ready(
             last = exc.read().decode(errors="replace")
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
-        time.sleep(0.5)
+        if stopping is not None:
+            stopping.wait(0.5)
+        else:
+            time.sleep(0.5)
     raise TimeoutError(f"the fleet was not ready after {timeout_s:.0f}s: {last}")
 
 
-def stop_all(procs: list[subprocess.Popen], grace_s: float = 15.0) -> None:
-    for p in reversed(procs):  # workers first (they drain and deregister), the gateway last
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def launch(opts: UpOptions) -> list[subprocess.Popen]:
-    """Start the gateway and the workers; returns the processes, gateway first."""
-    exe = [sys.executable, "-m", "fleetserve"]
-    threads = opts.threads_per_worker or max(1, (os.cpu_count() or 1) // max(1, opts.workers))
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    common = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True, "env": env}
-    procs = [
-        subprocess.Popen(
-            [
-                *exe,
-                "gateway",
-                "--host",
-                opts.host,
-                "--port",
-                str(opts.port),
-                "--control-port",
-                str(opts.control_port),
-                *opts.gateway_args,
-            ],
-            **common,
-        )
-    ]
-    for i in range(opts.workers):
-        procs.append(
-            subprocess.Popen(
-                [
-                    *exe,
-                    "worker",
-                    "--model",
-                    opts.model,
-                    "--gateway",
-                    f"127.0.0.1:{opts.control_port}",
-                    "--name",
-                    f"worker-{i}",
-                    "--threads",
-                    str(threads),
-                    *opts.worker_args,
-                ],
-                **common,
+def _serve(url: str, ready: dict, supervisor: Supervisor, stopping: threading.Event) -> int:
+    """Say where the fleet answers, then watch it until a signal (0) or until a process exits (1)."""
+    workers = sum(m["healthy_workers"] for m in ready["models"].values())
+    print(f"fleetserve is ready: {workers} worker(s) serving {', '.join(ready['models'])}", flush=True)
+    print(f"  API:     {url}/v1   (OpenAI-compatible)", flush=True)
+    print(f"  health:  {url}/health   readiness: {url}/ready", flush=True)
+    print("Press Ctrl-C to stop.", flush=True)
+    while not stopping.is_set():
+        exited = supervisor.exited()
+        if exited:
+            child = exited[0]
+            print(
+                f"fleetserve up: {child.name} exited with code {child.returncode}; stopping the others",
+                file=sys.stderr,
+                flush=True,
             )
-        )
-    names = ["gateway"] + [f"worker-{i}" for i in range(opts.workers)]
-    for p, name in zip(procs, names):
-        threading.Thread(target=_pipe, args=(p, name), daemon=True).start()
-    return procs
+            return 1
+        stopping.wait(0.5)
+    return 0
 
 
-def run_up(opts: UpOptions, api_key: str | None = None) -> int:
-    url = f"http://{opts.host}:{opts.port}"
-    print(f"starting a gateway and {opts.workers} worker(s) on {opts.model} ...", file=sys.stderr, flush=True)
-    procs = launch(opts)
+def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> int:
+    """Start the fleet, say where it answers, and keep it until Ctrl-C/SIGTERM or a child's exit."""
+    url = f"http://{dial_host(settings.host)}:{settings.port}"
+    print(f"starting a gateway and {settings.workers} worker(s) on {settings.model} ...", file=sys.stderr, flush=True)
+    supervisor = Supervisor()
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -133,25 +116,27 @@ def run_up(opts: UpOptions, api_key: str | None = None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        for spec in child_specs(settings, explicit, config_file):
+            supervisor.start(spec)
+        headers = {"Authorization": f"Bearer {settings.api_key[0]}"} if settings.api_key else None
         try:
-            ready = wait_ready(url, procs, opts.ready_timeout_s, opts.workers, headers)
-        except (RuntimeError, TimeoutError) as exc:
+            ready = wait_ready(url, supervisor, READY_TIMEOUT_S, settings.workers, headers, stopping)
+        except ChildExited as exc:
+            print(
+                f"fleetserve up: {exc.name} exited with code {exc.returncode} before the fleet was ready",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        except TimeoutError as exc:
             print(f"fleetserve up: {exc}", file=sys.stderr, flush=True)
             return 1
-        workers = sum(m["healthy_workers"] for m in ready["models"].values())
-        print(f"fleetserve is ready: {workers} worker(s) serving {', '.join(ready['models'])}", flush=True)
-        print(f"  API:     {url}/v1   (OpenAI-compatible)", flush=True)
-        print(f"  health:  {url}/health   readiness: {url}/ready", flush=True)
-        print("Press Ctrl-C to stop.", flush=True)
-        while not stopping.is_set():
-            if any(p.poll() is not None for p in procs):
-                print("fleetserve up: a process exited; stopping the others", file=sys.stderr, flush=True)
-                return 1
-            stopping.wait(0.5)
-        return 0
+        if ready is None:
+            print("fleetserve up: stopped before the fleet was ready", file=sys.stderr, flush=True)
+            return 1
+        return _serve(url, ready, supervisor, stopping)
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
-        stop_all(procs)
+        supervisor.stop_all(STOP_GRACE_S)
         for s, h in old.items():
             signal.signal(s, h)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fleetserve.bench import engine_bench
-from fleetserve.bench.engine_bench import RequestTrace, percentile, summarize
+from fleetserve.bench.traces import RequestTrace, percentile, summarize
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from fleetserve.gateway.response_cache import (
+from fleetserve.gateway.cache import (
     CacheBackend,
     MemoryCache,
     RedisCache,

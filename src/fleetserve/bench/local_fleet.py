@@ -1,16 +1,17 @@
-"""Local fleets for the benchmarks: a gateway and workers as child processes on free loopback ports."""
+"""Local fleets for the benchmarks: a gateway and workers as supervised child processes on free loopback ports."""
 
 from __future__ import annotations
 
-import os
-import re
 import socket
-import subprocess
 import sys
-import threading
 import time
 
 import httpx
+
+from fleetserve.supervisor import Child, ChildSpec, Supervisor
+
+READY_S = 180.0
+"""How long the gateway, then the workers, have to say they are ready."""
 
 
 def free_port() -> int:
@@ -19,62 +20,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Proc:
-    def __init__(self, *args: str):
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fleetserve", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.popen.stdout), daemon=True).start()
-
-    def wait_for(self, pattern: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(re.search(pattern, line) for line in list(self.lines)):
-                return
-            if self.popen.poll() is not None:
-                raise RuntimeError("".join(self.lines[-20:]))
-            time.sleep(0.05)
-        raise TimeoutError("".join(self.lines[-20:]))
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
+def _spec(name: str, ready: str, *args: str) -> ChildSpec:
+    return ChildSpec(name, [sys.executable, "-m", "fleetserve", *args], ready=ready)
 
 
 class Fleet:
-    """A gateway with ``workers`` local workers of ``threads`` torch threads each."""
+    """A gateway with ``workers`` local workers of ``threads`` torch threads each; ``close`` stops them all."""
 
     def __init__(self, workers: int, threads: int, *gateway_args: str, kv_cache_mb: int = 512):
         port, control = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.gateway = Proc("gateway", "--port", str(port), "--control-port", str(control), *gateway_args)
-        self.gateway.wait_for("fleetserve gateway ready")
-        self.workers = [
-            Proc(
-                "worker",
-                "--gateway",
-                f"127.0.0.1:{control}",
-                "--name",
-                f"w{i}",
-                "--threads",
-                str(threads),
-                "--kv-cache-mb",
-                str(kv_cache_mb),
-            )  # fmt: skip
-            for i in range(workers)
-        ]
-        for w in self.workers:
-            w.wait_for("fleetserve worker ready")
-        deadline = time.monotonic() + 120
+        self.supervisor = Supervisor()
+        self.workers: list[Child] = []
+        try:
+            gateway = ["gateway", "--port", str(port), "--control-port", str(control), *gateway_args]
+            self.gateway = self.supervisor.start(_spec("gateway", "fleetserve gateway ready", *gateway))
+            self.gateway.wait_ready(READY_S)
+            for i in range(workers):
+                args = ["worker", "--gateway", f"127.0.0.1:{control}", "--name", f"w{i}", "--threads", str(threads)]
+                args += ["--kv-cache-mb", str(kv_cache_mb)]
+                self.workers.append(self.supervisor.start(_spec(f"w{i}", "fleetserve worker ready", *args)))
+            self.supervisor.wait_ready(READY_S)
+            self._wait_healthy(workers)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_healthy(self, workers: int, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             body = httpx.get(self.url + "/ready", timeout=30).json()
             if sum(m["healthy_workers"] for m in body.get("models", {}).values()) == workers:
@@ -83,5 +56,4 @@ class Fleet:
         raise TimeoutError("workers did not become ready")
 
     def close(self) -> None:
-        for p in [*self.workers, self.gateway]:
-            p.stop()
+        self.supervisor.stop_all()

@@ -15,24 +15,25 @@ the retries are spent the request fails with UpstreamError.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
 from fleetserve.contract import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
 from fleetserve.gateway.admission import Admission
-from fleetserve.gateway.balancer import Balancer
+from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.policies.base import RouteRequest
 from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.telemetry.metrics import GatewayMetrics
-from fleetserve.telemetry.tracing import Trace
+from fleetserve.telemetry.tracing import Attempt, Trace
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,20 @@ class RetryPolicy:
         return random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (retry - 1)))
 
 
+@dataclass
+class _Progress:
+    """One request's progress across its attempts."""
+
+    route: RouteRequest
+    trace: Trace | None
+    sent: list[int] = field(default_factory=list)
+    """Token ids already streamed to the client, from every attempt."""
+    cached_tokens: int | None = None
+    """Prompt tokens the first placement found cached (what usage reports)."""
+    produced: int = 0
+    """Tokens of the current attempt."""
+
+
 class _AttemptFailed(Exception):
     def __init__(self, detail: str, counts_against_worker: bool = True):
         super().__init__(detail)
@@ -70,14 +85,14 @@ class Dispatcher:
     def __init__(
         self,
         registry: WorkerRegistry,
-        balancer: Balancer,
+        policies: ModelPolicies,
         admission: Admission,
         retry: RetryPolicy | None = None,
         metrics: GatewayMetrics | None = None,
     ):
         self.registry = registry
         self.metrics = metrics or GatewayMetrics()
-        self.balancer = balancer
+        self.policies = policies
         self.admission = admission
         self.retry = retry or RetryPolicy()
         self.retries = 0
@@ -102,102 +117,128 @@ class Dispatcher:
         Chunks count output tokens from the start of the request, whichever worker made them. Closing the
         iterator early cancels the current call, which aborts the request on its worker.
         """
-        route = RouteRequest(model, request_id, prompt, affinity_key)
+        progress = _Progress(RouteRequest(model, request_id, prompt, affinity_key), trace)
         tokens = self.admission.tokens_needed(len(prompt), params.max_tokens)
         proto_params = convert.sampling_to_proto(params)
-        sent: list[int] = []
         avoid: set[str] = set()
-        cached_tokens: int | None = None
         attempt_no = 0
         while True:
             queue_start = trace.elapsed() if trace else 0.0
-            lease = await self.admission.acquire(model, route, tokens, priority, avoid, accepted=attempt_no > 0)
+            lease = await self.admission.acquire(
+                model, progress.route, tokens, priority, avoid, accepted=attempt_no > 0
+            )
             worker = lease.worker
             if attempt_no == 0:
                 self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
             attempt = None
             if trace:
                 trace.add_span("queue", queue_start, attempt=attempt_no + 1)
-                attempt = trace.begin_attempt(worker.name, worker.info.address, len(sent), lease.queued_s)
+                attempt = trace.begin_attempt(worker.name, worker.info.address, len(progress.sent), lease.queued_s)
             request = pb.GenerateRequest(
                 request_id=f"{request_id}-{next(self._calls)}",
                 prompt_token_ids=prompt,
                 params=proto_params,
                 priority=priority,
-                resumed_output_ids=sent,
+                resumed_output_ids=progress.sent,
             )
-            produced = 0
+            progress.produced = 0
             try:
-                stub = worker.stub
-                if stub is None:  # declared dead between admission and now
-                    raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
-                call = stub.Generate(request, metadata=(("x-request-id", request_id),))
-                try:
-                    async for chunk in call:
-                        if produced == 0 and attempt:
-                            trace.add_span(
-                                "prefill",
-                                attempt.started,
-                                worker=worker.name,
-                                worker_queue_s=round(chunk.queue_s, 6),
-                                worker_first_token_s=round(chunk.first_token_s, 6),
-                                cached_tokens=chunk.num_cached_tokens,
-                                resumed_tokens=len(sent),
-                            )
-                            if not sent:
-                                now = trace.elapsed()
-                                trace.add_span("first_token", now, now)
-                        if produced == 0 and cached_tokens is None:
-                            cached_tokens = chunk.num_cached_tokens
-                            self._record_prediction(model, route.predicted_cached_tokens, cached_tokens)
-                        produced += len(chunk.token_ids)
-                        sent.extend(chunk.token_ids)
-                        chunk.num_cached_tokens = cached_tokens  # usage reports the first placement's cache hit
-                        if chunk.finish_reason:  # recorded first: the caller may stop reading at the last chunk
-                            self.registry.record_success(worker)
-                            if attempt:
-                                attempt.tokens = produced
-                                trace.end_attempt(attempt, "finished")
+                async with contextlib.aclosing(self._attempt(progress, worker, request, attempt)) as chunks:
+                    async for chunk in chunks:
                         yield worker, chunk
                         if chunk.finish_reason:
                             return
-                    raise _AttemptFailed("the stream ended without a finish reason")
-                except grpc.aio.AioRpcError as exc:
-                    raise self._classify(worker, exc) from exc
-                finally:
-                    call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
             except _AttemptFailed as failure:
                 lease.release()  # before the backoff: the slot and reservation are free for others meanwhile
-                detail = f"worker {worker.name} failed: {failure}"
-                if failure.counts_against_worker:
-                    self.registry.record_failure(worker, str(failure))
                 attempt_no += 1
-                outcome = "failed_over" if sent else "retried"
-                if attempt_no > self.retry.max_retries:
-                    outcome = "error"
-                if attempt:
-                    attempt.tokens = produced
-                    trace.end_attempt(attempt, outcome, str(failure))
-                if outcome == "error":
-                    log.warning("request %s failed after %d attempts: %s", request_id, attempt_no, detail)
-                    raise UpstreamError(f"{detail} (after {attempt_no} attempts)") from None
-                if sent:
-                    self.failovers += 1
-                    self.metrics.failovers_total.labels(model=model).inc()
-                    log.warning("request %s: %s after %d tokens; resuming elsewhere", request_id, detail, len(sent))
-                else:
-                    self.retries += 1
-                    self.metrics.retries_total.labels(model=model).inc()
-                    log.warning("request %s: %s before its first token; retrying", request_id, detail)
+                self._after_failure(progress, worker, attempt, failure, attempt_no)
                 avoid.add(worker.worker_id)
                 await asyncio.sleep(self.retry.delay(attempt_no))
             except BaseException as exc:
                 if attempt and attempt.ended is None:
-                    attempt.tokens = produced
+                    attempt.tokens = progress.produced
                     trace.end_attempt(attempt, "error" if isinstance(exc, Exception) else "cancelled", str(exc))
                 raise
             finally:
                 lease.release()
+
+    async def _attempt(
+        self, progress: _Progress, worker: WorkerRecord, request: pb.GenerateRequest, attempt: Attempt | None
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        """One call to one worker: its chunks, until one carries a finish reason; _AttemptFailed when the call
+        fails in a way another worker may not."""
+        stub = worker.stub
+        if stub is None:  # declared dead between admission and now
+            raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
+        trace = progress.trace
+        call = stub.Generate(request, metadata=(("x-request-id", progress.route.request_id),))
+        try:
+            async for chunk in call:
+                if progress.produced == 0:
+                    self._first_chunk(progress, worker, chunk, attempt)
+                progress.produced += len(chunk.token_ids)
+                progress.sent.extend(chunk.token_ids)
+                chunk.num_cached_tokens = progress.cached_tokens  # usage reports the first placement's cache hit
+                if chunk.finish_reason:  # recorded first: the caller may stop reading at the last chunk
+                    self.registry.record_success(worker)
+                    if attempt:
+                        attempt.tokens = progress.produced
+                        trace.end_attempt(attempt, "finished")
+                yield chunk
+                if chunk.finish_reason:
+                    return
+            raise _AttemptFailed("the stream ended without a finish reason")
+        except grpc.aio.AioRpcError as exc:
+            raise self._classify(worker, exc) from exc
+        finally:
+            call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
+
+    def _first_chunk(
+        self, progress: _Progress, worker: WorkerRecord, chunk: pb.GenerateChunk, attempt: Attempt | None
+    ) -> None:
+        """Prefill and first-token spans, and the first placement's prefix-cache hit against the prediction."""
+        trace = progress.trace
+        if attempt:
+            trace.add_span(
+                "prefill",
+                attempt.started,
+                worker=worker.name,
+                worker_queue_s=round(chunk.queue_s, 6),
+                worker_first_token_s=round(chunk.first_token_s, 6),
+                cached_tokens=chunk.num_cached_tokens,
+                resumed_tokens=len(progress.sent),
+            )
+            if not progress.sent:
+                now = trace.elapsed()
+                trace.add_span("first_token", now, now)
+        if progress.cached_tokens is None:
+            progress.cached_tokens = chunk.num_cached_tokens
+            route = progress.route
+            self._record_prediction(route.model, route.predicted_cached_tokens, progress.cached_tokens)
+
+    def _after_failure(
+        self, progress: _Progress, worker: WorkerRecord, attempt: Attempt | None, failure: _AttemptFailed, n: int
+    ) -> None:
+        """Count and log attempt ``n``'s failure; raise UpstreamError when no retry is left."""
+        model, request_id, sent = progress.route.model, progress.route.request_id, progress.sent
+        detail = f"worker {worker.name} failed: {failure}"
+        if failure.counts_against_worker:
+            self.registry.record_failure(worker, str(failure))
+        outcome = "error" if n > self.retry.max_retries else "failed_over" if sent else "retried"
+        if attempt:
+            attempt.tokens = progress.produced
+            progress.trace.end_attempt(attempt, outcome, str(failure))
+        if outcome == "error":
+            log.warning("request %s failed after %d attempts: %s", request_id, n, detail)
+            raise UpstreamError(f"{detail} (after {n} attempts)") from None
+        if sent:
+            self.failovers += 1
+            self.metrics.failovers_total.labels(model=model).inc()
+            log.warning("request %s: %s after %d tokens; resuming elsewhere", request_id, detail, len(sent))
+        else:
+            self.retries += 1
+            self.metrics.retries_total.labels(model=model).inc()
+            log.warning("request %s: %s before its first token; retrying", request_id, detail)
 
     def _classify(self, worker: WorkerRecord, exc: grpc.aio.AioRpcError) -> Exception:
         code, details = exc.code(), exc.details() or ""
@@ -217,7 +258,4 @@ class Dispatcher:
     def _record_prediction(self, model: str, predicted: int, actual: int) -> None:
         self.metrics.prefix_cache_predicted_tokens_total.labels(model=model).inc(predicted)
         self.metrics.prefix_cache_hit_tokens_total.labels(model=model).inc(actual)
-        policy = self.balancer.policy(model)
-        record = getattr(policy, "record_actual", None)
-        if record is not None:
-            record(predicted, actual)
+        self.policies.policy(model).record_actual(predicted, actual)

@@ -2,13 +2,14 @@
 
 Every route (OpenAI, the plain-text and SSE routes, polling) goes through ``generate_text``, so they all stream
 the same text. When a stop string appears, the stream ends with finish_reason "stop" and closing the dispatch
-stream cancels the call, which aborts the request on the worker.
+stream cancels the call, which aborts the request on the worker. ``Started`` holds a generation whose first event
+has arrived, so that errors before it surface as exceptions (HTTP errors), not as a broken stream.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 from fleetserve.contract import SamplingParams, TokenLogprob
@@ -120,3 +121,39 @@ async def generate_text(
         await stream.aclose()
         if trace:
             trace.close()
+
+
+@dataclass
+class Started:
+    """A generation past its first event (``first`` is None when it ended without one, or for a replayed answer)."""
+
+    first: TextEvent | None
+    rest: AsyncIterator[TextEvent]
+
+    @classmethod
+    async def of(cls, events: AsyncGenerator[TextEvent, None]) -> Started:
+        """Wait for the first event of ``events``; an error before it closes ``events`` and is raised here."""
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await events.aclose()
+            raise
+        return cls(first, events)
+
+    async def events(self) -> AsyncIterator[TextEvent]:
+        """Every event: the first, then the rest."""
+        if self.first is not None:
+            yield self.first
+        async for ev in self.rest:
+            yield ev
+
+    async def collect(self) -> tuple[str, list[TokenLogprob], str, Usage]:
+        """The whole answer: (text, log-probabilities, finish reason, usage)."""
+        text, lps, last = "", [], self.first
+        async for ev in self.events():
+            text += ev.text
+            lps += ev.logprobs
+            last = ev
+        return text, lps, (last.finish_reason if last else "stop"), (last.usage if last else Usage())

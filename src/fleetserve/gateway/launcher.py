@@ -1,7 +1,8 @@
 """Workers the gateway starts on its own machine (the admin API's join), and their memory budget.
 
 A joined worker is an ordinary ``fleetserve worker`` child process that registers with this gateway like any
-other. Its memory cap is split into the model's weights, a fixed allowance for the runtime and activations,
+other; a :class:`~fleetserve.supervisor.Supervisor` starts it in its own process group, collects its output and
+stops it. Its memory cap is split into the model's weights, a fixed allowance for the runtime and activations,
 and the KV cache (the rest); a cap that leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused,
 with the amount that would do.
 """
@@ -9,16 +10,16 @@ with the amount that would do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files import model_arch
+from fleetserve.supervisor import DEFAULT_GRACE_S, Child, ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ def memory_plan(model: str, device: str) -> MemoryPlan:
     return MemoryPlan(-(-params * elem // 2**20), per_token, -(-per_token * min_kv_tokens // 2**20))
 
 
+WORKER_READY = "fleetserve worker ready"
+CLOSE_GRACE_S = 10.0
+"""How long each launched worker has to stop when the gateway shuts down."""
+
+
 @dataclass
 class LaunchedWorker:
     name: str
@@ -66,8 +72,16 @@ class LaunchedWorker:
     role: str
     max_memory_mb: int
     kv_cache_mb: int
-    popen: subprocess.Popen
-    lines: list[str] = field(default_factory=list)
+    child: Child
+
+    @property
+    def popen(self) -> subprocess.Popen:
+        return self.child.popen  # type: ignore[return-value]
+
+    @property
+    def lines(self) -> list[str]:
+        """Its latest output lines."""
+        return self.child.output()
 
     def to_json(self) -> dict:
         return {
@@ -83,13 +97,14 @@ class LaunchedWorker:
 
 
 class Launcher:
-    """Starts and stops local worker processes that register with ``control_address``."""
+    """Starts and stops local worker processes that register with ``control_address``, under a supervisor."""
 
     def __init__(self, control_address: str, registration_token: str = "", threads: int | None = None):
         self.control_address = control_address
         self.registration_token = registration_token
         self.threads = threads
         self.workers: dict[str, LaunchedWorker] = {}
+        self.supervisor = Supervisor()
         self._names = itertools.count(1)
 
     async def join(
@@ -110,7 +125,7 @@ class Launcher:
                 "max_memory_mb",
             )
         name = f"local-{next(self._names)}"
-        while name in self.workers:
+        while name in self.workers or name in self.supervisor:
             name = f"local-{next(self._names)}"
         kv_mb = plan.kv_mb(max_memory_mb)
         args = [sys.executable, "-m", "fleetserve", "worker", "--gateway", self.control_address]
@@ -119,43 +134,22 @@ class Launcher:
             args += ["--registration-token", self.registration_token]
         threads = self.threads or max(1, (os.cpu_count() or 1) // 2)
         args += ["--threads", str(threads)]
-        popen = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        worker = LaunchedWorker(name, model, device, role, max_memory_mb, kv_mb, popen)
+        child = self.supervisor.start(ChildSpec(name, args, ready=WORKER_READY, max_lines=200))
+        worker = LaunchedWorker(name, model, device, role, max_memory_mb, kv_mb, child)
         self.workers[name] = worker
-        asyncio.get_running_loop().run_in_executor(None, self._pump, worker)
-        log.info("launched worker %s (pid %d): %s on %s, %d MiB KV", name, popen.pid, model, device, kv_mb)
+        log.info("launched worker %s (pid %d): %s on %s, %d MiB KV", name, child.pid, model, device, kv_mb)
         return worker
 
-    @staticmethod
-    def _pump(worker: LaunchedWorker) -> None:
-        for line in worker.popen.stdout:
-            worker.lines.append(line)
-            del worker.lines[:-200]
-
-    async def stop(self, name: str, grace_s: float = 30.0) -> int | None:
+    async def stop(self, name: str, grace_s: float = DEFAULT_GRACE_S) -> int | None:
         """SIGTERM (the worker drains, deregisters and exits), then SIGKILL after ``grace_s``; the exit code."""
-        worker = self.workers.get(name)
-        if worker is None:
+        if name not in self.workers:
             return None
-        popen = worker.popen
-        if popen.poll() is None:
-            popen.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(popen.wait), grace_s)
-            except asyncio.TimeoutError:
-                log.warning("worker %s did not stop within %.0fs; killing it", name, grace_s)
-                popen.kill()
-                await asyncio.to_thread(popen.wait)
+        code = await self.supervisor.stop_async(name, grace_s)
         self.workers.pop(name, None)
-        return popen.returncode
+        self.supervisor.discard(name)
+        return code
 
     async def close(self) -> None:
-        for name in list(self.workers):
-            with contextlib.suppress(Exception):
-                await self.stop(name, grace_s=10.0)
+        """Stop every launched worker, the latest first."""
+        await self.supervisor.stop_all_async(CLOSE_GRACE_S)
+        self.workers.clear()

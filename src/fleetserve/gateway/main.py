@@ -6,83 +6,33 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 import uvicorn
 
+from fleetserve.errors import InvalidRequestError
 from fleetserve.gateway.admission import Admission
-from fleetserve.gateway.answer_cache import AnswerCache
 from fleetserve.gateway.app import GatewayState, create_app
-from fleetserve.gateway.balancer import Balancer
+from fleetserve.gateway.cache import AnswerCache, make_cache
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
 from fleetserve.gateway.launcher import Launcher
+from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
+from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.preprocess import PreprocessPool
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.registry_store import RegistryStore
-from fleetserve.gateway.response_cache import make_cache
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.settings.base import dial_host
+from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.telemetry.metrics import DisabledGatewayMetrics, GatewayMetrics
 from fleetserve.telemetry.tracing import TraceStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GatewayOptions:
-    """Where the gateway listens and who may use it."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    control_host: str = "127.0.0.1"
-    control_port: int = 50050
-    api_keys: list[str] = field(default_factory=list)
-    """Empty: no authentication. Otherwise every route but /health needs `Authorization: Bearer KEY`."""
-    registration_token: str = ""
-    heartbeat_interval_s: float = 1.0
-    heartbeat_timeout_s: float = 5.0
-    default_max_tokens: int = 1024
-    """max_tokens when a request gives none (capped by what the context window leaves)."""
-    preprocess_workers: int = 0
-    """Helper processes for chat templating and tokenization; 0 does it on the event loop."""
-    policy: str | None = None
-    """Balancing policy for models the model config does not give one (None: prefix-aware)."""
-    models: ModelRegistry = field(default_factory=ModelRegistry)
-    state_db: str = ""
-    """SQLite file for the registry's durable part; empty keeps it in memory only."""
-    failure_threshold: int = 3
-    """Failed requests in a row that make a worker suspect, and failed probes that make a suspect dead."""
-    dead_retention_s: float = 300.0
-    max_retries: int = 3
-    max_queue: int = 256
-    """Requests per model that may wait for room; beyond it, 503 at once."""
-    queue_timeout_s: float = 300.0
-    output_reserve_tokens: int = 256
-    slow_client_timeout_s: float = 30.0
-    """A streaming client that reads nothing for this long is cut off and its request aborted (0: never)."""
-    response_cache: str = ""
-    """Where deterministic answers are cached: "" off, "memory", an SQLite file (".sqlite"/".db" or
-    "sqlite:///path": kept across restarts) or "redis://HOST:PORT/DB" (shared by several gateways)."""
-    response_cache_entries: int = 10000
-    response_cache_mb: int = 256
-    response_cache_ttl_s: float = 0.0
-    """0: entries live until evicted."""
-    otlp_endpoint: str = ""
-    """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces): finished traces are exported there
-    (needs the `otel` extra); empty: no export."""
-    admin_key: str = ""
-    """When set, /admin needs this bearer key (API keys do not open it)."""
-    launch_threads: int | None = None
-    """torch threads of workers joined through the admin API (None: half the cores)."""
-    telemetry: bool = True
-    """False: no metrics recorded and no traces kept (to measure what they cost)."""
-    stream_buffer_bytes: int = 256 * 1024
-    """Kernel send buffer per client connection (fixed, not auto-tuned): with the server's own write buffer it
-    bounds what a client that stops reading can hold up before sends wait (0: the kernel's default)."""
 
 
 async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
@@ -126,43 +76,85 @@ def _listen(host: str, port: int, send_buffer: int) -> socket.socket:
     return sock
 
 
-def _dial(host: str) -> str:
-    """An address local workers can dial for a listening host (a wildcard listens on loopback too)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+def model_registry(settings: GatewaySettings) -> ModelRegistry:
+    """The model registry from the settings' ``models`` (a file or a mapping); a wrong policy name or option of
+    any model, or of ``policy``, stops the gateway at start-up, not at its first request."""
+    try:
+        source = settings.models
+        if source is None:
+            registry = ModelRegistry()
+        else:
+            registry = ModelRegistry.load(source) if isinstance(source, str) else ModelRegistry.from_config(source)
+        for name in registry.names():
+            policy, options = registry.policy_for(name)
+            try:
+                make_policy(policy, **options)
+            except ValueError as exc:
+                raise ValueError(f"model {name!r}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidRequestError(f"bad model configuration: {exc}", "models") from None
+    if settings.policy is not None:
+        try:
+            make_policy(settings.policy)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "policy") from None
+    return registry
 
 
-async def run_gateway(opts: GatewayOptions) -> int:
-    """Serve until SIGINT/SIGTERM."""
-    store = RegistryStore(opts.state_db) if opts.state_db else None
+@dataclass
+class Gateway:
+    """The gateway's parts that need starting and closing, around the routes' shared state."""
+
+    state: GatewayState
+    admission: Admission
+    store: RegistryStore | None
+    grpc_server: grpc.aio.Server
+    control_port: int
+
+    async def close(self) -> None:
+        await self.grpc_server.stop(grace=1.0)
+        state = self.state
+        if state.preprocess is not None:
+            await state.preprocess.close()
+        for record in list(state.registry.workers.values()):
+            if record.channel is not None:
+                await record.channel.close()
+        if self.store is not None:
+            self.store.close()
+        if state.answers is not None:
+            state.answers.backend.close()
+        state.traces.shutdown()
+        if state.launcher is not None:
+            await state.launcher.close()
+
+
+async def build_gateway(settings: GatewaySettings) -> Gateway:
+    """Registry, routing, admission and the Control service (listening), ready for the HTTP app."""
+    models = model_registry(settings)
+    store = RegistryStore(settings.state_db) if settings.state_db else None
     registry = WorkerRegistry(
-        opts.heartbeat_interval_s,
-        opts.heartbeat_timeout_s,
-        failure_threshold=opts.failure_threshold,
-        dead_retention_s=opts.dead_retention_s,
+        settings.heartbeat_interval,
+        settings.heartbeat_timeout,
+        failure_threshold=settings.failure_threshold,
+        dead_retention_s=settings.dead_retention,
         store=store,
     )
-    models = opts.models
     if store is not None:
         for saved in store.load_models():
             if models.get(saved["name"]) is None:
                 models.restore(saved)
     tokenizers = TokenizerStore()
-    balancer = Balancer(models, opts.policy)
+    policies = ModelPolicies(models, settings.policy)
     admission = Admission(
         registry,
-        balancer.policy,
-        max_queue=opts.max_queue,
-        output_reserve_tokens=opts.output_reserve_tokens,
-        queue_timeout_s=opts.queue_timeout_s,
+        policies.policy,
+        max_queue=settings.max_queue,
+        output_reserve_tokens=settings.output_reserve_tokens,
+        queue_timeout_s=settings.queue_timeout,
     )
-    registry.on_dead.append(lambda record: balancer.forget(record.worker_id))
-    dispatcher = Dispatcher(
-        registry,
-        balancer,
-        admission,
-        RetryPolicy(max_retries=opts.max_retries),
-        metrics=GatewayMetrics() if opts.telemetry else DisabledGatewayMetrics(),
-    )
+    registry.on_dead.append(lambda record: policies.forget(record.worker_id))
+    metrics = GatewayMetrics() if settings.telemetry else DisabledGatewayMetrics()
+    dispatcher = Dispatcher(registry, policies, admission, RetryPolicy(max_retries=settings.max_retries), metrics)
 
     async def on_register(record) -> None:
         await tokenizers.on_register(record)
@@ -171,75 +163,82 @@ async def run_gateway(opts: GatewayOptions) -> int:
             store.save_model(spec.to_json())
         admission.pump(record.info.model)
 
-    control = ControlService(registry, opts.registration_token, on_register=on_register)
+    control = ControlService(registry, settings.registration_token, on_register=on_register)
     grpc_server = grpc.aio.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
-    control_port = grpc_server.add_insecure_port(f"{opts.control_host}:{opts.control_port}")
+    control_port = grpc_server.add_insecure_port(f"{settings.control_host}:{settings.control_port}")
     if control_port == 0:
-        raise OSError(f"cannot listen on {opts.control_host}:{opts.control_port}")
+        raise OSError(f"cannot listen on {settings.control_host}:{settings.control_port}")
     await grpc_server.start()
     preprocess = None
-    if opts.preprocess_workers > 0:
-        preprocess = PreprocessPool(opts.preprocess_workers)
+    if settings.preprocess_workers > 0:
+        preprocess = PreprocessPool(settings.preprocess_workers)
         await preprocess.start()
-    exporter = None
-    if opts.otlp_endpoint:
-        from fleetserve.telemetry.otel import OtelExporter
-
-        exporter = OtelExporter(opts.otlp_endpoint)
-    answers = None
-    if opts.response_cache:
-        backend = make_cache(
-            opts.response_cache, max_entries=opts.response_cache_entries, max_bytes=opts.response_cache_mb * 2**20
-        )
-        answers = AnswerCache(backend, dispatcher.metrics, opts.response_cache_ttl_s or None)
     state = GatewayState(
         registry=registry,
         tokenizers=tokenizers,
         dispatcher=dispatcher,
-        options=opts,
+        settings=settings,
         models=models,
-        answers=answers,
+        answers=_answer_cache(settings, metrics),
         preprocess=preprocess,
-        traces=TraceStore(capacity=1000 if opts.telemetry else 0, exporter=exporter),
+        traces=TraceStore(capacity=1000 if settings.telemetry else 0, exporter=_exporter(settings)),
         control=control,
-        launcher=Launcher(f"{_dial(opts.control_host)}:{control_port}", opts.registration_token, opts.launch_threads),
+        launcher=Launcher(
+            f"{dial_host(settings.control_host)}:{control_port}", settings.registration_token, settings.launch_threads
+        ),
     )
-    app = create_app(state)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    listener = _listen(opts.host, opts.port, opts.stream_buffer_bytes)
-    sweeper = asyncio.create_task(_sweep(registry, admission))
-    prober = asyncio.create_task(_probe(registry))
+    return Gateway(state, admission, store, grpc_server, control_port)
 
-    async def announce() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1] if server.servers else opts.port
-        print(
-            f"fleetserve gateway ready: http://{opts.host}:{port} (control {opts.control_host}:{control_port})",
-            flush=True,
-        )
 
-    announcer = asyncio.create_task(announce())
+def _answer_cache(settings: GatewaySettings, metrics) -> AnswerCache | None:
+    if not settings.response_cache:
+        return None
+    backend = make_cache(
+        settings.response_cache,
+        max_entries=settings.response_cache_entries,
+        max_bytes=settings.response_cache_mb * 2**20,
+    )
+    return AnswerCache(backend, metrics, settings.response_cache_ttl or None)
+
+
+def _exporter(settings: GatewaySettings):
+    if not settings.otlp_endpoint:
+        return None
+    from fleetserve.telemetry.otel import OtelExporter
+
+    return OtelExporter(settings.otlp_endpoint)
+
+
+async def run_gateway(settings: GatewaySettings) -> int:
+    """Serve until SIGINT/SIGTERM."""
+    gateway = await build_gateway(settings)
+    state = gateway.state
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    )
+    listener = _listen(settings.host, settings.port, settings.stream_buffer_kb * 1024)
+    tasks = [
+        asyncio.create_task(_sweep(state.registry, gateway.admission)),
+        asyncio.create_task(_probe(state.registry)),
+        asyncio.create_task(_announce(server, settings, gateway.control_port)),
+    ]
     try:
         await server.serve(sockets=[listener])
     finally:
-        for task in (sweeper, prober, announcer):
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await grpc_server.stop(grace=1.0)
-        if preprocess is not None:
-            await preprocess.close()
-        for record in list(registry.workers.values()):
-            if record.channel is not None:
-                await record.channel.close()
-        if store is not None:
-            store.close()
-        if answers is not None:
-            answers.backend.close()
-        if exporter is not None:
-            exporter.shutdown()
-        await state.launcher.close()
+        await gateway.close()
     return 0
+
+
+async def _announce(server: uvicorn.Server, settings: GatewaySettings, control_port: int) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+    print(
+        f"fleetserve gateway ready: http://{settings.host}:{port} (control {settings.control_host}:{control_port})",
+        flush=True,
+    )

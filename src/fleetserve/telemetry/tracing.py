@@ -162,3 +162,8 @@ class TraceStore:
 
     def get(self, request_id: str) -> Trace | None:
         return self._traces.get(request_id)
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporter, if any."""
+        if self.exporter is not None:
+            self.exporter.shutdown()

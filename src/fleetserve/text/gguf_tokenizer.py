@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,13 +158,22 @@ def _post_processor(
     )
 
 
-def build_tokenizer(reader: gguf.GGUFReader) -> tuple[HFTokenizer, dict[str, Any]]:
-    """Build the ``tokenizers`` tokenizer and the tokenizer_config dict described by a GGUF file's metadata.
+@dataclass(frozen=True)
+class _SpecialTokens:
+    """The GGUF's BOS/EOS/UNK/PAD tokens (id and text, None when absent) and whether BOS/EOS are added."""
 
-    Returns ``(tokenizer, config)``; ``config`` has the keys written to ``tokenizer_config.json`` plus
-    ``"extra_eos_token_ids"`` (end-of-turn / end-of-message ids other than the EOS, possibly empty).
-    Raises UnsupportedModelError for tokenizer models other than ``gpt2`` and ``llama``.
-    """
+    bos_id: int | None
+    eos_id: int | None
+    bos: str | None
+    eos: str | None
+    unk: str | None
+    pad: str | None
+    add_bos: bool
+    add_eos: bool
+
+
+def _tokenizer_model(reader: gguf.GGUFReader) -> str:
+    """The GGUF's ``tokenizer.ggml.model``; raise UnsupportedModelError when it is missing or not supported."""
     model_name = _field(reader, "tokenizer.ggml.model")
     if model_name is None:
         raise UnsupportedModelError("GGUF file has no tokenizer (tokenizer.ggml.model is missing)")
@@ -171,52 +181,71 @@ def build_tokenizer(reader: gguf.GGUFReader) -> tuple[HFTokenizer, dict[str, Any
         raise UnsupportedModelError(
             f"GGUF tokenizer model {model_name!r} is not supported (supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)})"
         )
+    return model_name
+
+
+def _tokens_and_types(reader: gguf.GGUFReader) -> tuple[list[str], list[int]]:
+    """The token texts and their GGUF token types (all normal when the file gives none), checked to match."""
     tokens = _string_array(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise UnsupportedModelError("GGUF file has an empty tokenizer.ggml.tokens list")
     types = list(_field(reader, "tokenizer.ggml.token_type", [TOKEN_TYPE_NORMAL] * len(tokens)))
     if len(types) != len(tokens):
         raise UnsupportedModelError("GGUF tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+    return tokens, types
 
+
+def _special_tokens(reader: gguf.GGUFReader, names: Sequence[str], model_name: str) -> _SpecialTokens:
+    """The special tokens named by the metadata, as texts of ``names`` (token text by id)."""
     bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
     eos_id = _field(reader, "tokenizer.ggml.eos_token_id")
-    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
-    pad_id = _field(reader, "tokenizer.ggml.padding_token_id")
-    vocab = _unique_vocab(tokens)
-    names = list(vocab)  # token text by id (a repeated text renamed), as the tokenizer will know it
-    bos, eos = _token_text(names, bos_id), _token_text(names, eos_id)
-    unk, pad = _token_text(names, unk_id), _token_text(names, pad_id)
-    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", model_name == "llama"))
-    add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False))
+    return _SpecialTokens(
+        bos_id=bos_id,
+        eos_id=eos_id,
+        bos=_token_text(names, bos_id),
+        eos=_token_text(names, eos_id),
+        unk=_token_text(names, _field(reader, "tokenizer.ggml.unknown_token_id")),
+        pad=_token_text(names, _field(reader, "tokenizer.ggml.padding_token_id")),
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model_name == "llama")),
+        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+    )
 
-    if model_name == "gpt2":
-        merges = _parse_merges(_string_array(reader, "tokenizer.ggml.merges"), vocab)
-        pre = str(_field(reader, "tokenizer.ggml.pre", "default"))
-        tokenizer = HFTokenizer(
-            models.BPE(
-                vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3_PRE
-            )
-        )
-        tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre)
-        tokenizer.decoder = decoders.ByteLevel()
-    else:  # llama (SentencePiece BPE)
-        scores = _field(reader, "tokenizer.ggml.scores")
-        if scores is None or len(scores) != len(tokens):
-            raise UnsupportedModelError("GGUF 'llama' tokenizer needs tokenizer.ggml.scores for every token")
-        merges = _spm_merges(names, scores, vocab, types)
-        tokenizer = HFTokenizer(
-            models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
-        )
-        add_space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-        replace = normalizers.Replace(" ", _SPM_SPACE)
-        tokenizer.normalizer = (
-            normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), replace]) if add_space_prefix else replace
-        )
-        steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
-        if add_space_prefix:
-            steps.append(decoders.Strip(content=" ", left=1, right=0))
-        tokenizer.decoder = decoders.Sequence(steps)
 
+def _byte_level_bpe(reader: gguf.GGUFReader, vocab: dict[str, int]) -> HFTokenizer:
+    """The ``gpt2`` model: byte-level BPE from the GGUF merges, split by the rule ``tokenizer.ggml.pre`` names."""
+    merges = _parse_merges(_string_array(reader, "tokenizer.ggml.merges"), vocab)
+    pre = str(_field(reader, "tokenizer.ggml.pre", "default"))
+    tokenizer = HFTokenizer(
+        models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3_PRE)
+    )
+    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _sentencepiece_bpe(
+    reader: gguf.GGUFReader, names: Sequence[str], vocab: dict[str, int], types: Sequence[int], unk: str | None
+) -> HFTokenizer:
+    """The ``llama`` model: SentencePiece BPE with byte fallback, its merges rebuilt from the token scores."""
+    scores = _field(reader, "tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(types):
+        raise UnsupportedModelError("GGUF 'llama' tokenizer needs tokenizer.ggml.scores for every token")
+    merges = _spm_merges(names, scores, vocab, types)
+    tokenizer = HFTokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    add_space_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+    replace = normalizers.Replace(" ", _SPM_SPACE)
+    tokenizer.normalizer = (
+        normalizers.Sequence([normalizers.Prepend(_SPM_SPACE), replace]) if add_space_prefix else replace
+    )
+    steps = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    tokenizer.decoder = decoders.Sequence(steps)
+    return tokenizer
+
+
+def _add_typed_tokens(tokenizer: HFTokenizer, names: Sequence[str], types: Sequence[int]) -> None:
+    """Register control and unknown tokens as special tokens, user-defined ones as added (non-special) tokens."""
     special = [
         AddedToken(tok, special=True, normalized=False)
         for tok, kind in zip(names, types, strict=True)
@@ -231,18 +260,18 @@ def build_tokenizer(reader: gguf.GGUFReader) -> tuple[HFTokenizer, dict[str, Any
         tokenizer.add_special_tokens(special)
     if user:
         tokenizer.add_tokens(user)
-    post = _post_processor(add_bos, add_eos, bos, bos_id, eos, eos_id)
-    if post is not None:
-        tokenizer.post_processor = post
 
+
+def _tokenizer_config(reader: gguf.GGUFReader, names: Sequence[str], specials: _SpecialTokens) -> dict[str, Any]:
+    """The tokenizer_config dict: special tokens, chat template, context length, and the extra end-of-turn ids."""
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": bos,
-        "eos_token": eos,
-        "pad_token": pad,
-        "unk_token": unk,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
+        "bos_token": specials.bos,
+        "eos_token": specials.eos,
+        "pad_token": specials.pad,
+        "unk_token": specials.unk,
+        "add_bos_token": specials.add_bos,
+        "add_eos_token": specials.add_eos,
         "clean_up_tokenization_spaces": False,
     }
     template = _field(reader, "tokenizer.chat_template")
@@ -252,13 +281,43 @@ def build_tokenizer(reader: gguf.GGUFReader) -> tuple[HFTokenizer, dict[str, Any
     context_length = _field(reader, f"{arch}.context_length") if arch else None
     if context_length is not None:
         config["model_max_length"] = int(context_length)
+    config["extra_eos_token_ids"] = _extra_eos_ids(reader, names, specials.eos_id)
+    return config
+
+
+def _extra_eos_ids(reader: gguf.GGUFReader, names: Sequence[str], eos_id: int | None) -> list[int]:
+    """The end-of-turn and end-of-message ids that are tokens and differ from the EOS, sorted."""
     extra_eos = []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
         value = _field(reader, key)
         if value is not None and _token_text(names, value) is not None and int(value) != eos_id:
             extra_eos.append(int(value))
-    config["extra_eos_token_ids"] = sorted(set(extra_eos))
-    return tokenizer, config
+    return sorted(set(extra_eos))
+
+
+def build_tokenizer(reader: gguf.GGUFReader) -> tuple[HFTokenizer, dict[str, Any]]:
+    """Build the ``tokenizers`` tokenizer and the tokenizer_config dict described by a GGUF file's metadata.
+
+    Returns ``(tokenizer, config)``; ``config`` has the keys written to ``tokenizer_config.json`` plus
+    ``"extra_eos_token_ids"`` (end-of-turn / end-of-message ids other than the EOS, possibly empty).
+    Raises UnsupportedModelError for tokenizer models other than ``gpt2`` and ``llama``.
+    """
+    model_name = _tokenizer_model(reader)
+    tokens, types = _tokens_and_types(reader)
+    vocab = _unique_vocab(tokens)
+    names = list(vocab)  # token text by id (a repeated text renamed), as the tokenizer will know it
+    specials = _special_tokens(reader, names, model_name)
+    if model_name == "gpt2":
+        tokenizer = _byte_level_bpe(reader, vocab)
+    else:
+        tokenizer = _sentencepiece_bpe(reader, names, vocab, types, specials.unk)
+    _add_typed_tokens(tokenizer, names, types)
+    post = _post_processor(
+        specials.add_bos, specials.add_eos, specials.bos, specials.bos_id, specials.eos, specials.eos_id
+    )
+    if post is not None:
+        tokenizer.post_processor = post
+    return tokenizer, _tokenizer_config(reader, names, specials)
 
 
 def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: str | Path) -> None:

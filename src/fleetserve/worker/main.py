@@ -7,12 +7,11 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
 
-from fleetserve.config import EngineConfig
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.text.tokenizer import Tokenizer
 from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
@@ -21,38 +20,42 @@ from fleetserve.worker.server import WorkerService, serve_worker, wait_idle
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerOptions:
-    """How a worker presents itself and where it registers."""
+def worker_info(opts: WorkerSettings, engine: AsyncEngine, fingerprint: str, name: str, address: str) -> pb.WorkerInfo:
+    """What this worker tells the gateway when it registers."""
+    core = engine.engine
+    model = engine.engine.config.model
+    return pb.WorkerInfo(
+        name=name,
+        address=address,
+        model=opts.model,
+        role=opts.role,
+        layer_start=model.layer_start,
+        layer_end=model.layer_end or core.arch.num_layers,
+        kv_blocks_total=core.kv.num_blocks,
+        block_size=core.kv.block_size,
+        device=str(core.runner.device),
+        memory_cap_bytes=core.runner.kv_cache_bytes,
+        max_model_len=core.max_model_len,
+        tokenizer_fingerprint=fingerprint,
+        model_version=core.model_dir.name,
+        max_num_seqs=opts.max_num_seqs,
+        architecture=core.arch.architecture,
+        dtype=str(core.runner.dtype).removeprefix("torch."),
+        num_layers=core.arch.num_layers,
+    )
 
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    host: str = "127.0.0.1"
-    port: int = 0
-    """0 picks a free port."""
-    advertise: str | None = None
-    """host:port the gateway should dial; default host:port."""
-    gateway: str | None = None
-    """The gateway's control address (host:port); None runs standalone."""
-    token: str = ""
-    name: str | None = None
-    role: str = "replica"
-    drain_timeout_s: float = 60.0
-    metrics_port: int | None = None
-    """HTTP port for this worker's /metrics (0 picks a free one); None serves none."""
 
-
-async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> int:
+async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop``); then drain, deregister and return an exit code."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine = await AsyncEngine.create(opts.engine, progress=sys.stderr.isatty())
+    engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty())
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
-    model_name = opts.engine.model.model
-    service = WorkerService(engine, model_name, tokenizer.fingerprint)
+    service = WorkerService(engine, opts.model, tokenizer.fingerprint)
     server, port = await serve_worker(engine, service, opts.host, opts.port)
     metrics_note = ""
     if opts.metrics_port is not None:
@@ -61,25 +64,7 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
         metrics_note = f", metrics http://{opts.host}:{metrics_port}/metrics"
     address = opts.advertise or f"{opts.host}:{port}"
     name = opts.name or f"{socket.gethostname()}-{port}"
-    info = pb.WorkerInfo(
-        name=name,
-        address=address,
-        model=model_name,
-        role=opts.role,
-        layer_start=opts.engine.model.layer_start,
-        layer_end=opts.engine.model.layer_end or core.arch.num_layers,
-        kv_blocks_total=core.kv.num_blocks,
-        block_size=core.kv.block_size,
-        device=str(core.runner.device),
-        memory_cap_bytes=core.runner.kv_cache_bytes,
-        max_model_len=core.max_model_len,
-        tokenizer_fingerprint=tokenizer.fingerprint,
-        model_version=core.model_dir.name,
-        max_num_seqs=opts.engine.scheduler.max_num_seqs,
-        architecture=core.arch.architecture,
-        dtype=str(core.runner.dtype).removeprefix("torch."),
-        num_layers=core.arch.num_layers,
-    )
+    info = worker_info(opts, engine, tokenizer.fingerprint, name, address)
     agent = None
     agent_task = None
     if opts.gateway:
@@ -87,14 +72,14 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
             opts.gateway,
             info,
             stats=lambda: convert.stats_to_proto(engine.stats()),
-            token=opts.token,
+            token=opts.registration_token,
             on_drain=lambda: setattr(service, "draining", True),
             latency=service.recent_latency,
             block_hashes=lambda: engine.call(core.kv.cached_hashes),
             on_stop=stop.set,
         )
         agent_task = asyncio.create_task(agent.run())
-    print(f"fleetserve worker ready: {name} at {address}, model {model_name}{metrics_note}", flush=True)
+    print(f"fleetserve worker ready: {name} at {address}, model {opts.model}{metrics_note}", flush=True)
 
     code = 0
     waiter = asyncio.create_task(stop.wait())
@@ -108,9 +93,9 @@ async def run_worker(opts: WorkerOptions, stop: asyncio.Event | None = None) -> 
     if agent:
         agent.draining = True
     try:
-        await asyncio.wait_for(wait_idle(engine), opts.drain_timeout_s)
+        await asyncio.wait_for(wait_idle(engine), opts.drain_timeout)
     except asyncio.TimeoutError:
-        log.warning("drain timed out after %.0fs; stopping with requests still running", opts.drain_timeout_s)
+        log.warning("drain timed out after %.0fs; stopping with requests still running", opts.drain_timeout)
     if agent_task:
         agent_task.cancel()
         await asyncio.gather(agent_task, return_exceptions=True)

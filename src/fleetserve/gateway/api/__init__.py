@@ -1,1 +1,1 @@
-"""The OpenAI-compatible API layer: owns request schemas, their translation to engine parameters, and response bodies."""
+"""The gateway's HTTP API: one router per concern (openai, compat, jobs, health, admin, console), what they share (deps), OpenAI request schemas (schema) and response bodies (responses)."""

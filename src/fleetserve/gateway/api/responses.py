@@ -24,10 +24,13 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from fleetserve.contract import TokenLogprob
 from fleetserve.errors import CapacityError, InvalidRequestError, NotFoundError, UnknownModelError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 TokenText = Callable[[int], str]
 """Maps a token id to its text, e.g. ``lambda i: tokenizer.decode([i], skip_special_tokens=False)``."""
@@ -258,77 +261,66 @@ class CompletionStream(_Stream):
         return chunks
 
 
+class AnswerOptions(TypedDict, total=False):
+    """The keyword options of ``chat_completion`` and ``completion``."""
+
+    created: int | None
+    """Unix time of the answer (default: now)."""
+    logprobs: int | None
+    """None (not requested) or the number of alternatives listed per token."""
+    token_logprobs: Sequence[TokenLogprob] | None
+    """The generated tokens' log-probabilities, when requested."""
+    token_text: TokenText | None
+    """Names tokens; required when ``logprobs`` is set."""
+    system_fingerprint: str | None
+
+
+def _answer_logprobs(options: AnswerOptions, build: Callable[[Sequence[TokenLogprob], TokenText, int], Any]) -> Any:
+    """``build(token_logprobs, token_text, alternatives)`` when log-probabilities were requested, else None."""
+    logprobs, token_text = options.get("logprobs"), options.get("token_text")
+    _require_token_text(logprobs, token_text)
+    if logprobs is None:
+        return None
+    assert token_text is not None
+    return build(options.get("token_logprobs") or [], token_text, logprobs)
+
+
 def _response(
-    object_name: str,
-    model: str,
-    request_id: str,
-    created: int | None,
-    system_fingerprint: str | None,
-    choice: dict[str, Any],
-    usage: UsageCounts,
+    object_name: str, model: str, request_id: str, choice: dict[str, Any], usage: UsageCounts, options: AnswerOptions
 ) -> dict[str, Any]:
     """The envelope both non-streamed bodies share, around their one choice."""
+    created = options.get("created")
     return {
         "id": request_id,
         "object": object_name,
         "created": int(time.time()) if created is None else int(created),
         "model": model,
-        "system_fingerprint": system_fingerprint,
+        "system_fingerprint": options.get("system_fingerprint"),
         "choices": [{"index": 0, **choice}],
         "usage": usage_body(usage),
     }
 
 
 def chat_completion(
-    model: str,
-    request_id: str,
-    text: str,
-    finish_reason: str,
-    usage: UsageCounts,
-    *,
-    created: int | None = None,
-    logprobs: int | None = None,
-    token_logprobs: Sequence[TokenLogprob] | None = None,
-    token_text: TokenText | None = None,
-    system_fingerprint: str | None = None,
+    model: str, request_id: str, text: str, finish_reason: str, usage: UsageCounts, **options: Unpack[AnswerOptions]
 ) -> dict[str, Any]:
-    """A non-streamed ``chat.completion`` body. ``logprobs``: None (not requested) or the number of alternatives;
-    ``token_logprobs``: the generated tokens' log-probabilities when requested."""
-    _require_token_text(logprobs, token_text)
-    choice_logprobs = None
-    if logprobs is not None:
-        assert token_text is not None
-        content = chat_logprobs_content(token_logprobs or [], token_text, logprobs)
-        choice_logprobs = {"content": content, "refusal": None}
+    """A non-streamed ``chat.completion`` body (``options``: see AnswerOptions)."""
+    content = _answer_logprobs(options, chat_logprobs_content)
     choice = {
         "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
-        "logprobs": choice_logprobs,
+        "logprobs": None if content is None else {"content": content, "refusal": None},
         "finish_reason": _finish(finish_reason),
     }
-    return _response("chat.completion", model, request_id, created, system_fingerprint, choice, usage)
+    return _response("chat.completion", model, request_id, choice, usage, options)
 
 
 def completion(
-    model: str,
-    request_id: str,
-    text: str,
-    finish_reason: str,
-    usage: UsageCounts,
-    *,
-    created: int | None = None,
-    logprobs: int | None = None,
-    token_logprobs: Sequence[TokenLogprob] | None = None,
-    token_text: TokenText | None = None,
-    system_fingerprint: str | None = None,
+    model: str, request_id: str, text: str, finish_reason: str, usage: UsageCounts, **options: Unpack[AnswerOptions]
 ) -> dict[str, Any]:
-    """A non-streamed ``text_completion`` body; arguments as in ``chat_completion``."""
-    _require_token_text(logprobs, token_text)
-    choice_logprobs = None
-    if logprobs is not None:
-        assert token_text is not None
-        choice_logprobs = completion_logprobs(token_logprobs or [], token_text, logprobs)
-    choice = {"text": text, "logprobs": choice_logprobs, "finish_reason": _finish(finish_reason)}
-    return _response("text_completion", model, request_id, created, system_fingerprint, choice, usage)
+    """A non-streamed ``text_completion`` body (``options``: see AnswerOptions)."""
+    logprobs = _answer_logprobs(options, completion_logprobs)
+    choice = {"text": text, "logprobs": logprobs, "finish_reason": _finish(finish_reason)}
+    return _response("text_completion", model, request_id, choice, usage, options)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -397,13 +397,27 @@ def _context_error(
     )
 
 
+def _first_given(value: float | None, default: float | None, fallback: float) -> float:
+    """``value``, else ``default``, else ``fallback``, as a float."""
+    if value is not None:
+        return float(value)
+    return fallback if default is None else float(default)
+
+
 def to_sampling_params(
-    req: ChatCompletionRequest | CompletionRequest, default_max_tokens: int, prompt_len: int, max_model_len: int
+    req: ChatCompletionRequest | CompletionRequest,
+    default_max_tokens: int,
+    prompt_len: int,
+    max_model_len: int,
+    *,
+    default_temperature: float | None = None,
+    default_top_p: float | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams for ``req`` with a prompt of ``prompt_len`` tokens.
 
     Without max_tokens (or max_completion_tokens) the budget is what the context window leaves, capped by
-    ``default_max_tokens``. Raises InvalidRequestError for an empty prompt, ContextLengthExceededError (an
+    ``default_max_tokens``. A temperature or top_p the request does not give is ``default_temperature`` or
+    ``default_top_p`` (a model's defaults), else OpenAI's 1.0; ``req`` itself is left as parsed. Raises InvalidRequestError for an empty prompt, ContextLengthExceededError (an
     InvalidRequestError) when the prompt plus the budget exceed ``max_model_len``, and InvalidRequestError naming
     the request field for any value out of range.
     """
@@ -427,8 +441,8 @@ def to_sampling_params(
     params = SamplingParams(
         max_tokens=max_tokens,
         min_tokens=req.min_tokens or 0,
-        temperature=1.0 if req.temperature is None else float(req.temperature),
-        top_p=1.0 if req.top_p is None else float(req.top_p),
+        temperature=_first_given(req.temperature, default_temperature, 1.0),
+        top_p=_first_given(req.top_p, default_top_p, 1.0),
         top_k=req.top_k or 0,
         min_p=0.0 if req.min_p is None else float(req.min_p),
         presence_penalty=0.0 if req.presence_penalty is None else float(req.presence_penalty),

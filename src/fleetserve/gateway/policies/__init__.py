@@ -1,15 +1,11 @@
-"""Balancing policies, by name: which worker among the candidates gets a request.
-
-``consistent-hash`` lives in :mod:`fleetserve.gateway.router`, which imports this package's ``base``; to keep
-either module importable first, ``POLICIES`` and ``ConsistentHashPolicy`` are resolved on first use.
-"""
+"""The balancing policies by name (which worker among the candidates gets a request), and ``make_policy``."""
 
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING
 
 from fleetserve.gateway.policies.base import Policy, RouteRequest
+from fleetserve.gateway.policies.consistent_hash import ConsistentHashPolicy
 from fleetserve.gateway.policies.kv_aware import KVAwarePolicy
 from fleetserve.gateway.policies.least_connections import LeastConnectionsPolicy
 from fleetserve.gateway.policies.least_latency import LeastLatencyPolicy
@@ -19,57 +15,36 @@ from fleetserve.gateway.policies.random_choice import RandomPolicy
 from fleetserve.gateway.policies.round_robin import RoundRobinPolicy
 from fleetserve.gateway.policies.weighted import WeightedPolicy
 
-if TYPE_CHECKING:
-    from fleetserve.gateway.router import ConsistentHashPolicy
-
 DEFAULT_POLICY = "prefix-aware"
 
-_policies: dict[str, type[Policy]] | None = None
-
-
-def _registry() -> dict[str, type[Policy]]:
-    """Name -> policy class (built on first use, see the module docstring)."""
-    global _policies
-    if _policies is None:
-        from fleetserve.gateway.router import ConsistentHashPolicy
-
-        _policies = {
-            cls.name: cls
-            for cls in (
-                RoundRobinPolicy,
-                RandomPolicy,
-                LeastConnectionsPolicy,
-                LeastLatencyPolicy,
-                WeightedPolicy,
-                KVAwarePolicy,
-                PrefixAwarePolicy,
-                PowerOfTwoPolicy,
-                ConsistentHashPolicy,
-            )
-        }
-    return _policies
-
-
-def __getattr__(name: str):
-    if name == "POLICIES":
-        return _registry()
-    if name == "ConsistentHashPolicy":
-        return _registry()["consistent-hash"]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls
+    for cls in (
+        RoundRobinPolicy,
+        RandomPolicy,
+        LeastConnectionsPolicy,
+        LeastLatencyPolicy,
+        WeightedPolicy,
+        KVAwarePolicy,
+        PrefixAwarePolicy,
+        PowerOfTwoPolicy,
+        ConsistentHashPolicy,
+    )
+}
+"""Policy name -> policy class."""
 
 
 def policy_options(name: str) -> list[str]:
     """The option names the policy's constructor takes."""
-    parameters = inspect.signature(_registry()[name].__init__).parameters
+    parameters = inspect.signature(POLICIES[name].__init__).parameters
     return [p for p in parameters if p not in ("self", "clock")]  # the clock is for tests, not configuration
 
 
 def make_policy(name: str, **options) -> Policy:
     """A new policy by name, with options for its constructor (``-`` in an option name reads as ``_``)."""
-    policies = _registry()
-    cls = policies.get(name)
+    cls = POLICIES.get(name)
     if cls is None:
-        raise ValueError(f"unknown balancing policy {name!r}; known policies: {', '.join(policies)}")
+        raise ValueError(f"unknown balancing policy {name!r}; known policies: {', '.join(POLICIES)}")
     options = {key.replace("-", "_"): value for key, value in options.items()}
     known = policy_options(name)
     unknown = sorted(set(options) - set(known))

@@ -69,6 +69,10 @@ class Policy(ABC):
     def on_dispatch(self, worker: WorkerRecord, request: RouteRequest) -> None:  # noqa: B027 (optional hook)
         """The request was sent to ``worker`` (policies that learn from their own routing record it here)."""
 
+    def record_actual(self, predicted: int, actual: int) -> None:  # noqa: B027 (optional hook)
+        """The worker found ``actual`` prompt tokens in its prefix cache where the policy had predicted ``predicted``
+        (``request.predicted_cached_tokens`` at pick time); policies that predict cache hits keep score here."""
+
     def forget(self, worker_id: str) -> None:  # noqa: B027 (optional hook)
         """The worker left the fleet: drop whatever the policy keeps about it."""
 

@@ -1,4 +1,4 @@
-"""Whole answers kept in the response cache, and replayed as the same stream of text events.
+"""What goes into the response cache: whole answers, keyed by request, replayed as the same stream of text events.
 
 Only deterministic requests are cached: temperature 0 or a fixed seed, and no log-probabilities asked for.
 The key covers the model, its version, the prompt's token ids, every sampling parameter, the stop strings and
@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from fleetserve.contract import SamplingParams
+from fleetserve.gateway.cache.keys import cache_key, is_cacheable
+from fleetserve.gateway.cache.store import CacheBackend
 from fleetserve.gateway.generation import TextEvent, Usage
-from fleetserve.gateway.response_cache import CacheBackend, cache_key, is_cacheable
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.tracing import Trace
 
@@ -26,11 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def bypassed(cache_control: str | None) -> bool:
+    """Whether a request's ``Cache-Control`` header asks to skip the cache (``no-cache`` or ``no-store``)."""
     directives = {d.strip().lower() for d in (cache_control or "").split(",")}
     return bool(directives & {"no-cache", "no-store"})
 
 
 class AnswerCache:
+    """Looks answers up in ``backend`` and stores finished ones there, with ``ttl_s`` (None: the backend's default)."""
+
     def __init__(self, backend: CacheBackend, metrics: GatewayMetrics, ttl_s: float | None = None):
         self.backend = backend
         self.metrics = metrics

@@ -6,8 +6,8 @@ import pytest
 
 from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.policies.base import RouteRequest
+from fleetserve.gateway.policies.consistent_hash import ConsistentHashPolicy, HashRing, ring_hash
 from fleetserve.gateway.registry import WorkerRecord
-from fleetserve.gateway.router import ConsistentHashPolicy, HashRing, ring_hash
 from fleetserve.protocol import fleet_pb2 as pb
 
 KEYS = [f"key-{i}" for i in range(10_000)]

@@ -1,13 +1,12 @@
-"""One balancing policy per model, made on first use from the model's configuration."""
+"""Which balancing policy serves each model: one policy instance per model, made on first use from its config."""
 
 from __future__ import annotations
 
 from fleetserve.gateway.models import ModelRegistry
-from fleetserve.gateway.policies import make_policy
-from fleetserve.gateway.policies.base import Policy
+from fleetserve.gateway.policies import Policy, make_policy
 
 
-class Balancer:
+class ModelPolicies:
     """model name -> its Policy. Models without a configured policy use ``default_policy``."""
 
     def __init__(self, models: ModelRegistry, default_policy: str | None = None):

@@ -1,4 +1,4 @@
-"""Consistent hashing: the same key always goes to the same worker, and fleet changes move few keys.
+"""The consistent-hash policy and its hash ring: a key always goes to the same worker; fleet changes move few keys.
 
 The ring places ``vnodes`` points per worker (100 by default) at the 64-bit BLAKE2b hashes of ``"<id>#<i>"``; a
 key belongs to the first point clockwise from the key's own hash. Many points per worker even out the shares,

@@ -1,0 +1,43 @@
+"""The engine's settings, shared by every command that runs one (generate, worker, up's workers)."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+
+from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fleetserve.settings.base import Settings, option
+
+MiB = 2**20
+
+
+class EngineSettings(Settings):
+    """Which model an engine loads and how it batches and caches."""
+
+    model: str = option("smollm2-135m-instruct", "model name, Hugging Face folder or .gguf file")
+    device: str = option("auto", "auto, cpu or cuda[:N]")
+    dtype: str = option("auto", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    kv_cache_mb: int = option(512, "memory for KV blocks in MiB")
+    block_size: int = option(16, "tokens per KV block")
+    prefix_caching: bool = option(True, "reuse cached prompt prefixes")
+    max_num_seqs: int = option(64, "most sequences running at once")
+    max_num_batched_tokens: int = option(512, "token budget of one engine step")
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's own typed config (validated)."""
+        return EngineConfig(
+            model=ModelConfig(model=self.model, device=self.device, dtype=self.dtype, num_threads=self.threads),
+            cache=CacheConfig(
+                block_size=self.block_size,
+                kv_cache_bytes=self.kv_cache_mb * MiB,
+                enable_prefix_caching=self.prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs
+            ),
+        ).validate()
+
+    @model_validator(mode="after")
+    def _valid_engine(self) -> EngineSettings:
+        self.engine_config()  # InvalidRequestError names the bad value
+        return self

@@ -1,0 +1,87 @@
+"""The gateway's settings: where it listens, who may use it, routing, failure handling, caching, telemetry."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import model_validator
+
+from fleetserve.errors import InvalidRequestError
+from fleetserve.settings.base import Settings, option
+
+
+class GatewaySettings(Settings):
+    """Everything `fleetserve gateway` is told."""
+
+    command: ClassVar[str] = "gateway"
+
+    host: str = option("127.0.0.1", "HTTP address")
+    port: int = option(8000, "HTTP port (0: a free one)")
+    control_host: str = option("127.0.0.1", "address workers register at (gRPC)")
+    control_port: int = option(50050, "gRPC control port")
+    api_key: list[str] = option(
+        None,
+        "require this bearer key on every route but /health (repeat for more)",
+        default_factory=list,
+        secret=True,
+    )
+    api_keys_file: str = option("", "a file of accepted API keys, one a line")
+    registration_token: str = option("", "workers must present this secret to register", secret=True)
+    admin_key: str = option("", "bearer key the /admin API needs (default: the API keys' rule)", secret=True)
+    heartbeat_interval: float = option(1.0, "seconds between a worker's heartbeats")
+    heartbeat_timeout: float = option(5.0, "seconds of silence before a worker is dead")
+    preprocess_workers: int = option(0, "processes for chat templating and tokenization (0: on the event loop)")
+    default_max_tokens: int = option(
+        1024, "max_tokens of a request that gives none, capped by what the context window leaves"
+    )
+    # routing and failure handling
+    policy: str | None = option(
+        None,
+        "balancing policy for models the model config gives none: round-robin, random, least-connections, "
+        "least-latency, weighted, kv-aware, prefix-aware, power-of-two or consistent-hash (default: prefix-aware)",
+    )
+    models: str | dict[str, Any] | None = option(
+        None, "model registry: a JSON or YAML file (model_configs.json works), or a mapping in the config file"
+    )
+    state_db: str = option("", "SQLite file that keeps known workers and models across restarts")
+    failure_threshold: int = option(3, "failed requests in a row before a worker is suspect")
+    dead_retention: float = option(300.0, "seconds a dead worker stays listed")
+    max_retries: int = option(3, "retries and resumes per request")
+    max_queue: int = option(256, "requests per model waiting for room; beyond it 503 at once")
+    queue_timeout: float = option(300.0, "seconds a request may wait for room")
+    output_reserve_tokens: int = option(256, "KV tokens of output reserved per request at admission, beyond its prompt")
+    slow_client_timeout: float = option(
+        30.0, "cut off a streaming client that reads nothing for this many seconds (0: never)"
+    )
+    stream_buffer_kb: int = option(256, "kernel send buffer per client connection in KiB, fixed (0: the kernel's)")
+    # response cache (deterministic requests: temperature 0 or a seed)
+    response_cache: str = option(
+        "",
+        "cache deterministic answers: memory, an SQLite file (.sqlite, .db or sqlite:///PATH; survives "
+        "restarts) or redis://HOST:PORT/DB (shared by gateways); empty: off",
+    )
+    response_cache_entries: int = option(10000, "most response-cache entries kept")
+    response_cache_mb: int = option(256, "most response-cache MiB kept")
+    response_cache_ttl: float = option(0.0, "seconds a response-cache entry lives (0: until evicted)")
+    # telemetry
+    telemetry: bool = option(True, "record metrics and keep request traces (--no-telemetry measures their cost)")
+    otlp_endpoint: str = option(
+        "",
+        "export finished request traces over OTLP/HTTP, e.g. http://collector:4318/v1/traces "
+        "(pip install 'fleetserve[otel]')",
+    )
+    launch_threads: int | None = option(
+        None, "torch threads of workers joined through the admin API (default: half the cores)"
+    )
+
+    @model_validator(mode="after")
+    def _keys_from_file(self) -> GatewaySettings:
+        """The API keys of --api-keys-file join those given directly."""
+        if self.api_keys_file:
+            try:
+                with open(self.api_keys_file) as f:
+                    keys = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+            except OSError as exc:
+                raise InvalidRequestError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+            self.api_key = list(dict.fromkeys([*self.api_key, *keys]))
+        return self

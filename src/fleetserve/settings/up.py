@@ -1,0 +1,30 @@
+"""`fleetserve up`'s settings: every gateway option, every engine option for its workers, and how many."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fleetserve.settings.base import option
+from fleetserve.settings.engine import EngineSettings
+from fleetserve.settings.gateway import GatewaySettings
+from fleetserve.settings.worker import WorkerSettings
+
+WORKER_FIELDS = frozenset(EngineSettings.model_fields) | {"registration_token"}
+"""What `up` passes on to each worker it starts; the rest of its settings go to the gateway."""
+
+
+class UpSettings(GatewaySettings, EngineSettings):
+    """Everything `fleetserve up` is told: the gateway's settings, the workers' engine settings, and these."""
+
+    command: ClassVar[str] = "up"
+
+    workers: int = option(2, "local workers")
+    threads: int | None = option(None, "torch threads per worker (default: cores / workers)")
+
+    def gateway_env(self, explicit: set[str]) -> dict[str, str]:
+        """FLEETSERVE_* variables that hand the gateway child the ``explicit`` settings it has."""
+        return self.explicit_env(sorted(explicit & set(GatewaySettings.model_fields)))
+
+    def worker_env(self, explicit: set[str]) -> dict[str, str]:
+        """FLEETSERVE_* variables that hand each worker child the ``explicit`` settings it has."""
+        return self.explicit_env(sorted(explicit & WORKER_FIELDS & set(WorkerSettings.model_fields)))

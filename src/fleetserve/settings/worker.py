@@ -1,0 +1,26 @@
+"""A worker's settings: its engine, where it listens, and the gateway it registers with."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fleetserve.settings.base import option
+from fleetserve.settings.engine import EngineSettings
+
+
+class WorkerSettings(EngineSettings):
+    """Everything `fleetserve worker` is told."""
+
+    command: ClassVar[str] = "worker"
+
+    gateway: str | None = option(None, "the gateway's control address HOST:PORT (none: standalone)")
+    host: str = option("127.0.0.1", "address to listen on")
+    port: int = option(0, "gRPC port (0: a free one)")
+    advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
+    name: str | None = option(None, "worker name (default: hostname-port)")
+    role: str = option("replica", "replica (the whole model)")
+    metrics_port: int | None = option(
+        None, "serve Prometheus metrics on this HTTP port at /metrics (0: a free one; default: none)"
+    )
+    registration_token: str = option("", "the gateway's shared registration secret", secret=True)
+    drain_timeout: float = option(60.0, "seconds a draining worker waits for its requests before it stops")
