@@ -1,5 +1,6 @@
 """Processes coming and going: `fleetserve up`, a worker draining on SIGTERM, a gateway restart, bad tokens."""
 
+import json
 import re
 import signal
 import threading
@@ -17,18 +18,43 @@ MODEL = "smollm2-135m-instruct"
 
 
 def test_up_answers_and_stops_cleanly(model_dir):
+    """`up` also hands its gateway and engine settings to the processes it starts, keys never in arguments."""
     port, control = free_port(), free_port()
-    up = spawn("up", "--workers", "2", "--port", str(port), "--control-port", str(control), "--kv-cache-mb", "64")
+    admin = "admin-secret-for-up"
+    up = spawn(
+        "up",
+        "--workers",
+        "2",
+        "--port",
+        str(port),
+        "--control-port",
+        str(control),
+        "--kv-cache-mb",
+        "64",
+        "--policy",
+        "round-robin",
+        "--admin-key",
+        admin,
+    )
     try:
         up.wait_for(re.compile("fleetserve is ready: 2 worker"), timeout=180)
         children = psutil.Process(up.popen.pid).children(recursive=True)
         assert len(children) == 3  # the gateway and two workers
+        assert not [c for c in children if any(admin in arg for arg in c.cmdline())]
+        url = f"http://127.0.0.1:{port}"
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            url + "/v1/chat/completions",
             json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
             timeout=60,
         )
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        assert httpx.get(url + "/admin/workers", timeout=30).status_code == 401  # the gateway has the admin key
+        auth = {"Authorization": f"Bearer {admin}"}
+        workers = httpx.get(url + "/admin/workers", headers=auth, timeout=30).json()["workers"]
+        # the workers' KV cache: --kv-cache-mb 64, rounded down to whole blocks (the default is 512)
+        assert len(workers) == 2 and all(63 * 2**20 < w["memory_cap_bytes"] <= 64 * 2**20 for w in workers)
+        routing = httpx.get(url + "/admin/routing", headers=auth, timeout=30).json()
+        assert "round-robin" in json.dumps(routing)  # the gateway's policy
     finally:
         code = up.stop(signal.SIGINT, timeout=60)
     assert code == 0

@@ -366,7 +366,7 @@ class ModelRegistry:
         )
 
     def policy_for(self, name: str) -> tuple[str, dict[str, Any]]:
-        """(policy name, options) for the model's balancer; prefix-aware with no options when none is set."""
+        """(policy name, options) for the model's balancing policy; prefix-aware with no options when none is set."""
         spec = self._specs.get(name)
         if spec is None:
             return DEFAULT_POLICY, {}
