@@ -1,8 +1,14 @@
-"""Starting real gateway and worker processes on free loopback ports, for the integration tests."""
+"""Starting real gateway and worker processes on free loopback ports, for the integration tests.
+
+Every process started here gets this test session's fleet secret in its environment (unless told otherwise),
+so the suite runs the authenticated path; tests that dial a worker themselves use :func:`worker_channel` or
+:func:`worker_metadata`.
+"""
 
 from __future__ import annotations
 
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -12,8 +18,11 @@ from dataclasses import dataclass
 
 import httpx
 
+from fleetserve.protocol.security import SECRET_ENV, FleetCredentials
 from fleetserve.supervisor import Child, ChildSpec
 
+FLEET_SECRET = secrets.token_urlsafe(24)
+"""The fleet secret of every process these helpers start (fresh for each test session)."""
 READY_WORKER = re.compile(r"fleetserve worker ready: (\S+) at (\S+),")
 
 
@@ -47,10 +56,22 @@ class Proc:
         return self.child.stop(timeout, sig)
 
 
-def spawn(*args: str) -> Proc:
-    """Start ``fleetserve *args`` in its own process group."""
-    spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args])
+def spawn(*args: str, env: dict[str, str | None] | None = None) -> Proc:
+    """Start ``fleetserve *args`` in its own process group, with the session's fleet secret in its environment
+    and ``env`` over it (a None value unsets a variable)."""
+    env = {SECRET_ENV: FLEET_SECRET, **(env or {})}
+    spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args], env)
     return Proc(Child(spec).launch())
+
+
+def worker_metadata(secret: str = FLEET_SECRET) -> tuple[tuple[str, str], ...]:
+    """The metadata a direct call to a worker of these fleets needs (for a synchronous channel)."""
+    return FleetCredentials(secret).metadata()
+
+
+def worker_channel(address: str, secret: str = FLEET_SECRET, **tls: str):
+    """A grpc.aio channel to a worker of these fleets, carrying the secret (``tls``: ca, cert, key files)."""
+    return FleetCredentials(secret, **tls).channel(address)
 
 
 @dataclass
@@ -62,16 +83,19 @@ class Fleet:
     gateway: Proc
     workers: list[Proc]
     api_key: str = ""
+    worker_env: dict[str, str | None] | None = None
+    """Environment for the workers it starts, over the fleet secret (e.g. FLEETSERVE_TLS_* files)."""
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def add_worker(self, name: str, *extra: str) -> tuple[Proc, str]:
+    def add_worker(self, name: str, *extra: str, env: dict[str, str | None] | None = None) -> tuple[Proc, str]:
         """Start a worker; returns it and its gRPC address once it is serving."""
         proc = spawn(
-            "worker", "--gateway", self.control, "--name", name, "--threads", "1", "--kv-cache-mb", "64", *extra
-        )
+            "worker", "--gateway", self.control, "--name", name, "--threads", "1", "--kv-cache-mb", "64", *extra,
+            env={**(self.worker_env or {}), **(env or {})},
+        )  # fmt: skip
         self.workers.append(proc)
         return proc, proc.wait_for(READY_WORKER).group(2)
 
@@ -96,18 +120,28 @@ class Fleet:
         self.gateway.stop()
 
 
-def start_fleet(workers: int = 2, api_key: str = "", heartbeat_timeout: float = 3.0, *gateway_args: str) -> Fleet:
+def start_fleet(
+    workers: int = 2,
+    api_key: str = "",
+    heartbeat_timeout: float = 3.0,
+    *gateway_args: str,
+    gateway_env: dict[str, str | None] | None = None,
+    worker_env: dict[str, str | None] | None = None,
+    per_worker_env: list[dict[str, str | None]] | None = None,
+) -> Fleet:
+    """A gateway and ``workers`` workers, every one with the session's fleet secret; the ``*_env`` mappings add
+    to (or unset, with None) their environments, ``per_worker_env[i]`` worker i's alone."""
     port, control_port = free_port(), free_port()
     args = ["gateway", "--port", str(port), "--control-port", str(control_port)]
     args += ["--heartbeat-timeout", str(heartbeat_timeout)]
     if api_key:
         args += ["--api-key", api_key]
-    gateway = spawn(*args, *gateway_args)
+    gateway = spawn(*args, *gateway_args, env=gateway_env)
     gateway.wait_for(re.compile("fleetserve gateway ready"))
-    fleet = Fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control_port}", gateway, [], api_key)
+    fleet = Fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control_port}", gateway, [], api_key, worker_env)
     try:
         for i in range(workers):
-            fleet.add_worker(f"worker-{i}")
+            fleet.add_worker(f"worker-{i}", env=per_worker_env[i] if per_worker_env else None)
         if workers:
             fleet.wait_workers(workers)
     except BaseException:

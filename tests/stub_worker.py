@@ -12,24 +12,17 @@ import grpc
 from fleetserve.model_files import DEFAULT_MODEL, load_arch, prepare_model_dir
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
-from fleetserve.text.tokenizer import Tokenizer
+from fleetserve.protocol.security import FleetCredentials
+from fleetserve.text.tokenizer import Tokenizer, tokenizer_files
 from fleetserve.worker.agent import WorkerAgent
 
 ANSWER = " stub answer"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "config.json",
-)
 
 
 class StubWorker(pb_grpc.WorkerServicer):
     def __init__(self, model_dir: Path):
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        self.files = {n: (model_dir / n).read_bytes() for n in TOKENIZER_FILES if (model_dir / n).exists()}
+        self.files = tokenizer_files(model_dir)
         self.answer = self.tokenizer.encode(ANSWER)
 
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -56,14 +49,18 @@ class StubWorker(pb_grpc.WorkerServicer):
         return pb.TokenizerFiles(model=DEFAULT_MODEL, files=self.files, fingerprint=self.tokenizer.fingerprint)
 
 
-async def start_stub_worker(gateway: str, name: str = "stub") -> tuple[grpc.aio.Server, WorkerAgent, asyncio.Task]:
-    """Serve a StubWorker on a free loopback port and register it with ``gateway``."""
+async def start_stub_worker(
+    gateway: str, name: str = "stub", credentials: FleetCredentials | None = None
+) -> tuple[grpc.aio.Server, WorkerAgent, asyncio.Task]:
+    """Serve a StubWorker on a free loopback port and register it with ``gateway`` (with ``credentials``: the
+    fleet secret, and mutual TLS when it has certificates)."""
+    credentials = credentials or FleetCredentials()
     model_dir = prepare_model_dir(DEFAULT_MODEL, progress=False)
     arch = load_arch(model_dir)
     service = StubWorker(model_dir)
-    server = grpc.aio.server()
+    server = credentials.server()
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = credentials.server_port(server, "127.0.0.1:0")
     await server.start()
     info = pb.WorkerInfo(
         name=name,
@@ -83,5 +80,6 @@ async def start_stub_worker(gateway: str, name: str = "stub") -> tuple[grpc.aio.
         dtype="float32",
         num_layers=arch.num_layers,
     )
-    agent = WorkerAgent(gateway, info, stats=lambda: pb.WorkerStats(kv_blocks_total=64, kv_blocks_free=64))
+    stats = pb.WorkerStats(kv_blocks_total=64, kv_blocks_free=64)
+    agent = WorkerAgent(gateway, info, stats=lambda: stats, credentials=credentials)
     return server, agent, asyncio.create_task(agent.run())

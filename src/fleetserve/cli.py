@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     nodes = sub.add_parser("nodes", help="list the workers, join a local one, drain or stop one (the admin API)")
     nodes_cli.add_arguments(nodes)
+    from fleetserve import certs
+
+    certs.add_arguments(sub.add_parser("certs", help="make a fleet's CA and certificates for mutual TLS"))
     sub.add_parser(
         "bench",
         help="benchmarks (see docs/benchmarks.md)",
@@ -159,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleetserve import nodes_cli
 
             return nodes_cli.run(args)
+        if args.command == "certs":
+            from fleetserve import certs
+
+            return certs.run(args)
         return COMMANDS[args.command][1](load_settings(args), args)
     except FleetServeError as exc:
         print(f"fleetserve: error: {exc}", file=sys.stderr)

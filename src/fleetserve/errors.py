@@ -45,3 +45,21 @@ class NoWorkerError(CapacityError):
 
 class UpstreamError(FleetServeError):
     """A worker failed while serving the request (HTTP 502)."""
+
+
+class EngineStepError(FleetServeError):
+    """An engine step failed; the requests it ran were stopped and their KV freed, the engine goes on.
+
+    ``request_ids`` names those requests. Another engine may serve them again: the fault was the engine's.
+    """
+
+    def __init__(self, message: str, request_ids: list[str] | None = None):
+        super().__init__(message)
+        self.request_ids = list(request_ids or ())
+
+
+class PreprocessError(FleetServeError):
+    """A preprocessing helper failed the request: it exited, gave no answer in time, or could not tokenize (HTTP 500).
+
+    A prompt too long to carry back is an InvalidRequestError instead.
+    """

@@ -4,19 +4,28 @@ The machine's cores are split between the workers (torch threads each), since wo
 slow one another down. The processes run under a :class:`~fleetserve.supervisor.Supervisor`, each in its own
 session, their output echoed to stderr with a ``[name]`` prefix. Ctrl-C (or SIGTERM) stops every process it
 started, the workers first (they drain and deregister) and the gateway last: SIGTERM, then SIGKILL after a grace.
+
+The fleet always has a secret: the one given (``--registration-token``), or a fresh random one, handed to each
+child in its environment. With ``--tls`` the gateway and each worker get their own certificate from a CA made for
+this fleet (in ``--tls-dir``, or a temporary folder removed at the end).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
 
+from fleetserve.certs import CertFiles, fleet_certs
+from fleetserve.protocol.security import SECRET_ENV
 from fleetserve.settings.base import ENV_PREFIX, dial_host
 from fleetserve.settings.up import UpSettings
 from fleetserve.supervisor import ChildExited, ChildSpec, Supervisor
@@ -26,24 +35,34 @@ STOP_GRACE_S = 15.0
 """How long each process has to stop on SIGTERM before it gets SIGKILL."""
 
 
-def child_specs(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> list[ChildSpec]:
+def child_specs(
+    settings: UpSettings,
+    explicit: set[str],
+    config_file: str | None = None,
+    secret: str = "",
+    tls: dict[str, CertFiles] | None = None,
+) -> list[ChildSpec]:
     """The gateway's and the workers' specs, gateway first; their output is echoed to stderr.
 
     Each child gets the settings of ``explicit`` that it has, as FLEETSERVE_* variables (so keys never show in
     process arguments), and the config file; this process's own FLEETSERVE_* settings variables are not
-    inherited (a FLEETSERVE_PORT meant for `up` must not become every worker's port).
+    inherited (a FLEETSERVE_PORT meant for `up` must not become every worker's port). ``secret`` (the fleet
+    secret) goes to every child, and each its own files of ``tls`` (by name: gateway, worker-N).
     """
     exe = [sys.executable, "-m", "fleetserve"]
     config = ["--config", config_file] if config_file else []
     clean: dict[str, str | None] = {ENV_PREFIX + name.upper(): None for name in UpSettings.model_fields}
     threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
-    gateway_env = {**clean, **settings.gateway_env(explicit)}
+    fleet = {SECRET_ENV: secret} if secret else {}
+    gateway_env = {**clean, **settings.gateway_env(explicit), **fleet, **(tls["gateway"].env() if tls else {})}
     specs = [ChildSpec("gateway", [*exe, "gateway", *config], gateway_env, "fleetserve gateway ready", sys.stderr)]
     control = f"{dial_host(settings.control_host)}:{settings.control_port}"
-    worker_env = {**clean, **settings.worker_env(explicit)}
+    worker_env = {**clean, **settings.worker_env(explicit), **fleet}
     for i in range(settings.workers):
-        argv = [*exe, "worker", "--gateway", control, "--name", f"worker-{i}", "--threads", str(threads), *config]
-        specs.append(ChildSpec(f"worker-{i}", argv, worker_env, "fleetserve worker ready", sys.stderr))
+        name = f"worker-{i}"
+        env = {**worker_env, **(tls[name].env() if tls else {})}
+        argv = [*exe, "worker", "--gateway", control, "--name", name, "--threads", str(threads), *config]
+        specs.append(ChildSpec(name, argv, env, "fleetserve worker ready", sys.stderr))
     return specs
 
 
@@ -114,9 +133,12 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     def on_signal(signum, frame):
         stopping.set()
 
+    secret = settings.registration_token or secrets.token_urlsafe(32)
+    tls_dir = settings.tls_dir or (tempfile.mkdtemp(prefix="fleetserve-tls-") if settings.tls else "")
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        for spec in child_specs(settings, explicit, config_file):
+        tls = fleet_certs(tls_dir, settings.workers) if tls_dir else None
+        for spec in child_specs(settings, explicit, config_file, secret, tls):
             supervisor.start(spec)
         headers = {"Authorization": f"Bearer {settings.api_key[0]}"} if settings.api_key else None
         try:
@@ -140,3 +162,5 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
         supervisor.stop_all(STOP_GRACE_S)
         for s, h in old.items():
             signal.signal(s, h)
+        if tls_dir and not settings.tls_dir:
+            shutil.rmtree(tls_dir, ignore_errors=True)

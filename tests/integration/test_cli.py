@@ -44,4 +44,4 @@ def test_errors_are_clear():
     r = fleetserve("generate", "hi", "--model", "nope")
     assert r.returncode == 2 and "unknown model 'nope'" in r.stderr
     r = fleetserve("generate", "hi", "--temperature", "-1")
-    assert r.returncode == 2 and "temperature must be >= 0" in r.stderr
+    assert r.returncode == 2 and "temperature must be a finite number >= 0" in r.stderr

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 MODEL = "smollm2-135m-instruct"
+ADMIN = "console-admin"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 if not Path(CHROMIUM).exists():
@@ -23,7 +24,7 @@ if not Path(CHROMIUM).exists():
 
 @pytest.fixture(scope="module")
 def fleet(model_dir):
-    f = start_fleet(1, "", 3.0)
+    f = start_fleet(1, "", 3.0, "--admin-key", ADMIN)
     yield f
     f.stop()
 
@@ -36,6 +37,8 @@ def page(fleet):
         pg = context.new_page()
         pg.set_default_timeout(60_000)
         pg.goto(fleet.url + "/")
+        pg.fill("#admin-key", ADMIN)
+        pg.dispatch_event("#admin-key", "change")
         yield pg
         browser.close()
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from fleetserve.bench import http_bench
-from tests.fleet import READY_WORKER, start_fleet
+from fleetserve.protocol.security import SECRET_ENV
+from tests.fleet import FLEET_SECRET, READY_WORKER, start_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +46,8 @@ def test_closed_loop_levels(fleet, tmp_path):
         _check_row(row, 3, 4)
 
 
-def test_gateway_overhead(fleet, tmp_path):
+def test_gateway_overhead(fleet, tmp_path, monkeypatch):
+    monkeypatch.setenv(SECRET_ENV, FLEET_SECRET)  # the direct side dials the worker with the fleet secret
     address = fleet.workers[0].wait_for(READY_WORKER).group(2)
     output = tmp_path / "http-gateway-overhead.json"
     args = http_bench.build_parser().parse_args(

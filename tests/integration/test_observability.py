@@ -4,14 +4,13 @@ import json
 import re
 import urllib.request
 
-import grpc
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
-from tests.fleet import READY_WORKER, start_fleet
+from tests.fleet import READY_WORKER, start_fleet, worker_channel
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +43,7 @@ def scrape(fleet) -> dict[tuple, float]:
 
 def worker_steps(fleet) -> int:
     async def stats():
-        async with grpc.aio.insecure_channel(fleet.worker_address) as ch:
+        async with worker_channel(fleet.worker_address) as ch:
             return await pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest())
 
     import asyncio

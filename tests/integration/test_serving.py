@@ -15,7 +15,7 @@ import pytest
 from fleetserve.contract import SamplingParams
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
-from tests.fleet import READY_WORKER, start_fleet
+from tests.fleet import READY_WORKER, start_fleet, worker_metadata
 
 pytestmark = pytest.mark.slow
 
@@ -114,7 +114,9 @@ def test_errors(fleet, client):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
-    r = httpx.post(fleet.url + "/v1/chat/completions", content=b"{not json", headers=h)
+    r = httpx.post(
+        fleet.url + "/v1/chat/completions", content=b"{not json", headers={**h, "Content-Type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(
         fleet.url + "/v1/chat/completions",
@@ -164,7 +166,7 @@ def test_client_disconnect_aborts_on_the_worker(fleet):
 
 def _stats(address: str) -> pb.WorkerStats:
     with grpc.insecure_channel(address) as ch:
-        return pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=5)
+        return pb_grpc.WorkerStub(ch).Stats(pb.StatsRequest(), timeout=5, metadata=worker_metadata())
 
 
 def test_seed_routes(fleet):

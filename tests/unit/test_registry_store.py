@@ -196,3 +196,12 @@ def test_a_closed_store_says_so(tmp_path):
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store.load_workers()
+
+
+def test_state_file_is_private(tmp_path):
+    import stat
+
+    path = tmp_path / "state" / "registry.sqlite"
+    store = RegistryStore(path)
+    store.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

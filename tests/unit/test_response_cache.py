@@ -508,3 +508,15 @@ class TestRedisCache:
         with pytest.raises(ConnectionError, match="cannot reach") as info:
             RedisCache(f"redis://:secret@127.0.0.1:{free_port()}/0", socket_timeout=0.5)
         assert "secret" not in str(info.value)  # the password is not echoed
+
+
+def test_persisted_cache_file_is_private(tmp_path):
+    import stat
+
+    from fleetserve.gateway.cache import make_cache
+
+    path = tmp_path / "state" / "answers.sqlite"
+    cache = make_cache(str(path), max_entries=10, max_bytes=2**20)
+    cache.set("k", b"v", None)
+    cache.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -1,7 +1,12 @@
-"""The direct side of the HTTP benchmark: token ids straight to one worker's gRPC service, timed per request."""
+"""The direct side of the HTTP benchmark: token ids straight to one worker's gRPC service, timed per request.
+
+A worker of a fleet with a secret (or mutual TLS) needs it too: the client takes the fleet's credentials, by
+default from the FLEETSERVE_REGISTRATION_TOKEN and FLEETSERVE_TLS_* variables the fleet's processes read.
+"""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 import uuid
@@ -14,6 +19,7 @@ from fleetserve.bench.workload import WARM_UP_TEXT
 
 if TYPE_CHECKING:
     from fleetserve.protocol import fleet_pb2 as pb
+    from fleetserve.protocol.security import FleetCredentials
     from fleetserve.text.tokenizer import Tokenizer
 
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
@@ -22,15 +28,13 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send
 class WorkerClient:
     """Token ids straight to one worker's Worker service over grpc.aio, tokenized here with its own tokenizer."""
 
-    def __init__(self, address: str, max_tokens: int):
-        import grpc
-
+    def __init__(self, address: str, max_tokens: int, credentials: FleetCredentials | None = None):
         from fleetserve.contract import SamplingParams
         from fleetserve.protocol import convert
         from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = (credentials or credentials_from_env()).channel(address, options=GRPC_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True).validate()
         self.params = convert.sampling_to_proto(params)
@@ -131,6 +135,14 @@ class WorkerClient:
             trace.finish_reason = finish
         else:
             trace.fail(f"gRPC OK, but the stream ended with finish_reason {finish!r}")
+
+
+def credentials_from_env() -> FleetCredentials:
+    """The fleet secret and TLS files from the variables a fleet's processes read (unset: none)."""
+    from fleetserve.protocol.security import SECRET_ENV, TLS_ENV, FleetCredentials
+
+    ca, cert, key = (os.environ.get(name, "") for name in TLS_ENV)
+    return FleetCredentials(os.environ.get(SECRET_ENV, ""), ca, cert, key)
 
 
 def stats_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, Any] | None:

@@ -7,6 +7,16 @@ from dataclasses import dataclass, field
 
 from fleetserve.errors import InvalidRequestError
 
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest values the wire's fields hold (uint32 counts and token ids, int32 top_k, float32 floats)."""
+
+
+def _float32(value: float) -> bool:
+    """Whether ``value`` is a finite number a float32 field holds."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
 
 @dataclass
 class SamplingParams:
@@ -30,21 +40,22 @@ class SamplingParams:
     """None: no log-probabilities; n >= 0: the sampled token's, plus the n most likely alternatives."""
 
     def validate(self) -> SamplingParams:
-        """Raise InvalidRequestError naming the first parameter out of range; return self."""
+        """Raise InvalidRequestError naming the first parameter out of range; return self. Every value checked
+        here fits its protobuf field (``protocol/fleet.proto``)."""
 
         def bad(param: str, rule: str) -> InvalidRequestError:
             return InvalidRequestError(f"{param} {rule}, got {getattr(self, param)!r}", param)
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise bad("max_tokens", "must be an integer >= 1")
+        if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= UINT32_MAX:
+            raise bad("max_tokens", f"must be an integer in 1..{UINT32_MAX}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"must be an integer in 0..max_tokens ({self.max_tokens})")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
+        if not _float32(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "must be a finite number >= 0")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", "must be -1, 0 (no limit) or a positive integer")
+        if not isinstance(self.top_k, int) or not -1 <= self.top_k <= INT32_MAX:
+            raise bad("top_k", f"must be -1, 0 (no limit) or a positive integer up to {INT32_MAX}")
         if not 0 <= self.min_p <= 1:
             raise bad("min_p", "must be in [0, 1]")
         if not -2 <= self.presence_penalty <= 2:
@@ -57,8 +68,10 @@ class SamplingParams:
             raise bad("seed", "must be an integer in [0, 2**63)")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be an integer in 0..20")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be non-negative integers")
+        if any(not isinstance(t, int) or not 0 <= t <= UINT32_MAX for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"must be integers in 0..{UINT32_MAX}")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be true or false")
         return self
 
     @property

@@ -3,6 +3,8 @@
 The engine thread alternates between running queued commands (add, abort, export ...) and stepping the engine,
 so the event loop never waits for a step. Every engine call goes through that thread: the engine itself needs
 no locks. Closing a request's stream early (client gone, task cancelled) aborts it before the next step.
+A failed step ends only its requests' streams (EngineStepError); after ``unhealthy_after`` failed steps in a row
+``health()`` reports the engine unhealthy until a step succeeds again.
 """
 
 from __future__ import annotations
@@ -18,21 +20,23 @@ from typing import Any, TypeVar
 from fleetserve.config import EngineConfig
 from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, SamplingParams
 from fleetserve.engine.engine import LLMEngine
-from fleetserve.errors import FleetServeError
+from fleetserve.errors import EngineStepError, FleetServeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 class EngineDeadError(FleetServeError):
-    """The engine thread has stopped (closed, or a step failed); the request cannot go on."""
+    """The engine thread has stopped (closed, or a fault outside any step); the request cannot go on."""
 
 
 class AsyncEngine:
     """Async front of one LLMEngine; create it inside a running event loop or pass the loop."""
 
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop | None = None, unhealthy_after: int = 3):
         self.engine = engine
+        self.unhealthy_after = unhealthy_after
+        """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
         self._loop = loop or asyncio.get_running_loop()
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -116,6 +120,15 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def health(self) -> str | None:
+        """None while the engine serves; otherwise why not (stopped, or its recent steps all failed)."""
+        if not self.alive:
+            return "engine stopped"
+        failed = self.engine.consecutive_failed_steps
+        if failed >= self.unhealthy_after:
+            return f"the last {failed} engine steps failed: {self.engine.last_step_error}"
+        return None
+
     # -- engine thread -----------------------------------------------------------------------------------
 
     def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -133,12 +146,16 @@ class AsyncEngine:
                 if not self._run_commands(block):
                     return
                 if self.engine.has_unfinished():
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except EngineStepError as exc:  # the engine dropped that step's requests: end their streams
+                        self._loop.call_soon_threadsafe(self._fail_requests, exc)
+                        outputs = []
                     self._stats = self.engine.stats()
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
-        except BaseException as exc:  # a failed step: every waiting stream must hear of it
-            log.exception("engine step failed; stopping the engine")
+        except BaseException as exc:  # a fault outside a step's requests: every waiting stream must hear of it
+            log.exception("engine thread failed; stopping the engine")
             self._fail_all(EngineDeadError(f"the engine failed: {exc}"))
             raise
         finally:
@@ -168,6 +185,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
+
+    def _fail_requests(self, exc: EngineStepError) -> None:
+        for rid in exc.request_ids:
+            stream = self._streams.get(rid)
+            if stream is not None:  # one exception per stream: each is raised in its own task
+                stream.put_nowait(EngineStepError(str(exc), [rid]))
 
     def _fail_all(self, exc: BaseException) -> None:
         def fail() -> None:

@@ -23,7 +23,7 @@ class PrefillSpan:
     context_slots: torch.Tensor | None
     """[L] slots of the whole context (cached prefix + this chunk); None when the chunk is the whole context."""
     mask: torch.Tensor | None
-    """[end - start, L] additive mask; None means plain causal over the chunk alone."""
+    """[end - start, L] boolean mask (True: may attend); None means plain causal over the chunk alone."""
 
 
 @dataclass
@@ -39,7 +39,7 @@ class AttentionBatch:
     decode_slots: torch.Tensor | None
     """[Bd, L] slots of each single-token sequence's context, padded."""
     decode_mask: torch.Tensor | None
-    """[Bd, 1, 1, L] additive mask: 0 for real context, -inf for padding."""
+    """[Bd, 1, 1, L] boolean mask: True for real context, False for padding."""
     prefills: list[PrefillSpan]
 
 
@@ -49,9 +49,11 @@ def build_attention_batch(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
-    dtype: torch.dtype = torch.float32,
 ) -> AttentionBatch:
-    """Index tensors for sequences laid out back to back; sequence i computes positions starts[i] + [0, lengths[i])."""
+    """Index tensors for sequences laid out back to back; sequence i computes positions starts[i] + [0, lengths[i]).
+
+    Masks are boolean, so they suit attention in whatever dtype the query has (an additive mask must match it).
+    """
     slots: list[int] = []
     for start, n, table in zip(starts, lengths, block_tables, strict=False):
         for pos in range(start, start + n):
@@ -73,8 +75,7 @@ def build_attention_batch(
         decode_slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(decode_idx), -1)
         decode_slots = decode_slots[:, :max_len].contiguous().to(device)
         valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
-        decode_mask = torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
-        decode_mask = decode_mask[:, None, None, :].to(device)
+        decode_mask = valid[:, None, None, :].to(device)
         decode_rows = torch.tensor([offsets[i] for i in decode_idx], dtype=torch.long, device=device)
 
     prefills = []
@@ -91,8 +92,7 @@ def build_attention_batch(
         context_slots = (table[positions // block_size] * block_size + positions % block_size).to(device)
         # Query row r sits at position start + r and may see positions 0..start + r.
         allowed = positions.unsqueeze(0) <= (start + torch.arange(n)).unsqueeze(1)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf")).to(device)
-        prefills.append(PrefillSpan(offsets[i], offsets[i + 1], context_slots, mask))
+        prefills.append(PrefillSpan(offsets[i], offsets[i + 1], context_slots, allowed.to(device)))
 
     return AttentionBatch(
         slot_mapping=slot_mapping,

@@ -1,6 +1,7 @@
 """LLMEngine: token ids in, token ids out. add_request / step / abort, plus KV export and import.
 
 A step is: schedule, execute, update. Everything runs in the caller's thread; AsyncEngine wraps it for asyncio.
+A step that fails stops only the requests it ran (EngineStepError); the engine keeps serving the others.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, Sampling
 from fleetserve.engine.kv_cache import KVCacheManager
 from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.request import Request
-from fleetserve.engine.scheduler import Scheduler
-from fleetserve.errors import CapacityError, InvalidRequestError
+from fleetserve.engine.scheduler import Scheduler, SchedulerOutput
+from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
 from fleetserve.model_files import load_arch, prepare_model_dir
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class LLMEngine:
         self._ids = itertools.count()
         self._preemptions = 0
         self._steps = 0
+        self.failed_steps = 0
+        self.consecutive_failed_steps = 0
+        """Failed steps since the last one that succeeded (a health signal: a fault that keeps recurring)."""
+        self.last_step_error: str | None = None
         log.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
             mc.model,
@@ -160,14 +165,31 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and update one iteration; return what each touched request produced."""
+        """Schedule, run and update one iteration; return what each touched request produced.
+
+        If running or updating the plan raises, the plan's requests are dropped (blocks freed) and EngineStepError
+        names them; the other requests stay queued and the next step serves them.
+        """
         plan = self.scheduler.schedule()
         self._preemptions += len(plan.preempted)
         if plan.empty:
             return []
-        sampled = self.runner.execute(plan)
+        try:
+            outputs = self.scheduler.update(plan, self.runner.execute(plan))
+        except Exception as exc:  # any fault of the step: fail its requests, keep the engine
+            raise self._fail_step(plan, exc) from exc
         self._steps += 1
-        return self.scheduler.update(plan, sampled)
+        self.consecutive_failed_steps = 0
+        return outputs
+
+    def _fail_step(self, plan: SchedulerOutput, exc: Exception) -> EngineStepError:
+        ids = [seq.request.request_id for seq in plan.seqs]
+        self.scheduler.fail(ids)
+        self.failed_steps += 1
+        self.consecutive_failed_steps += 1
+        self.last_step_error = f"{type(exc).__name__}: {exc}"
+        log.error("engine step failed, stopping its %d requests: %s", len(ids), self.last_step_error, exc_info=exc)
+        return EngineStepError(f"the engine step running this request failed: {self.last_step_error}", ids)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
         """Run ``prompts`` together to completion; return each one's output token ids (a convenience for tests)."""
@@ -209,4 +231,5 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_hits,
             num_preemptions=self._preemptions,
             steps=self._steps,
+            extra={"failed_steps": self.failed_steps, "consecutive_failed_steps": self.consecutive_failed_steps},
         )

@@ -84,7 +84,6 @@ class ModelRunner:
             [s.block_table for s in plan.seqs],
             self.block_size,
             self.device,
-            self.dtype,
         )
         if self.model.is_first:
             inputs = torch.tensor(ids, dtype=torch.long, device=self.device)

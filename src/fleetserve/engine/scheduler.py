@@ -111,6 +111,23 @@ class Scheduler:
         request.status = RequestStatus.FINISHED_ABORTED
         return self._finish(request, [])
 
+    def fail(self, request_ids: list[str]) -> None:
+        """Drop requests whose step failed: out of the queues and forgotten, their blocks freed (no output).
+
+        Their KV written by the failed step lies past their computed tokens, in blocks no prefix key names yet,
+        so the prefix cache keeps only what earlier steps computed.
+        """
+        ids = set(request_ids)
+        self.running = [r for r in self.running if r.request_id not in ids]
+        if any(w[2] in ids for w in self._waiting):
+            self._waiting = [w for w in self._waiting if w[2] not in ids]
+            heapq.heapify(self._waiting)
+        for request_id in ids:
+            request = self.requests.pop(request_id, None)
+            if request is not None:
+                request.status = RequestStatus.FINISHED_ERROR
+            self.kv.free(request_id)
+
     def release(self, request_id: str) -> None:
         """Forget a finished request whose KV was retained for export."""
         request = self.requests.pop(request_id, None)

@@ -1,68 +1,132 @@
-"""The Control gRPC service on the gateway: workers register, heartbeat and deregister here."""
+"""The Control gRPC service on the gateway: workers register, heartbeat and deregister here.
+
+The fleet secret is checked on every call before it gets here (``protocol.security``). A registration's
+advertised address must lie in the gateway's worker networks, if it has any, before the gateway dials it; a
+worker it cannot reach is told so in general terms (the details go to the gateway's log, not to the caller, so
+that registering is no way to probe the gateway's network). What the gateway needs from a new worker (its
+tokenizer) is fetched before the worker is listed, so a listed worker can always be served. Heartbeats and
+deregistrations must carry the session secret their registration returned.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry
+from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.security import Network, address_allowed
 
 log = logging.getLogger(__name__)
 
+UNREACHABLE = (
+    "the gateway could not fetch what it needs from this worker at its advertised address; "
+    "check --advertise and the network between them (the gateway's log has the details)"
+)
+
 
 class ControlService(pb_grpc.ControlServicer):
-    """Registration guarded by a shared token; heartbeats keep a worker's record fresh."""
+    """Registration within the allowed networks; heartbeats, with their session secret, keep a record fresh."""
 
     def __init__(
         self,
         registry: WorkerRegistry,
-        token: str = "",
         on_register: Callable[[WorkerRecord], Awaitable[None]] | None = None,
+        networks: Sequence[Network] = (),
+        prepare: Callable[[WorkerRecord], Awaitable[None]] | None = None,
     ):
         self.registry = registry
-        self.token = token
         self.on_register = on_register
+        """Called once the worker is listed (ValueError refuses it)."""
+        self.prepare = prepare
+        """Called with a record not yet listed, whose stub reaches the worker (ValueError refuses it)."""
+        self.networks = list(networks)
         self.pending_commands: dict[str, asyncio.Queue[pb.Command]] = {}
 
-    def _check_token(self, token: str) -> bool:
-        return not self.token or hmac.compare_digest(token.encode(), self.token.encode())
-
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
-        if not self._check_token(request.token):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong registration token")
         info = request.info
         if not info.address or not info.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker must give its address and model")
-        record = self.registry.register(info)
+        if self.networks and not await asyncio.to_thread(address_allowed, info.address, self.networks):
+            allowed = ", ".join(str(n) for n in self.networks)
+            log.warning("registration of %s at %s refused: outside the worker networks", info.name, info.address)
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"advertised address {info.address} is outside the gateway's worker networks "
+                f"(worker_networks: {allowed})",
+            )
+        connection = self.registry.connect(info.address)
+        try:
+            if self.prepare is not None:
+                await self.prepare(WorkerRecord("", info, 0.0, 0.0, channel=connection[0], stub=connection[1]))
+        except (ValueError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            if connection[0] is not None:
+                await connection[0].close()
+            await self._refuse(info, exc, context)
+        record = self.registry.register(info, connection)
         if self.on_register is not None:
             try:
                 await self.on_register(record)
-            except ValueError as exc:  # e.g. a tokenizer that disagrees with the model's other workers
+            except (ValueError, grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
                 self.registry.remove(record.worker_id)
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        return pb.RegisterReply(worker_id=record.worker_id, heartbeat_interval_s=self.registry.heartbeat_interval_s)
+                await self._refuse(info, exc, context)
+        return pb.RegisterReply(
+            worker_id=record.worker_id,
+            heartbeat_interval_s=self.registry.heartbeat_interval_s,
+            session_secret=record.session_secret,
+        )
 
     async def Heartbeat(self, request_iterator, context: grpc.aio.ServicerContext):
         async for report in request_iterator:
-            if self.registry.heartbeat(report) is None:
+            record = self.registry.workers.get(report.worker_id)
+            if record is None or record.state == WorkerState.DEAD:
                 yield pb.Command(kind=pb.Command.REREGISTER, detail="unknown worker id")
                 return
+            if not self.registry.authenticate(report.worker_id, report.session_secret):
+                log.warning("heartbeat for %s from %s refused: wrong session secret", report.worker_id, context.peer())
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong session secret for this worker id")
+            self.registry.heartbeat(report)
             queue = self.pending_commands.get(report.worker_id)
             while queue is not None and not queue.empty():
                 yield queue.get_nowait()
 
     async def Deregister(self, request: pb.DeregisterRequest, context) -> pb.DeregisterReply:
-        if not self._check_token(request.token):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong registration token")
+        if request.worker_id not in self.registry.workers:
+            return pb.DeregisterReply()  # gone already
+        if not self.registry.authenticate(request.worker_id, request.session_secret):
+            log.warning("deregistration of %s from %s refused: wrong session secret", request.worker_id, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong session secret for this worker id")
         self.registry.remove(request.worker_id)
+        self.pending_commands.pop(request.worker_id, None)
         return pb.DeregisterReply()
+
+    async def _refuse(self, info: pb.WorkerInfo, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        dial = _dial_error(exc)
+        if dial is None:  # e.g. a tokenizer that disagrees with the model's other workers
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        log.warning("registering %s: cannot reach it at %s: %s", info.name, info.address, _describe(dial))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, UNREACHABLE)
 
     def send(self, worker_id: str, command: pb.Command) -> None:
         """Queue a command for a worker; it goes down with the reply to its next heartbeat."""
         self.pending_commands.setdefault(worker_id, asyncio.Queue()).put_nowait(command)
+
+
+def _dial_error(exc: BaseException) -> BaseException | None:
+    """The failed call to the worker behind ``exc`` (itself, its cause or its context), if there is one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (grpc.aio.AioRpcError, asyncio.TimeoutError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"

@@ -73,6 +73,13 @@ class _Progress:
     """Tokens of the current attempt."""
 
 
+def _cut_off_under_us() -> bool:
+    """Whether a CancelledError comes from a worker's call cut off under us (its channel closed) rather than from
+    this request's own cancellation; Python 3.10 cannot tell the two apart, so there it is taken as ours."""
+    task = asyncio.current_task()
+    return task is not None and getattr(task, "cancelling", lambda: 1)() == 0
+
+
 class _AttemptFailed(Exception):
     def __init__(self, detail: str, counts_against_worker: bool = True):
         super().__init__(detail)
@@ -190,6 +197,11 @@ class Dispatcher:
             raise _AttemptFailed("the stream ended without a finish reason")
         except grpc.aio.AioRpcError as exc:
             raise self._classify(worker, exc) from exc
+        except asyncio.CancelledError:
+            if not _cut_off_under_us():
+                raise  # this request was cancelled (its client left)
+            # The call was cut off under us: the worker was declared dead and its channel closed.
+            raise _AttemptFailed("the call was cut off (the worker left)", counts_against_worker=False) from None
         finally:
             call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
 

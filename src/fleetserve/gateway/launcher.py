@@ -4,7 +4,8 @@ A joined worker is an ordinary ``fleetserve worker`` child process that register
 other; a :class:`~fleetserve.supervisor.Supervisor` starts it in its own process group, collects its output and
 stops it. Its memory cap is split into the model's weights, a fixed allowance for the runtime and activations,
 and the KV cache (the rest); a cap that leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused,
-with the amount that would do.
+with the amount that would do. The fleet secret and TLS material reach it in its environment, never in its
+arguments.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files import model_arch
+from fleetserve.protocol.security import FleetCredentials
 from fleetserve.supervisor import DEFAULT_GRACE_S, Child, ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
@@ -99,9 +101,9 @@ class LaunchedWorker:
 class Launcher:
     """Starts and stops local worker processes that register with ``control_address``, under a supervisor."""
 
-    def __init__(self, control_address: str, registration_token: str = "", threads: int | None = None):
+    def __init__(self, control_address: str, credentials: FleetCredentials | None = None, threads: int | None = None):
         self.control_address = control_address
-        self.registration_token = registration_token
+        self.credentials = credentials or FleetCredentials()
         self.threads = threads
         self.workers: dict[str, LaunchedWorker] = {}
         self.supervisor = Supervisor()
@@ -130,11 +132,10 @@ class Launcher:
         kv_mb = plan.kv_mb(max_memory_mb)
         args = [sys.executable, "-m", "fleetserve", "worker", "--gateway", self.control_address]
         args += ["--model", model, "--device", device, "--kv-cache-mb", str(kv_mb), "--name", name]
-        if self.registration_token:
-            args += ["--registration-token", self.registration_token]
         threads = self.threads or max(1, (os.cpu_count() or 1) // 2)
         args += ["--threads", str(threads)]
-        child = self.supervisor.start(ChildSpec(name, args, ready=WORKER_READY, max_lines=200))
+        env = self.credentials.child_env()  # the gateway's own certificate serves its local workers too
+        child = self.supervisor.start(ChildSpec(name, args, env, ready=WORKER_READY, max_lines=200))
         worker = LaunchedWorker(name, model, device, role, max_memory_mb, kv_mb, child)
         self.workers[name] = worker
         log.info("launched worker %s (pid %d): %s on %s, %d MiB KV", name, child.pid, model, device, kv_mb)

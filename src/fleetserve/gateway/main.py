@@ -1,4 +1,8 @@
-"""`fleetserve gateway`: the HTTP API (uvicorn) and the Control gRPC service, on one event loop."""
+"""`fleetserve gateway`: the HTTP API (uvicorn) and the Control gRPC service, on one event loop.
+
+The Control service and the channels to workers carry the fleet's credentials (``protocol.security``); a gateway
+whose control service would listen beyond loopback without a fleet secret refuses to start.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.policies import make_policy
-from fleetserve.gateway.preprocess import PreprocessPool
-from fleetserve.gateway.registry import WorkerRegistry
+from fleetserve.gateway.preprocess import Preprocessor, PreprocessPool
+from fleetserve.gateway.registry import WorkerRegistry, connector
 from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.security import FleetCredentials, is_loopback, parse_networks
 from fleetserve.settings.base import dial_host
 from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.telemetry.metrics import DisabledGatewayMetrics, GatewayMetrics
@@ -114,8 +119,8 @@ class Gateway:
     async def close(self) -> None:
         await self.grpc_server.stop(grace=1.0)
         state = self.state
-        if state.preprocess is not None:
-            await state.preprocess.close()
+        if state.preprocess.pool is not None:
+            await state.preprocess.pool.close()
         for record in list(state.registry.workers.values()):
             if record.channel is not None:
                 await record.channel.close()
@@ -128,8 +133,23 @@ class Gateway:
             await state.launcher.close()
 
 
+def check_exposure(settings: GatewaySettings) -> None:
+    """Refuse a control service that listens beyond this machine without a fleet secret."""
+    if settings.registration_token or is_loopback(settings.control_host):
+        return
+    raise InvalidRequestError(
+        f"the control service would listen on {settings.control_host}, beyond loopback, without a fleet secret: "
+        "anyone who reaches it could register workers. Set one with --registration-token or "
+        "FLEETSERVE_REGISTRATION_TOKEN (and give the same to every worker), or listen on 127.0.0.1",
+        "registration_token",
+    )
+
+
 async def build_gateway(settings: GatewaySettings) -> Gateway:
     """Registry, routing, admission and the Control service (listening), ready for the HTTP app."""
+    check_exposure(settings)
+    credentials = FleetCredentials.from_settings(settings)
+    networks = parse_networks(settings.worker_networks)
     models = model_registry(settings)
     store = RegistryStore(settings.state_db) if settings.state_db else None
     registry = WorkerRegistry(
@@ -138,6 +158,7 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         failure_threshold=settings.failure_threshold,
         dead_retention_s=settings.dead_retention,
         store=store,
+        connect=connector(credentials),
     )
     if store is not None:
         for saved in store.load_models():
@@ -157,18 +178,15 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
     dispatcher = Dispatcher(registry, policies, admission, RetryPolicy(max_retries=settings.max_retries), metrics)
 
     async def on_register(record) -> None:
-        await tokenizers.on_register(record)
         spec = models.learn(record.info)
         if store is not None:
             store.save_model(spec.to_json())
         admission.pump(record.info.model)
 
-    control = ControlService(registry, settings.registration_token, on_register=on_register)
-    grpc_server = grpc.aio.server()
+    control = ControlService(registry, on_register=on_register, networks=networks, prepare=tokenizers.on_register)
+    grpc_server = credentials.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
-    control_port = grpc_server.add_insecure_port(f"{settings.control_host}:{settings.control_port}")
-    if control_port == 0:
-        raise OSError(f"cannot listen on {settings.control_host}:{settings.control_port}")
+    control_port = credentials.server_port(grpc_server, f"{settings.control_host}:{settings.control_port}")
     await grpc_server.start()
     preprocess = None
     if settings.preprocess_workers > 0:
@@ -181,12 +199,10 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         settings=settings,
         models=models,
         answers=_answer_cache(settings, metrics),
-        preprocess=preprocess,
+        preprocess=Preprocessor(tokenizers, preprocess),
         traces=TraceStore(capacity=1000 if settings.telemetry else 0, exporter=_exporter(settings)),
         control=control,
-        launcher=Launcher(
-            f"{dial_host(settings.control_host)}:{control_port}", settings.registration_token, settings.launch_threads
-        ),
+        launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
     return Gateway(state, admission, store, grpc_server, control_port)
 
@@ -215,7 +231,15 @@ async def run_gateway(settings: GatewaySettings) -> int:
     gateway = await build_gateway(settings)
     state = gateway.state
     server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            create_app(state),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+            ssl_certfile=settings.http_tls_cert or None,
+            ssl_keyfile=settings.http_tls_key or None,
+        )
     )
     listener = _listen(settings.host, settings.port, settings.stream_buffer_kb * 1024)
     tasks = [
@@ -238,7 +262,8 @@ async def _announce(server: uvicorn.Server, settings: GatewaySettings, control_p
     while not server.started:
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+    scheme = "https" if settings.http_tls_cert else "http"
     print(
-        f"fleetserve gateway ready: http://{settings.host}:{port} (control {settings.control_host}:{control_port})",
+        f"fleetserve gateway ready: {scheme}://{settings.host}:{port} (control {settings.control_host}:{control_port})",
         flush=True,
     )

@@ -11,15 +11,21 @@ workers are routable.
 The durable part (each worker's id, registration info, state and last sighting) is written to a
 :class:`RegistryStore` when one is given: after a gateway restart the known workers are listed as dead until
 they register again, which they do on their own, and get their old ids back.
+
+Worker ids are random. Each registration also gets a random session secret, kept in memory only: heartbeats and
+deregistrations must carry it (:meth:`WorkerRegistry.authenticate`), so knowing a worker's id is not enough to
+speak for it. A worker's reported prefix-cache blocks are capped at its KV cache's size in blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
+import hmac
 import logging
+import secrets
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,15 +34,25 @@ import grpc
 from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.security import FleetCredentials
 
 log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
 
-def _connect(address: str) -> tuple[grpc.aio.Channel, pb_grpc.WorkerStub]:
-    channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-    return channel, pb_grpc.WorkerStub(channel)
+def connector(credentials: FleetCredentials) -> Callable[[str], tuple[grpc.aio.Channel, pb_grpc.WorkerStub]]:
+    """address -> (channel, Worker stub), the channel carrying ``credentials`` (secret, mutual TLS)."""
+
+    def connect(address: str) -> tuple[grpc.aio.Channel, pb_grpc.WorkerStub]:
+        channel = credentials.channel(address, options=CHANNEL_OPTIONS)
+        return channel, pb_grpc.WorkerStub(channel)
+
+    return connect
+
+
+def new_worker_id() -> str:
+    return f"w-{uuid.uuid4().hex}"
 
 
 class WorkerState(str, enum.Enum):
@@ -70,6 +86,8 @@ class WorkerRecord:
     failed_probes: int = 0
     suspect_reason: str = ""
     """Why the worker is suspect: "heartbeat" (late) or "failures" (requests failed); empty otherwise."""
+    session_secret: str = field(default="", repr=False)
+    """Given to the worker when it registered; empty (a record restored from the store): nothing matches it."""
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
 
@@ -101,12 +119,12 @@ class WorkerRegistry:
         self.dead_retention_s = dead_retention_s
         self.store = store
         self.clock = clock
-        self.connect = connect or _connect
-        """address -> (channel, Worker stub); tests give one that makes no channel."""
+        self.connect = connect or connector(FleetCredentials())
+        """address -> (channel, Worker stub); the gateway's carries its credentials, tests give one that makes no
+        channel."""
         self.workers: dict[str, WorkerRecord] = {}
         self.on_dead: list[Callable[[WorkerRecord], None]] = []
         """Called when a worker stops being usable for good (dead, deregistered or replaced)."""
-        self._ids = itertools.count(1)
         self._closing: set[asyncio.Task] = set()
         if store is not None:
             self._restore(store)
@@ -118,23 +136,24 @@ class WorkerRegistry:
         for saved in store.load_workers():
             record = WorkerRecord(saved.worker_id, saved.info, now, now, state=WorkerState.DEAD)
             self.workers[record.worker_id] = record
-            number = saved.worker_id.split("-", 1)[0].lstrip("w")
-            if number.isdigit():
-                self._ids = itertools.count(max(int(number) + 1, next(self._ids)))
         if self.workers:
             log.info("restored %d known worker(s); they are dead until they register again", len(self.workers))
 
-    def register(self, info: pb.WorkerInfo) -> WorkerRecord:
-        """Add a worker (or take it back: the same name at the same address keeps its id)."""
+    def register(
+        self, info: pb.WorkerInfo, connection: tuple[grpc.aio.Channel | None, pb_grpc.WorkerStub] | None = None
+    ) -> WorkerRecord:
+        """Add a worker (or take it back: the same name and model at the same address keeps its id), with a fresh
+        session secret. The caller has checked the fleet secret: an id alone never claims a record. ``connection``:
+        a (channel, stub) already made for the worker (default: a new one)."""
         worker_id = None
         for old in [w for w in self.workers.values() if w.info.address == info.address]:
             if old.info.name == info.name and old.info.model == info.model:
                 worker_id = old.worker_id
             self._drop(old)
         now = self.clock()
-        worker_id = worker_id or f"w{next(self._ids)}-{info.name}"
-        record = WorkerRecord(worker_id, info, now, now)
-        record.channel, record.stub = self.connect(info.address)
+        worker_id = worker_id or new_worker_id()
+        record = WorkerRecord(worker_id, info, now, now, session_secret=secrets.token_urlsafe(32))
+        record.channel, record.stub = connection or self.connect(info.address)
         self.workers[worker_id] = record
         self._persist(record)
         log.info("worker %s registered: %s at %s", worker_id, info.model, info.address)
@@ -158,6 +177,13 @@ class WorkerRegistry:
         if self.store is not None:
             self.store.delete_worker(record.worker_id)
 
+    def authenticate(self, worker_id: str, session_secret: str) -> bool:
+        """Whether ``session_secret`` is the one given to ``worker_id`` when it registered (constant time)."""
+        record = self.workers.get(worker_id)
+        if record is None or not record.session_secret:
+            return False
+        return hmac.compare_digest(record.session_secret.encode(), session_secret.encode())
+
     # -- state ------------------------------------------------------------------------------------------
 
     def heartbeat(self, report: pb.HeartbeatReport) -> WorkerRecord | None:
@@ -170,18 +196,28 @@ class WorkerRegistry:
         record.recent_first_token_s = report.recent_first_token_s
         record.recent_inter_token_s = report.recent_inter_token_s
         if report.HasField("block_hashes"):
-            record.hashes_reported_at = record.last_heartbeat
-            delta = report.block_hashes
-            if delta.reset:
-                record.block_hashes = set(delta.added)
-            else:
-                record.block_hashes.difference_update(delta.removed)
-                record.block_hashes.update(delta.added)
+            self._apply_hashes(record, report.block_hashes)
         if report.draining:
             self._set(record, WorkerState.DRAINING)
         elif record.state == WorkerState.SUSPECT and record.suspect_reason == "heartbeat":
             self._set(record, WorkerState.HEALTHY)
         return record
+
+    def _apply_hashes(self, record: WorkerRecord, delta: pb.BlockHashDelta) -> None:
+        """Apply a block-hash delta, unless it would hold more blocks than the worker's KV cache has: such a
+        report is dropped (and logged), and what was known before stays."""
+        cap = record.info.kv_blocks_total
+        held = set(delta.added) if delta.reset else (record.block_hashes - set(delta.removed)) | set(delta.added)
+        if len(held) > cap:
+            log.warning(
+                "worker %s reported %d cached blocks, more than its %d KV blocks: block report ignored",
+                record.worker_id,
+                len(held),
+                cap,
+            )
+            return
+        record.block_hashes = held
+        record.hashes_reported_at = record.last_heartbeat
 
     def record_failure(self, record: WorkerRecord, detail: str = "") -> None:
         """A request failed on this worker; enough in a row make it suspect."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
+from fleetserve.private_files import make_private
 from fleetserve.protocol import fleet_pb2 as pb
 
 SCHEMA_VERSION = 1
@@ -75,15 +76,17 @@ class RegistryStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._lock = threading.Lock()
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.path != ":memory:":
+                make_private(self.path)  # worker addresses and ids: this user's alone
             # Autocommit mode: transactions are opened and closed explicitly by _write().
             self._conn: sqlite3.Connection | None = sqlite3.connect(
                 self.path, check_same_thread=False, isolation_level=None, timeout=5.0
             )
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open registry database {self.path}: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot create registry database {self.path}: {exc.strerror}") from None
         try:
             self._open()
         except ValueError:

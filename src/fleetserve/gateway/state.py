@@ -12,7 +12,7 @@ from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
-from fleetserve.gateway.preprocess import PreprocessPool
+from fleetserve.gateway.preprocess import Preprocessor
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.settings.gateway import GatewaySettings
@@ -35,12 +35,22 @@ class GatewayState:
     answers: AnswerCache | None = None
     """The response cache for deterministic answers; None when it is off."""
     traces: TraceStore = field(default_factory=TraceStore)
-    preprocess: PreprocessPool | None = None
-    """Helper processes for templating and tokenization; None tokenizes inline."""
+    preprocess: Preprocessor | None = None
+    """Templating and tokenization off the event loop (helper processes, or a thread for large prompts); None
+    makes one from ``tokenizers`` with no helper processes."""
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Polling-mode requests by request id: status, and the result or error once finished."""
+    """Polling-mode requests by key (the request id in its caller's namespace): status, and the result or error
+    once finished."""
+    owner_tags: set[str] = field(default_factory=set)
+    """The namespaces requests were kept under (one per API key that sent any), for the admin key's look-ups."""
+    probes: dict[str, tuple[float, asyncio.Task[tuple[bool, str]]]] = field(default_factory=dict)
+    """/ready's generation probe per worker id: when it started, and the probe (its result once done)."""
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     """Background tasks (polling-mode requests, stopping workers), kept referenced until they finish."""
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            self.preprocess = Preprocessor(self.tokenizers)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background, referenced in ``tasks`` until it finishes."""

@@ -209,28 +209,32 @@ class RegisterRequest(_message.Message):
     def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_interval_s")
+    __slots__ = ("worker_id", "heartbeat_interval_s", "session_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_interval_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReport(_message.Message):
-    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes")
+    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes", "session_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     RECENT_INTER_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stats: WorkerStats
     recent_first_token_s: float
     recent_inter_token_s: float
     draining: bool
     block_hashes: BlockHashDelta
-    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class BlockHashDelta(_message.Message):
     __slots__ = ("reset", "added", "removed")
@@ -261,12 +265,14 @@ class Command(_message.Message):
     def __init__(self, kind: _Optional[_Union[Command.Kind, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
-    __slots__ = ("worker_id", "token")
+    __slots__ = ("worker_id", "token", "session_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     token: str
-    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., token: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class DeregisterReply(_message.Message):
     __slots__ = ()

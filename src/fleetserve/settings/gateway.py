@@ -26,8 +26,34 @@ class GatewaySettings(Settings):
         secret=True,
     )
     api_keys_file: str = option("", "a file of accepted API keys, one a line")
-    registration_token: str = option("", "workers must present this secret to register", secret=True)
-    admin_key: str = option("", "bearer key the /admin API needs (default: the API keys' rule)", secret=True)
+    registration_token: str = option(
+        "",
+        "the fleet secret: registration and every call to a worker need it (required with a non-loopback "
+        "--control-host)",
+        secret=True,
+    )
+    tls_ca: str = option(
+        "", "the fleet CA's certificate (PEM file): mutual TLS for the control service and worker links"
+    )
+    tls_cert: str = option("", "the gateway's certificate (PEM file), signed by the fleet CA")
+    tls_key: str = option("", "the gateway's private key (PEM file)", secret=True)
+    http_tls_cert: str = option("", "serve the HTTP API over TLS with this certificate chain (PEM file)")
+    http_tls_key: str = option("", "the HTTP certificate's private key (PEM file)", secret=True)
+    worker_networks: list[str] = option(
+        None,
+        "networks (CIDR, e.g. 10.0.0.0/8) a worker's advertised address must lie in (repeat for more; none: any)",
+        default_factory=list,
+    )
+    admin_key: str = option(
+        "", "bearer key the /admin API needs (without one, /admin is refused when API keys are set)", secret=True
+    )
+    allowed_hosts: list[str] = option(
+        None,
+        "accept only requests whose Host header names one of these (repeat for more; *.example.com matches "
+        "subdomains); empty: any",
+        default_factory=list,
+    )
+    max_body_mb: float = option(8.0, "largest request body accepted in MiB (larger: 413)")
     heartbeat_interval: float = option(1.0, "seconds between a worker's heartbeats")
     heartbeat_timeout: float = option(5.0, "seconds of silence before a worker is dead")
     preprocess_workers: int = option(0, "processes for chat templating and tokenization (0: on the event loop)")
@@ -84,4 +110,10 @@ class GatewaySettings(Settings):
             except OSError as exc:
                 raise InvalidRequestError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
             self.api_key = list(dict.fromkeys([*self.api_key, *keys]))
+        return self
+
+    @model_validator(mode="after")
+    def _http_tls_pair(self) -> GatewaySettings:
+        if bool(self.http_tls_cert) != bool(self.http_tls_key):
+            raise InvalidRequestError("http_tls_cert and http_tls_key go together: give both or neither")
         return self

@@ -9,7 +9,7 @@ from fleetserve.settings.engine import EngineSettings
 from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.settings.worker import WorkerSettings
 
-WORKER_FIELDS = frozenset(EngineSettings.model_fields) | {"registration_token"}
+WORKER_FIELDS = frozenset(EngineSettings.model_fields) | {"registration_token", "tls_ca", "tls_cert", "tls_key"}
 """What `up` passes on to each worker it starts; the rest of its settings go to the gateway."""
 
 
@@ -20,6 +20,11 @@ class UpSettings(GatewaySettings, EngineSettings):
 
     workers: int = option(2, "local workers")
     threads: int | None = option(None, "torch threads per worker (default: cores / workers)")
+    tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
+    tls_dir: str = option(
+        "",
+        "keep the fleet's CA and certificates here, made when it has none (implies --tls; default: a temporary folder)",
+    )
 
     def gateway_env(self, explicit: set[str]) -> dict[str, str]:
         """FLEETSERVE_* variables that hand the gateway child the ``explicit`` settings it has."""

@@ -22,5 +22,12 @@ class WorkerSettings(EngineSettings):
     metrics_port: int | None = option(
         None, "serve Prometheus metrics on this HTTP port at /metrics (0: a free one; default: none)"
     )
-    registration_token: str = option("", "the gateway's shared registration secret", secret=True)
+    registration_token: str = option(
+        "", "the fleet secret: registering and every call to this worker need it (empty: open)", secret=True
+    )
+    tls_ca: str = option(
+        "", "the fleet CA's certificate (PEM file): mutual TLS for this worker's server and its gateway link"
+    )
+    tls_cert: str = option("", "this worker's certificate (PEM file), signed by the fleet CA")
+    tls_key: str = option("", "this worker's private key (PEM file)", secret=True)
     drain_timeout: float = option(60.0, "seconds a draining worker waits for its requests before it stops")

@@ -88,6 +88,24 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "config.json",
+)
+"""Everything ``Tokenizer.from_dir`` reads: the files a worker sends a gateway, and the only names a gateway
+accepts."""
+
+
+def tokenizer_files(model_dir: Path) -> dict[str, bytes]:
+    """The tokenizer files of a model folder (no weights), by name."""
+    return {name: (model_dir / name).read_bytes() for name in TOKENIZER_FILES if (model_dir / name).exists()}
+
+
 class _GenerationTag(jinja2.ext.Extension):
     """Accept ``{% generation %}...{% endgeneration %}`` (used to mark assistant text) and render the body as is."""
 

@@ -1,7 +1,9 @@
 """A worker's link to its gateway: register, heartbeat every interval with load reports, obey commands.
 
 If the gateway goes away or forgets the worker (it restarted), the agent registers again, with backoff, for
-as long as the worker lives. Draining is reported in every heartbeat until the worker deregisters.
+as long as the worker lives. Draining is reported in every heartbeat until the worker deregisters. The channel
+carries the fleet secret on every call (and runs over mutual TLS when certificates are configured); the session
+secret the gateway returns on registering goes with every heartbeat and the deregistration.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ import grpc
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.security import FleetCredentials
 
 log = logging.getLogger(__name__)
 
 
 class RegistrationRefused(Exception):
-    """The gateway refused this worker (wrong registration token): retrying will not help."""
+    """The gateway refused this worker (wrong fleet secret, or an address outside its worker networks):
+    retrying will not help."""
+
+
+REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class WorkerAgent:
@@ -31,7 +38,7 @@ class WorkerAgent:
         gateway: str,
         info: pb.WorkerInfo,
         stats: Callable[[], pb.WorkerStats],
-        token: str = "",
+        credentials: FleetCredentials | None = None,
         on_drain: Callable[[], None] | None = None,
         latency: Callable[[], tuple[float, float]] | None = None,
         block_hashes: Callable[[], Awaitable[set[int]]] | None = None,
@@ -39,7 +46,6 @@ class WorkerAgent:
     ):
         self.gateway = gateway
         self.info = info
-        self.token = token
         self._stats = stats
         self._on_drain = on_drain
         self._latency = latency or (lambda: (0.0, 0.0))
@@ -47,9 +53,10 @@ class WorkerAgent:
         self._on_stop = on_stop
         self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
         self.worker_id: str | None = None
+        self._session = ""  # the session secret of the current registration
         self.draining = False
         self.registered = asyncio.Event()
-        self._channel = grpc.aio.insecure_channel(gateway)
+        self._channel = (credentials or FleetCredentials()).channel(gateway)
         self._stub = pb_grpc.ControlStub(self._channel)
 
     async def run(self) -> None:
@@ -57,20 +64,28 @@ class WorkerAgent:
         backoff = 0.2
         while True:
             try:
-                reply = await self._stub.Register(pb.RegisterRequest(info=self.info, token=self.token), timeout=5)
-                self.worker_id = reply.worker_id
-                self._reported = None
-                self.registered.set()
+                reply = await self._register()
                 backoff = 0.2
                 log.info("registered with %s as %s", self.gateway, self.worker_id)
                 await self._heartbeat(max(0.05, reply.heartbeat_interval_s or 1.0))
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
-                    raise RegistrationRefused(exc.details()) from exc
                 log.info("gateway %s unreachable (%s); retrying in %.1fs", self.gateway, exc.code().name, backoff)
             self.registered.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _register(self) -> pb.RegisterReply:
+        try:
+            reply = await self._stub.Register(pb.RegisterRequest(info=self.info), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REFUSALS:
+                raise RegistrationRefused(exc.details()) from exc
+            raise
+        self.worker_id = reply.worker_id
+        self._session = reply.session_secret
+        self._reported = None
+        self.registered.set()
+        return reply
 
     async def _heartbeat(self, interval: float) -> None:
         reregister = asyncio.Event()
@@ -85,6 +100,7 @@ class WorkerAgent:
                     recent_inter_token_s=inter,
                     draining=self.draining,
                     block_hashes=await self._hash_delta(),
+                    session_secret=self._session,
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(reregister.wait(), interval)
@@ -123,7 +139,8 @@ class WorkerAgent:
         if self.worker_id is None:
             return
         try:
-            await self._stub.Deregister(pb.DeregisterRequest(worker_id=self.worker_id, token=self.token), timeout=3)
+            request = pb.DeregisterRequest(worker_id=self.worker_id, session_secret=self._session)
+            await self._stub.Deregister(request, timeout=3)
         except grpc.aio.AioRpcError as exc:
             log.info("deregistration failed (%s); the gateway will time this worker out", exc.code().name)
 

@@ -11,6 +11,7 @@ import sys
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
+from fleetserve.protocol.security import FleetCredentials
 from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.text.tokenizer import Tokenizer
@@ -51,12 +52,13 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    credentials = FleetCredentials.from_settings(opts)  # a bad TLS setting stops the worker before the model loads
 
     engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty())
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
     service = WorkerService(engine, opts.model, tokenizer.fingerprint)
-    server, port = await serve_worker(engine, service, opts.host, opts.port)
+    server, port = await serve_worker(engine, service, opts.host, opts.port, credentials)
     metrics_note = ""
     if opts.metrics_port is not None:
         service.metrics = WorkerMetrics(engine.stats)
@@ -72,7 +74,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
             opts.gateway,
             info,
             stats=lambda: convert.stats_to_proto(engine.stats()),
-            token=opts.registration_token,
+            credentials=credentials,
             on_drain=lambda: setattr(service, "draining", True),
             latency=service.recent_latency,
             block_hashes=lambda: engine.call(core.kv.cached_hashes),

@@ -1,7 +1,10 @@
 """The Worker gRPC service: validates and decodes requests, runs them on the AsyncEngine, streams token ids.
 
-Errors become gRPC statuses here and only here: bad input INVALID_ARGUMENT, no room RESOURCE_EXHAUSTED, a
-draining or stopped engine UNAVAILABLE. A cancelled call (the gateway's client went away) aborts the request.
+Errors become gRPC statuses here and only here: bad input INVALID_ARGUMENT (a priority outside
+PRIORITY_MIN..PRIORITY_MAX included: the health probe's place ahead of every request is the worker's own), no
+room RESOURCE_EXHAUSTED, a draining or stopped engine UNAVAILABLE, a failed engine step INTERNAL (the gateway
+retries it elsewhere). A cancelled call (the gateway's client went
+away) aborts the request. With a fleet secret, every RPC is refused without it (``protocol.security``).
 """
 
 from __future__ import annotations
@@ -16,28 +19,16 @@ import grpc
 
 from fleetserve.contract import SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
-from fleetserve.errors import CapacityError, InvalidRequestError
+from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.security import PRIORITY_MAX, PRIORITY_MIN, FleetCredentials
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.telemetry.tracing import request_id_var
+from fleetserve.text.tokenizer import tokenizer_files
 
 log = logging.getLogger(__name__)
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "config.json",
-)
-
-
-def tokenizer_files(model_dir: Path) -> dict[str, bytes]:
-    """The files a gateway needs to tokenize for this model (no weights)."""
-    return {name: (model_dir / name).read_bytes() for name in TOKENIZER_FILES if (model_dir / name).exists()}
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -68,6 +59,11 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
+        if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {request.priority}",
+            )
         arrived = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
         # The gateway's request id (several calls of one request share it), for this worker's log lines.
@@ -102,6 +98,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineStepError as exc:  # only this request's step failed; the engine serves on
+            if self.metrics is not None:
+                self.metrics.requests_total.labels(outcome="error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             await stream.aclose()  # a cancelled call lands here: the engine aborts the request
 
@@ -116,8 +116,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             return pb.HealthReply(ok=False, detail="engine stopped")
         if self.draining:
             return pb.HealthReply(ok=False, detail="draining")
-        if not request.generate:
-            return pb.HealthReply(ok=True, detail="alive")
+        if not request.generate:  # steps failing in a row make the engine unhealthy until one succeeds
+            problem = self.engine.health()
+            return pb.HealthReply(ok=problem is None, detail=problem or "alive")
         start = time.monotonic()
         try:
             # A real one-token generation, ahead of every queued request.
@@ -131,17 +132,23 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.TokenizerFiles(model=self.model_name, files=self._files, fingerprint=self.fingerprint)
 
 
+MAX_MESSAGE_BYTES = 64 * 2**20
+
+
 async def serve_worker(
-    engine: AsyncEngine, service: WorkerService, host: str, port: int
+    engine: AsyncEngine, service: WorkerService, host: str, port: int, credentials: FleetCredentials | None = None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server; returns it and the port it bound (``port`` 0 picks a free one)."""
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+    """Start the gRPC server, guarded by ``credentials`` (its secret on every RPC, mutual TLS when it has
+    certificates); returns it and the port it bound (``port`` 0 picks a free one)."""
+    credentials = credentials or FleetCredentials()
+    server = credentials.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = credentials.server_port(server, f"{host}:{port}")
     await server.start()
     return server, bound
 

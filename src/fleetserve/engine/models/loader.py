@@ -34,7 +34,7 @@ def load_model(
 ) -> LlamaModel:
     """Build the decoder for layers [layer_start, layer_end) and fill it from the folder's safetensors."""
     with torch.device("meta"):
-        model = LlamaModel(arch, layer_start, layer_end)
+        model = LlamaModel(arch, layer_start, layer_end).to(dtype)  # on meta: no memory yet
     model = model.to_empty(device=device)
     index = _tensor_index(model_dir)
     handles: dict[Path, object] = {}

@@ -1,8 +1,8 @@
 """The admin API: list workers, join a local worker, drain or stop one, and the routing counters.
 
 With an admin key configured (``--admin-key``), every ``/admin`` route needs ``Authorization: Bearer KEY`` with
-that key (the API keys do not open it); without one, ``/admin`` is guarded like the other routes (the rule lives in
-``deps.ApiKeyGuard``).
+that key (the API keys do not open it). Without one, ``/admin`` is refused (403) when API keys are set, and open
+when none are, except launching workers, which always needs an admin key (the rules live in ``guard.HttpGuard``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from fleetserve.errors import InvalidRequestError, NotFoundError
-from fleetserve.gateway.api.deps import StateDep
+from fleetserve.gateway.api import docs
+from fleetserve.gateway.api.deps import StateDep, json_body
 from fleetserve.gateway.registry import WorkerRecord, WorkerState
 from fleetserve.gateway.state import GatewayState
 from fleetserve.protocol import fleet_pb2 as pb
@@ -20,7 +21,11 @@ from fleetserve.protocol import fleet_pb2 as pb
 STOP_GRACE_S = 30.0
 JOIN_FIELDS = {"model", "device", "max_memory_mb", "role"}
 
-router = APIRouter(prefix="/admin")
+router = APIRouter(
+    prefix="/admin", responses={403: {"description": "No admin key is configured.", "model": docs.ErrorResponse}}
+)
+_OK = docs.answers({200: ("The answer.", None)})
+_ACCEPTED = docs.answers({202: ("Accepted.", None)})
 
 
 def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
@@ -77,7 +82,7 @@ def _command(state: GatewayState, record: WorkerRecord, kind: int, detail: str) 
     record.state = WorkerState.DRAINING
 
 
-@router.get("/workers")
+@router.get("/workers", responses=_OK)
 async def list_workers(state: StateDep):
     workers = sorted(state.registry.workers.values(), key=lambda w: w.name)
     registered = {w.name for w in workers}
@@ -116,19 +121,16 @@ def _join_request(body: Any) -> tuple[str, str, int | None, str]:
     return model, device, memory, role
 
 
-@router.post("/workers", status_code=202)
+@router.post("/workers", status_code=202, openapi_extra=docs.json_body("JoinRequest"), responses=_ACCEPTED)
 async def join_worker(request: Request, state: StateDep):
     if state.launcher is None:
         raise InvalidRequestError("this gateway does not launch workers (it has no control address)")
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidRequestError("The request body is not valid JSON.") from None
+    body = await json_body(request)
     launched = await state.launcher.join(*_join_request(body))
     return launched.to_json()
 
 
-@router.post("/workers/{worker}/drain", status_code=202)
+@router.post("/workers/{worker}/drain", status_code=202, responses=_ACCEPTED)
 async def drain_worker(worker: str, state: StateDep):
     record = _find(state, worker)
     if record is None:
@@ -139,7 +141,7 @@ async def drain_worker(worker: str, state: StateDep):
     return worker_json(record, _local_json(state, record.name))
 
 
-@router.post("/workers/{worker}/stop", status_code=202)
+@router.post("/workers/{worker}/stop", status_code=202, responses=_ACCEPTED)
 async def stop_worker(worker: str, state: StateDep):
     """Drain, then stop: a remote worker by a STOP command, a local one by SIGTERM, then SIGKILL after the
     grace period."""
@@ -159,7 +161,7 @@ async def stop_worker(worker: str, state: StateDep):
     return {"name": name, "draining": record is not None, "terminating": local is not None}
 
 
-@router.get("/routing")
+@router.get("/routing", responses=_OK)
 async def routing(state: StateDep):
     """Each model's policy with its counters (prefix-aware: predicted vs actual cached tokens), queue
     lengths, retries and failovers."""

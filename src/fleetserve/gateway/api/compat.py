@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from fleetserve.errors import FleetServeError, InvalidRequestError
-from fleetserve.gateway.api import responses, schema
+from fleetserve.gateway.api import docs, responses, schema
 from fleetserve.gateway.api.deps import Opening, StateDep, json_body, open_generation
 from fleetserve.gateway.generation import Started
 from fleetserve.gateway.state import GatewayState
@@ -34,7 +34,11 @@ async def _simple_chat(
     return opening, await opening.start(opening.sampling())
 
 
-@router.post("/v1/chat/{model}")
+@router.post(
+    "/v1/chat/{model}",
+    openapi_extra=docs.text_body(),
+    responses=docs.answers({200: ("The answer as plain text.", None)}, generation=True, media="text/plain"),
+)
 async def plain_chat(model: str, request: Request, state: StateDep) -> Response:
     """Plain-text prompt in, plain-text answer streamed out."""
     content = (await request.body()).decode("utf-8", errors="replace").strip()
@@ -50,7 +54,11 @@ async def plain_chat(model: str, request: Request, state: StateDep) -> Response:
     return opening.stream(body(), "text/plain; charset=utf-8")
 
 
-@router.post("/coordinator/infer")
+@router.post(
+    "/coordinator/infer",
+    openapi_extra=docs.json_body("InferRequest"),
+    responses=docs.answers({200: ("SSE events {token, finished}.", None)}, generation=True, media="text/event-stream"),
+)
 async def coordinator_infer(request: Request, state: StateDep) -> Response:
     """{prompt, model, max_tokens} in; SSE events {token, finished} out."""
     body = await json_body(request)

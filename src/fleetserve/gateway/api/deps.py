@@ -1,16 +1,14 @@
-"""What every router depends on: the typed GatewayState, the API-key rules, typed errors as HTTP answers, and the
-opening every generation route shares (parse the body, assign the request id, begin the trace, find the tokenizer,
-tokenize the prompt).
+"""What every router depends on: the typed GatewayState, the caller (which the guard in ``guard.py`` found) and the
+request ids it may see, typed errors as HTTP answers, and the opening every generation route shares (parse and
+check the body, assign the request id, begin the trace, find the tokenizer, tokenize the prompt).
 
 Typed errors become HTTP statuses with OpenAI-style bodies here and only here.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic
 
@@ -20,19 +18,20 @@ from fastapi.responses import JSONResponse, Response
 from fleetserve.contract import SamplingParams
 from fleetserve.errors import InvalidRequestError, NoWorkerError, UnknownModelError, UpstreamError
 from fleetserve.gateway.api import responses, schema
+from fleetserve.gateway.api.guard import Caller, caller_of
 from fleetserve.gateway.api.schema import RequestT
 from fleetserve.gateway.generation import Started, generate_text
 from fleetserve.gateway.state import GatewayState
 from fleetserve.gateway.streaming import SlowClientStreamingResponse
-from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.telemetry.tracing import Trace, request_id_var
 from fleetserve.text.tokenizer import Tokenizer
 
 RETRY_AFTER_S = "1"
-PUBLIC_PATHS = {"/health", "/", "/favicon.ico"}
-"""Routes open without an API key: liveness and the console's static page (its API calls carry the key)."""
-PUBLIC_PREFIX = "/console/"
-"""The console's static files are open too."""
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays and objects a JSON body may have (the API's own bodies need 4)."""
+CHARS_PER_TOKEN_BOUND = 16
+"""No token covers more characters than this: a prompt longer than this times the context cannot fit."""
+WORKER_FAILED = "A worker failed while serving the request, and so did every retry; try again later."
 
 
 # -- typed state ------------------------------------------------------------------------------------------------
@@ -55,8 +54,8 @@ StateDep = Annotated[GatewayState, Depends(get_state)]
 
 def error_payload(exc: BaseException) -> tuple[int, dict]:
     """The HTTP status and OpenAI-style error body of an exception (a worker's failure is a 502)."""
-    if isinstance(exc, UpstreamError):
-        return 502, responses.error_body(str(exc), "server_error", None, "worker_failed")
+    if isinstance(exc, UpstreamError):  # the worker's address and the gRPC detail stay in logs and admin traces
+        return 502, responses.error_body(WORKER_FAILED, "server_error", None, "worker_failed")
     return responses.error_for(exc)
 
 
@@ -72,61 +71,71 @@ async def fleet_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-# -- API keys -----------------------------------------------------------------------------------------------------
+# -- who asks, and what they may see -------------------------------------------------------------------------------
 
 
-def _unauthorized(message: str) -> JSONResponse:
-    return JSONResponse(
-        responses.error_body(message, "invalid_request_error", None, "invalid_api_key"), status_code=401
-    )
+def caller(request: Request) -> Caller:
+    """Who sent the request (the guard recorded it)."""
+    return caller_of(request.scope)
 
 
-def _bearer(request: Request) -> str | None:
-    """The request's bearer key, or None when it sent none."""
-    header = request.headers.get("authorization", "")
-    return header[7:].strip() if header.startswith("Bearer ") else None
+def scoped_id(tag: str, request_id: str) -> str:
+    """The key a request's job and trace are kept under: its id in the namespace of the key that sent it, so that
+    two clients' ids never meet."""
+    return f"{tag}:{request_id}"
 
 
-class ApiKeyGuard:
-    """The HTTP middleware that checks keys. With an admin key set, every ``/admin`` route needs exactly that key
-    (the API keys do not open it); otherwise, with API keys set, every route but PUBLIC_PATHS and the console's
-    files needs one of them. It also notes when each request arrived (its trace starts there)."""
-
-    def __init__(self, settings: GatewaySettings):
-        self.settings = settings
-        self.keys = set(settings.api_key)
-
-    async def __call__(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request.state.arrived = time.monotonic()
-        refusal = self.refusal(request)
-        if refusal is not None:
-            return _unauthorized(refusal)
-        return await call_next(request)
-
-    def refusal(self, request: Request) -> str | None:
-        """Why the request may not pass (the 401's message), or None when it may."""
-        path = request.url.path
-        admin_key = self.settings.admin_key
-        if admin_key and path.startswith("/admin"):
-            key = _bearer(request)
-            if key is None or not hmac.compare_digest(key, admin_key):
-                return "The admin API needs the admin key: send 'Authorization: Bearer ADMIN_KEY'."
-            return None
-        if not self.keys or path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIX):
-            return None
-        return None if _bearer(request) in self.keys else "Missing or wrong API key: send 'Authorization: Bearer KEY'."
+def visible_keys(state: GatewayState, who: Caller, request_id: str) -> list[str]:
+    """The keys under which ``who`` may find ``request_id``: its own namespace; the admin key also any other
+    (and a full ``tag:id`` key)."""
+    keys = [scoped_id(who.tag, request_id)]
+    if who.admin:
+        keys += [scoped_id(tag, request_id) for tag in sorted(state.owner_tags)] + [request_id]
+    return keys
 
 
 # -- the opening of a generation request --------------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_json_shape(value: Any) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings (keys too) with lone surrogates, which no tokenizer,
+    protobuf or JSON answer can carry; iterative, so no input can exhaust the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            items: list[Any] = [item]
+        elif isinstance(item, (list, dict)):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequestError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.")
+            items = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((v, depth + 1) for v in items if isinstance(v, (list, dict)))
+            items = [v for v in items if isinstance(v, str)]
+        else:
+            continue
+        for text in items:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequestError("The request body has a string with a lone surrogate (not UTF-8).") from None
+
+
 async def json_body(request: Request) -> Any:
-    """The request's body decoded as JSON; anything else is a 400."""
+    """The request's body decoded as JSON; anything else (NaN and Infinity included) is a 400, and so is a body
+    too deep or with lone surrogates (``check_json_shape``)."""
     raw = await request.body()
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise InvalidRequestError(f"The request body nests deeper than {MAX_JSON_DEPTH} levels.") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a too long integer, NaN
+        raise InvalidRequestError(f"The request body is not valid JSON: {str(exc)[:200]}") from None
+    check_json_shape(body)
+    return body
 
 
 def tokenizer_for(state: GatewayState, model: str) -> Tokenizer:
@@ -140,36 +149,68 @@ def tokenizer_for(state: GatewayState, model: str) -> Tokenizer:
     return tok
 
 
-def _begin(state: GatewayState, request: Request, model: str, body_id: str) -> tuple[str, Trace]:
-    """The request's id (its X-Request-Id when it sent a usable one, else ``body_id``) and its trace, which starts
-    at the request's arrival with the receive span (reading and parsing the body)."""
+def _begin(state: GatewayState, request: Request, model: str, body_id: str) -> tuple[str, str, Trace]:
+    """The request's id (its X-Request-Id when it sent one, else ``body_id``), the key its trace and job are kept
+    under (the id in its caller's namespace), and its trace, which starts at the request's arrival with the
+    receive span (reading and parsing the body). The guard has refused X-Request-Id values that are not short
+    printable ASCII."""
     given = request.headers.get("x-request-id", "")
-    rid = given if 0 < len(given) <= 128 and given.isprintable() else body_id
+    rid = given or body_id
+    tag = caller(request).tag
+    state.owner_tags.add(tag)
+    key = scoped_id(tag, rid)
     request_id_var.set(rid)
-    trace = state.traces.start(rid, model, arrived=getattr(request.state, "arrived", None))
+    trace = state.traces.start(key, model, arrived=getattr(request.state, "arrived", None))
     trace.add_span("receive", 0.0)
-    return rid, trace
+    return rid, key, trace
+
+
+def _prompt_chars(req: schema.ChatCompletionRequest | schema.CompletionRequest) -> int:
+    """The characters of the prompt's text (messages' contents and names), or the number of token ids."""
+    if isinstance(req, schema.ChatCompletionRequest):
+        return sum(len(m.content) + len(m.role) + len(m.name or "") for m in req.messages)
+    return len(req.prompt)
+
+
+def check_prompt_size(
+    req: schema.ChatCompletionRequest | schema.CompletionRequest, tok: Tokenizer, max_model_len: int
+) -> None:
+    """Refuse, before tokenizing, a prompt that cannot fit: more token ids than the context, or more characters
+    than CHARS_PER_TOKEN_BOUND per token of it; and token ids the model's tokenizer does not have."""
+    what = "messages" if isinstance(req, schema.ChatCompletionRequest) else "prompt"
+    if isinstance(req, schema.CompletionRequest) and isinstance(req.prompt, list):
+        if len(req.prompt) >= max_model_len:
+            raise schema.ContextLengthExceededError(
+                f"This model's maximum context length is {max_model_len} tokens. However, your prompt has "
+                f"{len(req.prompt)} tokens. Please reduce the length of the prompt.",
+                "prompt",
+            )
+        vocab = len(tok)
+        bad = next((t for t in req.prompt if t >= vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"Token id {bad} is not in the model's vocabulary (0..{vocab - 1}).", "prompt")
+        return
+    chars = _prompt_chars(req)
+    if chars > CHARS_PER_TOKEN_BOUND * max_model_len:
+        raise schema.ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your {what} has {chars} "
+            f"characters, more than any {max_model_len} tokens can hold. Please reduce the length of the {what}.",
+            what,
+        )
 
 
 async def _tokenize(
-    state: GatewayState, req: schema.ChatCompletionRequest | schema.CompletionRequest, tok: Tokenizer, trace: Trace
+    state: GatewayState, req: schema.ChatCompletionRequest | schema.CompletionRequest, trace: Trace
 ) -> list[int]:
     """The prompt's token ids: the chat template applied to the messages, or the completion prompt tokenized
     (given as token ids, it is used as is); the preprocess span covers the work."""
     if isinstance(req, schema.CompletionRequest) and isinstance(req.prompt, list):
         return list(req.prompt)
-    pool = state.preprocess
     start = trace.elapsed()
     if isinstance(req, schema.ChatCompletionRequest):
-        messages = req.message_dicts()
-        if pool is not None:
-            prompt = await pool.encode_chat(state.tokenizers.folders[req.model], messages)
-        else:
-            prompt = tok.encode_chat(messages)
-    elif pool is not None:
-        prompt = await pool.encode(state.tokenizers.folders[req.model], req.prompt)
+        prompt = await state.preprocess.encode_chat(req.model, req.message_dicts())
     else:
-        prompt = tok.encode(req.prompt)
+        prompt = await state.preprocess.encode(req.model, req.prompt)
     trace.add_span("preprocess", start, prompt_tokens=len(prompt))
     return prompt
 
@@ -184,7 +225,9 @@ class Opening(Generic[RequestT]):
     answer_id: str
     """The id an answer body carries (``chatcmpl-...``, ``cmpl-...``)."""
     request_id: str
-    """The X-Request-Id the client sent when usable, else ``answer_id``: the trace's and the logs' id."""
+    """The X-Request-Id the client sent, else ``answer_id``: the logs' id and the one the client polls by."""
+    key: str
+    """Where its trace and job are kept: ``request_id`` in its caller's namespace."""
     trace: Trace
     tokenizer: Tokenizer
     prompt: list[int]
@@ -237,26 +280,31 @@ class Opening(Generic[RequestT]):
 async def open_generation(
     request: Request, state: GatewayState, model_cls: type[RequestT], body: Any, body_id: str
 ) -> Opening[RequestT]:
-    """Parse ``body`` as ``model_cls``, assign the request id (``body_id`` unless the client sent a usable
-    X-Request-Id), begin the trace, find the model's tokenizer and tokenize the prompt."""
+    """Parse ``body`` as ``model_cls``, find the model's tokenizer, refuse a prompt that cannot fit before
+    tokenizing it (``check_prompt_size``), assign the request id (``body_id`` unless the client sent an
+    X-Request-Id), begin the trace and tokenize the prompt."""
     req = schema.parse_request(model_cls, body)
-    rid, trace = _begin(state, request, req.model, body_id)
     tok = tokenizer_for(state, req.model)
-    prompt = await _tokenize(state, req, tok, trace)
-    return Opening(state, request, req, body_id, rid, trace, tok, prompt)
+    check_prompt_size(req, tok, state.tokenizers.max_model_len[req.model])
+    rid, key, trace = _begin(state, request, req.model, body_id)
+    prompt = await _tokenize(state, req, trace)
+    return Opening(state, request, req, body_id, rid, key, trace, tok, prompt)
 
 
 __all__ = [
-    "PUBLIC_PATHS",
     "RETRY_AFTER_S",
-    "ApiKeyGuard",
     "Opening",
     "StateDep",
+    "caller",
+    "check_json_shape",
+    "check_prompt_size",
     "error_payload",
     "error_response",
     "fleet_error",
     "get_state",
     "json_body",
     "open_generation",
+    "scoped_id",
     "tokenizer_for",
+    "visible_keys",
 ]

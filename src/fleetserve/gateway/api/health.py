@@ -1,41 +1,74 @@
 """Liveness, readiness and metrics: GET /health (the process answers), GET /ready (every model has a worker that
-really generates a token) and GET /metrics (Prometheus text)."""
+really generates a token) and GET /metrics (Prometheus text).
+
+/ready does not generate on every call: each worker's one-token probe runs at most every PROBE_INTERVAL_S, and
+calls in between (and calls while a probe runs) share its result.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from fleetserve.gateway.api import docs
 from fleetserve.gateway.api.deps import StateDep
 from fleetserve.gateway.registry import WorkerRecord
+from fleetserve.gateway.state import GatewayState
 from fleetserve.protocol import fleet_pb2 as pb
+
+PROBE_INTERVAL_S = 5.0
+"""A worker's generation probe is repeated at most this often."""
+PROBE_TIMEOUT_S = 10.0
 
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/health", responses=docs.answers({200: ("The process is up.", None)}, errors=False))
 async def health():
     return {"status": "ok"}
 
 
-async def _probe(w: WorkerRecord) -> tuple[WorkerRecord, bool, str]:
-    """Ask a worker to generate one token: (worker, whether it did, its detail or the failure)."""
+async def _probe(w: WorkerRecord) -> tuple[bool, str]:
+    """Ask a worker to generate one token: whether it did, and its detail or why not (without its address or the
+    gRPC error's text)."""
     try:
-        reply = await w.stub.Health(pb.HealthRequest(generate=True), timeout=10)
-        return w, reply.ok, reply.detail
+        reply = await w.stub.Health(pb.HealthRequest(generate=True), timeout=PROBE_TIMEOUT_S)
+        return reply.ok, reply.detail
+    except grpc.aio.AioRpcError as exc:
+        return False, f"the probe failed: {exc.code().name}"
     except Exception as exc:  # any failure of the probe means not ready; reported in the body
-        return w, False, str(exc)[:200]
+        return False, f"the probe failed: {type(exc).__name__}"
 
 
-@router.get("/ready")
+def probe(state: GatewayState, w: WorkerRecord) -> asyncio.Task[tuple[bool, str]]:
+    """The worker's latest probe when it began under PROBE_INTERVAL_S ago, else a new one."""
+    now = time.monotonic()
+    cached = state.probes.get(w.worker_id)
+    if cached is not None and now - cached[0] < PROBE_INTERVAL_S:
+        return cached[1]
+    task = asyncio.create_task(_probe(w))
+    state.probes[w.worker_id] = (now, task)
+    return task
+
+
+@router.get(
+    "/ready",
+    responses=docs.answers({200: ("Every model has a worker that generates.", None), 503: ("Not ready.", None)}),
+)
 async def ready(state: StateDep):
-    """Ready when every model has at least one worker that really generates a token."""
+    """Ready when every model has at least one worker that really generates a token (probed at most every
+    PROBE_INTERVAL_S per worker)."""
     workers = [w for w in state.registry.workers.values() if w.routable]
-    results = await asyncio.gather(*(_probe(w) for w in workers))
+    for gone in set(state.probes) - {w.worker_id for w in workers}:
+        state.probes.pop(gone)
+    tasks = [probe(state, w) for w in workers]
+    results = await asyncio.shield(asyncio.gather(*tasks)) if tasks else []
     models: dict[str, dict] = {m: {"healthy_workers": 0, "workers": []} for m in state.registry.models()}
-    for w, ok, detail in results:
+    for w, (ok, detail) in zip(workers, results):
         entry = models.setdefault(w.info.model, {"healthy_workers": 0, "workers": []})
         entry["healthy_workers"] += ok
         entry["workers"].append({"name": w.info.name, "ok": ok, "detail": detail})

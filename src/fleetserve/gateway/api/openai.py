@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from fleetserve.contract import SamplingParams
 from fleetserve.errors import FleetServeError
-from fleetserve.gateway.api import responses, schema
+from fleetserve.gateway.api import docs, responses, schema
 from fleetserve.gateway.api.deps import Opening, StateDep, error_payload, json_body, open_generation
 from fleetserve.gateway.cache import bypassed
 from fleetserve.gateway.generation import Started
@@ -21,7 +21,7 @@ router = APIRouter()
 OpenAIOpening = Opening[schema.ChatCompletionRequest] | Opening[schema.CompletionRequest]
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=docs.answers({200: ("The models served.", None)}))
 async def list_models(state: StateDep):
     """Every model the registry knows (configured, or learned from a worker), with its details and how many
     healthy workers serve it."""
@@ -45,14 +45,22 @@ async def list_models(state: StateDep):
     return {"object": "list", "data": data}
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=docs.json_body("ChatCompletionRequest"),
+    responses=docs.stream_answers("A chat.completion, or its chunks as server-sent events.", "text/event-stream"),
+)
 async def chat_completions(request: Request, state: StateDep) -> Response:
     body = await json_body(request)
     opening = await open_generation(request, state, schema.ChatCompletionRequest, body, responses.new_chat_id())
     return await _respond(opening)
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    openapi_extra=docs.json_body("CompletionRequest"),
+    responses=docs.stream_answers("A text_completion, or its chunks as server-sent events.", "text/event-stream"),
+)
 async def completions(request: Request, state: StateDep) -> Response:
     body = await json_body(request)
     opening = await open_generation(request, state, schema.CompletionRequest, body, responses.new_completion_id())

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleetserve.contract import SamplingParams
 from fleetserve.errors import InvalidRequestError
+from fleetserve.protocol.security import PRIORITY_MAX, PRIORITY_MIN
 
 MAX_STOP_STRINGS = 4
 """OpenAI's limit on the number of stop strings."""
@@ -25,7 +26,9 @@ MAX_COMPLETION_LOGPROBS = 5
 CONTENT_PART_SEPARATOR = "\n"
 """Text content parts of one message are joined with this."""
 
+MAX_MODEL_NAME_CHARS = 256
 _INT32 = 2**31
+_UINT32 = 2**32
 
 
 class ContextLengthExceededError(InvalidRequestError):
@@ -119,8 +122,8 @@ def _token_ids_prompt(value: list[Any], where: str = "prompt") -> list[int]:
                 f"prompt must be a string, a list of token ids, or a list with one of those ({where}[{i}] is "
                 f"{type(token).__name__})"
             )
-        if token < 0:
-            raise _FieldError(f"token ids must be >= 0 ({where}[{i}] is {token})")
+        if not 0 <= token < _UINT32:
+            raise _FieldError(f"token ids must be >= 0 and < 2**32 ({where}[{i}] is {token})")
     return value
 
 
@@ -144,16 +147,16 @@ def _normalize_prompt(value: Any) -> Any:
 class _SamplingFields(_Model):
     """Fields shared by both endpoints."""
 
-    model: str
+    model: str = Field(max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
     """None means OpenAI's default, 1.0."""
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = Field(default=None, json_schema_extra={"minimum": -1, "maximum": _INT32 - 1})
     """Extension: 0 or -1 means no top-k cut."""
     min_p: float | None = None
     """Extension."""
-    seed: int | None = None
+    seed: int | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 2**63 - 1})
     stop: list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -169,7 +172,7 @@ class _SamplingFields(_Model):
     """Extension: EOS and stop token ids are not sampled before this many tokens."""
     stop_token_ids: list[int] | None = None
     """Extension: token ids that end the completion, besides the model's EOS."""
-    priority: int = Field(default=0, ge=-_INT32, lt=_INT32)
+    priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     """Extension: smaller runs first; equal priorities run in arrival order."""
     logit_bias: dict[str, Any] | None = None
     """Not supported: only null or {} is accepted."""
@@ -205,10 +208,10 @@ class _SamplingFields(_Model):
     @field_validator("stop_token_ids")
     @classmethod
     def _token_ids(cls, value: list[int] | None) -> list[int] | None:
-        """Token ids are non-negative."""
+        """Token ids are in [0, 2**32)."""
         for i, token in enumerate(value or []):
-            if token < 0:
-                raise _FieldError(f"token ids must be >= 0 (stop_token_ids[{i}] is {token})")
+            if not 0 <= token < _UINT32:
+                raise _FieldError(f"token ids must be >= 0 and < 2**32 (stop_token_ids[{i}] is {token})")
         return value
 
     @property
@@ -467,6 +470,7 @@ def to_sampling_params(
 
 __all__ = [
     "CONTENT_PART_SEPARATOR",
+    "MAX_MODEL_NAME_CHARS",
     "MAX_STOP_STRINGS",
     "ChatCompletionRequest",
     "ChatMessage",

@@ -13,7 +13,8 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+from fleetserve.private_files import make_private
 
 TABLE = "response_cache"
 _SCHEMA = f"""
@@ -38,12 +39,14 @@ class CacheFile:
 
     def __init__(self, path: str):
         self.path = path
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if path != ":memory:":
+                make_private(path)
             self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
         except sqlite3.Error as exc:
             raise ValueError(f"cannot open response cache database {path}: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot create response cache database {path}: {exc.strerror}") from None
         self._pending_touch: dict[str, float] = {}
         self._pending_delete: set[str] = set()
         self._stamp = 0.0

@@ -70,8 +70,8 @@ function renderErrors() {
 // ---------------------------------------------------------------------------------------------------------------
 // HTTP helpers.
 
-/** Headers for a call to `path`: the admin key on /admin routes (falling back to the API key, which opens them
- * when no admin key is configured), the API key elsewhere. */
+/** Headers for a call to `path`: the admin key on /admin routes (else the API key; a gateway with API keys but no
+ * admin key refuses /admin, and one with no key at all needs none), the API key elsewhere. */
 function authHeaders(path) {
   const apiKey = $("api-key").value.trim();
   const adminKey = $("admin-key").value.trim();
