@@ -50,10 +50,16 @@ class StubWorker(pb_grpc.WorkerServicer):
 
 
 async def start_stub_worker(
-    gateway: str, name: str = "stub", credentials: FleetCredentials | None = None
+    gateway: str,
+    name: str = "stub",
+    credentials: FleetCredentials | None = None,
+    model: str = DEFAULT_MODEL,
+    max_model_len: int = 2048,
+    kv_blocks: int = 64,
 ) -> tuple[grpc.aio.Server, WorkerAgent, asyncio.Task]:
     """Serve a StubWorker on a free loopback port and register it with ``gateway`` (with ``credentials``: the
-    fleet secret, and mutual TLS when it has certificates)."""
+    fleet secret, and mutual TLS when it has certificates) as a worker of ``model`` with the context and KV
+    blocks it claims."""
     credentials = credentials or FleetCredentials()
     model_dir = prepare_model_dir(DEFAULT_MODEL, progress=False)
     arch = load_arch(model_dir)
@@ -65,14 +71,14 @@ async def start_stub_worker(
     info = pb.WorkerInfo(
         name=name,
         address=f"127.0.0.1:{port}",
-        model=DEFAULT_MODEL,
+        model=model,
         role="replica",
         layer_start=0,
         layer_end=arch.num_layers,
-        kv_blocks_total=64,
+        kv_blocks_total=kv_blocks,
         block_size=16,
         device="cpu",
-        max_model_len=2048,
+        max_model_len=max_model_len,
         tokenizer_fingerprint=service.tokenizer.fingerprint,
         model_version=model_dir.name,
         max_num_seqs=8,
@@ -80,6 +86,6 @@ async def start_stub_worker(
         dtype="float32",
         num_layers=arch.num_layers,
     )
-    stats = pb.WorkerStats(kv_blocks_total=64, kv_blocks_free=64)
+    stats = pb.WorkerStats(kv_blocks_total=kv_blocks, kv_blocks_free=kv_blocks)
     agent = WorkerAgent(gateway, info, stats=lambda: stats, credentials=credentials)
     return server, agent, asyncio.create_task(agent.run())

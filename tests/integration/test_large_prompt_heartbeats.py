@@ -31,34 +31,18 @@ STALL_LIMIT_S = 1.5
 """The longest an admin call may take: heartbeats are due every second, and two missed ones make a worker suspect."""
 
 STUB = f"""
-import asyncio, sys
+import asyncio, os, sys
 sys.path.insert(0, {str(TESTS)!r})
-from stub_worker import StubWorker
-from fleetserve.model_files import DEFAULT_MODEL, load_arch, prepare_model_dir
-from fleetserve.protocol import fleet_pb2 as pb, fleet_pb2_grpc as pb_grpc
+from stub_worker import start_stub_worker
 from fleetserve.protocol.security import FleetCredentials, SECRET_ENV
-from fleetserve.worker.agent import WorkerAgent
-import os
 
 async def main(gateway):
     credentials = FleetCredentials(os.environ[SECRET_ENV])
-    model_dir = prepare_model_dir(DEFAULT_MODEL, progress=False)
-    arch = load_arch(model_dir)
-    service = StubWorker(model_dir)
-    server = credentials.server()
-    pb_grpc.add_WorkerServicer_to_server(service, server)
-    port = credentials.server_port(server, "127.0.0.1:0")
-    await server.start()
-    info = pb.WorkerInfo(
-        name="long-stub", address=f"127.0.0.1:{{port}}", model={LONG_MODEL!r}, role="replica", layer_start=0,
-        layer_end=arch.num_layers, kv_blocks_total=2**16, block_size=16, device="cpu", max_model_len={LONG_CONTEXT},
-        tokenizer_fingerprint=service.tokenizer.fingerprint, model_version="stub", max_num_seqs=8,
-        architecture=arch.architecture, dtype="float32", num_layers=arch.num_layers,
+    server, _, agent_task = await start_stub_worker(  # server: kept referenced while it serves
+        gateway, "long-stub", credentials, model={LONG_MODEL!r}, max_model_len={LONG_CONTEXT}, kv_blocks=2**16
     )
-    stats = pb.WorkerStats(kv_blocks_total=2**16, kv_blocks_free=2**16)
-    agent = WorkerAgent(gateway, info, stats=lambda: stats, credentials=credentials)
     print("stub worker starting", flush=True)
-    await agent.run()
+    await agent_task
 
 asyncio.run(main(sys.argv[1]))
 """
