@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,15 +22,10 @@ from pathlib import Path
 _here = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # benchmarks/http.py shadows `http`
 
+from fleetserve.bench.local_fleet import free_port  # noqa: E402
 from fleetserve.supervisor import Child, ChildSpec  # noqa: E402
 
 RESULTS = _here / "results" / "gateway-footprint.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(src: Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ from dataclasses import dataclass
 
 import httpx
 
+from fleetserve.bench.local_fleet import free_port  # noqa: F401 (the tests take it from here)
 from fleetserve.protocol.security import SECRET_ENV, FleetCredentials
 from fleetserve.supervisor import Child, ChildSpec
 
 FLEET_SECRET = secrets.token_urlsafe(24)
 """The fleet secret of every process these helpers start (fresh for each test session)."""
 READY_WORKER = re.compile(r"fleetserve worker ready: (\S+) at (\S+),")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:

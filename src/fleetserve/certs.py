@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetserve.errors import InvalidRequestError
+from fleetserve.protocol.security import TLS_ENV
 
 DEFAULT_DAYS = 365
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -32,11 +33,7 @@ class CertFiles:
 
     def env(self) -> dict[str, str]:
         """The FLEETSERVE_TLS_* variables that point a fleetserve process at these files."""
-        return {
-            "FLEETSERVE_TLS_CA": str(self.ca),
-            "FLEETSERVE_TLS_CERT": str(self.cert),
-            "FLEETSERVE_TLS_KEY": str(self.key),
-        }
+        return dict(zip(TLS_ENV, (str(self.ca), str(self.cert), str(self.key)), strict=True))
 
 
 def _now() -> datetime.datetime:

@@ -6,7 +6,6 @@ default from the FLEETSERVE_REGISTRATION_TOKEN and FLEETSERVE_TLS_* variables th
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 import uuid
@@ -32,9 +31,10 @@ class WorkerClient:
         from fleetserve.contract import SamplingParams
         from fleetserve.protocol import convert
         from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+        from fleetserve.protocol.security import FleetCredentials
 
         self.address = address
-        self.channel = (credentials or credentials_from_env()).channel(address, options=GRPC_OPTIONS)
+        self.channel = (credentials or FleetCredentials.from_environment()).channel(address, options=GRPC_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True).validate()
         self.params = convert.sampling_to_proto(params)
@@ -135,14 +135,6 @@ class WorkerClient:
             trace.finish_reason = finish
         else:
             trace.fail(f"gRPC OK, but the stream ended with finish_reason {finish!r}")
-
-
-def credentials_from_env() -> FleetCredentials:
-    """The fleet secret and TLS files from the variables a fleet's processes read (unset: none)."""
-    from fleetserve.protocol.security import SECRET_ENV, TLS_ENV, FleetCredentials
-
-    ca, cert, key = (os.environ.get(name, "") for name in TLS_ENV)
-    return FleetCredentials(os.environ.get(SECRET_ENV, ""), ca, cert, key)
 
 
 def stats_delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, Any] | None:

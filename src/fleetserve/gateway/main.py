@@ -26,10 +26,9 @@ from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.preprocess import Preprocessor, PreprocessPool
-from fleetserve.gateway.registry import WorkerRegistry, connector
+from fleetserve.gateway.registry import WorkerRegistry, connector, probe_generation
 from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.gateway.tokenizers import TokenizerStore
-from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import FleetCredentials, is_loopback, parse_networks
 from fleetserve.settings.base import dial_host
@@ -52,14 +51,8 @@ async def _probe(registry: WorkerRegistry) -> None:
     """Actively probe suspect workers with a real one-token generation."""
 
     async def one(record) -> None:
-        stub = record.stub
-        if stub is None:
-            return
-        try:
-            reply = await stub.Health(pb.HealthRequest(generate=True), timeout=registry.heartbeat_timeout_s)
-            registry.probe_result(record, reply.ok, reply.detail)
-        except grpc.aio.AioRpcError as exc:
-            registry.probe_result(record, False, f"{exc.code().name}: {exc.details()}")
+        if record.stub is not None:  # one with no connection is being removed
+            registry.probe_result(record, *await probe_generation(record, registry.heartbeat_timeout_s))
 
     while True:
         await asyncio.sleep(registry.heartbeat_interval_s)

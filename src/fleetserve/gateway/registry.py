@@ -100,6 +100,22 @@ class WorkerRecord:
         return self.info.name
 
 
+async def probe_generation(record: WorkerRecord, timeout_s: float) -> tuple[bool, str]:
+    """A real one-token generation on the worker: whether it worked, and its detail or why not. The gRPC error's
+    text goes to this log, not into the answer (which non-admin callers see)."""
+    if record.stub is None:
+        return False, "the worker has no connection"
+    try:
+        reply = await record.stub.Health(pb.HealthRequest(generate=True), timeout=timeout_s)
+        return reply.ok, reply.detail
+    except grpc.aio.AioRpcError as exc:
+        log.info("generation probe of %s failed: %s: %s", record.name, exc.code().name, exc.details())
+        return False, f"the probe failed: {exc.code().name}"
+    except Exception as exc:  # any failure of the probe means it failed; the kind goes back to the caller
+        log.info("generation probe of %s failed: %r", record.name, exc)
+        return False, f"the probe failed: {type(exc).__name__}"
+
+
 class WorkerRegistry:
     """The gateway's table of workers, updated by the Control service, request outcomes and a periodic sweep."""
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,13 @@ class FleetCredentials:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata a call needs (empty without a secret)."""
         return ((AUTH_HEADER, f"Bearer {self.secret}"),) if self.secret else ()
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str] | None = None) -> FleetCredentials:
+        """What ``child_env`` hands a process: the secret and TLS material from its variables (unset: none)."""
+        env = os.environ if env is None else env
+        ca, cert, key = (env.get(name, "") for name in TLS_ENV)
+        return cls(env.get(SECRET_ENV, ""), ca, cert, key)
 
     def child_env(self) -> dict[str, str | None]:
         """FLEETSERVE_* variables that hand a child process this secret and TLS material (None: unset it)."""

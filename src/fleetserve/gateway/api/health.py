@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from fleetserve.gateway.api import docs
 from fleetserve.gateway.api.deps import StateDep
-from fleetserve.gateway.registry import WorkerRecord
+from fleetserve.gateway.registry import WorkerRecord, probe_generation
 from fleetserve.gateway.state import GatewayState
-from fleetserve.protocol import fleet_pb2 as pb
 
 PROBE_INTERVAL_S = 5.0
 """A worker's generation probe is repeated at most this often."""
@@ -32,25 +30,13 @@ async def health():
     return {"status": "ok"}
 
 
-async def _probe(w: WorkerRecord) -> tuple[bool, str]:
-    """Ask a worker to generate one token: whether it did, and its detail or why not (without its address or the
-    gRPC error's text)."""
-    try:
-        reply = await w.stub.Health(pb.HealthRequest(generate=True), timeout=PROBE_TIMEOUT_S)
-        return reply.ok, reply.detail
-    except grpc.aio.AioRpcError as exc:
-        return False, f"the probe failed: {exc.code().name}"
-    except Exception as exc:  # any failure of the probe means not ready; reported in the body
-        return False, f"the probe failed: {type(exc).__name__}"
-
-
 def probe(state: GatewayState, w: WorkerRecord) -> asyncio.Task[tuple[bool, str]]:
     """The worker's latest probe when it began under PROBE_INTERVAL_S ago, else a new one."""
     now = time.monotonic()
     cached = state.probes.get(w.worker_id)
     if cached is not None and now - cached[0] < PROBE_INTERVAL_S:
         return cached[1]
-    task = asyncio.create_task(_probe(w))
+    task = asyncio.create_task(probe_generation(w, PROBE_TIMEOUT_S))
     state.probes[w.worker_id] = (now, task)
     return task
 
