@@ -76,19 +76,8 @@ def cmd_bench(rest: list[str]) -> int:
 
 
 def explicit_settings(settings_cls: type[Settings], args: argparse.Namespace) -> set[str]:
-    """The settings given to this process on purpose: typed flags, FLEETSERVE_* variables, and the keys of the
-    config file's own section for the command (its top-level keys reach child processes through the file)."""
-    import os
-
-    from fleetserve.settings.base import ENV_PREFIX, read_config_file
-
-    given = set(flags_of(args, settings_cls))
-    given |= {name for name in settings_cls.model_fields if ENV_PREFIX + name.upper() in os.environ}
-    path = config_path(args.config)
-    if path:
-        section = read_config_file(path).get(settings_cls.command) or {}
-        given |= set(section) & set(settings_cls.model_fields)
-    return given
+    """The settings given to this command on purpose (``Settings.given``), from its parsed arguments."""
+    return settings_cls.given(flags_of(args, settings_cls), config_path(args.config))
 
 
 # subcommand -> (settings class or None, handler, help)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetserve.errors import FleetServeError, InvalidRequestError, PreprocessError, UnknownModelError
+from fleetserve.text.tokenizer import LONG_TEXT_CHARS
 
 if TYPE_CHECKING:
     from fleetserve.gateway.tokenizers import TokenizerStore
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INLINE_MAX_CHARS = 16 * 1024
-"""Prompts up to this many characters are tokenized on the event loop; longer ones in a thread."""
+INLINE_MAX_CHARS = LONG_TEXT_CHARS
+"""Prompts up to this many characters are tokenized on the event loop; longer ones in a thread (where
+``Tokenizer.encode`` releases the GIL for them)."""
 CALL_TIMEOUT_S = 60.0
 """The most a call to the helper pool may take; the helper that holds it is then killed and started again."""
 MAX_REPLY_BYTES = 64 * 2**20
@@ -48,20 +50,6 @@ CLOSE_GRACE_S = 5.0
 
 
 # -- the Preprocessor -----------------------------------------------------------------------------------------------
-
-
-def _encode_free(tok: Tokenizer, text: str) -> list[int]:
-    """``tok.encode(text)`` through the batch call, which lets go of the GIL while it works (for a thread)."""
-    if not isinstance(text, str):
-        raise InvalidRequestError("text to encode must be a string", param="prompt")
-    backend = tok.backend
-    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: no offsets, less to free
-    return batch([text], add_special_tokens=False)[0].ids
-
-
-def _chat_free(tok: Tokenizer, messages: list[dict]) -> list[int]:
-    """``tok.encode_chat(messages)`` for a thread."""
-    return _encode_free(tok, tok.apply_chat_template(messages))
 
 
 def chat_chars(messages: Any) -> int:
@@ -95,7 +83,7 @@ class Preprocessor:
             return await self.pool.encode_chat(self.tokenizers.folders[model], messages)
         if chat_chars(messages) <= self.inline_max_chars:
             return tok.encode_chat(messages)
-        return await asyncio.to_thread(_chat_free, tok, messages)
+        return await asyncio.to_thread(tok.encode_chat, messages)  # long text: encoded without the GIL
 
     async def encode(self, model: str, text: str) -> list[int]:
         """The token ids of a plain prompt."""
@@ -104,7 +92,7 @@ class Preprocessor:
             return await self.pool.encode(self.tokenizers.folders[model], text)
         if not isinstance(text, str) or len(text) <= self.inline_max_chars:
             return tok.encode(text)
-        return await asyncio.to_thread(_encode_free, tok, text)
+        return await asyncio.to_thread(tok.encode, text)
 
 
 # -- the helper pool ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -127,11 +128,21 @@ class Settings(BaseSettings):
         finally:
             cls._file = {}
 
-    def explicit_env(self, fields: typing.Iterable[str] | None = None) -> dict[str, str]:
-        """FLEETSERVE_* variables that give these settings' values of ``fields`` (default: every field that
-        differs from its default), for a child process that reads the same settings."""
+    @classmethod
+    def given(cls, flags: dict[str, Any], config_file: str | None = None) -> set[str]:
+        """The settings given on purpose: typed ``flags``, FLEETSERVE_* variables, and the keys of the config
+        file's own section for the command (its top-level keys reach child processes through the file)."""
+        fields = set(cls.model_fields)
+        given = set(flags) | {name for name in fields if ENV_PREFIX + name.upper() in os.environ}
+        if config_file:
+            given |= set(read_config_file(config_file).get(cls.command) or {}) & fields
+        return given
+
+    def explicit_env(self, fields: typing.Iterable[str]) -> dict[str, str]:
+        """FLEETSERVE_* variables that give these settings' values of ``fields``, for a child process that reads
+        the same settings."""
         out = {}
-        for name in fields if fields is not None else self.model_fields_set:
+        for name in fields:
             value = getattr(self, name)
             if isinstance(value, list):
                 text = ",".join(str(v) for v in value)
@@ -201,8 +212,6 @@ def flags_of(args: argparse.Namespace, settings_cls: type[Settings]) -> dict[str
 
 def config_path(path: str | None) -> str | None:
     """The config file named by --config or FLEETSERVE_CONFIG."""
-    import os
-
     path = path or os.environ.get(ENV_PREFIX + "CONFIG")
     return str(Path(path)) if path else None
 

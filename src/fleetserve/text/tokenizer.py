@@ -88,6 +88,10 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+LONG_TEXT_CHARS = 16 * 1024
+"""Texts longer than this are encoded through the tokenizers library's batch call, which releases the GIL, so a
+thread tokenizing a huge prompt does not hold up the process's other threads (its event loop among them)."""
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -290,6 +294,9 @@ class Tokenizer:
         """Token ids of ``text``. Special tokens written in the text (e.g. ``<|im_start|>``) map to their ids."""
         if not isinstance(text, str):
             raise InvalidRequestError("text to encode must be a string", param="prompt")
+        if len(text) > LONG_TEXT_CHARS:  # the batch call lets go of the GIL while it works; the plain one does not
+            batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # _fast: no offsets
+            return batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
