@@ -59,6 +59,9 @@ class ModelConfig:
     """First decoder layer this engine runs (pipeline stages run a range)."""
     layer_end: int | None = None
     """One past the last decoder layer this engine runs; None means the last layer."""
+    lm_head: bool | None = None
+    """Hold the final norm and LM head (and sample); None: when the range ends at the last layer. A pipeline's head
+    stage runs the first layers and the LM head; its last stage returns hidden states instead."""
     max_model_len: int | None = None
     """Context window in tokens; None takes the model's own."""
     num_threads: int | None = None

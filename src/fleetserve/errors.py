@@ -58,6 +58,13 @@ class EngineStepError(FleetServeError):
         self.request_ids = list(request_ids or ())
 
 
+class StageLinkError(FleetServeError):
+    """The link from a pipeline's head down its chain of stages broke (a stage died or stopped answering).
+
+    The head keeps its requests and recomputes them once the pipeline is whole again.
+    """
+
+
 class PreprocessError(FleetServeError):
     """A preprocessing helper failed the request: it exited, gave no answer in time, or could not tokenize (HTTP 500).
 

@@ -8,5 +8,18 @@
 from fleetserve.contract.kv import KVTransfer, block_hashes, hash_block
 from fleetserve.contract.outputs import EngineStats, RequestOutput, TokenLogprob
 from fleetserve.contract.sampling import SamplingParams
+from fleetserve.contract.stage import StageHop, StageResult, StageRoute, StageSeq
 
-__all__ = ["EngineStats", "KVTransfer", "RequestOutput", "SamplingParams", "TokenLogprob", "block_hashes", "hash_block"]
+__all__ = [
+    "EngineStats",
+    "KVTransfer",
+    "RequestOutput",
+    "SamplingParams",
+    "StageHop",
+    "StageResult",
+    "StageRoute",
+    "StageSeq",
+    "TokenLogprob",
+    "block_hashes",
+    "hash_block",
+]

@@ -6,6 +6,7 @@ A step that fails stops only the requests it ran (EngineStepError); the engine k
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,6 +17,7 @@ from fleetserve.config import EngineConfig, ModelConfig
 from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, SamplingParams
 from fleetserve.engine.kv_cache import KVCacheManager
 from fleetserve.engine.model_runner import ModelRunner
+from fleetserve.engine.pipeline import PipelineHead, StageLink
 from fleetserve.engine.request import Request
 from fleetserve.engine.scheduler import Scheduler, SchedulerOutput
 from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
@@ -48,6 +50,8 @@ class LLMEngine:
             self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self.pipeline: PipelineHead | None = None
+        """Set when this engine is a pipeline's head (``attach_link``): its steps then run down a chain of stages."""
         self._ids = itertools.count()
         self._preemptions = 0
         self._steps = 0
@@ -170,19 +174,29 @@ class LLMEngine:
         If running or updating the plan raises, the plan's requests are dropped (blocks freed) and EngineStepError
         names them; the other requests stay queued and the next step serves them.
         """
+        if self.pipeline is not None:
+            return self.pipeline.step()
         plan = self.scheduler.schedule()
-        self._preemptions += len(plan.preempted)
+        self.count_preemptions(len(plan.preempted))
         if plan.empty:
             return []
         try:
             outputs = self.scheduler.update(plan, self.runner.execute(plan))
         except Exception as exc:  # any fault of the step: fail its requests, keep the engine
-            raise self._fail_step(plan, exc) from exc
-        self._steps += 1
-        self.consecutive_failed_steps = 0
+            raise self.fail_step(plan, exc) from exc
+        self.count_step()
         return outputs
 
-    def _fail_step(self, plan: SchedulerOutput, exc: Exception) -> EngineStepError:
+    def count_preemptions(self, n: int) -> None:
+        self._preemptions += n
+
+    def count_step(self) -> None:
+        """A step succeeded: count it, and the engine is healthy again."""
+        self._steps += 1
+        self.consecutive_failed_steps = 0
+
+    def fail_step(self, plan: SchedulerOutput, exc: Exception) -> EngineStepError:
+        """Drop the plan's requests (their blocks freed) after ``exc``; the error to raise for them."""
         ids = [seq.request.request_id for seq in plan.seqs]
         self.scheduler.fail(ids)
         self.failed_steps += 1
@@ -201,6 +215,55 @@ class LLMEngine:
                 if out.request_id in results:
                     results[out.request_id].extend(out.new_token_ids)
         return [results[i] for i in ids]
+
+    # -- pipeline head ---------------------------------------------------------------------------------------
+
+    def attach_link(self, link: StageLink, depth: int, name: str = "head") -> None:
+        """Run this engine's steps down ``link`` (a chain of later stages), ``depth`` micro-batches in flight.
+
+        The KV pool starts empty: what the stages held before (if anything) is gone.
+        """
+        self.reset_kv()
+        if self.pipeline is None:
+            self.pipeline = PipelineHead(self, link, depth, name)
+        else:
+            self.pipeline.replace_link(link, depth)
+
+    def reset_kv(self) -> None:
+        """A fresh KV pool: every unfinished request waits again and is recomputed from its tokens."""
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
+        )
+        self.scheduler.restart(self.kv)
+
+    def reconfigure(self, layer_end: int, kv_cache_bytes: int) -> None:
+        """Take a new layer range [0, layer_end) with the LM head (a pipeline head's new share) and a new KV size.
+
+        Weights are reloaded only when the range changes. Unfinished requests wait again (``reset_kv``).
+        """
+        mc = self.config.model
+        if layer_end != self.runner.model.layer_end or kv_cache_bytes != self.config.cache.kv_cache_bytes:
+            config = dataclasses.replace(
+                self.config,
+                model=dataclasses.replace(mc, layer_start=0, layer_end=layer_end, lm_head=True),
+                cache=dataclasses.replace(self.config.cache, kv_cache_bytes=kv_cache_bytes),
+            ).validate()
+            if layer_end != self.runner.model.layer_end:
+                self.runner = ModelRunner(config, self.model_dir, self.arch)
+            else:
+                self.runner.resize_kv(kv_cache_bytes)
+            self.config = config
+        self.reset_kv()
+        unfit = [
+            r.request_id
+            for r in self.scheduler.requests.values()
+            if -(-(r.num_prompt_tokens + r.params.max_tokens) // self.kv.block_size) > self.kv.num_blocks
+        ]
+        if unfit and self.pipeline is not None:  # they could never be scheduled again: tell their streams now
+            self.scheduler.fail(unfit)
+            self.pipeline.pending_failure = EngineStepError(
+                f"the pipeline's new KV cache holds {self.kv.num_blocks} blocks: too few for this request", unfit
+            )
 
     # -- KV export ---------------------------------------------------------------------------------------
 
@@ -231,5 +294,9 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_hits,
             num_preemptions=self._preemptions,
             steps=self._steps,
-            extra={"failed_steps": self.failed_steps, "consecutive_failed_steps": self.consecutive_failed_steps},
+            extra={
+                "failed_steps": self.failed_steps,
+                "consecutive_failed_steps": self.consecutive_failed_steps,
+                **(self.pipeline.stats() if self.pipeline is not None else {}),
+            },
         )

@@ -43,24 +43,34 @@ class ModelRunner:
         self.dtype = resolve_dtype(mc.dtype, self.device)
         self.arch = arch
         self.block_size = config.cache.block_size
-        self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device)
+        self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head)
         self.linear_kernel = choose_kernels(self.model)
+        self.resize_kv(config.cache.kv_cache_bytes)
+        self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes of one token over this runner's layers."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        per_token = self.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * elem
-        self.num_blocks = int(config.cache.kv_cache_bytes // (per_token * self.block_size))
-        if self.num_blocks < 1:
+        return self.model.num_local_layers * 2 * self.arch.num_kv_heads * self.arch.head_dim * elem
+
+    def resize_kv(self, kv_cache_bytes: int) -> None:
+        """(Re)allocate the KV cache tensors: as many blocks as ``kv_cache_bytes`` holds, all empty."""
+        per_token, arch = self.kv_bytes_per_token, self.arch
+        num_blocks = int(kv_cache_bytes // (per_token * self.block_size))
+        if num_blocks < 1:
             raise InvalidRequestError(
-                f"kv_cache_bytes {config.cache.kv_cache_bytes} holds no block: one block needs "
-                f"{per_token * self.block_size} bytes",
+                f"kv_cache_bytes {kv_cache_bytes} holds no block: one block needs {per_token * self.block_size} bytes",
                 "kv_cache_bytes",
             )
-        slots = self.num_blocks * self.block_size
+        self.kv_caches = []  # the old tensors go before the new ones are made
+        self.num_blocks = num_blocks
+        slots = num_blocks * self.block_size
         self.kv_caches = [
             torch.zeros(slots, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
             for _ in range(self.model.num_local_layers)
         ]
         self.kv_cache_bytes = per_token * slots
-        self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> dict[str, SampledToken]:
@@ -73,10 +83,8 @@ class ModelRunner:
 
         The first layer range embeds the plan's token ids; later ranges take ``hidden`` from the range before.
         """
-        ids: list[int] = []
         positions: list[int] = []
         for seq in plan.seqs:
-            ids.extend(seq.token_ids)
             positions.extend(range(seq.start, seq.start + seq.num_tokens))
         batch = build_attention_batch(
             [s.start for s in plan.seqs],
@@ -86,9 +94,16 @@ class ModelRunner:
             self.device,
         )
         if self.model.is_first:
+            ids = [t for seq in plan.seqs for t in seq.token_ids]
             inputs = torch.tensor(ids, dtype=torch.long, device=self.device)
         else:
-            assert hidden is not None and hidden.shape[0] == len(ids), "a later layer range needs hidden states"
+            if hidden is None or tuple(hidden.shape) != (len(positions), self.arch.hidden_size):
+                got = None if hidden is None else tuple(hidden.shape)
+                raise InvalidRequestError(
+                    f"this layer range needs hidden states of shape ({len(positions)}, {self.arch.hidden_size}), "
+                    f"got {got}",
+                    "hidden",
+                )
             inputs = hidden.to(device=self.device, dtype=self.dtype)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return self.model(inputs, pos, self.kv_caches, batch)

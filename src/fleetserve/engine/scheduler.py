@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from fleetserve.config import SchedulerConfig
@@ -134,37 +135,65 @@ class Scheduler:
         if request is not None:
             self.kv.free(request_id)
 
+    def restart(self, kv: KVCacheManager) -> None:
+        """Start over on a fresh KV pool (the old one's contents are gone): every unfinished request waits again,
+        to be recomputed from its prompt and the tokens it has generated; finished ones holding KV are forgotten."""
+        for request in self.running:
+            request.status = RequestStatus.PREEMPTED
+            request.num_preemptions += 1
+            self._push_waiting(request)
+        self.running = []
+        for request_id, request in list(self.requests.items()):
+            if request.status.finished:
+                del self.requests[request_id]
+            request.num_computed_tokens = 0
+        self.kv = kv
+
     def _push_waiting(self, request: Request) -> None:
         heapq.heappush(self._waiting, (request.priority, request.arrival_seq, request.request_id))
 
     # -- planning ----------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
-        """Plan one step under the token budget."""
+    def schedule(self, busy: Collection[str] = (), max_seqs: int | None = None) -> SchedulerOutput:
+        """Plan one step under the token budget.
+
+        ``busy``: requests in a step still in flight (a pipeline's micro-batches): not planned again and never
+        preempted until it returns. ``max_seqs``: most sequences in this step (default: max_num_seqs).
+        """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
+        limit = max_seqs or self.config.max_num_seqs
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.seqs) < limit:
             request = self.running[i]
+            if request.request_id in busy:
+                i += 1
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = self._victim(busy, i)
+                if victim is None:
+                    return out  # nothing left that may give up its blocks: wait for steps in flight
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
                 out.seqs.append(self._plan(request, n))
-                scheduled.add(request.request_id)
                 budget -= n
                 i += 1
                 continue
             break  # the sequence being planned was itself preempted: nothing newer is left
 
         # Nothing preempted this step is re-admitted in the same step: that would just thrash.
-        while self._waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+        while (
+            self._waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+            and len(out.seqs) < limit
+            and not out.preempted
+        ):
             request = self.requests[self._waiting[0][2]]
             if not self.kv.has(request.request_id):
                 cached = self.kv.lookup_prefix(request.request_id, request.all_token_ids)
@@ -180,6 +209,13 @@ class Scheduler:
             out.seqs.append(self._plan(request, n))
             budget -= n
         return out
+
+    def _victim(self, busy: Collection[str], first: int) -> Request | None:
+        """The newest running request at index ``first`` or later that is not in flight: the one to preempt."""
+        for request in reversed(self.running[first:]):
+            if request.request_id not in busy:
+                return request
+        return None
 
     def _plan(self, request: Request, n: int) -> ScheduledSeq:
         assert n > 0

@@ -162,8 +162,152 @@ class TokenizerFiles(_message.Message):
     fingerprint: str
     def __init__(self, model: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
+class Tensor(_message.Message):
+    __slots__ = ("data", "shape", "dtype")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class StageSeq(_message.Message):
+    __slots__ = ("start", "num_tokens", "block_table", "samples")
+    START_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TABLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    num_tokens: int
+    block_table: _containers.RepeatedScalarFieldContainer[int]
+    samples: bool
+    def __init__(self, start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., block_table: _Optional[_Iterable[int]] = ..., samples: _Optional[bool] = ...) -> None: ...
+
+class StageHop(_message.Message):
+    __slots__ = ("name", "layer_start", "layer_end", "compute_s", "transfer_s", "bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_S_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layer_start: int
+    layer_end: int
+    compute_s: float
+    transfer_s: float
+    bytes: int
+    def __init__(self, name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., compute_s: _Optional[float] = ..., transfer_s: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StageRoute(_message.Message):
+    __slots__ = ("address", "name", "layer_start", "layer_end")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    name: str
+    layer_start: int
+    layer_end: int
+    def __init__(self, address: _Optional[str] = ..., name: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class StageOpen(_message.Message):
+    __slots__ = ("weights_fingerprint", "num_layers", "kv_blocks", "route")
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
+    weights_fingerprint: str
+    num_layers: int
+    kv_blocks: int
+    route: _containers.RepeatedCompositeFieldContainer[StageRoute]
+    def __init__(self, weights_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., route: _Optional[_Iterable[_Union[StageRoute, _Mapping]]] = ...) -> None: ...
+
+class StageStep(_message.Message):
+    __slots__ = ("step", "seqs", "hidden", "hops", "sent_unix")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SEQS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    seqs: _containers.RepeatedCompositeFieldContainer[StageSeq]
+    hidden: Tensor
+    hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    sent_unix: float
+    def __init__(self, step: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[StageSeq, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., sent_unix: _Optional[float] = ...) -> None: ...
+
+class StageMessage(_message.Message):
+    __slots__ = ("open", "step")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    open: StageOpen
+    step: StageStep
+    def __init__(self, open: _Optional[_Union[StageOpen, _Mapping]] = ..., step: _Optional[_Union[StageStep, _Mapping]] = ...) -> None: ...
+
+class StageReply(_message.Message):
+    __slots__ = ("step", "hidden", "hops", "error", "opened", "sent_unix")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    hidden: Tensor
+    hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    error: str
+    opened: bool
+    sent_unix: float
+    def __init__(self, step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., error: _Optional[str] = ..., opened: _Optional[bool] = ..., sent_unix: _Optional[float] = ...) -> None: ...
+
+class StageAssignment(_message.Message):
+    __slots__ = ("model", "weights_fingerprint", "layer_start", "layer_end", "num_layers", "kv_blocks", "downstream", "depth", "release", "name")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weights_fingerprint: str
+    layer_start: int
+    layer_end: int
+    num_layers: int
+    kv_blocks: int
+    downstream: _containers.RepeatedCompositeFieldContainer[StageRoute]
+    depth: int
+    release: bool
+    name: str
+    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., kv_blocks: _Optional[int] = ..., downstream: _Optional[_Iterable[_Union[StageRoute, _Mapping]]] = ..., depth: _Optional[int] = ..., release: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("ok", "detail", "kv_blocks", "layer_start", "layer_end", "weight_bytes", "kv_cache_bytes", "max_model_len")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    detail: str
+    kv_blocks: int
+    layer_start: int
+    layer_end: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    max_model_len: int
+    def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "address", "model", "role", "layer_start", "layer_end", "kv_blocks_total", "block_size", "device", "memory_cap_bytes", "max_model_len", "tokenizer_fingerprint", "model_version", "max_num_seqs", "architecture", "dtype", "num_layers")
+    __slots__ = ("name", "address", "model", "role", "layer_start", "layer_end", "kv_blocks_total", "block_size", "device", "memory_cap_bytes", "max_model_len", "tokenizer_fingerprint", "model_version", "max_num_seqs", "architecture", "dtype", "num_layers", "stage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +325,7 @@ class WorkerInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     model: str
@@ -198,7 +343,26 @@ class WorkerInfo(_message.Message):
     architecture: str
     dtype: str
     num_layers: int
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., memory_cap_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    stage: StageProfile
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., memory_cap_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., stage: _Optional[_Union[StageProfile, _Mapping]] = ...) -> None: ...
+
+class StageProfile(_message.Message):
+    __slots__ = ("layer_bytes", "embed_bytes", "lm_head_bytes", "lm_head_read_bytes", "kv_bytes_per_token", "layer_seconds", "weights_fingerprint")
+    LAYER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EMBED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LM_HEAD_READ_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LAYER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    layer_bytes: int
+    embed_bytes: int
+    lm_head_bytes: int
+    lm_head_read_bytes: int
+    kv_bytes_per_token: int
+    layer_seconds: float
+    weights_fingerprint: str
+    def __init__(self, layer_bytes: _Optional[int] = ..., embed_bytes: _Optional[int] = ..., lm_head_bytes: _Optional[int] = ..., lm_head_read_bytes: _Optional[int] = ..., kv_bytes_per_token: _Optional[int] = ..., layer_seconds: _Optional[float] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("info", "token")
@@ -219,7 +383,7 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReport(_message.Message):
-    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes", "session_secret")
+    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes", "session_secret", "stage_fault", "pipeline")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +391,8 @@ class HeartbeatReport(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FAULT_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stats: WorkerStats
     recent_first_token_s: float
@@ -234,7 +400,21 @@ class HeartbeatReport(_message.Message):
     draining: bool
     block_hashes: BlockHashDelta
     session_secret: str
-    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ...) -> None: ...
+    stage_fault: str
+    pipeline: PipelineReport
+    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ..., stage_fault: _Optional[str] = ..., pipeline: _Optional[_Union[PipelineReport, _Mapping]] = ...) -> None: ...
+
+class PipelineReport(_message.Message):
+    __slots__ = ("stages", "depth", "bubble", "hops")
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BUBBLE_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    stages: int
+    depth: int
+    bubble: float
+    hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    def __init__(self, stages: _Optional[int] = ..., depth: _Optional[int] = ..., bubble: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ...) -> None: ...
 
 class BlockHashDelta(_message.Message):
     __slots__ = ("reset", "added", "removed")

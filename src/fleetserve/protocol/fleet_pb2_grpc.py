@@ -269,6 +269,121 @@ class Worker:
             _registered_method=True)
 
 
+class StageStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Assign = channel.unary_unary(
+                '/fleetserve.v1.Stage/Assign',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StageAssignment.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StageStatus.FromString,
+                _registered_method=True)
+        self.Forward = channel.stream_stream(
+                '/fleetserve.v1.Stage/Forward',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StageMessage.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StageReply.FromString,
+                _registered_method=True)
+
+
+class StageServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Assign(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Forward(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StageServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Assign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Assign,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StageAssignment.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StageStatus.SerializeToString,
+            ),
+            'Forward': grpc.stream_stream_rpc_method_handler(
+                    servicer.Forward,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StageMessage.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StageReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fleetserve.v1.Stage', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fleetserve.v1.Stage', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Stage:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Assign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetserve.v1.Stage/Assign',
+            fleetserve_dot_protocol_dot_fleet__pb2.StageAssignment.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forward(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetserve.v1.Stage/Forward',
+            fleetserve_dot_protocol_dot_fleet__pb2.StageMessage.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.StageReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ControlStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -88,18 +88,25 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder layers [layer_start, layer_end) of a Llama-family model."""
+    """Decoder layers [layer_start, layer_end) of a Llama-family model.
 
-    def __init__(self, arch: ModelArch, layer_start: int = 0, layer_end: int | None = None):
+    ``lm_head`` says whether this part holds the final norm and the LM head; None: when its range ends at the last
+    layer. A pipeline's head stage holds them (it samples) and its last stage does not.
+    """
+
+    def __init__(
+        self, arch: ModelArch, layer_start: int = 0, layer_end: int | None = None, lm_head: bool | None = None
+    ):
         super().__init__()
         layer_end = arch.num_layers if layer_end is None else layer_end
         assert 0 <= layer_start < layer_end <= arch.num_layers
         self.arch = arch
         self.layer_start, self.layer_end = layer_start, layer_end
         self.is_first, self.is_last = layer_start == 0, layer_end == arch.num_layers
+        self.has_lm_head = self.is_last if lm_head is None else lm_head
         self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size) if self.is_first else None
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(layer_start, layer_end))
-        if self.is_last:
+        if self.has_lm_head:
             self.norm = nn.Parameter(torch.ones(arch.hidden_size))
             self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
@@ -133,6 +140,6 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, for the rows that sample only: [N, hidden] -> [N, vocab]."""
-        assert self.is_last
+        assert self.has_lm_head
         x = rms_norm(hidden, self.norm, self.arch.rms_norm_eps)
         return self.lm_head(x)

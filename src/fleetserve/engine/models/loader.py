@@ -31,10 +31,12 @@ def load_model(
     layer_end: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    lm_head: bool | None = None,
 ) -> LlamaModel:
-    """Build the decoder for layers [layer_start, layer_end) and fill it from the folder's safetensors."""
+    """Build the decoder for layers [layer_start, layer_end) (with the LM head when ``lm_head``, or when None and the
+    range ends at the last layer) and fill it from the folder's safetensors."""
     with torch.device("meta"):
-        model = LlamaModel(arch, layer_start, layer_end).to(dtype)  # on meta: no memory yet
+        model = LlamaModel(arch, layer_start, layer_end, lm_head).to(dtype)  # on meta: no memory yet
     model = model.to_empty(device=device)
     index = _tensor_index(model_dir)
     handles: dict[Path, object] = {}
@@ -66,7 +68,7 @@ def load_model(
             put(layer.o_proj.weight, get(p + "self_attn.o_proj.weight"))
             put(layer.gate_up.weight, torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], 0))
             put(layer.down.weight, get(p + "mlp.down_proj.weight"))
-        if model.is_last:
+        if model.has_lm_head:
             put(model.norm, get("model.norm.weight"))
             tied = arch.tie_word_embeddings or "lm_head.weight" not in index
             if tied and model.embed is not None:
