@@ -46,6 +46,9 @@ class StageResult:
     """A [rows, hidden] tensor on the head's side; the contract does not fix its type."""
     hops: list[StageHop] = field(default_factory=list)
     error: str = ""
+    return_transfer_s: float = 0.0
+    """The last stage's send to the head's decoded tensor."""
+    return_bytes: int = 0
 
 
 @dataclass

@@ -229,6 +229,15 @@ class LLMEngine:
         else:
             self.pipeline.replace_link(link, depth)
 
+    def detach_link(self) -> None:
+        """Stop being a pipeline's head: steps run in this engine alone again (whole models only)."""
+        if self.pipeline is None:
+            return
+        if self.pipeline.link is not None:
+            self.pipeline.link.close()
+        self.pipeline = None
+        self.reset_kv()
+
     def reset_kv(self) -> None:
         """A fresh KV pool: every unfinished request waits again and is recomputed from its tokens."""
         self.kv = KVCacheManager(

@@ -81,6 +81,35 @@ def stage_seqs(plan: SchedulerOutput) -> list[StageSeq]:
     return [StageSeq(s.start, s.num_tokens, list(s.block_table), s.samples) for s in plan.seqs]
 
 
+@torch.inference_mode()
+def measure_layer_seconds(arch, dtype: torch.dtype, device: torch.device, seqs: int = 8, context: int = 64) -> float:
+    """Seconds one decoder layer takes for a decode step of ``seqs`` sequences ``context`` tokens long, on this
+    machine (random weights: the time does not depend on their values). The partitioner weighs nodes by it."""
+    from fleetserve.engine.attention import build_attention_batch
+    from fleetserve.engine.models.linear import choose_kernels
+    from fleetserve.engine.models.llama import LlamaModel
+
+    layer_start = 1 if arch.num_layers > 1 else 0
+    model = LlamaModel(arch, layer_start, layer_start + 1, lm_head=False).to(device=device, dtype=dtype).eval()
+    choose_kernels(model)
+    block = 16
+    per_seq = -(-(context + 1) // block)
+    kv = torch.zeros(seqs * per_seq * block, 2, arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(seqs)]
+    batch = build_attention_batch([context] * seqs, [1] * seqs, tables, block, device)
+    positions = torch.full((seqs,), context, dtype=torch.long, device=device)
+    hidden = torch.randn(seqs, arch.hidden_size, dtype=dtype, device=device) if layer_start else None
+    inputs = hidden if hidden is not None else torch.zeros(seqs, dtype=torch.long, device=device)
+    times = []
+    for _ in range(6):
+        started = time.perf_counter()
+        model(inputs, positions, [kv], batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return sorted(times[1:])[len(times[1:]) // 2]  # the median after a warm-up run
+
+
 # -- a later stage ---------------------------------------------------------------------------------------------
 
 
@@ -281,6 +310,8 @@ class PipelineHead:
             engine.runner.model.layer_start,
             engine.runner.model.layer_end,
             flight.compute_s + time.monotonic() - started,
+            result.return_transfer_s,
+            result.return_bytes,
         )
         self.telemetry.add(head, result.hops, started - flight.sent)
         engine.count_step()

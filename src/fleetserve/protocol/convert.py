@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetserve.contract import EngineStats, RequestOutput, SamplingParams, TokenLogprob
+from fleetserve.contract import EngineStats, RequestOutput, SamplingParams, StageHop, StageRoute, StageSeq, TokenLogprob
 from fleetserve.protocol import fleet_pb2 as pb
 
 
@@ -90,3 +90,35 @@ def stats_to_proto(s: EngineStats) -> pb.WorkerStats:
         steps=s.steps,
         kv_cache_bytes=s.kv_cache_bytes,
     )
+
+
+# -- pipeline stages ---------------------------------------------------------------------------------------------
+
+
+def stage_seqs_to_proto(seqs: list[StageSeq]) -> list[pb.StageSeq]:
+    return [
+        pb.StageSeq(start=s.start, num_tokens=s.num_tokens, block_table=s.block_table, samples=s.samples) for s in seqs
+    ]
+
+
+def stage_seqs_from_proto(msgs) -> list[StageSeq]:
+    return [StageSeq(m.start, m.num_tokens, list(m.block_table), m.samples) for m in msgs]
+
+
+def hop_to_proto(hop: StageHop) -> pb.StageHop:
+    return pb.StageHop(
+        name=hop.name,
+        layer_start=hop.layer_start,
+        layer_end=hop.layer_end,
+        compute_s=hop.compute_s,
+        transfer_s=hop.transfer_s,
+        bytes=hop.bytes,
+    )
+
+
+def hop_from_proto(msg: pb.StageHop) -> StageHop:
+    return StageHop(msg.name, msg.layer_start, msg.layer_end, msg.compute_s, msg.transfer_s, msg.bytes)
+
+
+def route_from_proto(msg: pb.StageRoute) -> StageRoute:
+    return StageRoute(msg.address, msg.name, msg.layer_start, msg.layer_end)

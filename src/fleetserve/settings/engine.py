@@ -22,11 +22,18 @@ class EngineSettings(Settings):
     max_num_seqs: int = option(64, "most sequences running at once")
     max_num_batched_tokens: int = option(512, "token budget of one engine step")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
+    max_model_len: int | None = option(None, "context window in tokens (default: the model's own)")
 
     def engine_config(self) -> EngineConfig:
         """The engine's own typed config (validated)."""
         return EngineConfig(
-            model=ModelConfig(model=self.model, device=self.device, dtype=self.dtype, num_threads=self.threads),
+            model=ModelConfig(
+                model=self.model,
+                device=self.device,
+                dtype=self.dtype,
+                num_threads=self.threads,
+                max_model_len=self.max_model_len,
+            ),
             cache=CacheConfig(
                 block_size=self.block_size,
                 kv_cache_bytes=self.kv_cache_mb * MiB,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
@@ -18,7 +18,12 @@ class WorkerSettings(EngineSettings):
     port: int = option(0, "gRPC port (0: a free one)")
     advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
     name: str | None = option(None, "worker name (default: hostname-port)")
-    role: str = option("replica", "replica (the whole model)")
+    role: Literal["replica", "stage"] = option(
+        "replica", "replica (the whole model) or stage (the layers of a pipeline that the gateway assigns)"
+    )
+    max_memory_mb: int | None = option(
+        None, "a stage's cap on its weights plus KV in MiB (default: the whole model's weights plus --kv-cache-mb)"
+    )
     metrics_port: int | None = option(
         None, "serve Prometheus metrics on this HTTP port at /metrics (0: a free one; default: none)"
     )

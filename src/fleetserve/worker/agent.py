@@ -9,7 +9,6 @@ secret the gateway returns on registering goes with every heartbeat and the dere
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -43,6 +42,7 @@ class WorkerAgent:
         latency: Callable[[], tuple[float, float]] | None = None,
         block_hashes: Callable[[], Awaitable[set[int]]] | None = None,
         on_stop: Callable[[], None] | None = None,
+        pipeline: Callable[[], pb.PipelineReport | None] | None = None,
     ):
         self.gateway = gateway
         self.info = info
@@ -51,6 +51,9 @@ class WorkerAgent:
         self._latency = latency or (lambda: (0.0, 0.0))
         self._block_hashes = block_hashes
         self._on_stop = on_stop
+        self._pipeline = pipeline
+        self._stage_fault = ""
+        self._wake = asyncio.Event()
         self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
         self.worker_id: str | None = None
         self._session = ""  # the session secret of the current registration
@@ -87,6 +90,19 @@ class WorkerAgent:
         self.registered.set()
         return reply
 
+    def report_fault(self, reason: str) -> None:
+        """A pipeline head's chain broke: say so in a heartbeat now, not at the next interval."""
+        self._stage_fault = reason
+        self._wake.set()
+
+    async def _wait(self, reregister: asyncio.Event, interval: float) -> None:
+        """Until the next report is due: ``interval`` passes, a fault wakes the agent, or it must register again."""
+        waits = [asyncio.ensure_future(reregister.wait()), asyncio.ensure_future(self._wake.wait())]
+        await asyncio.wait(waits, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        self._wake.clear()
+
     async def _heartbeat(self, interval: float) -> None:
         reregister = asyncio.Event()
 
@@ -101,9 +117,11 @@ class WorkerAgent:
                     draining=self.draining,
                     block_hashes=await self._hash_delta(),
                     session_secret=self._session,
+                    stage_fault=self._stage_fault,
+                    pipeline=self._pipeline() if self._pipeline is not None else None,
                 )
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(reregister.wait(), interval)
+                self._stage_fault = ""
+                await self._wait(reregister, interval)
 
         call = self._stub.Heartbeat(reports())
         async for command in call:

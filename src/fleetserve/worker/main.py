@@ -53,6 +53,10 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     credentials = FleetCredentials.from_settings(opts)  # a bad TLS setting stops the worker before the model loads
+    if opts.role == "stage":
+        from fleetserve.worker.stage_node import run_stage_node
+
+        return await run_stage_node(opts, stop, credentials)
 
     engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty())
     core = engine.engine
