@@ -61,8 +61,13 @@ class EngineStepError(FleetServeError):
 class StageLinkError(FleetServeError):
     """The link from a pipeline's head down its chain of stages broke (a stage died or stopped answering).
 
-    The head keeps its requests and recomputes them once the pipeline is whole again.
+    The head keeps its requests and recomputes them once the pipeline is whole again. ``planned``: the gateway
+    changed the pipeline on purpose (a stage was reassigned or stopped), so there is no fault to report.
     """
+
+    def __init__(self, message: str, planned: bool = False):
+        super().__init__(message)
+        self.planned = planned
 
 
 class PreprocessError(FleetServeError):

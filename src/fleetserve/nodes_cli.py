@@ -16,6 +16,7 @@ COLUMNS = (
     ("STATE", "state"),
     ("MODEL", "model"),
     ("ROLE", "role"),
+    ("LAYERS", "layers"),
     ("ADDRESS", "address"),
     ("DEVICE", "device"),
     ("MEM MiB", "memory"),
@@ -33,8 +34,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-key", default=None, help="the gateway's admin key, if it has one")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="join: the model (default: the default)")
     parser.add_argument("--device", default="cpu", help="join: cpu or cuda[:N] (default: cpu)")
-    parser.add_argument("--max-memory-mb", type=int, default=None, help="join: memory cap (default: enough)")
-    parser.add_argument("--role", default="replica", help="join: the worker's role (default: replica)")
+    parser.add_argument(
+        "--max-memory-mb", type=int, default=None, help="join: memory cap; a stage's weights plus KV (default: enough)"
+    )
+    parser.add_argument(
+        "--role",
+        default="replica",
+        choices=("replica", "stage"),
+        help="join: a replica (the whole model) or a pipeline stage node (default: replica)",
+    )
     parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
 
 
@@ -65,6 +73,7 @@ def _cells(w: dict) -> dict[str, str]:
         "state": w.get("state", ""),
         "model": w.get("model", ""),
         "role": w.get("role", "") or "",
+        "layers": f"{w.get('layer_start', 0)}-{w['layer_end']}" if w.get("layer_end") else "-",
         "address": w.get("address", "") or "-",
         "device": w.get("device", "") or "-",
         "memory": f"{mem / 2**20:.0f}" if mem else "-",
@@ -83,22 +92,45 @@ def format_table(workers: list[dict]) -> str:
     return "\n".join(lines) if rows else lines[0] + "\n(no workers)"
 
 
+def format_pipelines(pipelines: list[dict]) -> str:
+    """One line per pipeline: its status (a serving one's shows its stages' layer ranges)."""
+    lines = []
+    for p in pipelines:
+        line = f"pipeline {p.get('model', '')}: {p.get('status', '')}"
+        if p.get("serving"):
+            line += f" (re-partitions: {p.get('repartitions', 0)}, bubble {100 * (p.get('bubble') or 0):.0f}%)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _list(args: argparse.Namespace) -> None:
+    answer = call(args.url, "GET", "/admin/workers", args.admin_key)
+    answer["pipelines"] = call(args.url, "GET", "/admin/pipelines", args.admin_key)["pipelines"]
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return
+    print(format_table(answer["workers"]))
+    if answer["pipelines"]:
+        print(format_pipelines(answer["pipelines"]))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action in ("drain", "stop") and not args.worker:
         raise InvalidRequestError(f"nodes {args.action} needs the worker's name or id", "worker")
     if args.action == "list":
-        answer = call(args.url, "GET", "/admin/workers", args.admin_key)
-        print(json.dumps(answer, indent=2) if args.json else format_table(answer["workers"]))
+        _list(args)
         return 0
     if args.action == "join":
         body = {"model": args.model, "device": args.device, "role": args.role}
         if args.max_memory_mb is not None:
             body["max_memory_mb"] = args.max_memory_mb
         answer = call(args.url, "POST", "/admin/workers", args.admin_key, body)
-        message = (
-            f"started {answer['name']} (pid {answer['pid']}): {answer['model']} on {answer['device']}, "
-            f"{answer['max_memory_mb']} MiB cap, {answer['kv_cache_mb']} MiB KV; it registers when loaded"
-        )
+        start = f"started {answer['name']} (pid {answer['pid']}): {answer['model']} on {answer['device']}"
+        if answer.get("role") == "stage":
+            message = f"{start}, a stage node with a {answer['max_memory_mb']} MiB cap; the gateway assigns its layers"
+        else:
+            message = f"{start}, {answer['max_memory_mb']} MiB cap, {answer['kv_cache_mb']} MiB KV"
+        message += "; it registers when loaded"
     else:
         answer = call(args.url, "POST", f"/admin/workers/{args.worker}/{args.action}", args.admin_key)
         message = f"{args.worker}: " + ("draining" if args.action == "drain" else "draining, then stopping")

@@ -52,18 +52,32 @@ def child_specs(
     exe = [sys.executable, "-m", "fleetserve"]
     config = ["--config", config_file] if config_file else []
     clean: dict[str, str | None] = {ENV_PREFIX + name.upper(): None for name in UpSettings.model_fields}
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, settings.workers))
+    replicas, stages = local_counts(settings, explicit)
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, replicas + stages))
     fleet = {SECRET_ENV: secret} if secret else {}
     gateway_env = {**clean, **settings.gateway_env(explicit), **fleet, **(tls["gateway"].env() if tls else {})}
     specs = [ChildSpec("gateway", [*exe, "gateway", *config], gateway_env, "fleetserve gateway ready", sys.stderr)]
     control = f"{dial_host(settings.control_host)}:{settings.control_port}"
     worker_env = {**clean, **settings.worker_env(explicit), **fleet}
-    for i in range(settings.workers):
+    for i in range(replicas):
         name = f"worker-{i}"
         env = {**worker_env, **(tls[name].env() if tls else {})}
         argv = [*exe, "worker", "--gateway", control, "--name", name, "--threads", str(threads), *config]
         specs.append(ChildSpec(name, argv, env, "fleetserve worker ready", sys.stderr))
+    cap = ["--max-memory-mb", str(settings.stage_memory_mb)] if settings.stage_memory_mb else []
+    for i in range(stages):
+        name = f"stage-{i}"
+        env = {**worker_env, **(tls[f"worker-{replicas + i}"].env() if tls else {})}
+        argv = [*exe, "worker", "--role", "stage", "--gateway", control, "--name", name, "--threads", str(threads)]
+        specs.append(ChildSpec(name, [*argv, *cap, *config], env, "fleetserve worker ready", sys.stderr))
     return specs
+
+
+def local_counts(settings: UpSettings, explicit: set[str]) -> tuple[int, int]:
+    """Whole-model workers and stage nodes to start: with a pipeline, replicas only when --workers was given."""
+    stages = max(0, settings.pipeline)
+    replicas = settings.workers if not stages or "workers" in explicit else 0
+    return replicas, stages
 
 
 def wait_ready(
@@ -126,7 +140,9 @@ def _serve(url: str, ready: dict, supervisor: Supervisor, stopping: threading.Ev
 def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> int:
     """Start the fleet, say where it answers, and keep it until Ctrl-C/SIGTERM or a child's exit."""
     url = f"http://{dial_host(settings.host)}:{settings.port}"
-    print(f"starting a gateway and {settings.workers} worker(s) on {settings.model} ...", file=sys.stderr, flush=True)
+    replicas, stages = local_counts(settings, explicit)
+    parts = f"{replicas} worker(s)" + (f" and a pipeline of {stages} stage node(s)" if stages else "")
+    print(f"starting a gateway, {parts} on {settings.model} ...", file=sys.stderr, flush=True)
     supervisor = Supervisor()
     stopping = threading.Event()
 
@@ -137,12 +153,12 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     tls_dir = settings.tls_dir or (tempfile.mkdtemp(prefix="fleetserve-tls-") if settings.tls else "")
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tls = fleet_certs(tls_dir, settings.workers) if tls_dir else None
+        tls = fleet_certs(tls_dir, replicas + stages) if tls_dir else None
         for spec in child_specs(settings, explicit, config_file, secret, tls):
             supervisor.start(spec)
         headers = {"Authorization": f"Bearer {settings.api_key[0]}"} if settings.api_key else None
         try:
-            ready = wait_ready(url, supervisor, READY_TIMEOUT_S, settings.workers, headers, stopping)
+            ready = wait_ready(url, supervisor, READY_TIMEOUT_S, replicas + (1 if stages else 0), headers, stopping)
         except ChildExited as exc:
             print(
                 f"fleetserve up: {exc.name} exited with code {exc.returncode} before the fleet was ready",

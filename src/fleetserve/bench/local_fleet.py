@@ -25,9 +25,18 @@ def _spec(name: str, ready: str, *args: str) -> ChildSpec:
 
 
 class Fleet:
-    """A gateway with ``workers`` local workers of ``threads`` torch threads each; ``close`` stops them all."""
+    """A gateway with ``workers`` local workers of ``threads`` torch threads each, and ``stages`` stage nodes (one
+    pipeline, ``stage_args`` for each) of as many threads; ``close`` stops them all."""
 
-    def __init__(self, workers: int, threads: int, *gateway_args: str, kv_cache_mb: int = 512):
+    def __init__(
+        self,
+        workers: int,
+        threads: int,
+        *gateway_args: str,
+        kv_cache_mb: int = 512,
+        stages: int = 0,
+        stage_args: tuple[str, ...] = (),
+    ):
         port, control = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.supervisor = Supervisor()
@@ -40,8 +49,12 @@ class Fleet:
                 args = ["worker", "--gateway", f"127.0.0.1:{control}", "--name", f"w{i}", "--threads", str(threads)]
                 args += ["--kv-cache-mb", str(kv_cache_mb)]
                 self.workers.append(self.supervisor.start(_spec(f"w{i}", "fleetserve worker ready", *args)))
+            for i in range(stages):
+                args = ["worker", "--role", "stage", "--gateway", f"127.0.0.1:{control}", "--name", f"s{i}"]
+                args += ["--threads", str(threads), "--kv-cache-mb", str(kv_cache_mb), *stage_args]
+                self.workers.append(self.supervisor.start(_spec(f"s{i}", "fleetserve worker ready", *args)))
             self.supervisor.wait_ready(READY_S)
-            self._wait_healthy(workers)
+            self._wait_healthy(workers + (1 if stages else 0))
         except BaseException:
             self.close()
             raise

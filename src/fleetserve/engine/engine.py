@@ -51,7 +51,11 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
         self.pipeline: PipelineHead | None = None
-        """Set when this engine is a pipeline's head (``attach_link``): its steps then run down a chain of stages."""
+        """Set when this engine is a pipeline's head (``attach_link``): its steps then run down a chain of stages.
+        An engine whose layers stop short of the last one is a head from the start, waiting for its chain: it never
+        samples from a part of the model."""
+        if not self.runner.model.is_last:
+            self.pipeline = PipelineHead(self, None, 1)
         self._ids = itertools.count()
         self._preemptions = 0
         self._steps = 0
@@ -230,8 +234,12 @@ class LLMEngine:
             self.pipeline.replace_link(link, depth)
 
     def detach_link(self) -> None:
-        """Stop being a pipeline's head: steps run in this engine alone again (whole models only)."""
+        """Stop being a pipeline's head: steps run in this engine alone again when it holds the whole model; a part
+        of one waits for its next chain instead."""
         if self.pipeline is None:
+            return
+        if not self.runner.model.is_last:
+            self.pipeline.suspend("detached from its chain of stages")
             return
         if self.pipeline.link is not None:
             self.pipeline.link.close()
@@ -248,8 +256,11 @@ class LLMEngine:
     def reconfigure(self, layer_end: int, kv_cache_bytes: int) -> None:
         """Take a new layer range [0, layer_end) with the LM head (a pipeline head's new share) and a new KV size.
 
-        Weights are reloaded only when the range changes. Unfinished requests wait again (``reset_kv``).
+        Weights are reloaded only when the range changes. Unfinished requests wait again (``reset_kv``), and a
+        pipeline's current link is dropped (steps in flight on it are forgotten) until ``attach_link``.
         """
+        if self.pipeline is not None:
+            self.pipeline.suspend("the pipeline is being re-partitioned")
         mc = self.config.model
         if layer_end != self.runner.model.layer_end or kv_cache_bytes != self.config.cache.kv_cache_bytes:
             config = dataclasses.replace(

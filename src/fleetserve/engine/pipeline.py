@@ -166,7 +166,7 @@ class _InFlight:
 
 @dataclass
 class PipelineTelemetry:
-    """Per-hop figures of the recent steps, for stats and metrics (reset by whoever reads them)."""
+    """Per-hop figures since the pipeline was (re)built, for stats and metrics."""
 
     steps: int = 0
     round_trip_s: float = 0.0
@@ -177,7 +177,9 @@ class PipelineTelemetry:
     bytes: dict[str, int] = field(default_factory=dict)
     hops: list[list[StageHop]] = field(default_factory=list)
     """The last few steps' hops, newest last."""
-    since: float = field(default_factory=time.monotonic)
+    active_s: float = 0.0
+    """Time with at least one step in flight (the bubble's denominator), up to ``active_since``."""
+    active_since: float | None = None
 
     def add(self, head: StageHop, hops: list[StageHop], round_trip_s: float) -> None:
         self.steps += 1
@@ -188,12 +190,22 @@ class PipelineTelemetry:
             self.bytes[hop.name] = self.bytes.get(hop.name, 0) + hop.bytes
         self.hops = [*self.hops[-15:], [head, *hops]]
 
+    def working(self, busy: bool, now: float | None = None) -> None:
+        """Whether steps are in flight from now on (the pipeline's active time is counted from these marks)."""
+        now = now or time.monotonic()
+        if busy and self.active_since is None:
+            self.active_since = now
+        elif not busy and self.active_since is not None:
+            self.active_s += now - self.active_since
+            self.active_since = None
+
     def bubble(self, now: float | None = None) -> float:
-        """Share of the stages' time spent idle since ``since`` (0 when nothing ran)."""
-        elapsed = (now or time.monotonic()) - self.since
-        if elapsed <= 0 or not self.busy_s:
+        """Share of the stages' time spent idle while steps were in flight (0 when nothing ran)."""
+        now = now or time.monotonic()
+        active = self.active_s + (now - self.active_since if self.active_since is not None else 0.0)
+        if active <= 0 or not self.busy_s:
             return 0.0
-        busy = sum(min(s, elapsed) for s in self.busy_s.values()) / (elapsed * len(self.busy_s))
+        busy = sum(min(s, active) for s in self.busy_s.values()) / (active * len(self.busy_s))
         return max(0.0, 1.0 - busy)
 
 
@@ -201,15 +213,20 @@ class PipelineHead:
     """Drives an LLMEngine as a pipeline's head: plans micro-batches, sends them, samples what comes back."""
 
     def __init__(
-        self, engine: LLMEngine, link: StageLink, depth: int, name: str = "head", broken_timeout_s: float = 30.0
+        self,
+        engine: LLMEngine,
+        link: StageLink | None,
+        depth: int,
+        name: str = "head",
+        broken_timeout_s: float = 30.0,
     ):
         self.engine = engine
         self.link: StageLink | None = link
         self.depth = max(1, depth)
         self.name = name
         self.broken_timeout_s = broken_timeout_s
-        self.broken_since: float | None = None
-        self.broken_reason = ""
+        self.broken_since: float | None = None if link is not None else time.monotonic()
+        self.broken_reason = "" if link is not None else "waiting for its chain of stages"
         self.in_flight: dict[int, _InFlight] = {}
         self._steps = itertools.count()
         self.telemetry = PipelineTelemetry()
@@ -230,13 +247,20 @@ class PipelineHead:
 
     def _break(self, reason: str) -> None:
         """The chain is gone: every request waits again, with an empty KV pool, until the next link."""
-        log.warning("pipeline link broke: %s; %d requests wait for a whole pipeline", reason, len(self.in_flight))
+        log.warning("pipeline link broke: %s; %d steps were in flight", reason, len(self.in_flight))
+        self.link_failures += 1
+        self.suspend(reason)
+
+    def suspend(self, reason: str) -> None:
+        """Stop using the current link (the pipeline is being changed, or broke): nothing in flight counts any more,
+        every request waits again with an empty KV pool, until ``replace_link``."""
         if self.link is not None:
             self.link.close()
         self.link = None
-        self.link_failures += 1
-        self.broken_since, self.broken_reason = time.monotonic(), reason
+        if self.broken_since is None:
+            self.broken_since, self.broken_reason = time.monotonic(), reason
         self.in_flight.clear()
+        self.telemetry.working(False)
         self.engine.reset_kv()
 
     # -- one pump of the loop ----------------------------------------------------------------------------------
@@ -288,11 +312,14 @@ class PipelineHead:
                 raise engine.fail_step(plan, exc) from exc
             step = next(self._steps)
             computed = time.monotonic()
+            self.telemetry.working(True, started)
             self.link.send(step, stage_seqs(plan), hidden)  # type: ignore[union-attr]
             self.in_flight[step] = _InFlight(plan, time.monotonic(), computed - started)
 
     def _complete(self, result: StageResult) -> list[RequestOutput]:
         flight = self.in_flight.pop(result.step, None)
+        if not self.in_flight:
+            self.telemetry.working(False)
         if flight is None:
             log.warning("pipeline result for unknown step %d ignored", result.step)
             return []

@@ -5,7 +5,8 @@ advertised address must lie in the gateway's worker networks, if it has any, bef
 worker it cannot reach is told so in general terms (the details go to the gateway's log, not to the caller, so
 that registering is no way to probe the gateway's network). What the gateway needs from a new worker (its
 tokenizer) is fetched before the worker is listed, so a listed worker can always be served. Heartbeats and
-deregistrations must carry the session secret their registration returned.
+deregistrations must carry the session secret their registration returned. Heartbeats that tell of a
+pipeline (a head's report or stage fault, a stage node draining) are handed to the pipelines' hook as well.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
+from fleetserve.gateway.registry import STAGE_ROLE, WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import Network, address_allowed
@@ -38,12 +39,15 @@ class ControlService(pb_grpc.ControlServicer):
         on_register: Callable[[WorkerRecord], Awaitable[None]] | None = None,
         networks: Sequence[Network] = (),
         prepare: Callable[[WorkerRecord], Awaitable[None]] | None = None,
+        on_stage_report: Callable[[WorkerRecord, pb.HeartbeatReport], None] | None = None,
     ):
         self.registry = registry
         self.on_register = on_register
         """Called once the worker is listed (ValueError refuses it)."""
         self.prepare = prepare
         """Called with a record not yet listed, whose stub reaches the worker (ValueError refuses it)."""
+        self.on_stage_report = on_stage_report
+        """Called after a heartbeat that carries a stage fault or a pipeline report, or a stage node's draining."""
         self.networks = list(networks)
         self.pending_commands: dict[str, asyncio.Queue[pb.Command]] = {}
 
@@ -90,6 +94,8 @@ class ControlService(pb_grpc.ControlServicer):
                 log.warning("heartbeat for %s from %s refused: wrong session secret", report.worker_id, context.peer())
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong session secret for this worker id")
             self.registry.heartbeat(report)
+            if self.on_stage_report is not None and _stage_news(record, report):
+                self.on_stage_report(record, report)
             queue = self.pending_commands.get(report.worker_id)
             while queue is not None and not queue.empty():
                 yield queue.get_nowait()
@@ -114,6 +120,12 @@ class ControlService(pb_grpc.ControlServicer):
     def send(self, worker_id: str, command: pb.Command) -> None:
         """Queue a command for a worker; it goes down with the reply to its next heartbeat."""
         self.pending_commands.setdefault(worker_id, asyncio.Queue()).put_nowait(command)
+
+
+def _stage_news(record: WorkerRecord, report: pb.HeartbeatReport) -> bool:
+    """Whether a heartbeat says something the pipelines must hear."""
+    draining_stage = report.draining and record.info.role == STAGE_ROLE
+    return bool(report.stage_fault) or report.HasField("pipeline") or draining_stage
 
 
 def _dial_error(exc: BaseException) -> BaseException | None:

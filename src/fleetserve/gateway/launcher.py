@@ -1,12 +1,12 @@
 """Workers the gateway starts on its own machine (the admin API's join), and their memory budget.
 
-A joined worker is an ordinary ``fleetserve worker`` child process that registers with this gateway like any
-other; a :class:`~fleetserve.supervisor.Supervisor` starts it in its own process group, collects its output and
-stops it. Its memory cap is split into the model's weights, a fixed allowance for the runtime and activations,
-and the KV cache (the rest); a cap that leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused,
-with the amount that would do. The fleet secret and TLS material reach it in its environment, never in its
-arguments.
-"""
+A joined worker is an ordinary ``fleetserve worker`` child process (a replica, or a pipeline stage node with
+``--role stage``) that registers with this gateway like any other; a :class:`~fleetserve.supervisor.Supervisor`
+starts it in its own process group, collects its output and stops it. A replica's memory cap is split into the
+model's weights, a fixed allowance for the runtime and activations, and the KV cache (the rest); a cap that
+leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused, with the amount that would do. A stage
+node's cap goes to the worker whole (its weights plus KV): the gateway places layers within it. The fleet secret
+and TLS material reach it in its environment, never in its arguments."""
 
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 RUNTIME_OVERHEAD_MB = 256
 """Python, torch and the activations of one step, on top of the weights and the KV cache."""
 MIN_KV_TOKENS = 2048
-ROLES = ("replica",)
-"""Roles a joined worker may take (prefill, decode and stage workers are not launched from here yet)."""
+ROLES = ("replica", "stage")
+"""Roles a joined worker may take: a replica (the whole model) or a pipeline stage node (the layers the gateway
+assigns it)."""
 
 
 @dataclass
@@ -117,6 +118,10 @@ class Launcher:
         if device != "cpu" and not device.startswith("cuda"):
             raise InvalidRequestError(f"device must be cpu or cuda[:N], not {device!r}", "device")
         plan = await asyncio.to_thread(memory_plan, model, device)  # UnknownModelError for an unknown model
+        if role == "stage":
+            # The gateway checks the cap when the node registers (at least one layer plus its KV for the context)
+            # and gives it the layers that fit; the default is the model's weights plus KV for MIN_KV_TOKENS.
+            return self._start(model, device, max_memory_mb or plan.weights_mb + plan.min_kv_mb, role, 0)
         if max_memory_mb is None:
             max_memory_mb = plan.minimum_mb + 256
         if max_memory_mb < plan.minimum_mb:
@@ -126,19 +131,26 @@ class Launcher:
                 f"and {plan.min_kv_mb} MiB of KV cache for {MIN_KV_TOKENS} tokens)",
                 "max_memory_mb",
             )
+        return self._start(model, device, max_memory_mb, role, plan.kv_mb(max_memory_mb))
+
+    def _start(self, model: str, device: str, max_memory_mb: int, role: str, kv_mb: int) -> LaunchedWorker:
+        """Start the worker process: a replica with ``kv_mb`` of KV cache, a stage node with its whole cap."""
         name = f"local-{next(self._names)}"
         while name in self.workers or name in self.supervisor:
             name = f"local-{next(self._names)}"
-        kv_mb = plan.kv_mb(max_memory_mb)
         args = [sys.executable, "-m", "fleetserve", "worker", "--gateway", self.control_address]
-        args += ["--model", model, "--device", device, "--kv-cache-mb", str(kv_mb), "--name", name]
+        args += ["--model", model, "--device", device, "--name", name]
+        if role == "stage":
+            args += ["--role", "stage", "--max-memory-mb", str(max_memory_mb)]
+        else:
+            args += ["--kv-cache-mb", str(kv_mb)]
         threads = self.threads or max(1, (os.cpu_count() or 1) // 2)
         args += ["--threads", str(threads)]
         env = self.credentials.child_env()  # the gateway's own certificate serves its local workers too
         child = self.supervisor.start(ChildSpec(name, args, env, ready=WORKER_READY, max_lines=200))
         worker = LaunchedWorker(name, model, device, role, max_memory_mb, kv_mb, child)
         self.workers[name] = worker
-        log.info("launched worker %s (pid %d): %s on %s, %d MiB KV", name, child.pid, model, device, kv_mb)
+        log.info("launched %s %s (pid %d): %s on %s, %d MiB cap", role, name, child.pid, model, device, max_memory_mb)
         return worker
 
     async def stop(self, name: str, grace_s: float = DEFAULT_GRACE_S) -> int | None:

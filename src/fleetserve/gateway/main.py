@@ -24,9 +24,10 @@ from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
 from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
+from fleetserve.gateway.pipelines import PipelineController
 from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.preprocess import Preprocessor, PreprocessPool
-from fleetserve.gateway.registry import WorkerRegistry, connector, probe_generation
+from fleetserve.gateway.registry import STAGE_ROLE, WorkerRegistry, connector, probe_generation
 from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.gateway.tokenizers import TokenizerStore
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
@@ -47,11 +48,16 @@ async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
         admission.pump()
 
 
-async def _probe(registry: WorkerRegistry) -> None:
-    """Actively probe suspect workers with a real one-token generation."""
+async def _probe(registry: WorkerRegistry, pipelines: PipelineController) -> None:
+    """Actively probe suspect workers with a real one-token generation (a stage node that is no pipeline's head
+    cannot generate: it need only answer)."""
 
     async def one(record) -> None:
-        if record.stub is not None:  # one with no connection is being removed
+        if record.stub is None:  # one with no connection is being removed
+            return
+        if record.info.role == STAGE_ROLE and not record.serving:
+            registry.probe_result(record, await pipelines.answers(record), "the stage node did not answer")
+        else:
             registry.probe_result(record, *await probe_generation(record, registry.heartbeat_timeout_s))
 
     while True:
@@ -108,10 +114,12 @@ class Gateway:
     store: RegistryStore | None
     grpc_server: grpc.aio.Server
     control_port: int
+    pipelines: PipelineController
 
     async def close(self) -> None:
         await self.grpc_server.stop(grace=1.0)
         state = self.state
+        await self.pipelines.close()
         if state.preprocess.pool is not None:
             await state.preprocess.pool.close()
         for record in list(state.registry.workers.values()):
@@ -169,14 +177,27 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
     registry.on_dead.append(lambda record: policies.forget(record.worker_id))
     metrics = GatewayMetrics() if settings.telemetry else DisabledGatewayMetrics()
     dispatcher = Dispatcher(registry, policies, admission, RetryPolicy(max_retries=settings.max_retries), metrics)
+    pipelines = PipelineController(registry, settings.pipeline_cooldown, settings.pipeline_depth, metrics=metrics)
+    pipelines.on_change.append(admission.pump)  # a new pipeline head takes the requests queued for its model
 
     async def on_register(record) -> None:
+        stage = record.info.role == STAGE_ROLE
+        if stage:
+            await pipelines.admit(record)  # ValueError refuses it
         spec = models.learn(record.info)
         if store is not None:
             store.save_model(spec.to_json())
+        if stage:
+            pipelines.replan(record.info.model, f"{record.name} joined")
         admission.pump(record.info.model)
 
-    control = ControlService(registry, on_register=on_register, networks=networks, prepare=tokenizers.on_register)
+    control = ControlService(
+        registry,
+        on_register=on_register,
+        networks=networks,
+        prepare=tokenizers.on_register,
+        on_stage_report=pipelines.on_stage_report,
+    )
     grpc_server = credentials.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
     control_port = credentials.server_port(grpc_server, f"{settings.control_host}:{settings.control_port}")
@@ -195,9 +216,10 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         preprocess=Preprocessor(tokenizers, preprocess),
         traces=TraceStore(capacity=1000 if settings.telemetry else 0, exporter=_exporter(settings)),
         control=control,
+        pipelines=pipelines,
         launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
-    return Gateway(state, admission, store, grpc_server, control_port)
+    return Gateway(state, admission, store, grpc_server, control_port, pipelines)
 
 
 def _answer_cache(settings: GatewaySettings, metrics) -> AnswerCache | None:
@@ -237,7 +259,7 @@ async def run_gateway(settings: GatewaySettings) -> int:
     listener = _listen(settings.host, settings.port, settings.stream_buffer_kb * 1024)
     tasks = [
         asyncio.create_task(_sweep(state.registry, gateway.admission)),
-        asyncio.create_task(_probe(state.registry)),
+        asyncio.create_task(_probe(state.registry, gateway.pipelines)),
         asyncio.create_task(_announce(server, settings, gateway.control_port)),
     ]
     try:

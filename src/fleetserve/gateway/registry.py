@@ -6,7 +6,7 @@ generation). A heartbeat clears a late-heartbeat suspicion; only a successful pr
 ``heartbeat_timeout_s`` without a heartbeat, or ``failure_threshold`` failed probes, make it dead: it leaves
 routing (policies forget it, its streams fail over) and stays listed as dead for ``dead_retention_s``, so that it
 can come back under the same id. Draining workers finish what they have but get nothing new. Only healthy
-workers are routable.
+workers are routable, and of the pipeline stage nodes only the heads of serving pipelines (``serving``).
 
 The durable part (each worker's id, registration info, state and last sighting) is written to a
 :class:`RegistryStore` when one is given: after a gateway restart the known workers are listed as dead until
@@ -39,6 +39,10 @@ from fleetserve.protocol.security import FleetCredentials
 log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+
+
+STAGE_ROLE = "stage"
+"""The role of a pipeline stage node (``fleetserve worker --role stage``)."""
 
 
 def connector(credentials: FleetCredentials) -> Callable[[str], tuple[grpc.aio.Channel, pb_grpc.WorkerStub]]:
@@ -86,6 +90,9 @@ class WorkerRecord:
     failed_probes: int = 0
     suspect_reason: str = ""
     """Why the worker is suspect: "heartbeat" (late) or "failures" (requests failed); empty otherwise."""
+    serving: bool = True
+    """Whether it serves requests of its own: a pipeline stage node only while it is the head of a serving pipeline
+    (the gateway's PipelineController sets it); every other worker always."""
     session_secret: str = field(default="", repr=False)
     """Given to the worker when it registered; empty (a record restored from the store): nothing matches it."""
     channel: grpc.aio.Channel | None = None
@@ -93,7 +100,7 @@ class WorkerRecord:
 
     @property
     def routable(self) -> bool:
-        return self.state == WorkerState.HEALTHY and self.stub is not None
+        return self.state == WorkerState.HEALTHY and self.serving and self.stub is not None
 
     @property
     def name(self) -> str:
@@ -151,6 +158,7 @@ class WorkerRegistry:
         now = self.clock()
         for saved in store.load_workers():
             record = WorkerRecord(saved.worker_id, saved.info, now, now, state=WorkerState.DEAD)
+            record.serving = saved.info.role != STAGE_ROLE
             self.workers[record.worker_id] = record
         if self.workers:
             log.info("restored %d known worker(s); they are dead until they register again", len(self.workers))
@@ -169,6 +177,7 @@ class WorkerRegistry:
         now = self.clock()
         worker_id = worker_id or new_worker_id()
         record = WorkerRecord(worker_id, info, now, now, session_secret=secrets.token_urlsafe(32))
+        record.serving = info.role != STAGE_ROLE  # a stage node serves once it heads a pipeline
         record.channel, record.stub = connection or self.connect(info.address)
         self.workers[worker_id] = record
         self._persist(record)

@@ -1,4 +1,5 @@
-"""GatewayState: everything the gateway's HTTP routes share (workers, tokenizers, dispatch, settings, caches, jobs)."""
+"""GatewayState: everything the gateway's HTTP routes share (workers, pipelines, tokenizers, dispatch, settings, caches,
+jobs)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
+from fleetserve.gateway.pipelines import PipelineController
 from fleetserve.gateway.preprocess import Preprocessor
 from fleetserve.gateway.registry import WorkerRegistry
 from fleetserve.gateway.tokenizers import TokenizerStore
@@ -32,6 +34,9 @@ class GatewayState:
     """The Control service (the admin API sends drain commands through it)."""
     launcher: Launcher | None = None
     """Starts local workers for the admin API's join; None where the gateway does not launch workers."""
+    pipelines: PipelineController | None = None
+    """The pipelines of stage nodes (which node holds which layers of which model); None in gateways built
+    without one (tests)."""
     answers: AnswerCache | None = None
     """The response cache for deterministic answers; None when it is off."""
     traces: TraceStore = field(default_factory=TraceStore)

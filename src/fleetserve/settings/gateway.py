@@ -80,6 +80,11 @@ class GatewaySettings(Settings):
         30.0, "cut off a streaming client that reads nothing for this many seconds (0: never)"
     )
     stream_buffer_kb: int = option(256, "kernel send buffer per client connection in KiB, fixed (0: the kernel's)")
+    # pipelines of stage nodes (workers started with --role stage)
+    pipeline_cooldown: float = option(
+        10.0, "seconds between re-partitions that only make a working pipeline faster", ge=0
+    )
+    pipeline_depth: int = option(0, "micro-batches in flight per pipeline (0: one per stage)", ge=0)
     # response cache (deterministic requests: temperature 0 or a seed)
     response_cache: str = option(
         "",

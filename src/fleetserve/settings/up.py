@@ -18,7 +18,9 @@ class UpSettings(GatewaySettings, EngineSettings):
 
     command: ClassVar[str] = "up"
 
-    workers: int = option(2, "local workers")
+    workers: int = option(2, "local whole-model workers (with --pipeline: none unless given)")
+    pipeline: int = option(0, "stage nodes of one local pipeline that splits the model's layers (0: none)")
+    stage_memory_mb: int | None = option(None, "each stage node's cap on weights plus KV in MiB (default: no cap)")
     threads: int | None = option(None, "torch threads per worker (default: cores / workers)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
     tls_dir: str = option(

@@ -86,6 +86,9 @@ INTER_TOKEN_BUCKETS: tuple[float, ...] = (
 )
 """Seconds between consecutive tokens of one stream: finer where decode steps usually fall."""
 
+STAGE_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Seconds: one pipeline stage's compute for a step, or one hop's transfer between stages."""
+
 REQUEST_OUTCOMES: tuple[str, ...] = ("ok", "error", "rejected", "cancelled", "cached")
 """The values of the ``outcome`` label of ``fleetserve_requests_total``."""
 
@@ -271,8 +274,39 @@ class GatewayMetrics:
             model,
             registry=r,
         )
+        self._add_pipeline_metrics(r)
         self.workers = WorkerCollector()
         r.register(self.workers)
+
+    def _add_pipeline_metrics(self, r: CollectorRegistry) -> None:
+        """Pipelines of stage nodes: re-partitions and bubble per model, each stage's compute and link per step."""
+        model = ["model"]
+        self.pipeline_repartitions_total = Counter(
+            "fleetserve_pipeline_repartitions_total",
+            "Layer plans applied to a model's pipeline stages, the first one included.",
+            model,
+            registry=r,
+        )
+        self.pipeline_bubble = Gauge(
+            "fleetserve_pipeline_bubble",
+            "Share of the pipeline stages' time idle while the pipeline had work, as its head last reported.",
+            model,
+            registry=r,
+        )
+        self.pipeline_stage_compute_seconds = Histogram(
+            "fleetserve_pipeline_stage_compute_seconds",
+            "One stage's compute for a pipeline step (the head's reports, a step per heartbeat).",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.pipeline_link_transfer_seconds = Histogram(
+            "fleetserve_pipeline_link_transfer_seconds",
+            "A step's hidden states on their way into a stage, from the sender's send to the stage's decoded tensor.",
+            ["model", "stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
 
     def set_worker_source(self, source: Callable[[], Iterable[Any]] | None) -> None:
         """Where the per-worker gauges come from: a callable returning the worker records (called at each scrape)."""

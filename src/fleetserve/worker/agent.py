@@ -22,11 +22,11 @@ log = logging.getLogger(__name__)
 
 
 class RegistrationRefused(Exception):
-    """The gateway refused this worker (wrong fleet secret, or an address outside its worker networks):
-    retrying will not help."""
+    """The gateway refused this worker (wrong fleet secret, an address outside its worker networks, or a worker
+    that does not fit: another tokenizer, a stage node below the minimum): retrying will not help."""
 
 
-REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION)
 
 
 class WorkerAgent:

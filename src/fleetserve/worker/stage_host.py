@@ -90,6 +90,8 @@ class StageHost:
         self.on_head_change: Callable[[AsyncEngine | None], None] | None = None
         self.streams: set[asyncio.Queue] = set()
         """Result queues of the Forward streams passing through this stage (ended when it is reassigned)."""
+        self.generation = 0
+        """Counts assignments: a stream opened under one never runs a step on the layers of a later one."""
         self._lock = asyncio.Lock()
 
     def calibrate(self) -> None:
@@ -115,6 +117,7 @@ class StageHost:
 
     async def _assign(self, a: pb.StageAssignment) -> pb.StageStatus:
         self._check(a)
+        self.generation += 1
         self._end_streams("this stage was reassigned")
         if a.release:
             await self._drop_head()
@@ -213,16 +216,21 @@ class StageHost:
             self.on_fault(reason)
 
     async def _drop_head(self) -> None:
+        """Stop being a head: the engine stops, its requests' streams fail (the gateway resumes them elsewhere with
+        the tokens they had)."""
         engine, self.engine = self.engine, None
         if engine is not None:
             if self.on_head_change is not None:
                 self.on_head_change(None)
-            await engine.call(engine.engine.detach_link)
             await engine.close()
+            head = engine.engine.pipeline
+            if head is not None and head.link is not None:  # the engine thread has stopped: safe to touch
+                head.link.close()
 
     def _end_streams(self, reason: str) -> None:
+        """End every stream through this stage on purpose (a planned change: not a fault to report)."""
         for results in list(self.streams):
-            results.put_nowait(StageLinkError(reason))
+            results.put_nowait(StageLinkError(reason, planned=True))
 
     # -- checks of an incoming chain -----------------------------------------------------------------------------
 

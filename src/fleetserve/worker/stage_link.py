@@ -98,7 +98,8 @@ class GrpcStageLink:
                     return
                 self._results.put(self._result(reply))
         except grpc.aio.AioRpcError as exc:
-            self._fail(f"stage {self.next_stage}: {exc.code().name}: {exc.details()}")
+            planned = exc.code() == grpc.StatusCode.ABORTED  # the gateway is changing the pipeline: no fault
+            self._fail(f"stage {self.next_stage}: {exc.code().name}: {exc.details()}", planned)
         except asyncio.CancelledError:
             self._fail("the link was closed")
             raise
@@ -114,12 +115,12 @@ class GrpcStageLink:
         returned = max(0.0, time.time() - reply.sent_unix) if reply.sent_unix else 0.0
         return StageResult(reply.step, hidden, hops, "", returned, len(reply.hidden.data))
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, planned: bool = False) -> None:
         if self.broken is not None:
             return
         self.broken = reason
-        self._results.put(StageLinkError(reason))
-        if not self._closed:
+        self._results.put(StageLinkError(reason, planned))
+        if not self._closed and not planned:
             log.warning("pipeline link broke: %s", reason)
             if self._on_fault is not None:
                 self._on_fault(reason)

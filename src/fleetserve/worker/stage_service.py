@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 
@@ -46,10 +47,11 @@ class StageService(pb_grpc.StageServicer):
         if problem is not None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         route = list(first.open.route)
+        generation = self.host.generation
         results: asyncio.Queue = asyncio.Queue()
         downstream = await self._open_next(first.open, context) if len(route) > 1 else None
         self.host.streams.add(results)
-        tasks = [asyncio.create_task(self._steps(context, route[0], downstream, results))]
+        tasks = [asyncio.create_task(self._steps(context, route[0], generation, downstream, results))]
         if downstream is not None:
             tasks.append(asyncio.create_task(self._relay(downstream[1], route[1], results)))
         try:
@@ -59,12 +61,14 @@ class StageService(pb_grpc.StageServicer):
                 if item is _END:
                     return
                 if isinstance(item, StageLinkError):
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
+                    code = grpc.StatusCode.ABORTED if item.planned else grpc.StatusCode.UNAVAILABLE
+                    await context.abort(code, str(item))
                 yield item
         finally:
             self.host.streams.discard(results)
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             if downstream is not None:
                 downstream[1].cancel()
                 await downstream[0].close(grace=None)
@@ -106,14 +110,15 @@ class StageService(pb_grpc.StageServicer):
             )
         return channel, call, outgoing
 
-    async def _steps(self, context, me: pb.StageRoute, downstream, results: asyncio.Queue) -> None:
+    async def _steps(self, context, me: pb.StageRoute, generation: int, downstream, results: asyncio.Queue) -> None:
         """Read steps from the stage before, run them, pass them on (or back)."""
         loop = asyncio.get_running_loop()
         try:
             while (msg := await context.read()) is not grpc.aio.EOF:
                 if msg.WhichOneof("kind") != "step":
                     continue
-                reply = await loop.run_in_executor(self._compute, self._run, msg.step, me, downstream is not None)
+                run = functools.partial(self._run, msg.step, me, generation, downstream is not None)
+                reply = await loop.run_in_executor(self._compute, run)
                 if downstream is not None and isinstance(reply, pb.StageMessage):
                     downstream[2].put_nowait(reply)
                 else:
@@ -122,13 +127,16 @@ class StageService(pb_grpc.StageServicer):
             pass
         results.put_nowait(_END)
 
-    def _run(self, step: pb.StageStep, me: pb.StageRoute, has_next: bool) -> pb.StageMessage | pb.StageReply:
-        """One step on the compute thread: the next stage's message, or the reply for the head."""
+    def _run(
+        self, step: pb.StageStep, me: pb.StageRoute, generation: int, has_next: bool
+    ) -> pb.StageMessage | pb.StageReply:
+        """One step on the compute thread: the next stage's message, or the reply for the head. A step of a stream
+        opened before this stage's latest assignment is refused: its block ids mean nothing to the new layers."""
         executor = self.host.executor
         started = time.monotonic()
         try:
-            if executor is None:
-                raise InvalidRequestError("this stage holds no layers now", "stage")
+            if executor is None or generation != self.host.generation:
+                raise InvalidRequestError("this stage was reassigned since the stream opened", "stage")
             hidden = tensor_from_proto(step.hidden, self.host.arch.hidden_size)
             transfer = max(0.0, time.time() - step.sent_unix) if step.sent_unix else 0.0
             seqs = convert.stage_seqs_from_proto(step.seqs)
@@ -156,7 +164,9 @@ class StageService(pb_grpc.StageServicer):
                 results.put_nowait(reply)
             results.put_nowait(StageLinkError(f"stage {nxt.name} at {nxt.address} ended the stream"))
         except grpc.aio.AioRpcError as exc:
-            results.put_nowait(StageLinkError(f"stage {nxt.name} at {nxt.address}: {exc.code().name}: {exc.details()}"))
+            planned = exc.code() == grpc.StatusCode.ABORTED
+            text = f"stage {nxt.name} at {nxt.address}: {exc.code().name}: {exc.details()}"
+            results.put_nowait(StageLinkError(text, planned=planned))
 
     def close(self) -> None:
         self._compute.shutdown(wait=False, cancel_futures=True)

@@ -1,4 +1,4 @@
-"""The admin API: list workers, join a local worker, drain or stop one, and the routing counters.
+"""The admin API: list workers, join a local worker, drain or stop one, the pipelines and the routing counters.
 
 With an admin key configured (``--admin-key``), every ``/admin`` route needs ``Authorization: Bearer KEY`` with
 that key (the API keys do not open it). Without one, ``/admin`` is refused (403) when API keys are set, and open
@@ -36,6 +36,9 @@ def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
         "state": w.state.value,
         "model": w.info.model,
         "role": w.info.role,
+        "layer_start": w.info.layer_start,
+        "layer_end": w.info.layer_end,
+        "serving": w.serving,
         "address": w.info.address,
         "device": w.info.device,
         "memory_cap_bytes": w.info.memory_cap_bytes,
@@ -159,6 +162,16 @@ async def stop_worker(worker: str, state: StateDep):
     if local is not None and state.launcher is not None:
         state.spawn(state.launcher.stop(name, STOP_GRACE_S))
     return {"name": name, "draining": record is not None, "terminating": local is not None}
+
+
+@router.get("/pipelines", responses=_OK)
+async def list_pipelines(state: StateDep):
+    """Every model of pipeline stage nodes: its status, stages and layer ranges, re-partitions, bubble, depth,
+    recent events and the latest step's hops."""
+    pipelines = state.pipelines
+    if pipelines is None:
+        return {"pipelines": []}
+    return {"pipelines": [pipelines.to_json(model) for model in pipelines.models()]}
 
 
 @router.get("/routing", responses=_OK)

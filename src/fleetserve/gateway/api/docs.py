@@ -61,8 +61,8 @@ class JoinRequest(BaseModel):
     model_config = {"extra": "forbid"}
     model: str = Field(min_length=1)
     device: str | None = Field(default=None, description="cpu or cuda[:N]")
-    max_memory_mb: int | None = Field(default=None, gt=0)
-    role: str | None = Field(default=None, description="replica")
+    max_memory_mb: int | None = Field(default=None, gt=0, description="memory cap in MiB (a stage: weights plus KV)")
+    role: str | None = Field(default=None, description="replica (default) or stage (a pipeline stage node)")
 
 
 COMPONENT_MODELS: tuple[type[BaseModel], ...] = (

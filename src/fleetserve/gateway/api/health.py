@@ -47,7 +47,8 @@ def probe(state: GatewayState, w: WorkerRecord) -> asyncio.Task[tuple[bool, str]
 )
 async def ready(state: StateDep):
     """Ready when every model has at least one worker that really generates a token (probed at most every
-    PROBE_INTERVAL_S per worker)."""
+    PROBE_INTERVAL_S per worker) and every model of pipeline stage nodes a serving pipeline (its entry says what
+    the pipeline is doing, e.g. "waiting for capacity: ...")."""
     workers = [w for w in state.registry.workers.values() if w.routable]
     for gone in set(state.probes) - {w.worker_id for w in workers}:
         state.probes.pop(gone)
@@ -58,7 +59,15 @@ async def ready(state: StateDep):
         entry = models.setdefault(w.info.model, {"healthy_workers": 0, "workers": []})
         entry["healthy_workers"] += ok
         entry["workers"].append({"name": w.info.name, "ok": ok, "detail": detail})
-    is_ready = bool(models) and all(m["healthy_workers"] > 0 for m in models.values())
+    pipelines = state.pipelines
+    waiting = set()  # models of stage nodes with no serving pipeline: not ready, whatever else serves them
+    for name in pipelines.models() if pipelines is not None else ():
+        if pipelines.has_stage_nodes(name):
+            entry = models.setdefault(name, {"healthy_workers": 0, "workers": []})
+            entry["pipeline"] = pipelines.status(name)
+            if not pipelines.serving(name):
+                waiting.add(name)
+    is_ready = bool(models) and all(m["healthy_workers"] > 0 and n not in waiting for n, m in models.items())
     return JSONResponse({"ready": is_ready, "models": models}, status_code=200 if is_ready else 503)
 
 

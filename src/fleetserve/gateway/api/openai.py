@@ -23,25 +23,21 @@ OpenAIOpening = Opening[schema.ChatCompletionRequest] | Opening[schema.Completio
 
 @router.get("/v1/models", responses=docs.answers({200: ("The models served.", None)}))
 async def list_models(state: StateDep):
-    """Every model the registry knows (configured, or learned from a worker), with its details and how many
-    healthy workers serve it."""
+    """Every model the registry knows (configured, or learned from a worker), with its details, how many
+    healthy workers serve it and, for a model of pipeline stage nodes, its pipeline."""
     healthy: dict[str, int] = {}
-    for w in state.registry.workers.values():
-        healthy[w.info.model] = healthy.get(w.info.model, 0) + (w.state == WorkerState.HEALTHY)
+    for w in state.registry.workers.values():  # a stage node counts only as a serving pipeline's head
+        healthy[w.info.model] = healthy.get(w.info.model, 0) + (w.state == WorkerState.HEALTHY and w.serving)
     data = []
+    pipelines = state.pipelines
     for name in state.models.names():
         spec = state.models.get(name)
         if spec is None or (not spec.configured and name not in healthy):
             continue
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": 0,
-                "owned_by": "fleetserve",
-                "fleetserve": {**spec.to_json(), "healthy_workers": healthy.get(name, 0)},
-            }
-        )
+        details = {**spec.to_json(), "healthy_workers": healthy.get(name, 0)}
+        if pipelines is not None and pipelines.has_stage_nodes(name):
+            details["pipeline"] = pipelines.to_json(name)
+        data.append({"id": name, "object": "model", "created": 0, "owned_by": "fleetserve", "fleetserve": details})
     return {"object": "list", "data": data}
 
 
