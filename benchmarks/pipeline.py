@@ -59,7 +59,7 @@ def _texts(url: str) -> list[str]:
         async with httpx.AsyncClient(timeout=600) as client:
             bodies = [{"model": MODEL, "messages": m, "max_tokens": 32, "temperature": 0} for m in prompts]
             answers = await asyncio.gather(*(client.post(url + "/v1/chat/completions", json=b) for b in bodies))
-            return [a.json()["choices"][0]["message"]["content"] for a in answers]
+            return [a.json()["choices"][0]["message"]["content"] if a.status_code == 200 else a.text for a in answers]
 
     return asyncio.run(run())
 
@@ -69,20 +69,43 @@ def _pipeline_state(url: str) -> dict:
     return next((p for p in answer["pipelines"] if p["model"] == MODEL), {})
 
 
-def _hops(state: dict) -> list[dict]:
-    return [
-        {k: h.get(k) for k in ("name", "layer_start", "layer_end", "compute_s", "transfer_s", "bytes")}
-        for h in state.get("hops", [])
-    ]
+def _hops(before: dict, after: dict) -> list[dict]:
+    """Each stage's mean compute and transfer time and bytes per step over the steps between two states."""
+    steps = after.get("steps", 0) - before.get("steps", 0)
+    old = {h["name"]: h for h in before.get("mean_hops", [])}
+    rows = []
+    for h in after.get("mean_hops", []):
+        o = old.get(h["name"], {})
+        row = {k: h[k] for k in ("name", "layer_start", "layer_end")}
+        for k in ("compute_s", "transfer_s", "bytes"):
+            total = h[k] * after.get("steps", 0) - o.get(k, 0) * before.get("steps", 0)
+            row[k] = total / steps if steps > 0 else None
+        rows.append(row)
+    return rows
+
+
+def _fleet(stages: int, threads: int) -> Fleet:
+    """One worker, or ``stages`` stage nodes once their pipeline uses every one of them."""
+    fleet = Fleet(0 if stages else 1, threads, "--pipeline-cooldown", "1", stages=stages, stage_args=STAGE_ARGS)
+    deadline = time.monotonic() + 120
+    while stages and len(_pipeline_state(fleet.url).get("stages", [])) < stages:
+        if time.monotonic() > deadline:
+            fleet.close()
+            raise TimeoutError(f"the pipeline never used all {stages} stage nodes: {_pipeline_state(fleet.url)}")
+        time.sleep(0.5)
+    while stages and not httpx.get(fleet.url + "/ready", timeout=30).json().get("ready"):
+        time.sleep(0.2)
+    return fleet
 
 
 def one_run(label: str, stages: int, threads: int, args: argparse.Namespace, reference: list[str] | None) -> dict:
     per = max(1, threads // max(1, stages)) if stages else threads
-    fleet = Fleet(0 if stages else 1, per, stages=stages, stage_args=STAGE_ARGS)
+    fleet = _fleet(stages, per)
     try:
         row: dict = {"run": label, "stages": stages, "threads_per_process": per}
         texts: list[str] = []
         for c in (1, 16):
+            before = _pipeline_state(fleet.url) if stages else {}
             load, texts = _load(fleet.url, c, args.requests if c > 1 else max(4, args.requests // 4))
             row[f"c{c}"] = {
                 "output_tokens_per_s": load["output_tokens_per_s"],
@@ -91,9 +114,11 @@ def one_run(label: str, stages: int, threads: int, args: argparse.Namespace, ref
                 "requests": load["requests"],
             }
             if stages:
+                time.sleep(2.5)  # the head's next heartbeat carries the last steps
                 state = _pipeline_state(fleet.url)
                 row[f"c{c}"]["bubble"] = state.get("bubble")
-                row[f"c{c}"]["hops"] = _hops(state)
+                row[f"c{c}"]["steps"] = state.get("steps", 0) - before.get("steps", 0)
+                row[f"c{c}"]["hops"] = _hops(before, state)
         row["texts"] = texts
         row["identical_to_one_worker"] = None if reference is None else texts == reference
         print(f"{label}: {json.dumps({k: v for k, v in row.items() if k != 'texts'})}", flush=True)
@@ -104,7 +129,7 @@ def one_run(label: str, stages: int, threads: int, args: argparse.Namespace, ref
 
 def recovery(threads: int) -> dict:
     """Kill the middle of 3 stages under load; time from the kill to the first token of a request sent then."""
-    fleet = Fleet(0, max(1, threads // 3), stages=3, stage_args=STAGE_ARGS)
+    fleet = _fleet(3, max(1, threads // 3))
     try:
         before = _pipeline_state(fleet.url)
         middle = before["stages"][1]["name"]

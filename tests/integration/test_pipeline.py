@@ -136,9 +136,18 @@ def test_two_stages_give_the_single_worker_text(fleet):
     assert complete(fleet.url, [_body(q) for q in QUESTIONS]) == REF["greedy"]  # 16 at once
     seeded = complete(fleet.url, [_body(q, seed=11 + i) for i, q in enumerate(QUESTIONS[:4])])
     assert seeded == REF["seeded"]
-    again = httpx.post(fleet.url + "/v1/chat/completions", json=_body(QUESTIONS[0]), timeout=60).json()
+    answer = httpx.post(fleet.url + "/v1/chat/completions", json=_body(QUESTIONS[0]), timeout=60)
+    again = answer.json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # a prefix hit, across the stages
     assert again["choices"][0]["message"]["content"] == REF["greedy"][0]
+    trace = httpx.get(f"{fleet.url}/v1/requests/{answer.headers['x-request-id']}/trace", timeout=10).json()
+    spans = {s["name"]: s.get("attributes", {}) for s in trace["spans"]}
+    prefill, decode = spans["prefill"]["hops"], spans["decode"]["hops"]
+    assert [(h["name"], h["layer_start"], h["layer_end"]) for h in prefill] == [
+        (s["name"], s["layer_start"], s["layer_end"]) for s in state["stages"]
+    ]
+    assert prefill[1]["bytes"] > 0 and all(h["compute_s"] > 0 for h in prefill + decode)
+    assert spans["decode"]["steps"] == 23  # 24 tokens: the first comes from the prefill
 
 
 def test_three_stages_after_a_third_node_joins(fleet):

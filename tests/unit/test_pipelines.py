@@ -411,3 +411,18 @@ def test_nodes_list_shows_a_serving_pipeline_with_its_ranges():
     fleet = run(setup)
     line = format_pipelines([fleet.controller.to_json(MODEL)])
     assert line.startswith(f"pipeline {MODEL}: serving: ") and "[0, " in line and "re-partitions: 1" in line
+
+
+def test_a_models_own_pipeline_settings_come_from_the_model_config():
+    from fleetserve.gateway.models import ModelRegistry
+    from fleetserve.gateway.pipelines import PipelineController
+    from fleetserve.gateway.registry import WorkerRegistry
+
+    models = ModelRegistry.from_config({"m": {"pipeline": {"depth": 4, "cooldown": 2.5}}, "n": {}})
+    controller = PipelineController(WorkerRegistry(connect=lambda address: (None, None)), cooldown_s=10.0, depth=0)
+    controller.overrides = lambda model: models.get(model).pipeline
+    assert (controller.depth_of("m"), controller.cooldown("m")) == (4, 2.5)
+    assert (controller.depth_of("n"), controller.cooldown("n")) == (0, 10.0)
+    for bad in ({"depth": -1}, {"depth": 1.5}, {"stages": 2}, {"cooldown": "soon"}):
+        with pytest.raises(ValueError, match="pipeline"):
+            ModelRegistry.from_config({"m": {"pipeline": bad}})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fleetserve.contract.stage import StageHop
+
 
 @dataclass
 class TokenLogprob:
@@ -31,6 +33,12 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     time: float = 0.0
+    prefill_hops: list[StageHop] | None = None
+    """On a pipeline head's first output of the request: each stage's part in computing its prompt (summed over
+    the prompt's chunks)."""
+    decode_hops: list[StageHop] | None = None
+    """On a pipeline head's last output: each stage's part in the decode steps, summed over ``decode_steps``."""
+    decode_steps: int = 0
 
     @property
     def finished(self) -> bool:

@@ -231,7 +231,7 @@ class LLMEngine:
         if self.pipeline is None:
             self.pipeline = PipelineHead(self, link, depth, name)
         else:
-            self.pipeline.replace_link(link, depth)
+            self.pipeline.replace_link(link, depth, name)
 
     def detach_link(self) -> None:
         """Stop being a pipeline's head: steps run in this engine alone again when it holds the whole model; a part

@@ -236,8 +236,9 @@ class PipelineHead:
 
     # -- the link's life -------------------------------------------------------------------------------------
 
-    def replace_link(self, link: StageLink, depth: int | None = None) -> None:
+    def replace_link(self, link: StageLink, depth: int | None = None, name: str | None = None) -> None:
         """A whole pipeline again (the engine has reset its KV pool): start stepping on ``link``."""
+        self.name = name or self.name
         if self.link is not None and self.link is not link:
             self.link.close()
         self.link, self.broken_since, self.broken_reason = link, None, ""
@@ -329,17 +330,20 @@ class PipelineHead:
         started = time.monotonic()
         try:
             sampled = self._sample(plan, result.hidden)
+            head = StageHop(
+                self.name,
+                engine.runner.model.layer_start,
+                engine.runner.model.layer_end,
+                flight.compute_s + time.monotonic() - started,
+                result.return_transfer_s,
+                result.return_bytes,
+            )
+            hops = [head, *result.hops]
+            for seq in plan.seqs:  # the whole step's time is what each of its requests waited
+                seq.request.add_hops(hops, prefill=seq.start < seq.request.num_prompt_tokens)
             outputs = engine.scheduler.update(plan, sampled)
         except Exception as exc:  # a bad result fails this micro-batch, not the engine
             raise engine.fail_step(plan, exc) from exc
-        head = StageHop(
-            self.name,
-            engine.runner.model.layer_start,
-            engine.runner.model.layer_end,
-            flight.compute_s + time.monotonic() - started,
-            result.return_transfer_s,
-            result.return_bytes,
-        )
         self.telemetry.add(head, result.hops, started - flight.sent)
         engine.count_step()
         return outputs

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fleetserve.contract import KVTransfer, SamplingParams, TokenLogprob
+from fleetserve.contract import KVTransfer, SamplingParams, StageHop, TokenLogprob
 
 
 class RequestStatus(enum.IntEnum):
@@ -62,6 +62,26 @@ class Request:
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     generator: torch.Generator | None = None
     arrival_seq: int = 0
+    prefill_hops: dict[str, StageHop] = field(default_factory=dict)
+    """On a pipeline head: each stage's part in the steps that computed the prompt, summed."""
+    decode_hops: dict[str, StageHop] = field(default_factory=dict)
+    decode_steps: int = 0
+    prefill_hops_reported: bool = False
+
+    def add_hops(self, hops: list[StageHop], prefill: bool) -> None:
+        """Count one pipeline step's hops towards this request's prefill or decode figures."""
+        into = self.prefill_hops if prefill else self.decode_hops
+        self.decode_steps += not prefill
+        for hop in hops:
+            seen = into.get(hop.name)
+            if seen is None:
+                into[hop.name] = StageHop(
+                    hop.name, hop.layer_start, hop.layer_end, hop.compute_s, hop.transfer_s, hop.bytes
+                )
+            else:
+                seen.compute_s += hop.compute_s
+                seen.transfer_s += hop.transfer_s
+                seen.bytes += hop.bytes
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -279,6 +279,11 @@ class Scheduler:
         logprobs = None
         if request.params.logprobs is not None:
             logprobs, request.pending_logprobs = request.pending_logprobs, []
+        prefill_hops = decode_hops = None
+        if request.prefill_hops and not request.prefill_hops_reported:
+            prefill_hops, request.prefill_hops_reported = list(request.prefill_hops.values()), True
+        if request.status.finished and request.decode_hops:
+            decode_hops = list(request.decode_hops.values())
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new_tokens,
@@ -290,4 +295,7 @@ class Scheduler:
             arrival_time=request.arrival_time,
             first_token_time=request.first_token_time,
             time=now,
+            prefill_hops=prefill_hops,
+            decode_hops=decode_hops,
+            decode_steps=request.decode_steps if decode_hops else 0,
         )

@@ -84,6 +84,9 @@ class Admission:
         self._seq = itertools.count()
         self.rejected = 0
         """Requests answered 503 because the queue was full."""
+        self.coming: Callable[[str], bool] = lambda model: False
+        """Whether a worker for ``model`` is on its way (a pipeline being assigned): requests queue for it then,
+        instead of being answered 503."""
 
     # -- capacity ---------------------------------------------------------------------------------------
 
@@ -122,11 +125,12 @@ class Admission:
 
         ``avoid``: workers to pass over when another has room (where an earlier attempt failed).
         ``accepted``: the request was admitted before (a retry or a resume): the queue's bound does not apply.
-        Raises NoWorkerError when no worker serves the model, QueueFullError when the queue is full.
+        Raises NoWorkerError when no worker serves the model (and none is on its way), QueueFullError when the queue
+        is full.
         """
         queue = self._queues.setdefault(model, [])
         if not any(w.info.model == model and w.routable for w in self.registry.workers.values()):
-            if not accepted:
+            if not accepted and not self.coming(model):
                 raise NoWorkerError(f"no healthy worker serves {model!r} right now; retry shortly")
         elif not queue:
             lease = self._place(model, route, tokens, frozenset(avoid))

@@ -28,6 +28,7 @@ from fleetserve.contract import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
 from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.model_policies import ModelPolicies
+from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.gateway.policies.base import RouteRequest
 from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import convert
@@ -219,6 +220,7 @@ class Dispatcher:
                 worker_first_token_s=round(chunk.first_token_s, 6),
                 cached_tokens=chunk.num_cached_tokens,
                 resumed_tokens=len(progress.sent),
+                **({"hops": [hop_json(h) for h in chunk.prefill_hops]} if chunk.prefill_hops else {}),
             )
             if not progress.sent:
                 now = trace.elapsed()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from fleetserve.contract import SamplingParams, TokenLogprob
 from fleetserve.errors import CapacityError
 from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.protocol import convert
 from fleetserve.telemetry.tracing import Trace
 from fleetserve.text.detokenizer import IncrementalDetokenizer
@@ -104,7 +105,12 @@ async def generate_text(
                 metrics.generation_tokens_total.labels(model=model).inc(usage.completion_tokens)
                 if trace:
                     end = trace.elapsed()
-                    trace.add_span("decode", first_token_at or end, end, completion_tokens=usage.completion_tokens)
+                    hops = {"hops": [hop_json(h) for h in chunk.decode_hops]} if chunk.decode_hops else {}
+                    if hops:
+                        hops["steps"] = chunk.decode_steps
+                    trace.add_span(
+                        "decode", first_token_at or end, end, completion_tokens=usage.completion_tokens, **hops
+                    )
                     trace.add_span("postprocess", max(0.0, end - busy), end, note="detokenization and stop strings")
                     trace.add_span("finish", end, end, finish_reason=finish)
             yield TextEvent(text, token_ids, convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name)

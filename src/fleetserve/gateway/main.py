@@ -179,6 +179,8 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
     dispatcher = Dispatcher(registry, policies, admission, RetryPolicy(max_retries=settings.max_retries), metrics)
     pipelines = PipelineController(registry, settings.pipeline_cooldown, settings.pipeline_depth, metrics=metrics)
     pipelines.on_change.append(admission.pump)  # a new pipeline head takes the requests queued for its model
+    admission.coming = pipelines.assembling
+    pipelines.overrides = lambda model: spec.pipeline if (spec := models.get(model)) is not None else {}
 
     async def on_register(record) -> None:
         stage = record.info.role == STAGE_ROLE

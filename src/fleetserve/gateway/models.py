@@ -19,8 +19,9 @@ Accepted config shapes, as read from JSON or YAML (``ModelRegistry.from_config``
 
 Keys of one model (aliases after the slash): name, version, source/path, architecture, num_layers/layers, dtype,
 quantized, batchable, context_length/max_context/max_model_len, temperature, top_p, max_tokens, policy (a name,
-or a mapping with ``name`` and the options), policy_options, and default_params/defaults/sampling (a mapping of
-temperature, top_p and max_tokens). Anything else, a key given twice under two aliases, or a value of the wrong
+or a mapping with ``name`` and the options), policy_options, default_params/defaults/sampling (a mapping of
+temperature, top_p and max_tokens), and pipeline (a mapping of ``depth``: micro-batches in flight, and
+``cooldown``: seconds between re-partitions, for the model's pipeline of stage nodes). Anything else, a key given twice under two aliases, or a value of the wrong
 type is a ``ValueError`` naming the model and the key.
 """
 
@@ -71,6 +72,8 @@ class ModelSpec:
     policy: str = DEFAULT_POLICY
     """Name of the balancing policy for this model's workers."""
     policy_options: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    """This model's pipeline settings over the gateway's: ``depth`` (micro-batches in flight) and ``cooldown``."""
     configured: bool = True
     """True when the model config names the model; False when it was only learned from a worker."""
 
@@ -78,6 +81,7 @@ class ModelSpec:
         """A JSON-ready dict of every field (for /v1/models, the admin API and the registry store)."""
         data = asdict(self)
         data["policy_options"] = dict(self.policy_options)
+        data["pipeline"] = dict(self.pipeline)
         return data
 
     @classmethod
@@ -109,7 +113,9 @@ _ALIASES: dict[str, str] = {
     "max_tokens": "max_tokens",
     "policy": "policy",
     "policy_options": "policy_options",
+    "pipeline": "pipeline",
 }
+_PIPELINE_KEYS = {"depth": int, "cooldown": float}
 _SAMPLING_SECTIONS = ("default_params", "defaults", "sampling")
 _SAMPLING_KEYS = ("temperature", "top_p", "max_tokens")
 _ALL_KEYS = sorted([*_ALIASES, *_SAMPLING_SECTIONS])
@@ -161,7 +167,22 @@ def _check(model: str, key: str, value: object, spec_field: str) -> object:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise bad("a mapping of option names to values")
         return dict(value)
+    if spec_field == "pipeline":
+        return _check_pipeline(value, bad)
     raise AssertionError(spec_field)
+
+
+def _check_pipeline(value: object, bad) -> dict[str, Any]:
+    if not isinstance(value, dict) or not set(value) <= set(_PIPELINE_KEYS):
+        raise bad(f"a mapping of {' and '.join(_PIPELINE_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, kind in _PIPELINE_KEYS.items():
+        if key in value:
+            v = value[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (kind is int and v != int(v)):
+                raise bad(f"{key} as a non-negative {'integer' if kind is int else 'number'}")
+            out[key] = kind(v)
+    return out
 
 
 def parse_model(name: str, settings: dict | None) -> ModelSpec:

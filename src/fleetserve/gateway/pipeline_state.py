@@ -90,6 +90,8 @@ class PipelineState:
             "depth": report.depth or planned_depth,
             "events": [{"time": t, "text": text} for t, text in self.events],
             "hops": [hop_json(hop) for hop in report.hops],
+            "mean_hops": [hop_json(hop) for hop in report.mean_hops],
+            "steps": report.steps,
         }
 
 

@@ -76,12 +76,16 @@ class PipelineController:
         self.cooldown_s = cooldown_s
         """Seconds between re-partitions that only make a working pipeline faster."""
         self.depth = depth
+        self.overrides: Callable[[str], dict[str, Any]] = lambda model: {}
+        """A model's own pipeline settings (``depth``, ``cooldown``) over the gateway's (its model config)."""
         """Micro-batches in flight per pipeline; 0: one per stage."""
         self.assign = assign or self._grpc_assign
         self.probe = probe or self._grpc_probe
         self.metrics = metrics if metrics is not None else DisabledGatewayMetrics()
         self.clock = clock
         self.assign_timeout_s = assign_timeout_s
+        self.applying: set[str] = set()
+        """Models whose new plan is being assigned right now: their next head is on its way."""
         self.on_change: list[Callable[[str], None]] = []
         self.pipelines: dict[str, PipelineState] = {}
         self._admitted: dict[str, WorkerRecord] = {}
@@ -219,7 +223,7 @@ class PipelineController:
             await self._apply(state, result, records, why)
         elif result.ranges() != state.plan.ranges() and better(result, state.plan):
             assert state.changed_at is not None, "a serving pipeline was applied at some time"
-            wait = state.changed_at + self.cooldown_s - self.clock()
+            wait = state.changed_at + self.cooldown(state.model) - self.clock()
             if wait > 0:
                 self._retry(state, wait, why)
             else:
@@ -234,6 +238,15 @@ class PipelineController:
     async def _apply(self, state: PipelineState, plan: PipelinePlan, records: list[WorkerRecord], why: str) -> None:
         """Assign ``plan`` to its stages' ``records`` (the head last), release old members it leaves out, and
         serve."""
+        self.applying.add(state.model)
+        try:
+            await self._apply_plan(state, plan, records, why)
+        finally:
+            self.applying.discard(state.model)
+
+    async def _apply_plan(
+        self, state: PipelineState, plan: PipelinePlan, records: list[WorkerRecord], why: str
+    ) -> None:
         previous = state.members
         if previous and previous[0].serving:  # no new requests into a chain being rebuilt
             previous[0].serving = False
@@ -242,8 +255,9 @@ class PipelineController:
             kv, head_reply = await self._assign_all(state, plan, records)
         except AssignFailed as exc:
             self._drop(state, why, status=f"re-partition failed: {exc}")
-            log.warning("pipeline %s: re-partition failed: %s (retry in %.0f s)", state.model, exc, self.cooldown_s)
-            self._retry(state, self.cooldown_s, "retry after a failed re-partition")
+            cooldown = self.cooldown(state.model)
+            log.warning("pipeline %s: re-partition failed: %s (retry in %.0f s)", state.model, exc, cooldown)
+            self._retry(state, cooldown, "retry after a failed re-partition")
             return
         for old in [r for r in state.assigned.values() if not any(r is n for n in records)]:
             await self._release(state, old)
@@ -296,7 +310,7 @@ class PipelineController:
             layer_end=plan.stages[0].layer_end,
             kv_blocks=kv,
             downstream=route,
-            depth=self.depth or len(plan.stages),
+            depth=self.depth_of(state.model) or len(plan.stages),
             name=head.name,
         )
         reply = await self._assign_one(state, head, assignment)
@@ -421,13 +435,23 @@ class PipelineController:
         state = self.pipelines.get(model)
         return state is not None and state.serving
 
+    def cooldown(self, model: str) -> float:
+        return float(self.overrides(model).get("cooldown", self.cooldown_s))
+
+    def depth_of(self, model: str) -> int:
+        return int(self.overrides(model).get("depth", self.depth))
+
+    def assembling(self, model: str) -> bool:
+        """Whether a plan of ``model`` is being assigned: requests for it should wait for the head, not fail."""
+        return model in self.applying
+
     def status(self, model: str) -> str:
         state = self.pipelines.get(model)
         return state.status if state is not None else WAITING
 
     def to_json(self, model: str) -> dict[str, Any]:
         """The pipeline of ``model`` for /v1/models, /admin/pipelines and ``fleetserve nodes list``."""
-        return (self.pipelines.get(model) or PipelineState(model)).to_json(self.depth)
+        return (self.pipelines.get(model) or PipelineState(model)).to_json(self.depth_of(model))
 
 
 def _describe(exc: BaseException) -> str:

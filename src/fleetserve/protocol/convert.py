@@ -58,6 +58,9 @@ def output_to_chunk(out: RequestOutput, first: bool = False, queue_s: float = 0.
     if first and out.first_token_time is not None:
         chunk.first_token_s = out.first_token_time - out.arrival_time
         chunk.queue_s = queue_s
+    chunk.prefill_hops.extend(hop_to_proto(h) for h in out.prefill_hops or ())
+    chunk.decode_hops.extend(hop_to_proto(h) for h in out.decode_hops or ())
+    chunk.decode_steps = out.decode_steps
     for lp in out.logprobs or ():
         chunk.logprobs.append(
             pb.TokenLogprob(

@@ -64,7 +64,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "num_output_tokens", "num_prompt_tokens", "num_cached_tokens", "finish_reason", "logprobs", "queue_s", "first_token_s")
+    __slots__ = ("token_ids", "num_output_tokens", "num_prompt_tokens", "num_cached_tokens", "finish_reason", "logprobs", "queue_s", "first_token_s", "prefill_hops", "decode_hops", "decode_steps")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,9 @@ class GenerateChunk(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_S_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_HOPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_HOPS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_output_tokens: int
     num_prompt_tokens: int
@@ -81,7 +84,10 @@ class GenerateChunk(_message.Message):
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     queue_s: float
     first_token_s: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_output_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., queue_s: _Optional[float] = ..., first_token_s: _Optional[float] = ...) -> None: ...
+    prefill_hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    decode_hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    decode_steps: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_output_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., queue_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., prefill_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -405,16 +411,20 @@ class HeartbeatReport(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ..., stage_fault: _Optional[str] = ..., pipeline: _Optional[_Union[PipelineReport, _Mapping]] = ...) -> None: ...
 
 class PipelineReport(_message.Message):
-    __slots__ = ("stages", "depth", "bubble", "hops")
+    __slots__ = ("stages", "depth", "bubble", "hops", "mean_hops", "steps")
     STAGES_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     BUBBLE_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_HOPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     stages: int
     depth: int
     bubble: float
     hops: _containers.RepeatedCompositeFieldContainer[StageHop]
-    def __init__(self, stages: _Optional[int] = ..., depth: _Optional[int] = ..., bubble: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ...) -> None: ...
+    mean_hops: _containers.RepeatedCompositeFieldContainer[StageHop]
+    steps: int
+    def __init__(self, stages: _Optional[int] = ..., depth: _Optional[int] = ..., bubble: _Optional[float] = ..., hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., mean_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class BlockHashDelta(_message.Message):
     __slots__ = ("reset", "added", "removed")

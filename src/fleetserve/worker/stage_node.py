@@ -53,11 +53,25 @@ def pipeline_report(host: StageHost) -> pb.PipelineReport | None:
         return None
     t = head.telemetry
     last = t.hops[-1] if t.hops else []
+    n = max(1, t.steps)
+    means = [
+        pb.StageHop(
+            name=h.name,
+            layer_start=h.layer_start,
+            layer_end=h.layer_end,
+            compute_s=t.busy_s.get(h.name, 0.0) / n,
+            transfer_s=t.transfer_s.get(h.name, 0.0) / n,
+            bytes=t.bytes.get(h.name, 0) // n,
+        )
+        for h in last
+    ]
     return pb.PipelineReport(
         stages=len(last) or 1,
         depth=head.depth,
         bubble=t.bubble(),
         hops=[convert.hop_to_proto(h) for h in last],
+        mean_hops=means,
+        steps=t.steps,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import time
@@ -111,24 +112,36 @@ class StageService(pb_grpc.StageServicer):
         return channel, call, outgoing
 
     async def _steps(self, context, me: pb.StageRoute, generation: int, downstream, results: asyncio.Queue) -> None:
-        """Read steps from the stage before, run them, pass them on (or back)."""
+        """Read steps from the stage before as they arrive and queue them on the compute thread (which keeps their
+        order); pass each result on (or back) as it is done."""
         loop = asyncio.get_running_loop()
+        running: asyncio.Queue = asyncio.Queue()
+        forwarder = asyncio.create_task(self._forward_results(running, downstream, results))
         try:
             while (msg := await context.read()) is not grpc.aio.EOF:
                 if msg.WhichOneof("kind") != "step":
                     continue
-                run = functools.partial(self._run, msg.step, me, generation, downstream is not None)
-                reply = await loop.run_in_executor(self._compute, run)
-                if downstream is not None and isinstance(reply, pb.StageMessage):
-                    downstream[2].put_nowait(reply)
-                else:
-                    results.put_nowait(reply)
+                arrived = time.time()  # the transfer ends here; waiting for the compute thread is not part of it
+                run = functools.partial(self._run, msg.step, me, generation, downstream is not None, arrived)
+                running.put_nowait(loop.run_in_executor(self._compute, run))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
-            pass
+            forwarder.cancel()
+        running.put_nowait(None)
+        with contextlib.suppress(asyncio.CancelledError):
+            await forwarder
         results.put_nowait(_END)
 
+    @staticmethod
+    async def _forward_results(running: asyncio.Queue, downstream, results: asyncio.Queue) -> None:
+        while (pending := await running.get()) is not None:
+            reply = await pending
+            if downstream is not None and isinstance(reply, pb.StageMessage):
+                downstream[2].put_nowait(reply)
+            else:
+                results.put_nowait(reply)
+
     def _run(
-        self, step: pb.StageStep, me: pb.StageRoute, generation: int, has_next: bool
+        self, step: pb.StageStep, me: pb.StageRoute, generation: int, has_next: bool, arrived: float
     ) -> pb.StageMessage | pb.StageReply:
         """One step on the compute thread: the next stage's message, or the reply for the head. A step of a stream
         opened before this stage's latest assignment is refused: its block ids mean nothing to the new layers."""
@@ -138,7 +151,7 @@ class StageService(pb_grpc.StageServicer):
             if executor is None or generation != self.host.generation:
                 raise InvalidRequestError("this stage was reassigned since the stream opened", "stage")
             hidden = tensor_from_proto(step.hidden, self.host.arch.hidden_size)
-            transfer = max(0.0, time.time() - step.sent_unix) if step.sent_unix else 0.0
+            transfer = max(0.0, arrived - step.sent_unix) if step.sent_unix else 0.0
             seqs = convert.stage_seqs_from_proto(step.seqs)
             out = executor.run(seqs, hidden)
             if not has_next:
