@@ -3,6 +3,7 @@
 Screenshots go to docs/img/ (the README shows them).
 """
 
+import re
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,29 @@ def test_join_a_node_see_it_healthy_then_drain_and_stop_it(page):
     page.locator('tr.node-row[data-name="local-1"][data-state="draining"]').wait_for()
     node_row(page, "local-1").locator("button.stop").click()
     node_row(page, "local-1").wait_for(state="detached", timeout=60_000)
+
+
+def test_a_stage_node_joined_from_the_form_shows_its_pipeline_waiting_for_capacity(page):
+    page.select_option("#join-role", "stage")
+    assert page.text_content("#join-memory-label") == "Stage cap (MiB)"
+    page.fill("#join-memory", "200")  # the head's embeddings and a few layers: not the whole model
+    page.click("#join")
+    stage = page.locator('tr.node-row[data-role="stage"]')
+    stage.locator(".cell-role", has_text="stage (spare)").wait_for(timeout=60_000)  # registered, no layers
+    status = page.locator(f'#pipelines .pipeline[data-model="{MODEL}"] .pipeline-status')
+    status.filter(has_text="waiting for capacity").wait_for()
+    assert re.search(r"Pipeline not serving: waiting for capacity: \d+ of \d+ MiB placed", status.text_content())
+    boxes = [page.locator(f"#{panel}").bounding_box() for panel in ("nodes", "pipelines")]
+    top, bottom = boxes[0]["y"], boxes[1]["y"] + boxes[1]["height"]
+    clip = {"x": boxes[0]["x"], "y": top, "width": boxes[0]["width"], "height": bottom - top}
+    page.screenshot(path=str(IMG / "console-pipelines.png"), full_page=True, clip=clip)
+
+    name = stage.get_attribute("data-name")
+    stage.locator("button.stop").click()
+    node_row(page, name).wait_for(state="detached", timeout=60_000)
+    status.filter(has_text="waiting for stage nodes").wait_for()
+    page.select_option("#join-role", "replica")
+    page.fill("#join-memory", "1000")
 
 
 def test_the_page_fits_a_phone_width(page):

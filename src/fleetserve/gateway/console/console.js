@@ -1,8 +1,8 @@
 // fleetserve web console: plain ES2020, no dependencies.
 //
-// Four panels share one page: a prompt that streams its answer, the timeline of the last request, the worker
-// table with join / drain / stop, and small charts fed from /metrics. Every text from the server is inserted with
-// textContent, never as HTML.
+// Five panels share one page: a prompt that streams its answer, the timeline of the last request, the worker
+// table with join / drain / stop, the pipelines of stage nodes (when there are any), and small charts fed from
+// /metrics. Every text from the server is inserted with textContent, never as HTML.
 "use strict";
 
 const POLL_MS = 2000;
@@ -10,6 +10,7 @@ const MODELS_POLL_MS = 10000;
 const CHART_WINDOW_S = 300;
 const SVG_NS = "http://www.w3.org/2000/svg";
 const DEAD_STATES = new Set(["dead", "exited"]);
+const EVENTS_SHOWN = 5;
 
 const $ = (id) => document.getElementById(id);
 
@@ -154,6 +155,15 @@ function fmtBytes(bytes) {
 
 function fmtClock(date) {
   return date.toLocaleTimeString([], { hour12: false });
+}
+
+function fmtRange(start, end) {
+  return `[${start}, ${end})`;
+}
+
+function fmtPercent(fraction) {
+  if (fraction === null || fraction === undefined || !Number.isFinite(fraction)) return "-";
+  return `${Math.round(fraction * 100)}%`;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -453,6 +463,8 @@ async function refreshNodes() {
     clearError("nodes");
     workersSeen = body.workers || [];
     renderNodes(workersSeen);
+    // Same cadence and key as the workers; not asked when the workers' call failed (its message says why).
+    await refreshPipelines();
   } catch (exc) {
     showError("nodes", `Could not list the workers: ${exc.message}`);
   }
@@ -475,8 +487,16 @@ function renderNodes(workers) {
   $("nodes-empty").hidden = workers.length > 0;
 }
 
-const NODE_CELLS = ["name", "state", "model", "device", "load", "kv", "ttft", "actions"];
-const NODE_LABELS = { state: "State", model: "Model", device: "Device", load: "Run / wait", kv: "KV", ttft: "TTFT" };
+const NODE_CELLS = ["name", "state", "role", "model", "device", "load", "kv", "ttft", "actions"];
+const NODE_LABELS = {
+  state: "State",
+  role: "Role",
+  model: "Model",
+  device: "Device",
+  load: "Run / wait",
+  kv: "KV",
+  ttft: "TTFT",
+};
 
 function createNodeRow(key) {
   const row = el("tr", "node-row");
@@ -503,12 +523,15 @@ function fillNodeRow(row, w) {
   const cell = (name) => row.querySelector(`.cell-${name}`);
   row.dataset.name = w.name;
   row.dataset.state = w.state;
+  row.dataset.role = w.role || "";
 
   const name = el("span", "node-name", w.name);
-  const sub = [w.role && w.role !== "both" ? w.role : "", w.address, w.local ? "launched here" : ""];
+  const sub = [w.address, w.local ? "launched here" : ""];
   cell("name").replaceChildren(name, el("span", "node-sub", sub.filter(Boolean).join(" · ")));
 
   cell("state").replaceChildren(el("span", `badge state-${w.state}`, w.state));
+  cell("role").replaceChildren(document.createTextNode(roleText(w)));
+  if (w.role === "stage" && w.serving) cell("role").append(" ", el("span", "badge role-head", "head"));
   cell("model").textContent = w.model || "";
   cell("device").textContent = [w.device, fmtBytes(w.memory_cap_bytes)].filter(Boolean).join(" · ");
   cell("load").textContent = `${w.running ?? 0} / ${w.waiting ?? 0}`;
@@ -526,6 +549,13 @@ function fillNodeRow(row, w) {
   row.querySelector("button.stop").disabled = gone;
 }
 
+/** "replica", "stage [0, 12)", "stage (spare)" (registered, holding no layers), or "stage" (not registered yet). */
+function roleText(w) {
+  if (w.role !== "stage") return w.role || "-";
+  if (!Number.isFinite(w.layer_end)) return "stage";
+  return w.layer_end > w.layer_start ? `stage ${fmtRange(w.layer_start, w.layer_end)}` : "stage (spare)";
+}
+
 async function workerAction(name, action, button) {
   button.disabled = true;
   try {
@@ -538,31 +568,166 @@ async function workerAction(name, action, button) {
   await refreshNodes(); // re-enables the button from the worker's new state
 }
 
+/** The join form's memory field is a replica's whole cap or a stage node's cap for its layers plus their KV. */
+function syncJoinRole() {
+  const stage = $("join-role").value === "stage";
+  $("join-memory-label").textContent = stage ? "Stage cap (MiB)" : "Max memory (MiB)";
+  $("join-memory-hint").textContent = stage
+    ? "A stage node holds the layers the gateway gives it; its cap covers their weights and KV cache."
+    : "A replica holds the whole model; its cap covers the weights, the runtime and the KV cache.";
+}
+
 async function joinWorker() {
   const model = $("join-model").value.trim();
   const device = $("join-device").value.trim() || "cpu";
+  const role = $("join-role").value;
   const memory = parseInt($("join-memory").value, 10);
+  const what = role === "stage" ? "stage node" : "worker";
   if (!model) {
-    showError("action", "Choose the model the new worker should serve.");
+    showError("action", `Choose the model the new ${what} should serve.`);
     return;
   }
   if (!Number.isFinite(memory) || memory <= 0) {
-    showError("action", "Max memory must be a positive number of MiB.");
+    showError("action", `${role === "stage" ? "The stage cap" : "Max memory"} must be a positive number of MiB.`);
     return;
   }
   const button = $("join");
   button.disabled = true;
   try {
-    const body = await postJson("/admin/workers", { model, device, max_memory_mb: memory });
+    const body = await postJson("/admin/workers", { model, device, max_memory_mb: memory, role });
     clearError("action");
-    flashStatus(`Starting ${body.name || "a worker"}${body.pid ? ` (pid ${body.pid})` : ""} for ${model} on ${device}.`);
+    const pid = body.pid ? ` (pid ${body.pid})` : "";
+    const who = `${role === "stage" ? "stage node " : ""}${body.name || `a ${what}`}`;
+    flashStatus(`Starting ${who}${pid} for ${model} on ${device}, ${memory} MiB cap.`);
   } catch (exc) {
-    showError("action", `Could not start a worker: ${exc.message}`);
+    showError("action", `Could not start a ${what}: ${exc.message}`);
   } finally {
     button.disabled = false;
   }
   await refreshNodes();
   refreshModels();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pipelines: per model, its status, and for a serving one its stages, figures, latest step and recent events.
+
+let pipelinesDrawn = null; // the JSON last drawn: an unchanged answer leaves the panel (and a text selection) alone
+
+async function refreshPipelines() {
+  let pipelines;
+  try {
+    pipelines = (await getJson("/admin/pipelines")).pipelines || [];
+    clearError("pipelines");
+  } catch (exc) {
+    showError("pipelines", `Could not list the pipelines: ${exc.message}`);
+    return;
+  }
+  const drawn = JSON.stringify(pipelines);
+  if (drawn === pipelinesDrawn) return;
+  pipelinesDrawn = drawn;
+  $("pipelines-list").replaceChildren(...pipelines.map(pipelineView));
+  $("pipelines").hidden = pipelines.length === 0;
+}
+
+function pipelineView(p) {
+  const box = el("article", "pipeline");
+  box.dataset.model = p.model;
+  box.dataset.serving = p.serving ? "yes" : "no";
+  box.append(el("h3", "", p.model));
+
+  // Not serving, the status is the message that matters (what to add): shown as a notice, not in a corner.
+  const status = el("p", p.serving ? "pipeline-status" : "pipeline-status not-serving");
+  if (!p.serving) status.append(el("strong", "", "Pipeline not serving: "));
+  status.append(document.createTextNode(p.status || ""));
+  box.append(status);
+
+  const stages = p.stages || [];
+  const hops = p.hops || [];
+  if (stages.length) {
+    box.append(stageBar(p.model, stages));
+    const facts = el("dl", "pipeline-facts");
+    const fact = (term, value) => {
+      const pair = el("div");
+      pair.append(el("dt", "", term), el("dd", "", value));
+      facts.append(pair);
+    };
+    fact("Re-partitions", p.repartitions ?? "-");
+    fact("Bubble", hops.length || p.bubble ? fmtPercent(p.bubble) : "-");
+    fact("Micro-batch depth", p.depth || "-");
+    box.append(facts);
+  }
+
+  const details = el("div", "pipeline-details");
+  if (stages.length) details.append(hops.length ? hopsTable(hops) : el("p", "hint", "No step reported yet."));
+  const events = (p.events || []).slice(-EVENTS_SHOWN).reverse();
+  if (events.length) details.append(eventList(events));
+  if (details.children.length) box.append(details);
+  return box;
+}
+
+/** The stages, head first, each as wide as its share of the layers (a minimum width keeps a short one legible). */
+function stageBar(model, stages) {
+  const bar = el("ol", "stage-bar");
+  bar.setAttribute("aria-label", `Stages of ${model}, head first`);
+  stages.forEach((s, i) => {
+    const item = el("li", i === 0 ? "stage head" : "stage");
+    item.style.flexGrow = String(Math.max(1, s.layer_end - s.layer_start));
+    const name = el("span", "stage-name", s.name);
+    if (i === 0) name.append(el("small", "", " head"));
+    const range = el("span", "stage-range");
+    range.append(el("span", "visually-hidden", "layers "), fmtRange(s.layer_start, s.layer_end));
+    item.append(name, range);
+    item.append(el("span", "stage-kv", `${s.kv_blocks ?? "-"} KV blocks`));
+    item.title = `${s.name} (${s.worker_id}): layers ${fmtRange(s.layer_start, s.layer_end)}, ${s.kv_blocks} KV blocks`;
+    bar.append(item);
+  });
+  return bar;
+}
+
+function hopsTable(hops) {
+  const table = el("table", "hops-table");
+  table.append(el("caption", "", "Latest step"));
+  const head = el("tr");
+  for (const [text, num] of [["Stage"], ["Layers"], ["Compute ms", 1], ["Transfer ms", 1], ["KiB", 1]]) {
+    const th = el("th", num ? "num" : "", text);
+    th.scope = "col";
+    head.append(th);
+  }
+  const thead = el("thead");
+  thead.append(head);
+  const tbody = el("tbody");
+  for (const hop of hops) {
+    const row = el("tr");
+    row.append(
+      el("td", "", hop.name),
+      el("td", "", fmtRange(hop.layer_start, hop.layer_end)),
+      el("td", "num", fmtNumber(hop.compute_s * 1000, 2)),
+      el("td", "num", fmtNumber(hop.transfer_s * 1000, 2)),
+      el("td", "num", fmtNumber(hop.bytes / 1024, 1)),
+    );
+    tbody.append(row);
+  }
+  table.append(thead, tbody);
+  const wrap = el("div", "table-wrap");
+  wrap.append(table);
+  return wrap;
+}
+
+/** Events, newest first, each with its time of day. */
+function eventList(events) {
+  const box = el("div", "pipeline-events");
+  box.append(el("h4", "", "Recent events"));
+  const list = el("ol");
+  for (const event of events) {
+    const item = el("li");
+    const when = new Date(Number(event.time) * 1000);
+    const time = el("time", "", Number.isFinite(when.getTime()) ? fmtClock(when) : "-");
+    if (Number.isFinite(when.getTime())) time.dateTime = when.toISOString();
+    item.append(time, el("span", "", event.text));
+    list.append(item);
+  }
+  box.append(list);
+  return box;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -819,6 +984,8 @@ function init() {
   $("join-model").addEventListener("input", () => {
     joinModelEdited = $("join-model").value.trim() !== "";
   });
+  $("join-role").addEventListener("change", syncJoinRole);
+  syncJoinRole();
   $("model").addEventListener("change", syncJoinModel);
   $("error").addEventListener("click", clearAllErrors);
 
