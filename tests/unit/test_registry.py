@@ -131,3 +131,16 @@ def test_the_store_brings_known_workers_back_as_dead_with_their_ids(tmp_path):
     fresh = restored.register(info("c", "127.0.0.1:3"))
     assert fresh.worker_id != a.worker_id
     store.close()
+
+
+def test_a_fresh_assignment_clears_failures_of_the_old_role():
+    from fleetserve.gateway.registry import WorkerRegistry, WorkerState
+    from fleetserve.protocol import fleet_pb2 as pb
+
+    registry = WorkerRegistry(failure_threshold=2, connect=lambda address: (None, None))
+    record = registry.register(pb.WorkerInfo(name="s", address="127.0.0.1:1", model="m"))
+    registry.record_failure(record, "engine stopped")
+    registry.record_failure(record, "engine stopped")
+    assert record.state == WorkerState.SUSPECT
+    registry.fresh_start(record)
+    assert record.state == WorkerState.HEALTHY and record.consecutive_failures == 0

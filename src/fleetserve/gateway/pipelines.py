@@ -263,6 +263,7 @@ class PipelineController:
             await self._release(state, old)
         for stage, record in zip(plan.stages, records):
             record.info.layer_start, record.info.layer_end = stage.layer_start, stage.layer_end
+            self.registry.fresh_start(record)  # requests its old role failed on purpose do not count
         head = records[0]
         head.info.kv_blocks_total = min(kv, head_reply.kv_blocks or kv)
         if head_reply.max_model_len:

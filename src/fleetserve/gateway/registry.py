@@ -256,6 +256,12 @@ class WorkerRegistry:
     def record_success(self, record: WorkerRecord) -> None:
         record.consecutive_failures = 0
 
+    def fresh_start(self, record: WorkerRecord) -> None:
+        """The worker took a new assignment (a pipeline stage): failures of its old role do not count against it."""
+        record.consecutive_failures = 0
+        if record.state == WorkerState.SUSPECT and record.suspect_reason == "failures":
+            self._set(record, WorkerState.HEALTHY)
+
     def probe_result(self, record: WorkerRecord, ok: bool, detail: str = "") -> None:
         """The outcome of an active probe of a suspect worker."""
         if record.state != WorkerState.SUSPECT:
