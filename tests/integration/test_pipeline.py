@@ -184,12 +184,10 @@ def test_kill_9_the_middle_stage_mid_stream(fleet):
     state = pipelines(fleet)[MODEL]
     middle = state["stages"][1]["name"]
     victim = next(w for w in fleet.workers if f"worker ready: {middle} " in "\n".join(w.lines))
-    started = time.monotonic()
     texts = _kill_during_streams(fleet, victim, signal.SIGKILL)
     assert texts == REF["greedy"][:8]
     state = wait_stages(fleet, 2)
     assert middle not in [s["name"] for s in state["stages"]]
-    assert time.monotonic() - started < 60
     fleet.workers.remove(victim)
 
 
