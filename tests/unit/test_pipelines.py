@@ -426,3 +426,24 @@ def test_a_models_own_pipeline_settings_come_from_the_model_config():
     for bad in ({"depth": -1}, {"depth": 1.5}, {"stages": 2}, {"cooldown": "soon"}):
         with pytest.raises(ValueError, match="pipeline"):
             ModelRegistry.from_config({"m": {"pipeline": bad}})
+
+
+def test_link_latency_is_measured_on_admission_and_weighs_in_the_plan():
+    async def scenario():
+        fleet = Stages()
+        answer = fleet.probe
+
+        async def slow_for_c(record) -> bool:
+            if record.name == "c":
+                await asyncio.sleep(0.02)  # a 20 ms round trip
+            return await answer(record)
+
+        fleet.controller.probe = slow_for_c
+        for name in ("a", "b", "c"):
+            await fleet.join(name, 400)
+        links = {fleet.registry.workers[w].name: s for w, s in fleet.controller.link_s.items()}
+        assert links["c"] >= 0.01 and links["a"] < 0.005 and links["b"] < 0.005
+        ranges = {name: end - start for name, start, end in fleet.stages()}
+        assert ranges.get("c", 0) < max(ranges.get("a", 0), ranges.get("b", 0))  # the far node gets fewer layers
+
+    run(scenario)

@@ -89,6 +89,8 @@ class PipelineController:
         self.on_change: list[Callable[[str], None]] = []
         self.pipelines: dict[str, PipelineState] = {}
         self._admitted: dict[str, WorkerRecord] = {}
+        self.link_s: dict[str, float] = {}
+        """Measured one-way latency to each admitted stage node (half the shortest of a few round trips)."""
         self._order: dict[str, int] = {}
         self._counter = itertools.count()
         self._draining: set[str] = set()
@@ -118,6 +120,7 @@ class PipelineController:
             raise ValueError(f"stage node {info.name}: {exc}") from None
         if reason is not None:
             raise ValueError(reason)
+        self.link_s[record.worker_id] = await self._link_latency(record)
         self._order.setdefault(record.worker_id, next(self._counter))
         self._admitted[record.worker_id] = record
         self._draining.discard(record.worker_id)
@@ -373,10 +376,22 @@ class PipelineController:
             WorkerState.SUSPECT,
         )
 
-    @staticmethod
-    def _node(record: WorkerRecord, order: int) -> StageNode:
+    def _node(self, record: WorkerRecord, order: int) -> StageNode:
         info = record.info
-        return StageNode(record.worker_id, info.name, info.memory_cap_bytes, info.stage.layer_seconds, 0.0, order)
+        link = self.link_s.get(record.worker_id, 0.0)
+        return StageNode(record.worker_id, info.name, info.memory_cap_bytes, info.stage.layer_seconds, link, order)
+
+    async def _link_latency(self, record: WorkerRecord, tries: int = 3) -> float:
+        """Half the shortest round trip of a few light calls to the node: the partitioner's link latency (the
+        gateway's view of the node's network; 0 when it does not answer)."""
+        best = None
+        for _ in range(tries):
+            started = time.perf_counter()
+            if not await self.answers(record):
+                return 0.0
+            took = time.perf_counter() - started
+            best = took if best is None else min(best, took)
+        return (best or 0.0) / 2
 
     async def answers(self, record: WorkerRecord) -> bool:
         """Whether a stage node answers at all (the injected probe; its errors count as no)."""
