@@ -8,7 +8,7 @@
 from fleetserve.contract.kv import KVTransfer, block_hashes, hash_block
 from fleetserve.contract.outputs import EngineStats, RequestOutput, TokenLogprob
 from fleetserve.contract.sampling import SamplingParams
-from fleetserve.contract.stage import StageHop, StageResult, StageRoute, StageSeq
+from fleetserve.contract.stage import StageHop, StageResult, StageSeq
 
 __all__ = [
     "EngineStats",
@@ -17,7 +17,6 @@ __all__ = [
     "SamplingParams",
     "StageHop",
     "StageResult",
-    "StageRoute",
     "StageSeq",
     "TokenLogprob",
     "block_hashes",

@@ -49,13 +49,3 @@ class StageResult:
     return_transfer_s: float = 0.0
     """The last stage's send to the head's decoded tensor."""
     return_bytes: int = 0
-
-
-@dataclass
-class StageRoute:
-    """One downstream stage as the head's link sees it: where it listens and which layers it runs."""
-
-    address: str
-    name: str
-    layer_start: int
-    layer_end: int

@@ -160,8 +160,8 @@ class StageLink(Protocol):
 @dataclass
 class _InFlight:
     plan: SchedulerOutput
-    sent: float
     compute_s: float
+    """The head's own layers for this step."""
 
 
 @dataclass
@@ -169,8 +169,6 @@ class PipelineTelemetry:
     """Per-hop figures since the pipeline was (re)built, for stats and metrics."""
 
     steps: int = 0
-    round_trip_s: float = 0.0
-    """Send to result, summed: the later stages' compute plus every link."""
     busy_s: dict[str, float] = field(default_factory=dict)
     """Compute seconds per stage name (the head's own included)."""
     transfer_s: dict[str, float] = field(default_factory=dict)
@@ -181,9 +179,8 @@ class PipelineTelemetry:
     """Time with at least one step in flight (the bubble's denominator), up to ``active_since``."""
     active_since: float | None = None
 
-    def add(self, head: StageHop, hops: list[StageHop], round_trip_s: float) -> None:
+    def add(self, head: StageHop, hops: list[StageHop]) -> None:
         self.steps += 1
-        self.round_trip_s += round_trip_s
         for hop in [head, *hops]:
             self.busy_s[hop.name] = self.busy_s.get(hop.name, 0.0) + hop.compute_s
             self.transfer_s[hop.name] = self.transfer_s.get(hop.name, 0.0) + hop.transfer_s
@@ -315,7 +312,7 @@ class PipelineHead:
             computed = time.monotonic()
             self.telemetry.working(True, started)
             self.link.send(step, stage_seqs(plan), hidden)  # type: ignore[union-attr]
-            self.in_flight[step] = _InFlight(plan, time.monotonic(), computed - started)
+            self.in_flight[step] = _InFlight(plan, computed - started)
 
     def _complete(self, result: StageResult) -> list[RequestOutput]:
         flight = self.in_flight.pop(result.step, None)
@@ -344,7 +341,7 @@ class PipelineHead:
             outputs = engine.scheduler.update(plan, sampled)
         except Exception as exc:  # a bad result fails this micro-batch, not the engine
             raise engine.fail_step(plan, exc) from exc
-        self.telemetry.add(head, result.hops, started - flight.sent)
+        self.telemetry.add(head, result.hops)
         engine.count_step()
         return outputs
 
@@ -364,9 +361,6 @@ class PipelineHead:
             logits = runner.model.compute_logits(hidden.to(device=runner.device, dtype=runner.dtype))
             result = runner.sampler(logits.cpu() if logits.device.type != "cpu" else logits, requests)
         return {r.request_id: SampledToken(t, lp) for r, t, lp in zip(requests, result.token_ids, result.logprobs)}
-
-    def has_work(self) -> bool:
-        return bool(self.in_flight)
 
     def stats(self) -> dict[str, object]:
         t = self.telemetry

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetserve.contract import EngineStats, RequestOutput, SamplingParams, StageHop, StageRoute, StageSeq, TokenLogprob
+from fleetserve.contract import EngineStats, RequestOutput, SamplingParams, StageHop, StageSeq, TokenLogprob
 from fleetserve.protocol import fleet_pb2 as pb
 
 
@@ -121,7 +121,3 @@ def hop_to_proto(hop: StageHop) -> pb.StageHop:
 
 def hop_from_proto(msg: pb.StageHop) -> StageHop:
     return StageHop(msg.name, msg.layer_start, msg.layer_end, msg.compute_s, msg.transfer_s, msg.bytes)
-
-
-def route_from_proto(msg: pb.StageRoute) -> StageRoute:
-    return StageRoute(msg.address, msg.name, msg.layer_start, msg.layer_end)
