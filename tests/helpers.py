@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, RetentionConfig, SchedulerConfig
 from fleetserve.contract import SamplingParams
 from fleetserve.engine.kv_cache import KVCacheManager
 from fleetserve.engine.request import Request
@@ -43,10 +43,12 @@ def engine_config(
     max_seqs: int = 64,
     prefix_caching: bool = True,
     block_size: int = 16,
+    retention: RetentionConfig | None = None,
     **model,
 ) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(**model),
         cache=CacheConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+        retention=retention or RetentionConfig(),
     )

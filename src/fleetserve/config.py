@@ -79,12 +79,39 @@ class ModelConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """KV kept after a request finishes: conversation sessions, and prefills waiting for a decode worker."""
+
+    session_ttl_s: float = 600.0
+    """How long an idle session's KV stays pinned (a request may ask for less)."""
+    max_sessions: int = 256
+    """Sessions pinned at once; past it the longest idle is released."""
+    max_session_tokens: int = 4096
+    """Most tokens one session may hold (prompt plus output of its latest turn); a longer turn is refused."""
+    session_cache_share: float = 0.5
+    """Share of the KV blocks pinned sessions may hold together; past it the longest idle are released."""
+    transfer_ttl_s: float = 30.0
+    """How long a prefill's KV waits for its decode worker to fetch it."""
+
+    def validate(self) -> None:
+        if self.session_ttl_s <= 0 or self.transfer_ttl_s <= 0:
+            raise InvalidRequestError("session_ttl_s and transfer_ttl_s must be positive", "session_ttl_s")
+        if self.max_sessions < 0 or self.max_session_tokens < 1:
+            raise InvalidRequestError("max_sessions must be >= 0 and max_session_tokens >= 1", "max_sessions")
+        if not 0.0 <= self.session_cache_share <= 1.0:
+            raise InvalidRequestError(
+                f"session_cache_share must be in [0, 1], got {self.session_cache_share}", "session_cache_share"
+            )
+
+
+@dataclass
 class EngineConfig:
     """Everything one engine needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     seed: int = 0
     """Seed of the generator used by requests that bring none."""
 
@@ -92,4 +119,5 @@ class EngineConfig:
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
+        self.retention.validate()
         return self

@@ -4,23 +4,21 @@ Screenshots go to docs/img/ (the README shows them).
 """
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.browser import console_page, require_browser
+from tests.browser import send_prompt as send
 from tests.fleet import start_fleet
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 MODEL = "smollm2-135m-instruct"
 ADMIN = "console-admin"
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-if not Path(CHROMIUM).exists():
-    pytest.skip("Chromium is not installed (apt-get install chromium)", allow_module_level=True)
+require_browser()
 
 
 @pytest.fixture(scope="module")
@@ -32,22 +30,8 @@ def fleet(model_dir):
 
 @pytest.fixture(scope="module")
 def page(fleet):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1280, "height": 800})
-        pg = context.new_page()
-        pg.set_default_timeout(60_000)
-        pg.goto(fleet.url + "/")
-        pg.fill("#admin-key", ADMIN)
-        pg.dispatch_event("#admin-key", "change")
+    with console_page(fleet.url, ADMIN) as pg:
         yield pg
-        browser.close()
-
-
-def send(page, prompt: str, max_tokens: int = 48) -> None:
-    page.fill("#prompt", prompt)
-    page.fill("#max-tokens", str(max_tokens))
-    page.click("#send")
 
 
 def node_row(page, name: str):

@@ -69,13 +69,10 @@ async def _control(creds: FleetCredentials, control: str, rpc: str, **fields):
         if rpc == "Deregister":
             return await stub.Deregister(pb.DeregisterRequest(**fields), timeout=30)
 
-        call = stub.Heartbeat(timeout=30)
-        try:
-            await call.write(pb.HeartbeatReport(**fields))
-            await call.done_writing()
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the gateway may refuse the stream before reading it; the call's own status is what counts
-        return [command async for command in call]
+        async def reports():
+            yield pb.HeartbeatReport(**fields)
+
+        return [command async for command in stub.Heartbeat(reports(), timeout=30)]
 
 
 def control_error(creds: FleetCredentials, control: str, rpc: str, **fields) -> grpc.aio.AioRpcError | None:

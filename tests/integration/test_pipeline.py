@@ -19,6 +19,7 @@ import pytest
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from tests.browser import console_page, send_prompt
 from tests.fleet import READY_WORKER, spawn, start_fleet, worker_channel
 from tests.helpers import PROMPTS
 
@@ -150,6 +151,18 @@ def test_two_stages_give_the_single_worker_text(fleet):
     ]
     assert prefill[1]["bytes"] > 0 and all(h["compute_s"] > 0 for h in prefill + decode)
     assert spans["decode"]["steps"] == 23  # 24 tokens: the first comes from the prefill
+
+
+def test_the_console_timeline_shows_each_stage_hop(fleet):
+    stages = [s["name"] for s in pipelines(fleet)[MODEL]["stages"]]
+    with console_page(fleet.url) as page:
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        send_prompt(page, QUESTIONS[1], 8)
+        for phase in ("prefill", "decode"):
+            rows = page.locator(f'#timeline .hop-row[data-phase="{phase}"]')
+            rows.nth(len(stages) - 1).wait_for()
+            assert [rows.nth(i).get_attribute("data-stage") for i in range(rows.count())] == stages
+        assert "over 7 steps" in page.locator('#timeline .hop-row[data-phase="decode"]').first.get_attribute("title")
 
 
 def test_three_stages_after_a_third_node_joins(fleet):

@@ -339,6 +339,9 @@ def test_a_draining_member_leaves_the_pipeline_and_reports_feed_the_metrics():
         second = hops[1].name
         key = ("fleetserve_pipeline_link_transfer_seconds_count", (("model", MODEL), ("stage", second)))
         assert samples[key] == 1
+        links = {fleet.registry.workers[w].name: s for w, s in fleet.controller.link_s.items()}
+        assert links[second] == links[hops[2].name] == 0.001  # the pipeline's own timing replaces the probe's
+        assert links[hops[0].name] != 0.001  # the head has no link into it: the gateway's view stays
         fleet.controller.on_stage_report(head, report)  # the same step again (an idle head): not counted twice
         body = metrics.render()[0].decode()
         assert f'fleetserve_pipeline_link_transfer_seconds_count{{model="{MODEL}",stage="{second}"}} 1.0' in body

@@ -29,10 +29,11 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
 
 @dataclass
 class KVTransfer:
-    """KV cache contents of a sequence's first ``num_tokens`` tokens, as bytes.
+    """KV cache contents of a sequence's tokens [start, start + num_tokens), as bytes.
 
     ``data`` holds a tensor of shape [num_layers, num_tokens, 2, num_kv_heads, head_dim] (2 = key, value)
-    in ``dtype``, contiguous, in token order, so engines with other block sizes can import it.
+    in ``dtype``, contiguous, in token order, so engines with other block sizes can import it. ``token_ids`` are
+    the sequence's tokens up to the end of that range at least (what the KV belongs to).
     """
 
     token_ids: list[int]
@@ -42,3 +43,4 @@ class KVTransfer:
     head_dim: int
     dtype: str
     data: bytes
+    start: int = 0

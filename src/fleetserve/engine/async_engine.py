@@ -25,6 +25,9 @@ from fleetserve.errors import EngineStepError, FleetServeError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+PIN_CHECK_S = 1.0
+"""How often an idle engine thread looks for pinned KV past its TTL."""
+
 
 class EngineDeadError(FleetServeError):
     """The engine thread has stopped (closed, or a fault outside any step); the request cannot go on."""
@@ -62,13 +65,25 @@ class AsyncEngine:
         kv_import: KVTransfer | None = None,
         retain_kv: bool = False,
         resumed_output: list[int] | None = None,
+        session_id: str | None = None,
+        session_ttl_s: float | None = None,
+        prefill_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step until it finishes; bad input raises before the first."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
 
         def add() -> str:
             rid = self.engine.add_request(
-                prompt_token_ids, params, request_id, priority, retain_kv, kv_import, resumed_output
+                prompt_token_ids,
+                params,
+                request_id,
+                priority,
+                retain_kv,
+                kv_import,
+                resumed_output,
+                session_id,
+                session_ttl_s,
+                prefill_only,
             )
             self._streams[rid] = stream  # registered on the engine thread before its first step
             return rid
@@ -96,8 +111,8 @@ class AsyncEngine:
             self._deliver([out])
         return out is not None
 
-    async def export_kv(self, request_id: str) -> KVTransfer:
-        return await self.call(lambda: self.engine.export_kv(request_id))
+    async def export_kv(self, request_id: str, start: int = 0, end: int | None = None) -> KVTransfer:
+        return await self.call(lambda: self.engine.export_kv(request_id, start, end))
 
     async def release(self, request_id: str) -> None:
         await self.call(lambda: self.engine.release(request_id))
@@ -143,8 +158,10 @@ class AsyncEngine:
         try:
             while True:
                 block = not self.engine.has_unfinished()
-                if not self._run_commands(block):
+                if not self._run_commands(block, PIN_CHECK_S if len(self.engine.pins) else None):
                     return
+                if block and len(self.engine.pins):  # idle: pinned KV still expires on time
+                    self.engine.pins.expire()
                 if self.engine.has_unfinished():
                     try:
                         outputs = self.engine.step()
@@ -162,11 +179,12 @@ class AsyncEngine:
             self._stopped.set()
             self._fail_all(EngineDeadError("the engine has stopped"))
 
-    def _run_commands(self, block: bool) -> bool:
-        """Run queued commands (waiting for one if ``block``); False when told to stop."""
+    def _run_commands(self, block: bool, timeout: float | None = None) -> bool:
+        """Run queued commands (waiting for one if ``block``, at most ``timeout`` seconds); False when told to
+        stop."""
         while True:
             try:
-                item = self._commands.get(block=block, timeout=None)
+                item = self._commands.get(block=block, timeout=timeout if block else None)
             except queue.Empty:
                 return True
             if item is None:

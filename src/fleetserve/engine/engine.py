@@ -16,6 +16,7 @@ import torch
 from fleetserve.config import EngineConfig, ModelConfig
 from fleetserve.contract import EngineStats, KVTransfer, RequestOutput, SamplingParams
 from fleetserve.engine.kv_cache import KVCacheManager
+from fleetserve.engine.kv_pins import SESSION, TRANSFER, KVPins, PinnedKV
 from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.pipeline import PipelineHead, StageLink
 from fleetserve.engine.request import Request
@@ -24,6 +25,8 @@ from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestErro
 from fleetserve.model_files import load_arch, prepare_model_dir
 
 log = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class LLMEngine:
@@ -50,6 +53,8 @@ class LLMEngine:
             self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        self.pins = KVPins(self.scheduler.release, lambda: self.kv.num_blocks, self.config.retention)
+        """Finished requests' KV kept by name: sessions (for their next turn) and prefills (for a decode worker)."""
         self.pipeline: PipelineHead | None = None
         """Set when this engine is a pipeline's head (``attach_link``): its steps then run down a chain of stages.
         An engine whose layers stop short of the last one is a head from the start, waiting for its chain: it never
@@ -90,12 +95,22 @@ class LLMEngine:
         retain_kv: bool = False,
         kv_import: KVTransfer | None = None,
         resumed_output: list[int] | None = None,
+        session_id: str | None = None,
+        session_ttl_s: float | None = None,
+        prefill_only: bool = False,
     ) -> str:
         """Queue a request; returns its id. Raises InvalidRequestError or CapacityError, changing nothing.
 
         ``resumed_output`` continues a generation begun elsewhere: those tokens were already generated; they are
         prefilled after the prompt and count as output (for max_tokens, min_tokens, penalties and the seeded
-        generator), so the continuation is the one the first engine would have produced.
+        generator), so the continuation is the one the first engine would have produced. With ``kv_import`` the
+        KV of the prompt computed elsewhere is imported instead of computed (a decode worker going on from a
+        prefill worker's first token).
+
+        ``session_id``: once finished, the request's KV stays pinned as that session's (``session_ttl_s`` or the
+        engine's TTL) so the conversation's next turn prefills only its new tokens. ``prefill_only``: the request
+        stops after its first token (finish reason "prefilled", unless it ends there anyway) and its KV stays
+        pinned until ``export_kv`` and ``release``, or the transfer TTL.
         """
         params = (params or SamplingParams()).validate()
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -120,17 +135,19 @@ class LLMEngine:
                 f"the request needs {need} KV blocks at most but the cache holds {self.kv.num_blocks}: "
                 "lower max_tokens or give the engine more kv_cache_bytes"
             )
-        resumed = list(resumed_output or ())
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resumed):
-            raise InvalidRequestError(f"resumed token ids must be integers in [0, {vocab})", "resumed_output")
-        if resumed and len(resumed) >= params.max_tokens:
-            raise InvalidRequestError(
-                f"{len(resumed)} tokens were already generated but max_tokens is {params.max_tokens}: nothing to resume",
-                "resumed_output",
-            )
-        if resumed and kv_import is not None:
-            raise InvalidRequestError("a request cannot both resume output and import KV", "resumed_output")
-        request = Request(request_id, prompt, params, priority=priority, retain_kv=retain_kv)
+        resumed = self._checked_resumed(resumed_output, params)
+        if session_id is not None:
+            self._check_session(session_id, session_ttl_s, len(prompt) + params.max_tokens)
+        request = Request(
+            request_id,
+            prompt,
+            params,
+            priority=priority,
+            retain_kv=retain_kv or session_id is not None or prefill_only,
+            session_id=session_id,
+            session_ttl_s=session_ttl_s,
+            prefill_only=prefill_only,
+        )
         if params.seed is not None:
             request.generator = torch.Generator().manual_seed(params.seed)
         for token in resumed:
@@ -140,10 +157,43 @@ class LLMEngine:
                 torch.empty(self.arch.vocab_size).exponential_(generator=request.generator)
         if kv_import is not None:
             self._import_kv(request, kv_import)
+        if session_id is not None:
+            self.pins.touch(SESSION, session_id)
         self.scheduler.add(request)
         return request_id
 
+    def _checked_resumed(self, resumed_output: list[int] | None, params: SamplingParams) -> list[int]:
+        resumed = list(resumed_output or ())
+        vocab = self.arch.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in resumed):
+            raise InvalidRequestError(f"resumed token ids must be integers in [0, {vocab})", "resumed_output")
+        if resumed and len(resumed) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"{len(resumed)} tokens were already generated but max_tokens is {params.max_tokens}: nothing to resume",
+                "resumed_output",
+            )
+        return resumed
+
+    def _check_session(self, session_id: str, ttl_s: float | None, most_tokens: int) -> None:
+        retention = self.config.retention
+        if not session_id or len(session_id) > 128:
+            raise InvalidRequestError("a session id is 1 to 128 characters", "session_id")
+        if retention.max_sessions == 0:
+            raise InvalidRequestError("this engine keeps no sessions (max_sessions is 0)", "session_id")
+        if most_tokens > retention.max_session_tokens:
+            raise InvalidRequestError(
+                f"session {session_id!r} would hold up to {most_tokens} tokens (the prompt and max_tokens) but a "
+                f"session holds at most {retention.max_session_tokens}: start a new session, shorten the history "
+                "or lower max_tokens",
+                "session_id",
+            )
+        if ttl_s is not None and ttl_s < 0:
+            raise InvalidRequestError("a session's TTL must not be negative", "session_ttl_s")
+
     def _import_kv(self, request: Request, transfer: KVTransfer) -> None:
+        """Take the prompt's KV from ``transfer`` (tokens [start, start + num_tokens)); what this engine's prefix
+        cache already holds is taken from there. If the cache no longer reaches ``start`` (the blocks were evicted
+        since the caller asked), nothing is imported: the request prefills here instead."""
         arch, runner = self.arch, self.runner
         expected = (runner.model.num_local_layers, arch.num_kv_heads, arch.head_dim)
         if (transfer.num_layers, transfer.num_kv_heads, transfer.head_dim) != expected:
@@ -152,16 +202,34 @@ class LLMEngine:
                 f" does not match this engine's {expected}",
                 "kv_import",
             )
-        if transfer.token_ids[: transfer.num_tokens] != request.all_token_ids[: transfer.num_tokens]:
+        itemsize = DTYPE_BYTES.get(transfer.dtype)
+        if itemsize is None:
+            raise InvalidRequestError(f"unknown KV dtype {transfer.dtype!r}", "kv_import")
+        if transfer.start < 0 or transfer.num_tokens < 1:
+            raise InvalidRequestError("the imported KV covers no tokens", "kv_import")
+        size = transfer.num_layers * transfer.num_tokens * 2 * transfer.num_kv_heads * transfer.head_dim * itemsize
+        if len(transfer.data) != size:
+            raise InvalidRequestError(
+                f"the imported KV has {len(transfer.data)} bytes; its shape and dtype make {size}", "kv_import"
+            )
+        end = transfer.start + transfer.num_tokens
+        if len(transfer.token_ids) < end or transfer.token_ids[:end] != request.all_token_ids[:end]:
             raise InvalidRequestError("the imported KV belongs to other tokens than this prompt's", "kv_import")
+        rid = request.request_id
+        cached = self.kv.lookup_prefix(rid, request.all_token_ids)
         # At least one token is left to compute, so the next step produces logits.
-        num = min(transfer.num_tokens, request.num_tokens - 1)
-        if not self.kv.allocate(request.request_id, num):
+        num = min(end, request.num_tokens - 1)
+        if cached < transfer.start or num <= cached:
+            self.kv.free(rid)  # a gap before the imported part, or nothing new in it: the scheduler starts over
+            return
+        if not self.kv.allocate(rid, num):
+            self.kv.free(rid)
             raise CapacityError("no free KV blocks to import into: try again when the engine is less busy")
-        data = ModelRunner.kv_tensor(transfer)[:, :num]
-        self.runner.write_kv(self.kv.block_table(request.request_id), data)
+        data = ModelRunner.kv_tensor(transfer)[:, cached - transfer.start : num - transfer.start]
+        self.runner.write_kv(self.kv.block_table(rid), data, first=cached)
         request.num_computed_tokens = num
-        self.kv.commit_full_blocks(request.request_id, request.all_token_ids, num)
+        request.num_cached_tokens = cached
+        self.kv.commit_full_blocks(rid, request.all_token_ids, num)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks at once; returns its final output (finish_reason "abort")."""
@@ -178,6 +246,12 @@ class LLMEngine:
         If running or updating the plan raises, the plan's requests are dropped (blocks freed) and EngineStepError
         names them; the other requests stay queued and the next step serves them.
         """
+        self.pins.expire()
+        outputs = self._step()
+        self._pin_finished(outputs)
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         if self.pipeline is not None:
             return self.pipeline.step()
         plan = self.scheduler.schedule()
@@ -190,6 +264,27 @@ class LLMEngine:
             raise self.fail_step(plan, exc) from exc
         self.count_step()
         return outputs
+
+    def _pin_finished(self, outputs: list[RequestOutput]) -> None:
+        """Pin what finished requests retained for a session or a decode worker."""
+        for out in outputs:
+            if not out.finished:
+                continue
+            request = self.scheduler.requests.get(out.request_id)
+            if request is None or not self.kv.has(out.request_id):
+                continue  # not retained
+            blocks = len(self.kv.block_table(out.request_id))
+            if request.prefill_only:
+                self.pins.pin(TRANSFER, request.request_id, request.request_id, request.num_computed_tokens, blocks)
+            elif request.session_id is not None:
+                self.pins.pin(
+                    SESSION,
+                    request.session_id,
+                    request.request_id,
+                    request.num_computed_tokens,
+                    blocks,
+                    request.session_ttl_s,
+                )
 
     def count_preemptions(self, n: int) -> None:
         self._preemptions += n
@@ -247,11 +342,13 @@ class LLMEngine:
         self.reset_kv()
 
     def reset_kv(self) -> None:
-        """A fresh KV pool: every unfinished request waits again and is recomputed from its tokens."""
+        """A fresh KV pool: every unfinished request waits again and is recomputed from its tokens; pinned KV is
+        gone."""
         self.kv = KVCacheManager(
             self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
         )
         self.scheduler.restart(self.kv)
+        self.pins.clear()
 
     def reconfigure(self, layer_end: int, kv_cache_bytes: int) -> None:
         """Take a new layer range [0, layer_end) with the LM head (a pipeline head's new share) and a new KV size.
@@ -287,18 +384,42 @@ class LLMEngine:
 
     # -- KV export ---------------------------------------------------------------------------------------
 
-    def export_kv(self, request_id: str) -> KVTransfer:
-        """The computed KV of a live request, or of a finished one added with retain_kv=True."""
+    def export_kv(self, request_id: str, start: int = 0, end: int | None = None) -> KVTransfer:
+        """The computed KV of a live request, or of a finished one that retained it (retain_kv, a session or a
+        prefill): tokens [start, end) of it, end defaulting to every computed token."""
         request = self.scheduler.requests.get(request_id)
         if request is None or not self.kv.has(request_id):
             raise InvalidRequestError(f"request {request_id!r} has no KV to export", "request_id")
-        return self.runner.kv_transfer(
-            request.all_token_ids, self.kv.block_table(request_id), request.num_computed_tokens
-        )
+        computed = request.num_computed_tokens
+        end = computed if end is None else end
+        if not 0 <= start <= end <= computed:
+            raise InvalidRequestError(
+                f"KV range [{start}, {end}) is outside the {computed} computed tokens of {request_id!r}", "start"
+            )
+        return self.runner.kv_transfer(request.all_token_ids[:end], self.kv.block_table(request_id), start, end)
+
+    def computed_tokens(self, request_id: str) -> int:
+        """Tokens whose KV a live or retained request holds (0 when it holds none)."""
+        request = self.scheduler.requests.get(request_id)
+        return request.num_computed_tokens if request is not None and self.kv.has(request_id) else 0
 
     def release(self, request_id: str) -> None:
-        """Free the KV a finished retain_kv request still holds."""
-        self.scheduler.release(request_id)
+        """Free the KV a finished request still holds (retained, pinned or not)."""
+        if not self.pins.release_request(request_id):
+            self.scheduler.release(request_id)
+
+    def release_session(self, session_id: str) -> bool:
+        """Unpin a session's KV now; False when this engine holds no such session."""
+        return self.pins.release(SESSION, session_id)
+
+    def pinned(self) -> list[PinnedKV]:
+        """Sessions and transfers holding KV, with their sizes and idle times."""
+        self.pins.expire()
+        return self.pins.report()
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Tokens of ``token_ids``' start that the prefix cache holds right now (block-aligned; nothing taken)."""
+        return self.kv.cached_prefix(token_ids)
 
     def stats(self) -> EngineStats:
         kv = self.kv.stats()
@@ -318,5 +439,8 @@ class LLMEngine:
                 "failed_steps": self.failed_steps,
                 "consecutive_failed_steps": self.consecutive_failed_steps,
                 **(self.pipeline.stats() if self.pipeline is not None else {}),
+                "pinned_sessions": sum(1 for p in self.pins.report() if p.kind == SESSION),
+                "pinned_session_blocks": self.pins.session_blocks(),
+                "pinned_transfers": sum(1 for p in self.pins.report() if p.kind == TRANSFER),
             },
         )

@@ -76,6 +76,18 @@ class KVCacheManager:
         """Every block hash this pool can serve right now (owned or free-but-cached)."""
         return set(self._cached)
 
+    def cached_prefix(self, token_ids: Sequence[int]) -> int:
+        """Tokens of ``token_ids``' start whose blocks the cache holds now (as lookup_prefix would find them, at
+        least one token left over), without taking them or counting the query."""
+        if not self.enable_prefix_caching:
+            return 0
+        found = 0
+        for h in block_hashes(token_ids[: len(token_ids) - 1], self.block_size):
+            if h not in self._cached:
+                break
+            found += 1
+        return found * self.block_size
+
     # -- verbs -----------------------------------------------------------------------------------------
 
     def lookup_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:

@@ -139,30 +139,33 @@ class ModelRunner:
         return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
     @torch.inference_mode()
-    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
-        """KV of a sequence's first tokens: [layers, num_tokens, 2, kv_heads, head_dim] on the CPU."""
-        slots = self._slots(block_table, num_tokens)
+    def read_kv(self, block_table: list[int], num_tokens: int, first: int = 0) -> torch.Tensor:
+        """KV of a sequence's tokens [first, num_tokens): [layers, tokens, 2, kv_heads, head_dim] on the CPU."""
+        slots = self._slots(block_table, num_tokens)[first:]
         return torch.stack([cache[slots] for cache in self.kv_caches]).cpu()
 
     @torch.inference_mode()
-    def write_kv(self, block_table: list[int], data: torch.Tensor) -> None:
-        """Inverse of read_kv: place [layers, num_tokens, 2, kv_heads, head_dim] into the sequence's slots."""
-        slots = self._slots(block_table, data.shape[1])
+    def write_kv(self, block_table: list[int], data: torch.Tensor, first: int = 0) -> None:
+        """Inverse of read_kv: place [layers, tokens, 2, kv_heads, head_dim] into the slots of the sequence's
+        tokens from ``first`` on."""
+        slots = self._slots(block_table, first + data.shape[1])[first:]
         for layer, cache in enumerate(self.kv_caches):
             cache.index_copy_(0, slots, data[layer].to(device=self.device, dtype=self.dtype))
 
-    def kv_transfer(self, token_ids: list[int], block_table: list[int], num_tokens: int) -> KVTransfer:
-        data = self.read_kv(block_table, num_tokens)
+    def kv_transfer(self, token_ids: list[int], block_table: list[int], start: int, end: int) -> KVTransfer:
+        """Tokens [start, end) of a sequence's KV; ``token_ids``: its tokens up to ``end`` at least."""
+        data = self.read_kv(block_table, end, start)
         # numpy has no bfloat16: ship its raw 16-bit words
         raw = (data.view(torch.int16) if data.dtype == torch.bfloat16 else data).numpy().tobytes()
         return KVTransfer(
-            token_ids=list(token_ids),
-            num_tokens=num_tokens,
+            token_ids=list(token_ids[:end]),
+            num_tokens=end - start,
             num_layers=self.model.num_local_layers,
             num_kv_heads=self.arch.num_kv_heads,
             head_dim=self.arch.head_dim,
             dtype=str(data.dtype).removeprefix("torch."),
             data=raw,
+            start=start,
         )
 
     @staticmethod

@@ -22,6 +22,8 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ABORTED = 5
     FINISHED_ERROR = 6
     """Its step failed in the engine (EngineStepError); it produces no further output."""
+    FINISHED_PREFILLED = 7
+    """A prefill-only request after its first token: its KV waits for a decode worker to fetch it."""
 
     @property
     def finished(self) -> bool:
@@ -34,6 +36,7 @@ class RequestStatus(enum.IntEnum):
             RequestStatus.FINISHED_LENGTH: "length",
             RequestStatus.FINISHED_ABORTED: "abort",
             RequestStatus.FINISHED_ERROR: "error",
+            RequestStatus.FINISHED_PREFILLED: "prefilled",
         }.get(self)
 
 
@@ -50,6 +53,11 @@ class Request:
     retain_kv: bool = False
     """Keep the KV blocks after finishing, until the engine is told to release them (for export)."""
     kv_import: KVTransfer | None = None
+    session_id: str | None = None
+    """Its KV is pinned as this session's once it finishes (a conversation's next turn reuses it)."""
+    session_ttl_s: float | None = None
+    prefill_only: bool = False
+    """Stop after the first token (unless the request ends there anyway) and keep the KV for a decode worker."""
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -267,10 +267,16 @@ class Scheduler:
             return RequestStatus.FINISHED_STOPPED
         if n >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
+        if request.prefill_only:
+            return RequestStatus.FINISHED_PREFILLED
         return None
 
     def _finish(self, request: Request, new_tokens: list[int], now: float | None = None) -> RequestOutput:
-        if not request.retain_kv or request.status == RequestStatus.FINISHED_ABORTED:
+        status = request.status
+        keep = request.retain_kv and status != RequestStatus.FINISHED_ABORTED
+        if request.prefill_only:  # its KV is kept only for a decode worker that goes on with it
+            keep = keep and status == RequestStatus.FINISHED_PREFILLED
+        if not keep:
             self.kv.free(request.request_id)
             del self.requests[request.request_id]
         return self._output(request, new_tokens, now or time.monotonic())

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 ASSIGN_TIMEOUT_S = 120.0
 """How long a stage may take to answer an assignment (it loads its layers before it answers)."""
 PROBE_TIMEOUT_S = 1.0
+LINK_WEIGHT = 0.2
+"""Weight of each new step's measured transfer time in a stage's running link latency."""
 
 Assign = Callable[[WorkerRecord, pb.StageAssignment], Awaitable[pb.StageStatus]]
 """Sends one assignment to a stage node and returns its answer (the gateway's: the Stage service's Assign)."""
@@ -90,7 +92,10 @@ class PipelineController:
         self.pipelines: dict[str, PipelineState] = {}
         self._admitted: dict[str, WorkerRecord] = {}
         self.link_s: dict[str, float] = {}
-        """Measured one-way latency to each admitted stage node (half the shortest of a few round trips)."""
+        """Each admitted stage node's link latency: half the shortest of a few round trips from the gateway on
+        admission, then the running mean of the transfer times into it that the head reports."""
+        self._links_timed: set[str] = set()
+        """Stage nodes whose link_s the pipeline's own steps have timed (the admission probe's value is gone)."""
         self._order: dict[str, int] = {}
         self._counter = itertools.count()
         self._draining: set[str] = set()
@@ -147,7 +152,7 @@ class PipelineController:
         if is_head and report.HasField("pipeline"):
             previous, state.report = state.report, pb.PipelineReport()
             state.report.CopyFrom(report.pipeline)
-            self._observe(state.model, report.pipeline, previous)
+            self._observe(state, report.pipeline, previous)
         if is_head and report.stage_fault and not state.fault_pending:
             state.fault_pending = True  # heartbeats keep coming while the fault is looked into
             self._spawn(self.on_stage_fault(record, report.stage_fault))
@@ -416,15 +421,28 @@ class PipelineController:
         for listener in self.on_change:
             listener(model)
 
-    def _observe(self, model: str, report: pb.PipelineReport, previous: pb.PipelineReport | None) -> None:
-        """Metrics from a head's report; its hops only when they are a new step's (an idle head repeats them)."""
+    def _observe(self, state: PipelineState, report: pb.PipelineReport, previous: pb.PipelineReport | None) -> None:
+        """Metrics from a head's report; its hops only when they are a new step's (an idle head repeats them).
+
+        A new step's transfer time into a later stage, timed by the pipeline itself, also becomes that stage's link
+        latency for the next plan (a running mean), in place of the gateway's own view of the node's network."""
+        model = state.model
         self.metrics.pipeline_bubble.labels(model=model).set(report.bubble)
         if previous is not None and list(previous.hops) == list(report.hops):
             return
+        members = {r.name: r.worker_id for r in state.members}
         for i, hop in enumerate(report.hops):
             self.metrics.pipeline_stage_compute_seconds.labels(model=model, stage=hop.name).observe(hop.compute_s)
-            if i > 0:  # the head's own hop has no link into it
-                self.metrics.pipeline_link_transfer_seconds.labels(model=model, stage=hop.name).observe(hop.transfer_s)
+            if i == 0:  # the head's own hop has no link into it
+                continue
+            self.metrics.pipeline_link_transfer_seconds.labels(model=model, stage=hop.name).observe(hop.transfer_s)
+            worker_id = members.get(hop.name)
+            if worker_id is not None and hop.transfer_s >= 0:
+                seen = self.link_s.get(worker_id) if worker_id in self._links_timed else None
+                self.link_s[worker_id] = (
+                    hop.transfer_s if seen is None else (1 - LINK_WEIGHT) * seen + LINK_WEIGHT * hop.transfer_s
+                )
+                self._links_timed.add(worker_id)
 
     async def _grpc_assign(self, record: WorkerRecord, assignment: pb.StageAssignment) -> pb.StageStatus:
         if record.channel is None:

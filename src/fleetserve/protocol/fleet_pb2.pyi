@@ -38,18 +38,52 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "params", "priority", "resumed_output_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "params", "priority", "resumed_output_ids", "session_id", "session_ttl_s", "prefill_only", "kv_source")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     RESUMED_OUTPUT_IDS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     params: SamplingParams
     priority: int
     resumed_output_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., resumed_output_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    session_id: str
+    session_ttl_s: float
+    prefill_only: bool
+    kv_source: KvSource
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., resumed_output_ids: _Optional[_Iterable[int]] = ..., session_id: _Optional[str] = ..., session_ttl_s: _Optional[float] = ..., prefill_only: _Optional[bool] = ..., kv_source: _Optional[_Union[KvSource, _Mapping]] = ...) -> None: ...
+
+class KvSource(_message.Message):
+    __slots__ = ("address", "transfer_id", "num_tokens", "deadline_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    transfer_id: str
+    num_tokens: int
+    deadline_s: float
+    def __init__(self, address: _Optional[str] = ..., transfer_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class KvReceived(_message.Message):
+    __slots__ = ("tokens", "cached_tokens", "bytes", "seconds", "fallback")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    cached_tokens: int
+    bytes: int
+    seconds: float
+    fallback: str
+    def __init__(self, tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., fallback: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top_token_ids", "top_logprobs")
@@ -64,7 +98,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "num_output_tokens", "num_prompt_tokens", "num_cached_tokens", "finish_reason", "logprobs", "queue_s", "first_token_s", "prefill_hops", "decode_hops", "decode_steps")
+    __slots__ = ("token_ids", "num_output_tokens", "num_prompt_tokens", "num_cached_tokens", "finish_reason", "logprobs", "queue_s", "first_token_s", "prefill_hops", "decode_hops", "decode_steps", "kv_received")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +110,7 @@ class GenerateChunk(_message.Message):
     PREFILL_HOPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_HOPS_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KV_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     num_output_tokens: int
     num_prompt_tokens: int
@@ -87,7 +122,8 @@ class GenerateChunk(_message.Message):
     prefill_hops: _containers.RepeatedCompositeFieldContainer[StageHop]
     decode_hops: _containers.RepeatedCompositeFieldContainer[StageHop]
     decode_steps: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_output_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., queue_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., prefill_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_steps: _Optional[int] = ...) -> None: ...
+    kv_received: KvReceived
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., num_output_tokens: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., queue_s: _Optional[float] = ..., first_token_s: _Optional[float] = ..., prefill_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_hops: _Optional[_Iterable[_Union[StageHop, _Mapping]]] = ..., decode_steps: _Optional[int] = ..., kv_received: _Optional[_Union[KvReceived, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
@@ -147,6 +183,18 @@ class HealthReply(_message.Message):
     latency_s: float
     def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., latency_s: _Optional[float] = ...) -> None: ...
 
+class SessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionReply(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
 class TokenizerRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -167,6 +215,46 @@ class TokenizerFiles(_message.Message):
     files: _containers.ScalarMap[str, bytes]
     fingerprint: str
     def __init__(self, model: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
+
+class KvFetchRequest(_message.Message):
+    __slots__ = ("transfer_id", "start", "chunk_tokens")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    start: int
+    chunk_tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., start: _Optional[int] = ..., chunk_tokens: _Optional[int] = ...) -> None: ...
+
+class KvChunk(_message.Message):
+    __slots__ = ("header", "start", "num_tokens", "data", "crc32")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    header: KvHeader
+    start: int
+    num_tokens: int
+    data: bytes
+    crc32: int
+    def __init__(self, header: _Optional[_Union[KvHeader, _Mapping]] = ..., start: _Optional[int] = ..., num_tokens: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class KvHeader(_message.Message):
+    __slots__ = ("token_ids", "end", "num_layers", "num_kv_heads", "head_dim", "dtype")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    end: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., end: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -389,7 +477,7 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReport(_message.Message):
-    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes", "session_secret", "stage_fault", "pipeline")
+    __slots__ = ("worker_id", "stats", "recent_first_token_s", "recent_inter_token_s", "draining", "block_hashes", "session_secret", "stage_fault", "pipeline", "sessions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RECENT_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +487,7 @@ class HeartbeatReport(_message.Message):
     SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     STAGE_FAULT_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stats: WorkerStats
     recent_first_token_s: float
@@ -408,7 +497,22 @@ class HeartbeatReport(_message.Message):
     session_secret: str
     stage_fault: str
     pipeline: PipelineReport
-    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ..., stage_fault: _Optional[str] = ..., pipeline: _Optional[_Union[PipelineReport, _Mapping]] = ...) -> None: ...
+    sessions: _containers.RepeatedCompositeFieldContainer[PinnedSession]
+    def __init__(self, worker_id: _Optional[str] = ..., stats: _Optional[_Union[WorkerStats, _Mapping]] = ..., recent_first_token_s: _Optional[float] = ..., recent_inter_token_s: _Optional[float] = ..., draining: _Optional[bool] = ..., block_hashes: _Optional[_Union[BlockHashDelta, _Mapping]] = ..., session_secret: _Optional[str] = ..., stage_fault: _Optional[str] = ..., pipeline: _Optional[_Union[PipelineReport, _Mapping]] = ..., sessions: _Optional[_Iterable[_Union[PinnedSession, _Mapping]]] = ...) -> None: ...
+
+class PinnedSession(_message.Message):
+    __slots__ = ("session_id", "tokens", "blocks", "idle_s", "ttl_left_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_LEFT_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tokens: int
+    blocks: int
+    idle_s: float
+    ttl_left_s: float
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[int] = ..., blocks: _Optional[int] = ..., idle_s: _Optional[float] = ..., ttl_left_s: _Optional[float] = ...) -> None: ...
 
 class PipelineReport(_message.Message):
     __slots__ = ("stages", "depth", "bubble", "hops", "mean_hops", "steps")

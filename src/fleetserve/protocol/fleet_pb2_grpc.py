@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.TokenizerRequest.SerializeToString,
                 response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.TokenizerFiles.FromString,
                 _registered_method=True)
+        self.ReleaseSession = channel.unary_unary(
+                '/fleetserve.v1.Worker/ReleaseSession',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.SessionRequest.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.SessionReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -94,6 +99,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseSession(self, request, context):
+        """unpin a session's KV now
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +133,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetTokenizer,
                     request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.TokenizerRequest.FromString,
                     response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.TokenizerFiles.SerializeToString,
+            ),
+            'ReleaseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseSession,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.SessionRequest.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.SessionReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +275,105 @@ class Worker:
             '/fleetserve.v1.Worker/GetTokenizer',
             fleetserve_dot_protocol_dot_fleet__pb2.TokenizerRequest.SerializeToString,
             fleetserve_dot_protocol_dot_fleet__pb2.TokenizerFiles.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetserve.v1.Worker/ReleaseSession',
+            fleetserve_dot_protocol_dot_fleet__pb2.SessionRequest.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.SessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class KvTransferStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Fetch = channel.unary_stream(
+                '/fleetserve.v1.KvTransfer/Fetch',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.KvFetchRequest.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.KvChunk.FromString,
+                _registered_method=True)
+
+
+class KvTransferServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KvTransferServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.KvFetchRequest.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.KvChunk.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'fleetserve.v1.KvTransfer', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('fleetserve.v1.KvTransfer', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KvTransfer:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleetserve.v1.KvTransfer/Fetch',
+            fleetserve_dot_protocol_dot_fleet__pb2.KvFetchRequest.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.KvChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -15,6 +15,8 @@ the PEM text itself (a config file may carry it inline). This module imports not
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import os
@@ -150,13 +152,32 @@ async def _deny_stream(request: Any, context: grpc.aio.ServicerContext):
     yield  # never reached: makes this an async generator, as streaming handlers are
 
 
+async def _first_message(requests: Any) -> None:
+    """Wait briefly for a streaming call's first message (left unparsed). A client whose first message is still
+    being sent when the refusal arrives would see its send fail (INTERNAL) instead of the refusal."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(requests.__anext__(), FIRST_MESSAGE_WAIT_S)
+
+
+async def _deny_stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> None:
+    await _first_message(requests)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+
+
+async def _deny_stream_stream(requests: Any, context: grpc.aio.ServicerContext):
+    await _first_message(requests)
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, _DENIED)
+    yield  # never reached: makes this an async generator, as streaming handlers are
+
+
+FIRST_MESSAGE_WAIT_S = 0.5
 _DENIED = "missing or wrong fleet secret (authorization: Bearer <registration token>)"
 # Raw bytes in, nothing out: a refused call's message is never parsed.
 _DENIALS = {
     (False, False): grpc.unary_unary_rpc_method_handler(_deny_unary),
     (False, True): grpc.unary_stream_rpc_method_handler(_deny_stream),
-    (True, False): grpc.stream_unary_rpc_method_handler(_deny_unary),
-    (True, True): grpc.stream_stream_rpc_method_handler(_deny_stream),
+    (True, False): grpc.stream_unary_rpc_method_handler(_deny_stream_unary),
+    (True, True): grpc.stream_stream_rpc_method_handler(_deny_stream_stream),
 }
 
 

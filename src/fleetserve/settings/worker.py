@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from fleetserve.config import EngineConfig, RetentionConfig
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
 
@@ -18,8 +19,10 @@ class WorkerSettings(EngineSettings):
     port: int = option(0, "gRPC port (0: a free one)")
     advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
     name: str | None = option(None, "worker name (default: hostname-port)")
-    role: Literal["replica", "stage"] = option(
-        "replica", "replica (the whole model) or stage (the layers of a pipeline that the gateway assigns)"
+    role: Literal["replica", "prefill", "decode", "stage"] = option(
+        "replica",
+        "replica (the whole model, whole requests), prefill (prompts: hands the KV to a decode worker), decode "
+        "(goes on from a prefill worker's KV) or stage (the layers of a pipeline that the gateway assigns)",
     )
     max_memory_mb: int | None = option(
         None, "a stage's cap on its weights plus KV in MiB (default: the whole model's weights plus --kv-cache-mb)"
@@ -36,3 +39,19 @@ class WorkerSettings(EngineSettings):
     tls_cert: str = option("", "this worker's certificate (PEM file), signed by the fleet CA")
     tls_key: str = option("", "this worker's private key (PEM file)", secret=True)
     drain_timeout: float = option(60.0, "seconds a draining worker waits for its requests before it stops")
+    session_ttl: float = option(600.0, "seconds an idle conversation session's KV stays pinned")
+    max_sessions: int = option(256, "sessions whose KV this worker pins at once (the longest idle goes first)")
+    session_max_tokens: int = option(4096, "most tokens one session may hold; a longer turn is refused")
+    session_cache_share: float = option(0.5, "share of the KV cache that pinned sessions may hold together")
+    kv_transfer_ttl: float = option(30.0, "seconds a prefill's KV waits for its decode worker to fetch it")
+
+    def engine_config(self) -> EngineConfig:
+        config = super().engine_config()
+        config.retention = RetentionConfig(
+            session_ttl_s=self.session_ttl,
+            max_sessions=self.max_sessions,
+            max_session_tokens=self.session_max_tokens,
+            session_cache_share=self.session_cache_share,
+            transfer_ttl_s=self.kv_transfer_ttl,
+        )
+        return config.validate()

@@ -402,6 +402,11 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.kv_received_bytes_total = Counter(
+            "fleetserve_engine_kv_received_bytes_total",
+            "Bytes of KV this worker fetched from prefill workers.",
+            registry=r,
+        )
         self._servers: list[tuple[WSGIServer, threading.Thread]] = []
 
     def render(self) -> tuple[bytes, str]:

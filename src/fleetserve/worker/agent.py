@@ -43,6 +43,7 @@ class WorkerAgent:
         block_hashes: Callable[[], Awaitable[set[int]]] | None = None,
         on_stop: Callable[[], None] | None = None,
         pipeline: Callable[[], pb.PipelineReport | None] | None = None,
+        sessions: Callable[[], Awaitable[list[pb.PinnedSession]]] | None = None,
     ):
         self.gateway = gateway
         self.info = info
@@ -52,6 +53,7 @@ class WorkerAgent:
         self._block_hashes = block_hashes
         self._on_stop = on_stop
         self._pipeline = pipeline
+        self._sessions = sessions
         self._stage_fault = ""
         self._wake = asyncio.Event()
         self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
@@ -119,6 +121,7 @@ class WorkerAgent:
                     session_secret=self._session,
                     stage_fault=self._stage_fault,
                     pipeline=self._pipeline() if self._pipeline is not None else None,
+                    sessions=await self._sessions() if self._sessions is not None else (),
                 )
                 self._stage_fault = ""
                 await self._wait(reregister, interval)

@@ -9,6 +9,8 @@ import socket
 import sys
 
 from fleetserve.engine.async_engine import AsyncEngine
+from fleetserve.engine.engine import LLMEngine
+from fleetserve.engine.kv_pins import SESSION
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol.security import FleetCredentials
@@ -16,6 +18,7 @@ from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.text.tokenizer import Tokenizer
 from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
+from fleetserve.worker.kv_transfer import KvFetcher
 from fleetserve.worker.server import WorkerService, serve_worker, wait_idle
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,15 @@ def worker_info(opts: WorkerSettings, engine: AsyncEngine, fingerprint: str, nam
     )
 
 
+def pinned_sessions(core: LLMEngine) -> list[pb.PinnedSession]:
+    """The sessions whose KV the engine keeps pinned, for the heartbeat (on the engine thread)."""
+    return [
+        pb.PinnedSession(session_id=p.key, tokens=p.tokens, blocks=p.blocks, idle_s=p.idle_s, ttl_left_s=p.ttl_left_s)
+        for p in core.pinned()
+        if p.kind == SESSION
+    ]
+
+
 async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``stop``); then drain, deregister and return an exit code."""
     stop = stop or asyncio.Event()
@@ -62,6 +74,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
     service = WorkerService(engine, opts.model, tokenizer.fingerprint)
+    service.kv_fetcher = KvFetcher(credentials)
     server, port = await serve_worker(engine, service, opts.host, opts.port, credentials)
     metrics_note = ""
     if opts.metrics_port is not None:
@@ -83,6 +96,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
             latency=service.recent_latency,
             block_hashes=lambda: engine.call(core.kv.cached_hashes),
             on_stop=stop.set,
+            sessions=lambda: engine.call(lambda: pinned_sessions(core)),
         )
         agent_task = asyncio.create_task(agent.run())
     print(f"fleetserve worker ready: {name} at {address}, model {opts.model}{metrics_note}", flush=True)
@@ -109,6 +123,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         await agent.close()
     waiter.cancel()
     await server.stop(grace=1.0)
+    await service.kv_fetcher.close()
     if service.metrics is not None:
         service.metrics.close()
     await engine.close()

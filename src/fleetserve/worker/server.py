@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from fleetserve.contract import SamplingParams
+from fleetserve.contract import KVTransfer, SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
 from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
 from fleetserve.protocol import convert
@@ -27,6 +27,7 @@ from fleetserve.protocol.security import PRIORITY_MAX, PRIORITY_MIN, FleetCreden
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.telemetry.tracing import request_id_var
 from fleetserve.text.tokenizer import tokenizer_files
+from fleetserve.worker.kv_transfer import KvFetcher, KvTransferService
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         self._files = tokenizer_files(Path(engine.engine.model_dir))
         self._health_prompt = [engine.engine.arch.bos_token_id or 0]
         self.metrics: WorkerMetrics | None = None
+        self.kv_fetcher: KvFetcher | None = None
+        """Fetches prompts' KV from prefill workers (requests that come with a kv_source)."""
         """Prometheus metrics, when the worker serves them (--metrics-port)."""
         self._first_token_s = 0.0  # moving averages for heartbeats
         self._inter_token_s = 0.0
@@ -69,12 +72,20 @@ class WorkerService(pb_grpc.WorkerServicer):
         # The gateway's request id (several calls of one request share it), for this worker's log lines.
         metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
         request_id_var.set(metadata.get("x-request-id") or rid)
+        prompt = list(request.prompt_token_ids)
+        received, kv_import = None, None
+        if request.HasField("kv_source"):
+            received, kv_import = await self._receive_kv(request.kv_source, prompt)
         stream = self.engine.generate(
-            list(request.prompt_token_ids),
+            prompt,
             convert.sampling_from_proto(request.params),
             request_id=rid,
             priority=request.priority,
             resumed_output=list(request.resumed_output_ids) or None,
+            kv_import=kv_import,
+            session_id=request.session_id or None,
+            session_ttl_s=request.session_ttl_s or None,
+            prefill_only=request.prefill_only,
         )
         first = True
         last = arrived
@@ -90,7 +101,10 @@ class WorkerService(pb_grpc.WorkerServicer):
                         outcome = "cancelled" if out.finish_reason == "abort" else "ok"
                         self.metrics.requests_total.labels(outcome=outcome).inc()
                 last = now
-                yield convert.output_to_chunk(out, first=first, queue_s=now - arrived if first else 0.0)
+                chunk = convert.output_to_chunk(out, first=first, queue_s=now - arrived if first else 0.0)
+                if first and received is not None:
+                    chunk.kv_received.CopyFrom(received)
+                yield chunk
                 first = False
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -104,6 +118,33 @@ class WorkerService(pb_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         finally:
             await stream.aclose()  # a cancelled call lands here: the engine aborts the request
+
+    async def _receive_kv(self, source: pb.KvSource, prompt: list[int]) -> tuple[pb.KvReceived, KVTransfer | None]:
+        """Fetch the prompt's KV that this worker's prefix cache lacks from the prefill worker ``source`` names.
+        A failed transfer is not the request's failure: it is prefilled here instead (``fallback`` says why)."""
+        core = self.engine.engine
+        tokens = prompt[: source.num_tokens]
+        cached = await self.engine.call(lambda: core.cached_prefix_tokens(tokens + [0]))
+        start = min(cached, source.num_tokens)
+        if self.kv_fetcher is None:
+            return pb.KvReceived(fallback="this worker fetches no KV"), None
+        fetched = await self.kv_fetcher.fetch(source, start)
+        received = pb.KvReceived(
+            tokens=source.num_tokens - start if fetched.transfer is not None else 0,
+            cached_tokens=start,
+            bytes=fetched.bytes,
+            seconds=fetched.seconds,
+            fallback=fetched.error,
+        )
+        if fetched.error:
+            log.warning("KV transfer %s failed (%s): prefilling here", source.transfer_id, fetched.error)
+        if self.metrics is not None:
+            self.metrics.kv_received_bytes_total.inc(fetched.bytes)
+        return received, fetched.transfer
+
+    async def ReleaseSession(self, request: pb.SessionRequest, context) -> pb.SessionReply:
+        core = self.engine.engine
+        return pb.SessionReply(found=await self.engine.call(lambda: core.release_session(request.session_id)))
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
         return pb.AbortReply(found=await self.engine.abort(request.request_id))
@@ -148,6 +189,7 @@ async def serve_worker(
         ]
     )
     pb_grpc.add_WorkerServicer_to_server(service, server)
+    pb_grpc.add_KvTransferServicer_to_server(KvTransferService(engine), server)
     bound = credentials.server_port(server, f"{host}:{port}")
     await server.start()
     return server, bound

@@ -396,7 +396,7 @@ function drawTimeline(trace) {
   const total = Math.max(...spans.map((s) => Number(s.end) || 0), 1e-6);
   $("timeline-hint").hidden = true;
   drawAxis(total);
-  $("timeline-rows").replaceChildren(...spans.map((span) => spanRow(span, total)));
+  $("timeline-rows").replaceChildren(...spans.flatMap((span) => [spanRow(span, total), ...hopRows(span, total)]));
   $("served-by").textContent = servedBy(trace.attempts || []);
 }
 
@@ -437,6 +437,51 @@ function spanRow(span, total) {
 
   row.append(name, track, el("span", "span-ms", duration === 0 ? "·" : fmtMs(duration)));
   return row;
+}
+
+/**
+ * A pipeline's hops under its prefill or decode span: one row per stage (node, layers), its compute and the
+ * transfer into it as two bars, summed over the span's steps and laid end to end (prefill's ending with the
+ * span, decode's starting with it); the title adds the bytes and, for decode, the figures per step.
+ */
+function hopRows(span, total) {
+  const attrs = span.attributes || {};
+  const hops = Array.isArray(attrs.hops) ? attrs.hops : [];
+  if (hops.length === 0) return [];
+  const seconds = (hop) => (Number(hop.compute_s) || 0) + (Number(hop.transfer_s) || 0);
+  const sum = hops.reduce((acc, hop) => acc + seconds(hop), 0);
+  const start = Math.max(0, Number(span.start) || 0);
+  const end = start + Math.max(0, Number(span.duration) || 0);
+  const steps = Number(attrs.steps) || 0;
+  let cursor = span.name === "decode" ? start : Math.max(start, end - sum);
+  return hops.map((hop) => {
+    const row = el("div", "span-row hop-row");
+    row.dataset.name = "hop";
+    row.dataset.phase = span.name;
+    row.dataset.stage = hop.name;
+    const name = el("span", "span-name", `↳ ${hop.name}`);
+    name.append(el("small", "", fmtRange(hop.layer_start, hop.layer_end)));
+    const parts = [
+      `${span.name} on ${hop.name}, layers ${fmtRange(hop.layer_start, hop.layer_end)}`,
+      `compute ${fmtMs(hop.compute_s)}, transfer in ${fmtMs(hop.transfer_s)}, ${fmtNumber(hop.bytes / 1024, 1)} KiB`,
+    ];
+    if (steps > 0) {
+      parts.push(`over ${steps} steps: ${fmtMs(hop.compute_s / steps)} compute, ${fmtMs(hop.transfer_s / steps)} transfer per step`);
+    }
+    row.title = parts.join("\n");
+    const track = el("span", "span-track");
+    for (const [kind, value] of [["transfer", hop.transfer_s], ["compute", hop.compute_s]]) {
+      const width = Math.max(0, Number(value) || 0);
+      const bar = el("span", `span-bar hop-${kind}`);
+      bar.style.left = `${Math.min(100, (cursor / total) * 100)}%`;
+      bar.style.width = `${Math.min(100, (width / total) * 100)}%`;
+      bar.title = `${kind}: ${fmtMs(width)}`;
+      track.append(bar);
+      cursor += width;
+    }
+    row.append(name, track, el("span", "span-ms", fmtMs(seconds(hop))));
+    return row;
+  });
 }
 
 function describeAttributes(span) {
