@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 
 from fleetserve.errors import InvalidRequestError
+from fleetserve.gateway.launcher import ROLES
 
 COLUMNS = (
     ("NAME", "name"),
@@ -40,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--role",
         default="replica",
-        choices=("replica", "stage"),
-        help="join: a replica (the whole model) or a pipeline stage node (default: replica)",
+        choices=ROLES,
+        help="join: a replica (the whole model, whole requests), a prefill worker (computes prompts and hands their "
+        "KV to a decode worker), a decode worker (goes on from a prefill worker's KV) or a pipeline stage node "
+        "(default: replica)",
     )
     parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
 
@@ -129,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
         if answer.get("role") == "stage":
             message = f"{start}, a stage node with a {answer['max_memory_mb']} MiB cap; the gateway assigns its layers"
         else:
-            message = f"{start}, {answer['max_memory_mb']} MiB cap, {answer['kv_cache_mb']} MiB KV"
+            role = f", a {answer['role']} worker" if answer.get("role") in ("prefill", "decode") else ""
+            message = f"{start}{role}, {answer['max_memory_mb']} MiB cap, {answer['kv_cache_mb']} MiB KV"
         message += "; it registers when loaded"
     else:
         answer = call(args.url, "POST", f"/admin/workers/{args.worker}/{args.action}", args.admin_key)

@@ -1,4 +1,7 @@
-"""`fleetserve up`: a gateway plus N local workers as child processes, ready when /ready says so.
+"""`fleetserve up`: a gateway plus local workers as child processes, ready when /ready says so.
+
+The local workers are whole-model replicas (``worker-N``), prefill and decode workers (``prefill-N``,
+``decode-N``) and the stage nodes of one pipeline (``stage-N``), as many of each as the settings ask.
 
 The machine's cores are split between the workers (torch threads each), since workers that each use every core
 slow one another down. The processes run under a :class:`~fleetserve.supervisor.Supervisor`, each in its own
@@ -23,6 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 from fleetserve.certs import CertFiles, fleet_certs
 from fleetserve.protocol.security import SECRET_ENV
@@ -47,37 +51,71 @@ def child_specs(
     Each child gets the settings of ``explicit`` that it has, as FLEETSERVE_* variables (so keys never show in
     process arguments), and the config file; this process's own FLEETSERVE_* settings variables are not
     inherited (a FLEETSERVE_PORT meant for `up` must not become every worker's port). ``secret`` (the fleet
-    secret) goes to every child, and each its own files of ``tls`` (by name: gateway, worker-N).
+    secret) goes to every child, and each its own files of ``tls`` (by name: gateway, worker-N for the N-th local
+    worker of any kind).
     """
     exe = [sys.executable, "-m", "fleetserve"]
     config = ["--config", config_file] if config_file else []
     clean: dict[str, str | None] = {ENV_PREFIX + name.upper(): None for name in UpSettings.model_fields}
-    replicas, stages = local_counts(settings, explicit)
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, replicas + stages))
+    counts = local_counts(settings, explicit)
+    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, counts.total))
     fleet = {SECRET_ENV: secret} if secret else {}
     gateway_env = {**clean, **settings.gateway_env(explicit), **fleet, **(tls["gateway"].env() if tls else {})}
     specs = [ChildSpec("gateway", [*exe, "gateway", *config], gateway_env, "fleetserve gateway ready", sys.stderr)]
     control = f"{dial_host(settings.control_host)}:{settings.control_port}"
     worker_env = {**clean, **settings.worker_env(explicit), **fleet}
-    for i in range(replicas):
-        name = f"worker-{i}"
-        env = {**worker_env, **(tls[name].env() if tls else {})}
-        argv = [*exe, "worker", "--gateway", control, "--name", name, "--threads", str(threads), *config]
-        specs.append(ChildSpec(name, argv, env, "fleetserve worker ready", sys.stderr))
     cap = ["--max-memory-mb", str(settings.stage_memory_mb)] if settings.stage_memory_mb else []
-    for i in range(stages):
-        name = f"stage-{i}"
-        env = {**worker_env, **(tls[f"worker-{replicas + i}"].env() if tls else {})}
-        argv = [*exe, "worker", "--role", "stage", "--gateway", control, "--name", name, "--threads", str(threads)]
-        specs.append(ChildSpec(name, [*argv, *cap, *config], env, "fleetserve worker ready", sys.stderr))
+    for i, (name, role) in enumerate(counts.workers()):
+        env = {**worker_env, **(tls[f"worker-{i}"].env() if tls else {})}
+        argv = [*exe, "worker"] + (["--role", role] if role != "replica" else [])
+        argv += ["--gateway", control, "--name", name, "--threads", str(threads)]
+        argv += cap if role == "stage" else []
+        specs.append(ChildSpec(name, [*argv, *config], env, "fleetserve worker ready", sys.stderr))
     return specs
 
 
-def local_counts(settings: UpSettings, explicit: set[str]) -> tuple[int, int]:
-    """Whole-model workers and stage nodes to start: with a pipeline, replicas only when --workers was given."""
-    stages = max(0, settings.pipeline)
-    replicas = settings.workers if not stages or "workers" in explicit else 0
-    return replicas, stages
+@dataclass(frozen=True)
+class LocalCounts:
+    """The local workers `up` starts, by kind."""
+
+    replicas: int
+    prefill: int
+    decode: int
+    stages: int
+
+    @property
+    def total(self) -> int:
+        return self.replicas + self.prefill + self.decode + self.stages
+
+    @property
+    def serving(self) -> int:
+        """Healthy workers /ready reports once every one has loaded: a pipeline serves through its head alone."""
+        return self.replicas + self.prefill + self.decode + (1 if self.stages else 0)
+
+    def workers(self) -> list[tuple[str, str]]:
+        """(name, role) of each, in the order they start: replicas, prefill, decode, then the stage nodes."""
+        kinds = (("worker", "replica", self.replicas), ("prefill", "prefill", self.prefill))
+        kinds += (("decode", "decode", self.decode), ("stage", "stage", self.stages))
+        return [(f"{prefix}-{i}", role) for prefix, role, n in kinds for i in range(n)]
+
+    def summary(self) -> str:
+        """E.g. "2 worker(s)", "1 prefill and 1 decode worker(s)", "2 worker(s) and a pipeline of 3 stage node(s)"."""
+        parts = [f"{self.replicas} worker(s)"] if self.replicas or self.total == 0 else []
+        if self.prefill or self.decode:
+            parts.append(f"{self.prefill} prefill and {self.decode} decode worker(s)")
+        if self.stages:
+            parts.append(f"a pipeline of {self.stages} stage node(s)")
+        if len(parts) > 1 and not any(" and " in p for p in parts):
+            return f"{', '.join(parts[:-1])} and {parts[-1]}"
+        return ", ".join(parts)
+
+
+def local_counts(settings: UpSettings, explicit: set[str]) -> LocalCounts:
+    """The local workers to start: with a pipeline or prefill/decode workers, replicas only when --workers was
+    given."""
+    stages, prefill, decode = max(0, settings.pipeline), settings.prefill, settings.decode
+    replicas = settings.workers if not (stages or prefill or decode) or "workers" in explicit else 0
+    return LocalCounts(max(0, replicas), prefill, decode, stages)
 
 
 def wait_ready(
@@ -140,9 +178,8 @@ def _serve(url: str, ready: dict, supervisor: Supervisor, stopping: threading.Ev
 def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> int:
     """Start the fleet, say where it answers, and keep it until Ctrl-C/SIGTERM or a child's exit."""
     url = f"http://{dial_host(settings.host)}:{settings.port}"
-    replicas, stages = local_counts(settings, explicit)
-    parts = f"{replicas} worker(s)" + (f" and a pipeline of {stages} stage node(s)" if stages else "")
-    print(f"starting a gateway, {parts} on {settings.model} ...", file=sys.stderr, flush=True)
+    counts = local_counts(settings, explicit)
+    print(f"starting a gateway, {counts.summary()} on {settings.model} ...", file=sys.stderr, flush=True)
     supervisor = Supervisor()
     stopping = threading.Event()
 
@@ -153,12 +190,12 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     tls_dir = settings.tls_dir or (tempfile.mkdtemp(prefix="fleetserve-tls-") if settings.tls else "")
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        tls = fleet_certs(tls_dir, replicas + stages) if tls_dir else None
+        tls = fleet_certs(tls_dir, counts.total) if tls_dir else None
         for spec in child_specs(settings, explicit, config_file, secret, tls):
             supervisor.start(spec)
         headers = {"Authorization": f"Bearer {settings.api_key[0]}"} if settings.api_key else None
         try:
-            ready = wait_ready(url, supervisor, READY_TIMEOUT_S, replicas + (1 if stages else 0), headers, stopping)
+            ready = wait_ready(url, supervisor, READY_TIMEOUT_S, counts.serving, headers, stopping)
         except ChildExited as exc:
             print(
                 f"fleetserve up: {exc.name} exited with code {exc.returncode} before the fleet was ready",

@@ -72,7 +72,8 @@ def test_list_shows_each_worker_with_its_state_and_load(fleet):
     [
         ({"model": MODEL, "max_memory_mb": 100}, 400, "needs at least"),
         ({"model": "no-such-model"}, 404, "no-such-model"),
-        ({"model": MODEL, "role": "decode"}, 400, "role"),
+        ({"model": MODEL, "role": "router"}, 400, "role"),
+        ({"model": MODEL, "role": 7}, 400, "role"),
         ({"model": MODEL, "device": "tpu"}, 400, "device"),
         ({"model": MODEL, "colour": "red"}, 400, "colour"),
         ({"max_memory_mb": 900}, 400, "model"),

@@ -20,6 +20,7 @@ import pytest
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from tests.browser import console_page, send_prompt
+from tests.chat import chat_body, complete, stream_text
 from tests.fleet import READY_WORKER, spawn, start_fleet, worker_channel
 from tests.helpers import PROMPTS
 
@@ -29,39 +30,6 @@ MODEL = "smollm2-135m-instruct"
 STAGE = ("--role", "stage", "--max-memory-mb", "400", "--max-model-len", "2048", "--max-num-batched-tokens", "64")
 QUESTIONS = PROMPTS + [p + " Answer in two sentences." for p in PROMPTS]  # 16 distinct prompts
 REF: dict[str, list[str]] = {}
-
-
-def _body(prompt: str, seed: int | None = None, max_tokens: int = 24) -> dict:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
-    return {**body, "temperature": 0.8, "seed": seed} if seed is not None else {**body, "temperature": 0}
-
-
-async def _one(client: httpx.AsyncClient, url: str, body: dict) -> str:
-    resp = await client.post(url + "/v1/chat/completions", json=body)
-    assert resp.status_code == 200, resp.text
-    return resp.json()["choices"][0]["message"]["content"]
-
-
-async def _stream(client: httpx.AsyncClient, url: str, body: dict, progress: list) -> str:
-    text = ""
-    async with client.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as resp:
-        assert resp.status_code == 200, await resp.aread()
-        progress.append(resp.headers["x-request-id"])
-        async for line in resp.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                text += event["choices"][0]["delta"].get("content") or ""
-                progress.append(1)
-    return text
-
-
-def complete(url: str, bodies: list[dict]) -> list[str]:
-    async def run():
-        async with httpx.AsyncClient(timeout=300) as client:
-            return await asyncio.gather(*(_one(client, url, b) for b in bodies))
-
-    return asyncio.run(run())
 
 
 def pipelines(fleet) -> dict:
@@ -104,8 +72,8 @@ def fleet():
 
 
 def test_reference_from_a_whole_model_worker(fleet):
-    REF["greedy"] = complete(fleet.url, [_body(q) for q in QUESTIONS])
-    REF["seeded"] = complete(fleet.url, [_body(q, seed=11 + i) for i, q in enumerate(QUESTIONS[:4])])
+    REF["greedy"] = complete(fleet.url, [chat_body(q) for q in QUESTIONS])
+    REF["seeded"] = complete(fleet.url, [chat_body(q, seed=11 + i) for i, q in enumerate(QUESTIONS[:4])])
     assert all(REF["greedy"]) and len(set(REF["greedy"])) > 8
     replica = fleet.workers.pop()
     assert replica.stop() == 0  # drains and deregisters
@@ -135,11 +103,11 @@ def test_two_stages_give_the_single_worker_text(fleet):
     fleet.add_worker("stage-b", *STAGE)
     state = wait_stages(fleet, 2)
     assert state["stages"][0]["layer_start"] == 0 and state["stages"][-1]["layer_end"] == 30
-    assert complete(fleet.url, [_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
-    assert complete(fleet.url, [_body(q) for q in QUESTIONS]) == REF["greedy"]  # 16 at once
-    seeded = complete(fleet.url, [_body(q, seed=11 + i) for i, q in enumerate(QUESTIONS[:4])])
+    assert complete(fleet.url, [chat_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
+    assert complete(fleet.url, [chat_body(q) for q in QUESTIONS]) == REF["greedy"]  # 16 at once
+    seeded = complete(fleet.url, [chat_body(q, seed=11 + i) for i, q in enumerate(QUESTIONS[:4])])
     assert seeded == REF["seeded"]
-    answer = httpx.post(fleet.url + "/v1/chat/completions", json=_body(QUESTIONS[0]), timeout=60)
+    answer = httpx.post(fleet.url + "/v1/chat/completions", json=chat_body(QUESTIONS[0]), timeout=60)
     again = answer.json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # a prefix hit, across the stages
     assert again["choices"][0]["message"]["content"] == REF["greedy"][0]
@@ -170,7 +138,7 @@ def test_three_stages_after_a_third_node_joins(fleet):
     fleet.add_worker("stage-c", *STAGE)
     state = wait_stages(fleet, 3)
     assert state["repartitions"] > before
-    assert complete(fleet.url, [_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
+    assert complete(fleet.url, [chat_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
 
 
 def _kill_during_streams(fleet, victim, sig: int, count: int = 8) -> list[str]:
@@ -179,7 +147,9 @@ def _kill_during_streams(fleet, victim, sig: int, count: int = 8) -> list[str]:
     async def run():
         progress: list = []
         async with httpx.AsyncClient(timeout=300) as client:
-            tasks = [asyncio.create_task(_stream(client, fleet.url, _body(q), progress)) for q in QUESTIONS[:count]]
+            tasks = [
+                asyncio.create_task(stream_text(client, fleet.url, chat_body(q), progress)) for q in QUESTIONS[:count]
+            ]
             while len(progress) < 3 * count and not all(t.done() for t in tasks):
                 await asyncio.sleep(0.02)
             victim.popen.send_signal(sig)
@@ -209,7 +179,7 @@ def test_join_back_repartitions_and_stays_exact(fleet):
     fleet.add_worker("stage-d", *STAGE)
     state = wait_stages(fleet, 3)
     assert state["repartitions"] > before
-    assert complete(fleet.url, [_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
+    assert complete(fleet.url, [chat_body(q) for q in QUESTIONS[:8]]) == REF["greedy"][:8]
 
 
 def test_a_stage_that_stops_answering_is_replaced_and_no_kv_leaks(fleet):
@@ -251,7 +221,7 @@ def test_stages_refuse_wrong_models_and_bad_steps(fleet):
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "other weights" in err.value.details()
 
     asyncio.run(run())
-    assert complete(fleet.url, [_body(q) for q in QUESTIONS[:2]]) == REF["greedy"][:2]
+    assert complete(fleet.url, [chat_body(q) for q in QUESTIONS[:2]]) == REF["greedy"][:2]
 
 
 def test_a_worker_ready_line_names_the_stage(fleet):

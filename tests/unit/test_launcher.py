@@ -1,4 +1,5 @@
-"""The launcher's join: which worker command a replica and a stage node get, and what it refuses (no processes)."""
+"""The launcher's join: which worker command a replica, a prefill or decode worker and a stage node get, and what it
+refuses (no processes)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from fleetserve.errors import InvalidRequestError
 from fleetserve.gateway import launcher
+from fleetserve.gateway.api.admin import _join_request
 from fleetserve.gateway.launcher import Launcher, MemoryPlan
 
 
@@ -52,5 +54,28 @@ def test_a_replica_keeps_its_kv_split_and_other_roles_are_refused(joined):
     worker = asyncio.run(joined.join("m", "cpu", 1000))
     argv = joined.supervisor.specs[0].argv
     assert "--role" not in argv and argument(argv, "--kv-cache-mb") == str(1000 - 514 - 256) == str(worker.kv_cache_mb)
-    with pytest.raises(InvalidRequestError, match="role 'decode'"):
-        asyncio.run(joined.join("m", "cpu", 1000, role="decode"))
+    with pytest.raises(InvalidRequestError, match="role 'router' cannot be launched here; use one of: replica, "):
+        asyncio.run(joined.join("m", "cpu", 1000, role="router"))
+    assert len(joined.supervisor.specs) == 1  # nothing started for it
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_prefill_and_decode_workers_are_planned_like_replicas_with_their_role(joined, role):
+    worker = asyncio.run(joined.join("m", "cpu", 1000, role=role))
+    argv = joined.supervisor.specs[0].argv
+    assert argument(argv, "--role") == role and argument(argv, "--kv-cache-mb") == str(1000 - 514 - 256)
+    assert "--max-memory-mb" not in argv and (worker.role, worker.kv_cache_mb) == (role, 1000 - 514 - 256)
+    with pytest.raises(InvalidRequestError, match="max_memory_mb 500 is too small"):
+        asyncio.run(joined.join("m", "cpu", 500, role=role))  # the same floor as a replica's
+
+
+@pytest.mark.parametrize("role", ["replica", "prefill", "decode", "stage"])
+def test_the_admin_join_body_takes_every_launchable_role(role):
+    assert _join_request({"model": "m", "role": role}) == ("m", "cpu", None, role)
+
+
+@pytest.mark.parametrize("role", ["router", 7, ["decode"]])
+def test_the_admin_join_body_refuses_other_roles_by_name(role):
+    with pytest.raises(InvalidRequestError, match="'role' must be one of: replica, prefill, decode, stage") as info:
+        _join_request({"model": "m", "role": role})
+    assert info.value.param == "role"

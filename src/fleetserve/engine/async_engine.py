@@ -121,6 +121,12 @@ class AsyncEngine:
         """The snapshot taken after the latest step (no waiting on the engine thread)."""
         return self._stats
 
+    def submit(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the engine thread between two steps, without waiting for it (usable where awaiting is
+        not: cleanup of a cancelled task); its errors are logged."""
+        fut = self._submit(fn)
+        fut.add_done_callback(lambda f: f.exception() and log.warning("engine command failed: %s", f.exception()))
+
     async def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the engine thread between two steps and return its result."""
         return await asyncio.wrap_future(self._submit(fn))

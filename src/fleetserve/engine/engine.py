@@ -176,8 +176,8 @@ class LLMEngine:
 
     def _check_session(self, session_id: str, ttl_s: float | None, most_tokens: int) -> None:
         retention = self.config.retention
-        if not session_id or len(session_id) > 128:
-            raise InvalidRequestError("a session id is 1 to 128 characters", "session_id")
+        if not session_id or len(session_id) > 256:
+            raise InvalidRequestError("a session id is 1 to 256 characters", "session_id")
         if retention.max_sessions == 0:
             raise InvalidRequestError("this engine keeps no sessions (max_sessions is 0)", "session_id")
         if most_tokens > retention.max_session_tokens:
@@ -398,10 +398,12 @@ class LLMEngine:
             )
         return self.runner.kv_transfer(request.all_token_ids[:end], self.kv.block_table(request_id), start, end)
 
-    def computed_tokens(self, request_id: str) -> int:
-        """Tokens whose KV a live or retained request holds (0 when it holds none)."""
+    def held_tokens(self, request_id: str) -> list[int]:
+        """The tokens whose KV a live or retained request holds (none when it holds no KV)."""
         request = self.scheduler.requests.get(request_id)
-        return request.num_computed_tokens if request is not None and self.kv.has(request_id) else 0
+        if request is None or not self.kv.has(request_id):
+            return []
+        return request.all_token_ids[: request.num_computed_tokens]
 
     def release(self, request_id: str) -> None:
         """Free the KV a finished request still holds (retained, pinned or not)."""

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 from fleetserve.errors import CapacityError, NoWorkerError
 from fleetserve.gateway.policies.base import Policy, RouteRequest
-from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry
+from fleetserve.gateway.policies.kv_aware import KVAwarePolicy
+from fleetserve.gateway.policies.prefill_queue import PrefillQueuePolicy, cached_prompt_tokens
+from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, WorkerRecord, WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,12 @@ class Admission:
         self._seq = itertools.count()
         self.rejected = 0
         """Requests answered 503 because the queue was full."""
+        self.pool_policies: dict[str, Policy] = {
+            PREFILL_ROLE: PrefillQueuePolicy(),
+            DECODE_ROLE: KVAwarePolicy(load_weight=0.6, kv_weight=0.4),
+        }
+        """How a disaggregated request's prefill and decode workers are chosen: by the tokens queued before its
+        prompt (less what their caches hold), and by 60% load and 40% KV use."""
         self.coming: Callable[[str], bool] = lambda model: False
         """Whether a worker for ``model`` is on its way (a pipeline being assigned): requests queue for it then,
         instead of being answered 503."""
@@ -129,6 +137,8 @@ class Admission:
         is full.
         """
         queue = self._queues.setdefault(model, [])
+        if route.pool is not None and not self.registry.routable(model, route.pool):
+            route.pool = None  # the pool emptied since the request chose it: any worker of the model will do
         if not any(w.info.model == model and w.routable for w in self.registry.workers.values()):
             if not accepted and not self.coming(model):
                 raise NoWorkerError(f"no healthy worker serves {model!r} right now; retry shortly")
@@ -195,22 +205,21 @@ class Admission:
         """KV tokens the request would add on ``worker``: ``tokens`` less the prompt blocks the worker reported
         holding in its prefix cache (those are shared, not allocated again), at least one block."""
         block_size = worker.info.block_size or 16
-        shared = 0
-        if worker.block_hashes:
-            for h in route.block_hashes(block_size):
-                if h not in worker.block_hashes:
-                    break
-                shared += block_size
+        shared = cached_prompt_tokens(worker, route) if worker.block_hashes else 0
         return max(tokens - shared, block_size)
 
     def _place(self, model: str, route: RouteRequest, tokens: int, avoid: frozenset[str]) -> Lease | None:
-        need = {w.worker_id: self.reservation(w, route, tokens) for w in self.registry.routable(model)}
-        roomy = [w for w in self.registry.routable(model) if self.has_room(w, need[w.worker_id])]
+        """A lease on a worker with room: the one ``route.prefer`` names when it has room, else the policy's pick
+        (the pool's own policy for a prefill or decode pool, the model's otherwise)."""
+        candidates = self.registry.routable(model, route.pool)
+        need = {w.worker_id: self.reservation(w, route, tokens) for w in candidates}
+        roomy = [w for w in candidates if self.has_room(w, need[w.worker_id])]
         preferred = [w for w in roomy if w.worker_id not in avoid] or roomy
         if not preferred:
             return None
-        policy = self.policy_for(model)
-        worker = policy.pick(preferred, route)
+        policy = self.pool_policies[route.pool] if route.pool in self.pool_policies else self.policy_for(model)
+        held = [w for w in preferred if w.worker_id == route.prefer]
+        worker = held[0] if held else policy.pick(preferred, route)
         if worker is None:
             return None
         reserved = need[worker.worker_id]

@@ -16,14 +16,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from fleetserve.errors import FleetServeError
-from fleetserve.gateway.api import admin, compat, console, docs, health, jobs, openai, responses
+from fleetserve.gateway.api import admin, compat, console, docs, health, jobs, openai, responses, sessions
 from fleetserve.gateway.api.deps import fleet_error
 from fleetserve.gateway.api.guard import HttpGuard
 from fleetserve.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (health.router, openai.router, jobs.router, compat.router, console.router, admin.router)
+ROUTERS = (health.router, openai.router, jobs.router, sessions.router, compat.router, console.router, admin.router)
 """In matching order: /v1/chat/completions (OpenAI) comes before /v1/chat/{model} (compat)."""
 
 

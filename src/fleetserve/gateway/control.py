@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
-from fleetserve.gateway.registry import STAGE_ROLE, WorkerRecord, WorkerRegistry, WorkerState
+from fleetserve.gateway.registry import REPLICA_ROLE, ROLES, STAGE_ROLE, WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import Network, address_allowed
@@ -55,6 +55,10 @@ class ControlService(pb_grpc.ControlServicer):
         info = request.info
         if not info.address or not info.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker must give its address and model")
+        if (info.role or REPLICA_ROLE) not in ROLES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown role {info.role!r}: one of {', '.join(ROLES)}"
+            )
         if self.networks and not await asyncio.to_thread(address_allowed, info.address, self.networks):
             allowed = ", ".join(str(n) for n in self.networks)
             log.warning("registration of %s at %s refused: outside the worker networks", info.name, info.address)

@@ -30,13 +30,17 @@ from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.gateway.policies.base import RouteRequest
-from fleetserve.gateway.registry import WorkerRecord, WorkerRegistry, WorkerState
+from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, WorkerRecord, WorkerRegistry, WorkerState
+from fleetserve.gateway.sessions import SessionTable
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.telemetry.metrics import GatewayMetrics
 from fleetserve.telemetry.tracing import Attempt, Trace
 
 log = logging.getLogger(__name__)
+
+PREFILLED = "prefilled"
+"""A prefill worker's finish reason: the first token is out, the KV waits for a decode worker."""
 
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -72,6 +76,8 @@ class _Progress:
     """Prompt tokens the first placement found cached (what usage reports)."""
     produced: int = 0
     """Tokens of the current attempt."""
+    handoff: pb.KvSource | None = None
+    """Set when a prefill worker has sent the first token: where the decode worker fetches the prompt's KV."""
 
 
 def _cut_off_under_us() -> bool:
@@ -97,8 +103,10 @@ class Dispatcher:
         admission: Admission,
         retry: RetryPolicy | None = None,
         metrics: GatewayMetrics | None = None,
+        sessions: SessionTable | None = None,
     ):
         self.registry = registry
+        self.sessions = sessions or SessionTable(registry)
         self.metrics = metrics or GatewayMetrics()
         self.policies = policies
         self.admission = admission
@@ -109,6 +117,7 @@ class Dispatcher:
         """Attempts that failed after tokens were sent and were resumed elsewhere."""
         self._calls = itertools.count(1)
         """Makes each call's engine request id unique, even when clients reuse an X-Request-Id."""
+        self._background: set[asyncio.Task[None]] = set()
 
     async def generate(
         self,
@@ -119,11 +128,13 @@ class Dispatcher:
         priority: int = 0,
         affinity_key: str | None = None,
         trace: Trace | None = None,
+        session: str | None = None,
     ) -> AsyncIterator[tuple[WorkerRecord, pb.GenerateChunk]]:
         """Stream (worker, chunk) pairs until a chunk carries a finish reason.
 
         Chunks count output tokens from the start of the request, whichever worker made them. Closing the
-        iterator early cancels the current call, which aborts the request on its worker.
+        iterator early cancels the current call, which aborts the request on its worker. ``session``: the
+        conversation session's key (see :mod:`fleetserve.gateway.sessions`): the turn goes to the worker holding it.
         """
         progress = _Progress(RouteRequest(model, request_id, prompt, affinity_key), trace)
         tokens = self.admission.tokens_needed(len(prompt), params.max_tokens)
@@ -131,6 +142,7 @@ class Dispatcher:
         avoid: set[str] = set()
         attempt_no = 0
         while True:
+            handoff = self._route(progress, session)
             queue_start = trace.elapsed() if trace else 0.0
             lease = await self.admission.acquire(
                 model, progress.route, tokens, priority, avoid, accepted=attempt_no > 0
@@ -142,17 +154,30 @@ class Dispatcher:
             if trace:
                 trace.add_span("queue", queue_start, attempt=attempt_no + 1)
                 attempt = trace.begin_attempt(worker.name, worker.info.address, len(progress.sent), lease.queued_s)
+            prefill_only = progress.route.pool == PREFILL_ROLE
             request = pb.GenerateRequest(
                 request_id=f"{request_id}-{next(self._calls)}",
                 prompt_token_ids=prompt,
                 params=proto_params,
                 priority=priority,
                 resumed_output_ids=progress.sent,
+                session_id=session or "",  # a prefill worker checks the session's limits; the decode worker pins it
+                prefill_only=prefill_only,
+                kv_source=handoff,
             )
             progress.produced = 0
             try:
                 async with contextlib.aclosing(self._attempt(progress, worker, request, attempt)) as chunks:
                     async for chunk in chunks:
+                        if chunk.finish_reason == PREFILLED:  # on to a decode worker, which fetches the KV
+                            chunk.finish_reason = ""
+                            progress.handoff = pb.KvSource(
+                                address=worker.info.address, transfer_id=request.request_id, num_tokens=len(prompt)
+                            )
+                            yield worker, chunk
+                            break
+                        if chunk.finish_reason and session:  # first: the caller may stop reading at the last chunk
+                            self._session_turn_done(session, model, worker)
                         yield worker, chunk
                         if chunk.finish_reason:
                             return
@@ -169,6 +194,44 @@ class Dispatcher:
                 raise
             finally:
                 lease.release()
+
+    def _route(self, progress: _Progress, session: str | None) -> pb.KvSource | None:
+        """Where the next attempt goes: the session's worker when it is up; a decode worker after a prefill worker
+        sent the first token (the KV source is returned); the prefill pool for a new request of a model with both
+        pools; else any worker of the model."""
+        route = progress.route
+        holder = self.sessions.holder(session, route.model) if session else None
+        route.prefer = holder.worker_id if holder is not None else None
+        handoff, progress.handoff = progress.handoff, None
+        if handoff is not None:
+            route.pool = DECODE_ROLE
+        elif not progress.sent and holder is None and self.disaggregated(route.model):
+            route.pool = PREFILL_ROLE
+        else:
+            route.pool = None
+        if session and not progress.sent and handoff is None:
+            placement = "held" if holder is not None else "moved" if session in self.sessions else "new"
+            self.metrics.session_turns_total.labels(model=route.model, placement=placement).inc()
+        return handoff
+
+    def disaggregated(self, model: str) -> bool:
+        """Whether ``model`` has both a prefill and a decode worker up: its new requests are split between them."""
+        return bool(self.registry.routable(model, PREFILL_ROLE)) and bool(self.registry.routable(model, DECODE_ROLE))
+
+    def _session_turn_done(self, session: str, model: str, worker: WorkerRecord) -> None:
+        previous = self.sessions.record(session, model, worker)
+        if previous is not None and previous.stub is not None:
+            task = asyncio.get_running_loop().create_task(self._release_session(previous, session))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _release_session(self, worker: WorkerRecord, session: str) -> None:
+        """Tell the worker that held a session before it moved to let its copy go (best effort: its TTL frees it
+        otherwise)."""
+        try:
+            await worker.stub.ReleaseSession(pb.SessionRequest(session_id=session), timeout=5)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+            log.info("could not release session on %s: %s", worker.name, exc)
 
     async def _attempt(
         self, progress: _Progress, worker: WorkerRecord, request: pb.GenerateRequest, attempt: Attempt | None
@@ -191,7 +254,7 @@ class Dispatcher:
                     self.registry.record_success(worker)
                     if attempt:
                         attempt.tokens = progress.produced
-                        trace.end_attempt(attempt, "finished")
+                        trace.end_attempt(attempt, "prefilled" if chunk.finish_reason == PREFILLED else "finished")
                 yield chunk
                 if chunk.finish_reason:
                     return
@@ -225,10 +288,34 @@ class Dispatcher:
             if not progress.sent:
                 now = trace.elapsed()
                 trace.add_span("first_token", now, now)
+        if chunk.HasField("kv_received"):
+            self._kv_received(progress, worker, chunk.kv_received, attempt)
         if progress.cached_tokens is None:
             progress.cached_tokens = chunk.num_cached_tokens
             route = progress.route
             self._record_prediction(route.model, route.predicted_cached_tokens, progress.cached_tokens)
+
+    def _kv_received(
+        self, progress: _Progress, worker: WorkerRecord, kv: pb.KvReceived, attempt: Attempt | None
+    ) -> None:
+        """A decode worker's account of the KV it fetched: metrics, and a span in the trace."""
+        model = progress.route.model
+        outcome = "fallback" if kv.fallback else "imported"
+        self.metrics.kv_transfers_total.labels(model=model, outcome=outcome).inc()
+        self.metrics.kv_transfer_bytes_total.labels(model=model).inc(kv.bytes)
+        if not kv.fallback:
+            self.metrics.kv_transfer_seconds.labels(model=model).observe(kv.seconds)
+        if attempt:
+            progress.trace.add_span(
+                "kv_transfer",
+                attempt.started,
+                attempt.started + kv.seconds,
+                worker=worker.name,
+                tokens=kv.tokens,
+                cached_tokens=kv.cached_tokens,
+                bytes=kv.bytes,
+                **({"fallback": kv.fallback} if kv.fallback else {}),
+            )
 
     def _after_failure(
         self, progress: _Progress, worker: WorkerRecord, attempt: Attempt | None, failure: _AttemptFailed, n: int

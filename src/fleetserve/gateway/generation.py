@@ -58,12 +58,14 @@ async def generate_text(
     priority: int = 0,
     affinity_key: str | None = None,
     trace: Trace | None = None,
+    session: str | None = None,
 ) -> AsyncIterator[TextEvent]:
-    """Yield text events until the request finishes (a stop string, EOS or the length limit)."""
+    """Yield text events until the request finishes (a stop string, EOS or the length limit); ``session``: the
+    conversation session's key, whose worker the turn goes to."""
     detok = IncrementalDetokenizer(tokenizer, prompt)
     matcher = StopStringMatcher(stops) if stops else None
     usage = Usage(prompt_tokens=len(prompt))
-    stream = dispatcher.generate(model, request_id, prompt, params, priority, affinity_key, trace)
+    stream = dispatcher.generate(model, request_id, prompt, params, priority, affinity_key, trace, session)
     metrics = dispatcher.metrics
     arrived = time.monotonic() - (trace.elapsed() if trace else 0.0)
     first_token_at: float | None = None

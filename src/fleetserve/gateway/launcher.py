@@ -1,11 +1,12 @@
 """Workers the gateway starts on its own machine (the admin API's join), and their memory budget.
 
-A joined worker is an ordinary ``fleetserve worker`` child process (a replica, or a pipeline stage node with
-``--role stage``) that registers with this gateway like any other; a :class:`~fleetserve.supervisor.Supervisor`
-starts it in its own process group, collects its output and stops it. A replica's memory cap is split into the
-model's weights, a fixed allowance for the runtime and activations, and the KV cache (the rest); a cap that
-leaves less KV than one request of ``MIN_KV_TOKENS`` needs is refused, with the amount that would do. A stage
-node's cap goes to the worker whole (its weights plus KV): the gateway places layers within it. The fleet secret
+A joined worker is an ordinary ``fleetserve worker`` child process (a replica; a prefill or decode worker, with
+``--role prefill|decode``; or a pipeline stage node, with ``--role stage``) that registers with this gateway like
+any other; a :class:`~fleetserve.supervisor.Supervisor` starts it in its own process group, collects its output and
+stops it. The cap of a worker that holds the whole model (replica, prefill, decode) is split into the model's
+weights, a fixed allowance for the runtime and activations, and the KV cache (the rest); a cap that leaves less KV
+than one request of ``MIN_KV_TOKENS`` needs is refused, with the amount that would do. A stage node's cap goes to
+the worker whole (its weights plus KV): the gateway places layers within it. The fleet secret
 and TLS material reach it in its environment, never in its arguments."""
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 RUNTIME_OVERHEAD_MB = 256
 """Python, torch and the activations of one step, on top of the weights and the KV cache."""
 MIN_KV_TOKENS = 2048
-ROLES = ("replica", "stage")
-"""Roles a joined worker may take: a replica (the whole model) or a pipeline stage node (the layers the gateway
-assigns it)."""
+ROLES = ("replica", "prefill", "decode", "stage")
+"""Roles a joined worker may take: a replica (the whole model, whole requests), a prefill worker (the whole model;
+computes prompts and hands their KV to a decode worker), a decode worker (the whole model; goes on from a prefill
+worker's KV) or a pipeline stage node (the layers the gateway assigns it)."""
 
 
 @dataclass
@@ -134,7 +136,7 @@ class Launcher:
         return self._start(model, device, max_memory_mb, role, plan.kv_mb(max_memory_mb))
 
     def _start(self, model: str, device: str, max_memory_mb: int, role: str, kv_mb: int) -> LaunchedWorker:
-        """Start the worker process: a replica with ``kv_mb`` of KV cache, a stage node with its whole cap."""
+        """Start the worker process: a stage node with its whole cap, any other role with ``kv_mb`` of KV cache."""
         name = f"local-{next(self._names)}"
         while name in self.workers or name in self.supervisor:
             name = f"local-{next(self._names)}"
@@ -143,7 +145,7 @@ class Launcher:
         if role == "stage":
             args += ["--role", "stage", "--max-memory-mb", str(max_memory_mb)]
         else:
-            args += ["--kv-cache-mb", str(kv_mb)]
+            args += ["--kv-cache-mb", str(kv_mb)] + (["--role", role] if role != "replica" else [])
         threads = self.threads or max(1, (os.cpu_count() or 1) // 2)
         args += ["--threads", str(threads)]
         env = self.credentials.child_env()  # the gateway's own certificate serves its local workers too

@@ -41,8 +41,16 @@ log = logging.getLogger(__name__)
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
 
 
+REPLICA_ROLE = "replica"
+"""A whole-model worker that serves whole requests (the default)."""
+PREFILL_ROLE = "prefill"
+"""A worker that computes prompts and hands their KV to a decode worker (it serves whole requests when no decode
+worker is there)."""
+DECODE_ROLE = "decode"
+"""A worker that goes on from a prefill worker's KV (it serves whole requests when no prefill worker is there)."""
 STAGE_ROLE = "stage"
 """The role of a pipeline stage node (``fleetserve worker --role stage``)."""
+ROLES = (REPLICA_ROLE, PREFILL_ROLE, DECODE_ROLE, STAGE_ROLE)
 
 
 def connector(credentials: FleetCredentials) -> Callable[[str], tuple[grpc.aio.Channel, pb_grpc.WorkerStub]]:
@@ -95,6 +103,8 @@ class WorkerRecord:
     (the gateway's PipelineController sets it); every other worker always."""
     session_secret: str = field(default="", repr=False)
     """Given to the worker when it registered; empty (a record restored from the store): nothing matches it."""
+    sessions: dict[str, pb.PinnedSession] = field(default_factory=dict)
+    """Conversation sessions whose KV the worker keeps pinned, by id, as its last heartbeat listed them."""
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
 
@@ -222,6 +232,7 @@ class WorkerRegistry:
         record.recent_inter_token_s = report.recent_inter_token_s
         if report.HasField("block_hashes"):
             self._apply_hashes(record, report.block_hashes)
+        record.sessions = {s.session_id: s for s in report.sessions}
         if report.draining:
             self._set(record, WorkerState.DRAINING)
         elif record.state == WorkerState.SUSPECT and record.suspect_reason == "heartbeat":
@@ -337,8 +348,13 @@ class WorkerRegistry:
 
     # -- queries ----------------------------------------------------------------------------------------
 
-    def routable(self, model: str) -> list[WorkerRecord]:
-        return [w for w in self.workers.values() if w.routable and w.info.model == model]
+    def routable(self, model: str, role: str | None = None) -> list[WorkerRecord]:
+        """Workers that take ``model``'s requests now; with ``role``, only those of that role."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.routable and w.info.model == model and (role is None or (w.info.role or REPLICA_ROLE) == role)
+        ]
 
     def models(self) -> list[str]:
         return sorted({w.info.model for w in self.workers.values()})

@@ -18,10 +18,12 @@ class UpSettings(GatewaySettings, EngineSettings):
 
     command: ClassVar[str] = "up"
 
-    workers: int = option(2, "local whole-model workers (with --pipeline: none unless given)")
+    workers: int = option(2, "local whole-model workers (with --pipeline, --prefill or --decode: none unless given)")
+    prefill: int = option(0, "local prefill workers: they compute prompts and hand their KV to a decode worker", ge=0)
+    decode: int = option(0, "local decode workers: they go on decoding from a prefill worker's KV", ge=0)
     pipeline: int = option(0, "stage nodes of one local pipeline that splits the model's layers (0: none)")
     stage_memory_mb: int | None = option(None, "each stage node's cap on weights plus KV in MiB (default: no cap)")
-    threads: int | None = option(None, "torch threads per worker (default: cores / workers)")
+    threads: int | None = option(None, "torch threads per worker (default: cores / local workers of every kind)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
     tls_dir: str = option(
         "",

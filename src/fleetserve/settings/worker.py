@@ -44,6 +44,9 @@ class WorkerSettings(EngineSettings):
     session_max_tokens: int = option(4096, "most tokens one session may hold; a longer turn is refused")
     session_cache_share: float = option(0.5, "share of the KV cache that pinned sessions may hold together")
     kv_transfer_ttl: float = option(30.0, "seconds a prefill's KV waits for its decode worker to fetch it")
+    kv_fetch_timeout: float = option(
+        30.0, "seconds a decode worker waits for a prompt's KV before it computes the prompt itself"
+    )
 
     def engine_config(self) -> EngineConfig:
         config = super().engine_config()

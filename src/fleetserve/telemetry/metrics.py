@@ -262,6 +262,33 @@ class GatewayMetrics:
         self.failovers_total = Counter(
             "fleetserve_failovers_total", "Streams moved to another worker after theirs failed.", model, registry=r
         )
+        self.kv_transfers_total = Counter(
+            "fleetserve_kv_transfers_total",
+            "Prompts handed from a prefill worker to a decode worker, by outcome (imported, or fallback: the decode "
+            "worker prefilled the prompt itself).",
+            [*model, "outcome"],
+            registry=r,
+        )
+        self.kv_transfer_bytes_total = Counter(
+            "fleetserve_kv_transfer_bytes_total",
+            "Bytes of KV decode workers fetched from prefill workers.",
+            model,
+            registry=r,
+        )
+        self.kv_transfer_seconds = Histogram(
+            "fleetserve_kv_transfer_seconds",
+            "A decode worker's time to fetch and check a prompt's KV from its prefill worker.",
+            model,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.session_turns_total = Counter(
+            "fleetserve_session_turns_total",
+            "Turns of named conversation sessions, by whether they found the session's worker (held) or not (moved, "
+            "new).",
+            [*model, "placement"],
+            registry=r,
+        )
         self.prefix_cache_predicted_tokens_total = Counter(
             "fleetserve_prefix_cache_predicted_tokens_total",
             "Prompt tokens the router expected the chosen worker to have cached.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -19,6 +20,7 @@ from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import FleetCredentials
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class RegistrationRefused(Exception):
@@ -27,6 +29,16 @@ class RegistrationRefused(Exception):
 
 
 REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def _within(work: Awaitable[T], wait_s: float) -> T | None:
+    """``work``'s result, or None when it takes longer than ``wait_s`` (it goes on; its result is dropped)."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=wait_s)
+    if task in done:
+        return task.result()
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no "never retrieved" warning
+    return None
 
 
 class WorkerAgent:
@@ -54,6 +66,7 @@ class WorkerAgent:
         self._on_stop = on_stop
         self._pipeline = pipeline
         self._sessions = sessions
+        self._last_sessions: list[pb.PinnedSession] = []
         self._stage_fault = ""
         self._wake = asyncio.Event()
         self._reported: set[int] | None = None  # hashes the gateway has been told of; None: send the full set
@@ -117,11 +130,11 @@ class WorkerAgent:
                     recent_first_token_s=first,
                     recent_inter_token_s=inter,
                     draining=self.draining,
-                    block_hashes=await self._hash_delta(),
+                    block_hashes=await self._hash_delta(interval / 2),
                     session_secret=self._session,
                     stage_fault=self._stage_fault,
                     pipeline=self._pipeline() if self._pipeline is not None else None,
-                    sessions=await self._sessions() if self._sessions is not None else (),
+                    sessions=await self._pinned_sessions(interval / 2),
                 )
                 self._stage_fault = ""
                 await self._wait(reregister, interval)
@@ -144,11 +157,23 @@ class WorkerAgent:
                 call.cancel()
                 return
 
-    async def _hash_delta(self) -> pb.BlockHashDelta | None:
-        """The prefix-cache blocks gained and lost since the last report (everything after registering)."""
+    async def _pinned_sessions(self, wait_s: float) -> list[pb.PinnedSession]:
+        """The sessions the engine pins, or the last list when the engine is mid-step for longer than ``wait_s``."""
+        if self._sessions is not None:
+            fresh = await _within(self._sessions(), wait_s)
+            if fresh is not None:
+                self._last_sessions = fresh
+        return self._last_sessions
+
+    async def _hash_delta(self, wait_s: float) -> pb.BlockHashDelta | None:
+        """The prefix-cache blocks gained and lost since the last report (everything after registering); None when
+        the engine is mid-step for longer than ``wait_s`` (a long prefill): the heartbeat goes without them, on
+        time, and the next one catches up."""
         if self._block_hashes is None:
             return None
-        current = await self._block_hashes()
+        current = await _within(self._block_hashes(), wait_s)
+        if current is None:
+            return None
         if self._reported is None:
             delta = pb.BlockHashDelta(reset=True, added=sorted(current))
         else:

@@ -49,7 +49,8 @@ class KvTransferService(pb_grpc.KvTransferServicer):
         rid = request.transfer_id
         core = self.engine.engine
         try:
-            held = await self.engine.call(lambda: core.computed_tokens(rid) if core.pins.get(TRANSFER, rid) else 0)
+            tokens = await self.engine.call(lambda: core.held_tokens(rid) if core.pins.get(TRANSFER, rid) else [])
+            held = len(tokens)
             if held == 0:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"no KV waits under transfer {rid!r} (fetched already, or expired)"
@@ -69,7 +70,7 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                 if first:
                     chunk.header.CopyFrom(
                         pb.KvHeader(
-                            token_ids=part.token_ids,
+                            token_ids=tokens,
                             end=held,
                             num_layers=part.num_layers,
                             num_kv_heads=part.num_kv_heads,
@@ -82,8 +83,8 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                 yield chunk
                 start = end
             self.transfers += 1
-        finally:
-            await self.engine.call(lambda: core.pins.release(TRANSFER, rid))
+        finally:  # used once, whatever the outcome (not awaited: a cancelled call's task may not await any more)
+            self.engine.submit(lambda: core.pins.release(TRANSFER, rid))
 
 
 def _token_bytes(core) -> int:
@@ -106,8 +107,9 @@ class Fetched:
 class KvFetcher:
     """The decode side: fetches KV from prefill workers over one channel per address."""
 
-    def __init__(self, credentials: FleetCredentials):
+    def __init__(self, credentials: FleetCredentials, deadline_s: float = DEADLINE_S):
         self.credentials = credentials
+        self.deadline_s = deadline_s
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _stub(self, address: str) -> pb_grpc.KvTransferStub:
@@ -121,7 +123,7 @@ class KvFetcher:
         transfer (``Fetched.error`` says why)."""
         began = time.perf_counter()
         received = 0
-        timeout = deadline_s or source.deadline_s or DEADLINE_S
+        timeout = deadline_s or source.deadline_s or self.deadline_s
         try:
             call = self._stub(source.address).Fetch(
                 pb.KvFetchRequest(transfer_id=source.transfer_id, start=start), timeout=timeout

@@ -74,7 +74,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
     service = WorkerService(engine, opts.model, tokenizer.fingerprint)
-    service.kv_fetcher = KvFetcher(credentials)
+    service.kv_fetcher = KvFetcher(credentials, opts.kv_fetch_timeout)
     server, port = await serve_worker(engine, service, opts.host, opts.port, credentials)
     metrics_note = ""
     if opts.metrics_port is not None:

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fleetserve.errors import InvalidRequestError, NotFoundError
 from fleetserve.gateway.api import docs
 from fleetserve.gateway.api.deps import StateDep, json_body
+from fleetserve.gateway.launcher import ROLES
 from fleetserve.gateway.registry import WorkerRecord, WorkerState
 from fleetserve.gateway.state import GatewayState
 from fleetserve.protocol import fleet_pb2 as pb
@@ -118,9 +119,11 @@ def _join_request(body: Any) -> tuple[str, str, int | None, str]:
     if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0):
         raise InvalidRequestError("'max_memory_mb' must be a positive integer", "max_memory_mb")
     device = body.get("device") or "cpu"
+    if not isinstance(device, str):
+        raise InvalidRequestError("'device' must be a string: cpu or cuda[:N]", "device")
     role = body.get("role") or "replica"
-    if not isinstance(device, str) or not isinstance(role, str):
-        raise InvalidRequestError("'device' and 'role' must be strings", "device")
+    if role not in ROLES:  # also a non-string
+        raise InvalidRequestError(f"'role' must be one of: {', '.join(ROLES)} (not {role!r})", "role")
     return model, device, memory, role
 
 

@@ -21,6 +21,7 @@ from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.api.guard import Caller, caller_of
 from fleetserve.gateway.api.schema import RequestT
 from fleetserve.gateway.generation import Started, generate_text
+from fleetserve.gateway.sessions import check_session_id
 from fleetserve.gateway.state import GatewayState
 from fleetserve.gateway.streaming import SlowClientStreamingResponse
 from fleetserve.telemetry.tracing import Trace, request_id_var
@@ -248,7 +249,17 @@ class Opening(Generic[RequestT]):
             default_top_p=spec.top_p if spec is not None else None,
         )
 
-    async def start(self, params: SamplingParams, affinity_key: str | None = None) -> Started:
+    def session(self) -> str | None:
+        """The conversation session the request names (its ``session_id`` field, else its X-Session-Id header), as
+        the key workers pin it under: the id in its caller's namespace. None when it names none."""
+        given = getattr(self.req, "session_id", None) or self.request.headers.get("x-session-id")
+        if given is None:
+            return None
+        return scoped_id(caller(self.request).tag, check_session_id(given))
+
+    async def start(
+        self, params: SamplingParams, affinity_key: str | None = None, session: str | None = None
+    ) -> Started:
         """Begin generating with the request's stop strings and priority; errors before the first event surface
         here, as HTTP errors, not as a broken stream."""
         trace = self.trace if self.state.traces.enabled else None  # telemetry off: no dispatch or generation spans
@@ -263,6 +274,7 @@ class Opening(Generic[RequestT]):
             self.req.priority,
             affinity_key,
             trace,
+            session,
         )
         return await Started.of(events)
 

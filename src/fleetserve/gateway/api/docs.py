@@ -62,7 +62,11 @@ class JoinRequest(BaseModel):
     model: str = Field(min_length=1)
     device: str | None = Field(default=None, description="cpu or cuda[:N]")
     max_memory_mb: int | None = Field(default=None, gt=0, description="memory cap in MiB (a stage: weights plus KV)")
-    role: str | None = Field(default=None, description="replica (default) or stage (a pipeline stage node)")
+    role: str | None = Field(
+        default=None,
+        description="replica (default: the whole model, whole requests), prefill (computes prompts and hands their KV "
+        "to a decode worker), decode (goes on from a prefill worker's KV) or stage (a pipeline stage node)",
+    )
 
 
 COMPONENT_MODELS: tuple[type[BaseModel], ...] = (

@@ -75,6 +75,9 @@ async def _answer(opening: OpenAIOpening, params: SamplingParams, chat: bool) ->
         stops = schema.stop_strings(req)
         key = answers.key_for(req.model, version, opening.prompt, params, stops, "chat" if chat else "completion")
     affinity = req.user or request.headers.get("x-session-id")
+    session = opening.session()
+    if session is not None:  # a session's turn runs (its KV is kept for the next turn), never replayed
+        return await opening.start(params, affinity, session)
     if answers is None or not key:
         return await opening.start(params, affinity)
     cached = await answers.lookup(key, req.model, opening.trace)

@@ -174,6 +174,8 @@ class _SamplingFields(_Model):
     """Extension: token ids that end the completion, besides the model's EOS."""
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     """Extension: smaller runs first; equal priorities run in arrival order."""
+    session_id: str | None = Field(default=None, max_length=128)
+    """Extension: a conversation session (as the X-Session-Id header): its KV stays on its worker between turns."""
     logit_bias: dict[str, Any] | None = None
     """Not supported: only null or {} is accepted."""
 

@@ -594,7 +594,10 @@ function fillNodeRow(row, w) {
   row.querySelector("button.stop").disabled = gone;
 }
 
-/** "replica", "stage [0, 12)", "stage (spare)" (registered, holding no layers), or "stage" (not registered yet). */
+/**
+ * "replica", "prefill", "decode", "stage [0, 12)", "stage (spare)" (registered, holding no layers), or "stage" (not
+ * registered yet).
+ */
 function roleText(w) {
   if (w.role !== "stage") return w.role || "-";
   if (!Number.isFinite(w.layer_end)) return "stage";
@@ -613,13 +616,29 @@ async function workerAction(name, action, button) {
   await refreshNodes(); // re-enables the button from the worker's new state
 }
 
-/** The join form's memory field is a replica's whole cap or a stage node's cap for its layers plus their KV. */
+/** What each role of the join form holds; a prefill or decode worker holds the whole model, as a replica does. */
+const JOIN_ROLE_HINTS = {
+  replica: "A replica holds the whole model; its cap covers the weights, the runtime and the KV cache.",
+  prefill:
+    "A prefill worker holds the whole model and computes prompts, handing their KV to a decode worker; " +
+    "its cap covers the weights, the runtime and the KV cache.",
+  decode:
+    "A decode worker holds the whole model and goes on from a prefill worker's KV; " +
+    "its cap covers the weights, the runtime and the KV cache.",
+  stage: "A stage node holds the layers the gateway gives it; its cap covers their weights and KV cache.",
+};
+
+/** The join form's memory field is a whole-model worker's cap or a stage node's cap for its layers plus their KV. */
 function syncJoinRole() {
-  const stage = $("join-role").value === "stage";
-  $("join-memory-label").textContent = stage ? "Stage cap (MiB)" : "Max memory (MiB)";
-  $("join-memory-hint").textContent = stage
-    ? "A stage node holds the layers the gateway gives it; its cap covers their weights and KV cache."
-    : "A replica holds the whole model; its cap covers the weights, the runtime and the KV cache.";
+  const role = $("join-role").value;
+  $("join-memory-label").textContent = role === "stage" ? "Stage cap (MiB)" : "Max memory (MiB)";
+  $("join-memory-hint").textContent = JOIN_ROLE_HINTS[role] || JOIN_ROLE_HINTS.replica;
+}
+
+/** How the join form names what it starts: "stage node", "prefill worker", "decode worker" or "worker". */
+function joinWhat(role) {
+  if (role === "stage") return "stage node";
+  return role === "prefill" || role === "decode" ? `${role} worker` : "worker";
 }
 
 async function joinWorker() {
@@ -627,7 +646,7 @@ async function joinWorker() {
   const device = $("join-device").value.trim() || "cpu";
   const role = $("join-role").value;
   const memory = parseInt($("join-memory").value, 10);
-  const what = role === "stage" ? "stage node" : "worker";
+  const what = joinWhat(role);
   if (!model) {
     showError("action", `Choose the model the new ${what} should serve.`);
     return;
@@ -642,7 +661,7 @@ async function joinWorker() {
     const body = await postJson("/admin/workers", { model, device, max_memory_mb: memory, role });
     clearError("action");
     const pid = body.pid ? ` (pid ${body.pid})` : "";
-    const who = `${role === "stage" ? "stage node " : ""}${body.name || `a ${what}`}`;
+    const who = body.name ? `${what === "worker" ? "" : `${what} `}${body.name}` : `a ${what}`;
     flashStatus(`Starting ${who}${pid} for ${model} on ${device}, ${memory} MiB cap.`);
   } catch (exc) {
     showError("action", `Could not start a ${what}: ${exc.message}`);

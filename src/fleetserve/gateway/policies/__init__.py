@@ -10,6 +10,7 @@ from fleetserve.gateway.policies.kv_aware import KVAwarePolicy
 from fleetserve.gateway.policies.least_connections import LeastConnectionsPolicy
 from fleetserve.gateway.policies.least_latency import LeastLatencyPolicy
 from fleetserve.gateway.policies.power_of_two import PowerOfTwoPolicy
+from fleetserve.gateway.policies.prefill_queue import PrefillQueuePolicy
 from fleetserve.gateway.policies.prefix_aware import PrefixAwarePolicy
 from fleetserve.gateway.policies.random_choice import RandomPolicy
 from fleetserve.gateway.policies.round_robin import RoundRobinPolicy
@@ -29,6 +30,7 @@ POLICIES: dict[str, type[Policy]] = {
         PrefixAwarePolicy,
         PowerOfTwoPolicy,
         ConsistentHashPolicy,
+        PrefillQueuePolicy,
     )
 }
 """Policy name -> policy class."""
@@ -63,6 +65,7 @@ __all__ = [
     "LeastLatencyPolicy",
     "Policy",
     "PowerOfTwoPolicy",
+    "PrefillQueuePolicy",
     "PrefixAwarePolicy",
     "RandomPolicy",
     "RoundRobinPolicy",

@@ -30,6 +30,10 @@ class RouteRequest:
     """The `user` field or the session header, when the client sent one (consistent hashing uses it)."""
     predicted_cached_tokens: int = 0
     """Set by prefix-aware: prompt tokens it expects the chosen worker to find in its prefix cache."""
+    pool: str | None = None
+    """Route among the workers of this role only ("prefill" or "decode" for a disaggregated request); None: any."""
+    prefer: str | None = None
+    """A worker id to take when it has room (the one holding the request's session), before any policy."""
     _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def block_hashes(self, block_size: int) -> list[int]:

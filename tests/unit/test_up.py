@@ -1,0 +1,100 @@
+"""`fleetserve up`'s local workers: how many of each kind, their names, roles, threads and certificates (no
+processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetserve.cli import build_parser, explicit_settings, load_settings
+from fleetserve.errors import InvalidRequestError
+from fleetserve.settings.up import UpSettings
+from fleetserve.up import child_specs, local_counts
+
+
+def up(*argv: str):
+    """The settings `fleetserve up ARGV` gets and the ones it was given explicitly."""
+    args = build_parser().parse_args(["up", *argv])
+    return load_settings(args), explicit_settings(UpSettings, args)
+
+
+def argument(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def workers(*argv: str) -> dict[str, list[str]]:
+    """The worker children's argv by name, in the order they start."""
+    settings, explicit = up(*argv)
+    specs = child_specs(settings, explicit)
+    assert specs[0].name == "gateway"
+    return {s.name: s.argv for s in specs[1:]}
+
+
+@pytest.mark.parametrize(
+    ("argv", "counts"),
+    [
+        ((), (2, 0, 0, 0)),
+        (("--pipeline", "3"), (0, 0, 0, 3)),
+        (("--pipeline", "3", "--workers", "1"), (1, 0, 0, 3)),
+        (("--prefill", "1", "--decode", "1"), (0, 1, 1, 0)),
+        (("--prefill", "2", "--decode", "1", "--workers", "1"), (1, 2, 1, 0)),
+        (("--decode", "1"), (0, 0, 1, 0)),
+    ],
+)
+def test_local_counts_start_replicas_beside_other_kinds_only_when_asked(argv, counts):
+    settings, explicit = up(*argv)
+    found = local_counts(settings, explicit)
+    assert (found.replicas, found.prefill, found.decode, found.stages) == counts
+
+
+def test_prefill_and_decode_workers_get_their_role_name_and_a_share_of_the_threads(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 12)
+    specs = workers("--prefill", "2", "--decode", "1", "--workers", "1")
+    assert list(specs) == ["worker-0", "prefill-0", "prefill-1", "decode-0"]
+    assert "--role" not in specs["worker-0"]
+    assert [argument(specs[n], "--role") for n in ("prefill-0", "prefill-1", "decode-0")] == ["prefill"] * 2 + [
+        "decode"
+    ]
+    assert {argument(a, "--threads") for a in specs.values()} == {"3"}  # 12 cores over 4 workers
+    assert all(argument(a, "--name") == name for name, a in specs.items())
+
+
+def test_every_kind_together_splits_the_threads_and_gets_its_own_certificate(monkeypatch, tmp_path):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    settings, explicit = up("--workers", "1", "--prefill", "1", "--decode", "1", "--pipeline", "2")
+    counts = local_counts(settings, explicit)
+    assert counts.total == 5 and counts.serving == 4  # a pipeline serves through its head
+    tls = {name: _Files(name) for name in ["gateway", *(f"worker-{i}" for i in range(counts.total))]}
+    specs = child_specs(settings, explicit, tls=tls)
+    assert [s.name for s in specs] == ["gateway", "worker-0", "prefill-0", "decode-0", "stage-0", "stage-1"]
+    assert [s.env["CERT"] for s in specs] == ["gateway", *(f"worker-{i}" for i in range(5))]
+    assert {argument(s.argv, "--threads") for s in specs[1:]} == {"3"}
+    assert [argument(s.argv, "--role") for s in specs[1:]] == [None, "prefill", "decode", "stage", "stage"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "summary"),
+    [
+        ((), "2 worker(s)"),
+        (("--prefill", "1", "--decode", "1"), "1 prefill and 1 decode worker(s)"),
+        (("--prefill", "1", "--decode", "1", "--workers", "2"), "2 worker(s), 1 prefill and 1 decode worker(s)"),
+        (("--pipeline", "3"), "a pipeline of 3 stage node(s)"),
+        (("--pipeline", "3", "--workers", "1"), "1 worker(s) and a pipeline of 3 stage node(s)"),
+    ],
+)
+def test_the_summary_names_every_kind(argv, summary):
+    assert local_counts(*up(*argv)).summary() == summary
+
+
+def test_a_negative_count_is_refused():
+    with pytest.raises(InvalidRequestError, match="prefill: Input should be greater than or equal to 0"):
+        up("--prefill", "-1")
+
+
+class _Files:
+    """Stands in for a CertFiles: its environment names it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def env(self) -> dict[str, str]:
+        return {"CERT": self.name}
