@@ -146,3 +146,26 @@ def test_prompt_blocks_a_worker_holds_are_not_reserved_again():
         assert w.reserved_tokens == 0
 
     run(main())
+
+
+def test_a_pool_routes_among_its_role_and_a_preferred_worker_goes_first():
+    async def main():
+        reg = WorkerRegistry(connect=lambda address: (None, object()))
+        for i, role in enumerate(("prefill", "decode", "decode", "replica")):
+            reg.register(pb.WorkerInfo(name=f"{role}{i}", address=f"127.0.0.1:{i + 1}", model="m", role=role,
+                                       max_num_seqs=4, kv_blocks_total=100, block_size=16))  # fmt: skip
+        policy = make_policy("round-robin")
+        adm = Admission(reg, lambda m: policy, output_reserve_tokens=16)
+        prefill = await adm.acquire("m", RouteRequest("m", "a", [1, 2, 3], pool="prefill"), 19)
+        assert prefill.worker.name == "prefill0"
+        decodes = [await adm.acquire("m", RouteRequest("m", f"d{i}", [1, 2, 3], pool="decode"), 19) for i in range(2)]
+        assert {lease.worker.name for lease in decodes} == {"decode1", "decode2"}  # 60% load + 40% KV: they alternate
+        held = reg.workers[decodes[0].worker.worker_id]
+        for i in range(3):  # the session's worker is taken while it has room, whatever the policy would say
+            lease = await adm.acquire("m", RouteRequest("m", f"s{i}", [1, 2, 3], prefer=held.worker_id), 19)
+            assert lease.worker is held
+        reg.workers[prefill.worker.worker_id].state = WorkerState.DEAD
+        gone = RouteRequest("m", "b", [1, 2, 3], pool="prefill")
+        assert (await adm.acquire("m", gone, 19)).worker.info.role != "prefill" and gone.pool is None
+
+    run(main())

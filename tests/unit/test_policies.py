@@ -511,6 +511,7 @@ def test_make_policy_builds_every_named_policy():
         "prefix-aware",
         "power-of-two",
         "consistent-hash",
+        "prefill-queue",
     }
     assert set(POLICIES) == names
     workers = fleet(3)
@@ -570,3 +571,22 @@ def test_prefix_aware_a_newer_heartbeat_overrules_the_routing_history():
     first.block_hashes = set(request(prompt(5)).block_hashes(16))
     req = request(prompt(5))
     assert policy.pick(workers, req) is first and req.predicted_cached_tokens == 64
+
+
+# -- prefill-queue ------------------------------------------------------------------------------------------
+
+
+def test_prefill_queue_takes_the_fewest_tokens_to_compute_counting_cached_prompt_blocks():
+    from fleetserve.contract import block_hashes
+
+    policy = make_policy("prefill-queue")
+    tokens = prompt(7, blocks=4)
+    hashes = block_hashes(tokens, 16)
+    busy, cached, idle = worker("busy"), worker("cached", hashes=hashes), worker("idle")
+    busy.reserved_tokens, cached.reserved_tokens, idle.reserved_tokens = 500, 40, 0
+    req = request(tokens)
+    # cached: 40 queued + 5 to compute (4 blocks held); idle: 0 queued + 69 to compute; busy: 500 + 69
+    assert policy.pick([busy, cached, idle], req) is cached
+    cached.reserved_tokens = 100
+    assert policy.pick([busy, cached, idle], req) is idle
+    assert policy.describe() == {"name": "prefill-queue", "picks": 2}

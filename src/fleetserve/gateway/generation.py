@@ -60,8 +60,7 @@ async def generate_text(
     trace: Trace | None = None,
     session: str | None = None,
 ) -> AsyncIterator[TextEvent]:
-    """Yield text events until the request finishes (a stop string, EOS or the length limit); ``session``: the
-    conversation session's key, whose worker the turn goes to."""
+    """Yield text events until the request finishes (a stop string, EOS or the length limit)."""
     detok = IncrementalDetokenizer(tokenizer, prompt)
     matcher = StopStringMatcher(stops) if stops else None
     usage = Usage(prompt_tokens=len(prompt))
@@ -70,8 +69,7 @@ async def generate_text(
     arrived = time.monotonic() - (trace.elapsed() if trace else 0.0)
     first_token_at: float | None = None
     last_chunk_at = arrived
-    busy = 0.0  # time spent detokenizing and matching stop strings
-    outcome = "cancelled"
+    busy, outcome = 0.0, "cancelled"  # time spent detokenizing and matching stop strings; how it ended
     try:
         async for worker, chunk in stream:
             began = time.monotonic()

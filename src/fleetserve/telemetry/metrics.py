@@ -198,8 +198,7 @@ class GatewayMetrics:
     """
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+        r = self.registry = registry if registry is not None else CollectorRegistry()
         model = ["model"]
         self.requests_total = Counter(
             "fleetserve_requests_total",
@@ -262,6 +261,26 @@ class GatewayMetrics:
         self.failovers_total = Counter(
             "fleetserve_failovers_total", "Streams moved to another worker after theirs failed.", model, registry=r
         )
+        self.prefix_cache_predicted_tokens_total = Counter(
+            "fleetserve_prefix_cache_predicted_tokens_total",
+            "Prompt tokens the router expected the chosen worker to have cached.",
+            model,
+            registry=r,
+        )
+        self.prefix_cache_hit_tokens_total = Counter(
+            "fleetserve_prefix_cache_hit_tokens_total",
+            "Prompt tokens the workers reported as found in their prefix cache.",
+            model,
+            registry=r,
+        )
+        self._add_pipeline_metrics(r)
+        self._add_kv_metrics(r)
+        self.workers = WorkerCollector()
+        r.register(self.workers)
+
+    def _add_kv_metrics(self, r: CollectorRegistry) -> None:
+        """KV that moves (prefill to decode worker) and stays (conversation sessions)."""
+        model = ["model"]
         self.kv_transfers_total = Counter(
             "fleetserve_kv_transfers_total",
             "Prompts handed from a prefill worker to a decode worker, by outcome (imported, or fallback: the decode "
@@ -289,21 +308,6 @@ class GatewayMetrics:
             [*model, "placement"],
             registry=r,
         )
-        self.prefix_cache_predicted_tokens_total = Counter(
-            "fleetserve_prefix_cache_predicted_tokens_total",
-            "Prompt tokens the router expected the chosen worker to have cached.",
-            model,
-            registry=r,
-        )
-        self.prefix_cache_hit_tokens_total = Counter(
-            "fleetserve_prefix_cache_hit_tokens_total",
-            "Prompt tokens the workers reported as found in their prefix cache.",
-            model,
-            registry=r,
-        )
-        self._add_pipeline_metrics(r)
-        self.workers = WorkerCollector()
-        r.register(self.workers)
 
     def _add_pipeline_metrics(self, r: CollectorRegistry) -> None:
         """Pipelines of stage nodes: re-partitions and bubble per model, each stage's compute and link per step."""
