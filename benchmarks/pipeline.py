@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import time
 from datetime import datetime, timezone
@@ -34,6 +33,7 @@ import httpx
 
 from fleetserve.bench import http_bench
 from fleetserve.bench.local_fleet import Fleet
+from fleetserve.bench.results import cpu_description
 
 ROOT = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
@@ -167,17 +167,6 @@ def recovery(threads: int) -> dict:
         fleet.close()
 
 
-def _cpu() -> str:
-    """The CPU's model name and its widest vector extension (figures differ between AVX2 and AVX-512 machines)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    vector = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "no avx2"
-    return f"{name} ({vector}, {os.cpu_count()} cores)"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=32, help="requests at concurrency 16 (a quarter at 1)")
@@ -199,7 +188,7 @@ def main() -> int:
     result = {
         "benchmark": "pipeline",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": _cpu(),
+        "cpu": cpu_description(),
         "threads": args.threads,
         "rows": [{k: v for k, v in r.items() if k != "texts"} for r in rows],
         "recovery": rec,

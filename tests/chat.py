@@ -10,7 +10,7 @@ import httpx
 MODEL = "smollm2-135m-instruct"
 
 
-def chat_body(prompt: str, seed: int | None = None, max_tokens: int = 24, **extra) -> dict:
+def chat_body(prompt: str, seed: int | None = None, max_tokens: int = 16, **extra) -> dict:
     """A chat body for the default model: greedy, or sampled at temperature 0.8 with ``seed``."""
     body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, **extra}
     return {**body, "temperature": 0.8, "seed": seed} if seed is not None else {**body, "temperature": 0}

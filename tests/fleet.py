@@ -86,12 +86,17 @@ class Fleet:
 
     def add_worker(self, name: str, *extra: str, env: dict[str, str | None] | None = None) -> tuple[Proc, str]:
         """Start a worker; returns it and its gRPC address once it is serving."""
+        proc = self.start_worker(name, *extra, env=env)
+        return proc, proc.wait_for(READY_WORKER).group(2)
+
+    def start_worker(self, name: str, *extra: str, env: dict[str, str | None] | None = None) -> Proc:
+        """Start a worker without waiting for it (``wait_for(READY_WORKER)`` does)."""
         proc = spawn(
             "worker", "--gateway", self.control, "--name", name, "--threads", "1", "--kv-cache-mb", "64", *extra,
             env={**(self.worker_env or {}), **(env or {})},
         )  # fmt: skip
         self.workers.append(proc)
-        return proc, proc.wait_for(READY_WORKER).group(2)
+        return proc
 
     def ready(self) -> dict:
         return httpx.get(self.url + "/ready", headers=self.headers, timeout=30).json()
@@ -134,8 +139,11 @@ def start_fleet(
     gateway.wait_for(re.compile("fleetserve gateway ready"))
     fleet = Fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control_port}", gateway, [], api_key, worker_env)
     try:
-        for i in range(workers):
-            fleet.add_worker(f"worker-{i}", env=per_worker_env[i] if per_worker_env else None)
+        started = [
+            fleet.start_worker(f"worker-{i}", env=per_worker_env[i] if per_worker_env else None) for i in range(workers)
+        ]
+        for proc in started:  # they load the model side by side
+            proc.wait_for(READY_WORKER)
         if workers:
             fleet.wait_workers(workers)
     except BaseException:

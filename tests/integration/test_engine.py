@@ -9,7 +9,7 @@ from fleetserve.errors import CapacityError, InvalidRequestError, UnknownModelEr
 
 pytestmark = pytest.mark.slow
 
-GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=16, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ def _spec(name: str, ready: str, *args: str) -> ChildSpec:
 
 class Fleet:
     """A gateway with ``workers`` local workers of ``threads`` torch threads each, and ``stages`` stage nodes (one
-    pipeline, ``stage_args`` for each) of as many threads; ``close`` stops them all."""
+    pipeline, ``stage_args`` for each) of as many threads; ``close`` stops them all. ``roles``: each worker's role
+    (replica when not given; a worker of role R is named ``R-i``)."""
 
     def __init__(
         self,
@@ -36,6 +37,8 @@ class Fleet:
         kv_cache_mb: int = 512,
         stages: int = 0,
         stage_args: tuple[str, ...] = (),
+        roles: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
     ):
         port, control = free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -46,9 +49,11 @@ class Fleet:
             self.gateway = self.supervisor.start(_spec("gateway", "fleetserve gateway ready", *gateway))
             self.gateway.wait_ready(READY_S)
             for i in range(workers):
-                args = ["worker", "--gateway", f"127.0.0.1:{control}", "--name", f"w{i}", "--threads", str(threads)]
-                args += ["--kv-cache-mb", str(kv_cache_mb)]
-                self.workers.append(self.supervisor.start(_spec(f"w{i}", "fleetserve worker ready", *args)))
+                role = roles[i] if i < len(roles) else "replica"
+                name = f"w{i}" if role == "replica" else f"{role}-{i}"
+                args = ["worker", "--gateway", f"127.0.0.1:{control}", "--name", name, "--threads", str(threads)]
+                args += ["--kv-cache-mb", str(kv_cache_mb), "--role", role, *worker_args]
+                self.workers.append(self.supervisor.start(_spec(name, "fleetserve worker ready", *args)))
             for i in range(stages):
                 args = ["worker", "--role", "stage", "--gateway", f"127.0.0.1:{control}", "--name", f"s{i}"]
                 args += ["--threads", str(threads), "--kv-cache-mb", str(kv_cache_mb), *stage_args]

@@ -29,6 +29,17 @@ def host_environment(**extra: Any) -> dict[str, Any]:
     }
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its widest vector extension (figures differ between AVX2 and AVX-512 machines)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    vector = "avx512" if "avx512f" in info else "avx2" if "avx2" in info else "no avx2"
+    return f"{name} ({vector}, {os.cpu_count()} cores)"
+
+
 def created_now() -> str:
     """The current UTC time in ISO format, to the second: a result's ``created`` field."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 
 from fleetserve.errors import InvalidRequestError
+from fleetserve.gateway.registry import ROLES  # a joined worker may take any role: see the registry's
 from fleetserve.model_files import model_arch
 from fleetserve.protocol.security import FleetCredentials
 from fleetserve.supervisor import DEFAULT_GRACE_S, Child, ChildSpec, Supervisor
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 RUNTIME_OVERHEAD_MB = 256
 """Python, torch and the activations of one step, on top of the weights and the KV cache."""
 MIN_KV_TOKENS = 2048
-ROLES = ("replica", "prefill", "decode", "stage")
-"""Roles a joined worker may take: a replica (the whole model, whole requests), a prefill worker (the whole model;
-computes prompts and hands their KV to a decode worker), a decode worker (the whole model; goes on from a prefill
-worker's KV) or a pipeline stage node (the layers the gateway assigns it)."""
 
 
 @dataclass
