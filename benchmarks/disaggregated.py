@@ -9,7 +9,7 @@ ones, the output tokens/s of the whole load, and, disaggregated, the KV each req
 time from the decode worker's report, in the request's trace) against its prompt length. Greedy texts of both
 runs are compared.
 
-    python benchmarks/disaggregated.py [--short 48] [--concurrency 8] [--every 4]
+    python benchmarks/disaggregated.py [--short 32] [--concurrency 8] [--every 10]
 
 Writes ``benchmarks/results/disaggregated.json``.
 """
@@ -202,9 +202,9 @@ async def load_warmup(url: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--short", type=int, default=48, help="short chat requests in all")
+    parser.add_argument("--short", type=int, default=32, help="short chat requests in all")
     parser.add_argument("--concurrency", type=int, default=8, help="short requests streaming at once")
-    parser.add_argument("--every", type=float, default=4.0, help="seconds between long prompts")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between long prompts")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="per worker")
     args = parser.parse_args()
     replicas = one_run("replica pair", ("replica", "replica"), args.threads, args)

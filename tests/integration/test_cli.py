@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -29,7 +30,8 @@ def test_generate_streams_text(model_dir):
 
 def test_generate_seeded_sampling_repeats(model_dir):
     args = ("generate", "Tell me a story.", "--max-tokens", "12", "--temperature", "1.0", "--seed", "7", "--quiet")
-    a, b = fleetserve(*args), fleetserve(*args)
+    with ThreadPoolExecutor(2) as pool:  # two separate processes, side by side
+        a, b = pool.map(lambda _: fleetserve(*args), range(2))
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 

@@ -171,3 +171,11 @@ def test_a_flood_of_sessions_leaves_running_requests_alone(make_engine, engine, 
         assert eng.pins.session_blocks() <= int(0.3 * blocks)
     assert got == expected and eng.stats().num_preemptions == 0
     assert eng.pins.released_over_limit > 0
+
+
+def test_the_transfer_does_not_depend_on_the_block_size(pair, engine, chat_prompts, make_engine):
+    prefill, _ = pair
+    wide = make_engine(block_size=32)  # the decode side pages its cache in blocks of 32 tokens, the prefill in 16
+    got, transfer, _ = prefill_then_decode(prefill, wide, chat_prompts[5], GREEDY)
+    assert got == engine.generate([chat_prompts[5]], GREEDY)[0]
+    assert wide.stats().kv_blocks_used == 0
