@@ -273,18 +273,12 @@ class LLMEngine:
             request = self.scheduler.requests.get(out.request_id)
             if request is None or not self.kv.has(out.request_id):
                 continue  # not retained
-            blocks = len(self.kv.block_table(out.request_id))
+            held = request.all_token_ids[: request.num_computed_tokens]
+            table = self.kv.block_table(out.request_id)
             if request.prefill_only:
-                self.pins.pin(TRANSFER, request.request_id, request.request_id, request.num_computed_tokens, blocks)
+                self.pins.pin(TRANSFER, request.request_id, request.request_id, held, table)
             elif request.session_id is not None:
-                self.pins.pin(
-                    SESSION,
-                    request.session_id,
-                    request.request_id,
-                    request.num_computed_tokens,
-                    blocks,
-                    request.session_ttl_s,
-                )
+                self.pins.pin(SESSION, request.session_id, request.request_id, held, table, request.session_ttl_s)
 
     def count_preemptions(self, n: int) -> None:
         self._preemptions += n
@@ -397,13 +391,6 @@ class LLMEngine:
                 f"KV range [{start}, {end}) is outside the {computed} computed tokens of {request_id!r}", "start"
             )
         return self.runner.kv_transfer(request.all_token_ids[:end], self.kv.block_table(request_id), start, end)
-
-    def held_tokens(self, request_id: str) -> list[int]:
-        """The tokens whose KV a live or retained request holds (none when it holds no KV)."""
-        request = self.scheduler.requests.get(request_id)
-        if request is None or not self.kv.has(request_id):
-            return []
-        return request.all_token_ids[: request.num_computed_tokens]
 
     def release(self, request_id: str) -> None:
         """Free the KV a finished request still holds (retained, pinned or not)."""

@@ -15,9 +15,10 @@ one's: pinned sessions can crowd out other sessions, but not the requests being 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fleetserve.config import RetentionConfig
 
@@ -40,6 +41,13 @@ class Pin:
     blocks: int
     ttl_s: float
     last_used: float
+    token_ids: list[int] = field(default_factory=list)
+    """The tokens whose KV it holds."""
+    block_table: list[int] = field(default_factory=list)
+    """Where that KV is: blocks no step writes while pinned (full blocks are shared read-only, the rest is the
+    finished request's own), so another thread may read them."""
+    claimed: bool = False
+    """A reader is copying the KV out: the pin does not expire until it is released."""
 
     @property
     def expires_at(self) -> float:
@@ -73,6 +81,8 @@ class KVPins:
         self.config = config
         self.clock = clock
         self._pins: dict[tuple[str, str], Pin] = {}
+        self._lock = threading.Lock()
+        """Guards the pins against a reader's ``claim`` from another thread (everything else is the engine's)."""
         self.released_over_limit = 0
         """Sessions released early to stay within max_sessions or the cache share."""
         self.expired = 0
@@ -83,18 +93,29 @@ class KVPins:
     def get(self, kind: str, key: str) -> Pin | None:
         return self._pins.get((kind, key))
 
-    def pin(self, kind: str, key: str, request_id: str, tokens: int, blocks: int, ttl_s: float | None = None) -> bool:
-        """Keep ``request_id``'s blocks under (kind, key), replacing what that key held. For a session, release the
-        longest idle others while over a bound; False (and nothing kept) when this one alone is over the share."""
+    def pin(
+        self,
+        kind: str,
+        key: str,
+        request_id: str,
+        token_ids: list[int],
+        block_table: list[int],
+        ttl_s: float | None = None,
+    ) -> bool:
+        """Keep ``request_id``'s blocks (``block_table``, holding the KV of ``token_ids``) under (kind, key),
+        replacing what that key held. For a session, release the longest idle others while over a bound; False (and
+        nothing kept) when this one alone is over the share."""
         default = self.config.session_ttl_s if kind == SESSION else self.config.transfer_ttl_s
         ttl = min(ttl_s, default) if ttl_s else default
         self.release(kind, key)
-        pin = Pin(kind, key, request_id, tokens, blocks, ttl, self.clock())
+        blocks = len(block_table)
+        pin = Pin(kind, key, request_id, len(token_ids), blocks, ttl, self.clock(), list(token_ids), list(block_table))
         if kind == SESSION and blocks > self._session_block_budget():
             log.info("session %s holds %d KV blocks, over the sessions' share of the cache: not kept", key, blocks)
             self._release(request_id)
             return False
-        self._pins[(kind, key)] = pin
+        with self._lock:
+            self._pins[(kind, key)] = pin
         if kind == SESSION:
             self._enforce_session_bounds(keep=pin)
         return True
@@ -105,8 +126,18 @@ class KVPins:
         if pin is not None:
             pin.last_used = self.clock()
 
+    def claim(self, kind: str, key: str) -> Pin | None:
+        """Mark a pin as being read (any thread): it cannot expire until released. None when there is none."""
+        with self._lock:
+            pin = self._pins.get((kind, key))
+            if pin is not None:
+                pin.claimed = True
+            return pin
+
     def release(self, kind: str, key: str) -> bool:
-        pin = self._pins.pop((kind, key), None)
+        """Free a pin's blocks (the engine's thread)."""
+        with self._lock:
+            pin = self._pins.pop((kind, key), None)
         if pin is None:
             return False
         self._release(pin.request_id)
@@ -121,12 +152,14 @@ class KVPins:
 
     def clear(self) -> None:
         """Forget every pin without releasing anything: the KV pool they held is gone (the engine started over)."""
-        self._pins.clear()
+        with self._lock:
+            self._pins.clear()
 
     def expire(self) -> int:
         """Release every pin past its TTL; how many."""
         now = self.clock()
-        gone = [k for k, pin in self._pins.items() if pin.expires_at <= now]
+        with self._lock:
+            gone = [k for k, pin in self._pins.items() if pin.expires_at <= now and not pin.claimed]
         for kind, key in gone:
             self.release(kind, key)
         self.expired += len(gone)

@@ -48,29 +48,29 @@ class KvTransferService(pb_grpc.KvTransferServicer):
     async def Fetch(self, request: pb.KvFetchRequest, context: grpc.aio.ServicerContext):
         rid = request.transfer_id
         core = self.engine.engine
+        # Claimed here, not through the engine's thread: a prefill worker's steps can be long, and the pinned
+        # blocks are not written while pinned, so they are read beside the steps.
+        pin = core.pins.claim(TRANSFER, rid)
         try:
-            tokens = await self.engine.call(lambda: core.held_tokens(rid) if core.pins.get(TRANSFER, rid) else [])
-            held = len(tokens)
-            if held == 0:
+            if pin is None:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"no KV waits under transfer {rid!r} (fetched already, or expired)"
                 )
+            held = pin.tokens
             if request.start > held:
                 await context.abort(
                     grpc.StatusCode.OUT_OF_RANGE, f"transfer {rid!r} holds {held} tokens; asked from {request.start}"
                 )
-            per_token = await self.engine.call(lambda: _token_bytes(core))
-            step = request.chunk_tokens or max(1, CHUNK_BYTES // per_token)
-            start = request.start
-            first = True
+            step = request.chunk_tokens or max(1, CHUNK_BYTES // _token_bytes(core))
+            start, first = request.start, True
             while start < held or first:
                 end = min(held, start + step)
-                part = await self.engine.export_kv(rid, start, end)
+                part = await asyncio.to_thread(core.runner.kv_transfer, pin.token_ids, pin.block_table, start, end)
                 chunk = pb.KvChunk(start=start, num_tokens=end - start, data=part.data, crc32=zlib.crc32(part.data))
                 if first:
                     chunk.header.CopyFrom(
                         pb.KvHeader(
-                            token_ids=tokens,
+                            token_ids=pin.token_ids,
                             end=held,
                             num_layers=part.num_layers,
                             num_kv_heads=part.num_kv_heads,
@@ -84,7 +84,8 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                 start = end
             self.transfers += 1
         finally:  # used once, whatever the outcome (not awaited: a cancelled call's task may not await any more)
-            self.engine.submit(lambda: core.pins.release(TRANSFER, rid))
+            if pin is not None:
+                self.engine.submit(lambda: core.pins.release(TRANSFER, rid))
 
 
 def _token_bytes(core) -> int:
