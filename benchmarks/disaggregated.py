@@ -34,7 +34,7 @@ import httpx
 
 from fleetserve.bench import http_bench
 from fleetserve.bench.local_fleet import Fleet
-from fleetserve.bench.results import cpu_description
+from fleetserve.bench.results import cpu_description, write_json
 
 ROOT = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
@@ -229,8 +229,7 @@ def main() -> int:
         "goals": {"short_itl_p99_replicas_over_disaggregated": 2.0, "throughput_disaggregated_vs_replicas": 0.75},
     }
     out = ROOT / "results" / "disaggregated.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return 0

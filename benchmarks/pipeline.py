@@ -33,7 +33,7 @@ import httpx
 
 from fleetserve.bench import http_bench
 from fleetserve.bench.local_fleet import Fleet
-from fleetserve.bench.results import cpu_description
+from fleetserve.bench.results import cpu_description, write_json
 
 ROOT = Path(__file__).resolve().parent
 MODEL = "smollm2-135m-instruct"
@@ -196,8 +196,7 @@ def main() -> int:
         "goals": {"c16_throughput_vs_one_worker_2_stages": 0.8, "transfer_s_per_hop": 0.001, "recovery_s": 10.0},
     }
     out = ROOT / "results" / "pipeline.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     print(json.dumps(summary, indent=2))
     print(f"wrote {out}")
     return 0

@@ -59,11 +59,11 @@ def _routing(fleet) -> dict:
 def test_kill_9_mid_stream_every_stream_completes_with_identical_text(model_dir):
     fleet = start_fleet(2, "", 3.0)
     try:
-        reference = asyncio.run(_run_all(fleet.url, 40, {}))
+        reference = asyncio.run(_run_all(fleet.url, 32, {}))
         progress: dict[str, int] = {}
 
         async def disturbed() -> list[dict]:
-            task = asyncio.create_task(_run_all(fleet.url, 40, progress))
+            task = asyncio.create_task(_run_all(fleet.url, 32, progress))
             # Kill one worker once every stream has shown text: each is mid-answer on one of the two workers.
             while len(progress) < len(QUESTIONS) or min(progress.values()) < 2:
                 await asyncio.sleep(0.02)

@@ -428,8 +428,6 @@ class LLMEngine:
                 "failed_steps": self.failed_steps,
                 "consecutive_failed_steps": self.consecutive_failed_steps,
                 **(self.pipeline.stats() if self.pipeline is not None else {}),
-                "pinned_sessions": sum(1 for p in self.pins.report() if p.kind == SESSION),
-                "pinned_session_blocks": self.pins.session_blocks(),
-                "pinned_transfers": sum(1 for p in self.pins.report() if p.kind == TRANSFER),
+                **self.pins.counts(),
             },
         )

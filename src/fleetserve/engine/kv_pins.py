@@ -172,6 +172,17 @@ class KVPins:
     def session_blocks(self) -> int:
         return sum(p.blocks for p in self._pins.values() if p.kind == SESSION)
 
+    def counts(self) -> dict[str, int]:
+        """Pinned sessions, their blocks and pinned transfers, in one pass (for the engine's stats each step)."""
+        sessions = blocks = transfers = 0
+        for p in self._pins.values():
+            if p.kind == SESSION:
+                sessions += 1
+                blocks += p.blocks
+            else:
+                transfers += 1
+        return {"pinned_sessions": sessions, "pinned_session_blocks": blocks, "pinned_transfers": transfers}
+
     def report(self) -> list[PinnedKV]:
         now = self.clock()
         return [
