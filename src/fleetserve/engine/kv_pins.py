@@ -85,13 +85,9 @@ class KVPins:
         """Guards the pins against a reader's ``claim`` from another thread (everything else is the engine's)."""
         self.released_over_limit = 0
         """Sessions released early to stay within max_sessions or the cache share."""
-        self.expired = 0
 
     def __len__(self) -> int:
         return len(self._pins)
-
-    def get(self, kind: str, key: str) -> Pin | None:
-        return self._pins.get((kind, key))
 
     def pin(
         self,
@@ -162,7 +158,6 @@ class KVPins:
             gone = [k for k, pin in self._pins.items() if pin.expires_at <= now and not pin.claimed]
         for kind, key in gone:
             self.release(kind, key)
-        self.expired += len(gone)
         return len(gone)
 
     def next_expiry(self) -> float | None:
@@ -170,7 +165,7 @@ class KVPins:
         return min((pin.expires_at for pin in self._pins.values()), default=None)
 
     def session_blocks(self) -> int:
-        return sum(p.blocks for p in self._pins.values() if p.kind == SESSION)
+        return self.counts()["pinned_session_blocks"]
 
     def counts(self) -> dict[str, int]:
         """Pinned sessions, their blocks and pinned transfers, in one pass (for the engine's stats each step)."""

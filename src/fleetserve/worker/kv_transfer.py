@@ -42,8 +42,6 @@ class KvTransferService(pb_grpc.KvTransferServicer):
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        self.sent_bytes = 0
-        self.transfers = 0
 
     async def Fetch(self, request: pb.KvFetchRequest, context: grpc.aio.ServicerContext):
         rid = request.transfer_id
@@ -61,7 +59,7 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                 await context.abort(
                     grpc.StatusCode.OUT_OF_RANGE, f"transfer {rid!r} holds {held} tokens; asked from {request.start}"
                 )
-            step = request.chunk_tokens or max(1, CHUNK_BYTES // _token_bytes(core))
+            step = request.chunk_tokens or max(1, CHUNK_BYTES // core.runner.kv_bytes_per_token)
             start, first = request.start, True
             while start < held or first:
                 end = min(held, start + step)
@@ -79,20 +77,11 @@ class KvTransferService(pb_grpc.KvTransferServicer):
                         )
                     )
                     first = False
-                self.sent_bytes += len(part.data)
                 yield chunk
                 start = end
-            self.transfers += 1
         finally:  # used once, whatever the outcome (not awaited: a cancelled call's task may not await any more)
             if pin is not None:
                 self.engine.submit(lambda: core.pins.release(TRANSFER, rid))
-
-
-def _token_bytes(core) -> int:
-    """Bytes of one token's KV over the engine's layers."""
-    arch = core.arch
-    itemsize = DTYPE_BYTES[str(core.runner.dtype).removeprefix("torch.")]
-    return core.runner.model.num_local_layers * 2 * arch.num_kv_heads * arch.head_dim * itemsize
 
 
 @dataclass
