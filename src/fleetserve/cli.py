@@ -11,6 +11,7 @@ from fleetserve.errors import FleetServeError
 from fleetserve.settings.base import Settings, add_flags, config_path, flags_of
 from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.settings.generate import GenerateSettings
+from fleetserve.settings.node import NodeSettings
 from fleetserve.settings.up import UpSettings
 from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.logs import configure_logging
@@ -57,6 +58,15 @@ def cmd_gateway(settings: GatewaySettings, args: argparse.Namespace) -> int:
     return asyncio.run(run_gateway(settings))
 
 
+def cmd_node(settings: NodeSettings, args: argparse.Namespace) -> int:
+    """Run the workers the gateway places on this machine."""
+    import asyncio
+
+    from fleetserve.worker.node import run_node
+
+    return asyncio.run(run_node(settings))
+
+
 def cmd_up(settings: UpSettings, args: argparse.Namespace) -> int:
     """A gateway and local workers on one machine."""
     from fleetserve.up import run_up
@@ -87,6 +97,7 @@ COMMANDS = {
     "worker": (WorkerSettings, cmd_worker, "serve one engine over gRPC and register with a gateway"),
     "gateway": (GatewaySettings, cmd_gateway, "serve the OpenAI-compatible HTTP API over registered workers"),
     "up": (UpSettings, cmd_up, "a gateway plus local workers on the default model, in one command"),
+    "node": (NodeSettings, cmd_node, "a node agent: runs and restarts the workers the gateway places on this machine"),
 }
 
 

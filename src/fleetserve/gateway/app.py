@@ -16,14 +16,34 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from fleetserve.errors import FleetServeError
-from fleetserve.gateway.api import admin, compat, console, docs, health, jobs, openai, responses, sessions
+from fleetserve.gateway.api import (
+    admin,
+    compat,
+    console,
+    deployments,
+    docs,
+    health,
+    jobs,
+    openai,
+    responses,
+    sessions,
+)
 from fleetserve.gateway.api.deps import fleet_error
 from fleetserve.gateway.api.guard import HttpGuard
 from fleetserve.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (health.router, openai.router, jobs.router, sessions.router, compat.router, console.router, admin.router)
+ROUTERS = (
+    health.router,
+    openai.router,
+    jobs.router,
+    sessions.router,
+    compat.router,
+    console.router,
+    admin.router,
+    deployments.router,
+)
 """In matching order: /v1/chat/completions (OpenAI) comes before /v1/chat/{model} (compat)."""
 
 
@@ -62,6 +82,8 @@ def create_app(state: GatewayState) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected)
     state.dispatcher.metrics.set_worker_source(lambda: list(state.registry.workers.values()))
+    if state.deployments is not None:
+        state.dispatcher.metrics.set_node_source(lambda: state.deployments)
     for router in ROUTERS:
         app.include_router(router)
     docs.install(app)

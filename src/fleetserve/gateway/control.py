@@ -1,4 +1,5 @@
-"""The Control gRPC service on the gateway: workers register, heartbeat and deregister here.
+"""The Control gRPC service on the gateway: workers register, heartbeat and deregister here; node agents hold their
+sessions here.
 
 The fleet secret is checked on every call before it gets here (``protocol.security``). A registration's
 advertised address must lie in the gateway's worker networks, if it has any, before the gateway dials it; a
@@ -7,6 +8,10 @@ that registering is no way to probe the gateway's network). What the gateway nee
 tokenizer) is fetched before the worker is listed, so a listed worker can always be served. Heartbeats and
 deregistrations must carry the session secret their registration returned. Heartbeats that tell of a
 pipeline (a head's report or stage fault, a stage node draining) are handed to the pipelines' hook as well.
+
+A node agent's session is one stream each way: its reports come up (the first registers the node, by name), and
+its plan goes down each time the plan changes (``gateway.nodes``). A newer session of the same node name ends the
+older one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
+from fleetserve.gateway.nodes import NodeRecord, NodeTable
 from fleetserve.gateway.registry import REPLICA_ROLE, ROLES, STAGE_ROLE, WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
@@ -40,6 +46,7 @@ class ControlService(pb_grpc.ControlServicer):
         networks: Sequence[Network] = (),
         prepare: Callable[[WorkerRecord], Awaitable[None]] | None = None,
         on_stage_report: Callable[[WorkerRecord, pb.HeartbeatReport], None] | None = None,
+        nodes: NodeTable | None = None,
     ):
         self.registry = registry
         self.on_register = on_register
@@ -50,6 +57,9 @@ class ControlService(pb_grpc.ControlServicer):
         """Called after a heartbeat that carries a stage fault or a pipeline report, or a stage node's draining."""
         self.networks = list(networks)
         self.pending_commands: dict[str, asyncio.Queue[pb.Command]] = {}
+        self.nodes = nodes
+        """The node agents' table; None: this gateway takes no node agents."""
+        self._node_sessions: dict[str, object] = {}  # node id -> the token of its newest session
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
         info = request.info
@@ -114,6 +124,40 @@ class ControlService(pb_grpc.ControlServicer):
         self.pending_commands.pop(request.worker_id, None)
         return pb.DeregisterReply()
 
+    async def NodeSession(self, request_iterator, context: grpc.aio.ServicerContext):
+        if self.nodes is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this gateway takes no node agents")
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        problem = _node_problem(first.info)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        node = self.nodes.connect(first)
+        token = object()
+        self._node_sessions[node.node_id] = token
+        reports = asyncio.ensure_future(self._node_reports(node, request_iterator, token))
+        try:
+            while self._node_sessions.get(node.node_id) is token and not reports.done():
+                if node.changed.is_set():
+                    yield self.nodes.plan_message(node, self.registry.heartbeat_interval_s)
+                changed = asyncio.ensure_future(node.changed.wait())
+                await asyncio.wait(
+                    {changed, reports}, timeout=self.registry.heartbeat_interval_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                changed.cancel()
+        finally:
+            reports.cancel()
+            if self._node_sessions.get(node.node_id) is token:
+                del self._node_sessions[node.node_id]
+                self.nodes.disconnect(node)
+
+    async def _node_reports(self, node: NodeRecord, request_iterator, token: object) -> None:
+        async for report in request_iterator:
+            if self._node_sessions.get(node.node_id) is not token:
+                return  # a newer session of this node took over
+            self.nodes.report(node, report)
+
     async def _refuse(self, info: pb.WorkerInfo, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
         dial = _dial_error(exc)
         if dial is None:  # e.g. a tokenizer that disagrees with the model's other workers
@@ -124,6 +168,17 @@ class ControlService(pb_grpc.ControlServicer):
     def send(self, worker_id: str, command: pb.Command) -> None:
         """Queue a command for a worker; it goes down with the reply to its next heartbeat."""
         self.pending_commands.setdefault(worker_id, asyncio.Queue()).put_nowait(command)
+
+
+def _node_problem(info: pb.NodeInfo) -> str:
+    """What is wrong with a node's first report, if anything."""
+    if not info.name:
+        return "a node must give its name"
+    if not info.host:
+        return "a node must give the host its workers listen on"
+    if info.max_workers < 1 or info.cpus < 1 or info.memory_bytes < 2**20:
+        return "a node must offer at least one worker slot, one core and some memory"
+    return ""
 
 
 def _stage_news(record: WorkerRecord, report: pb.HeartbeatReport) -> bool:

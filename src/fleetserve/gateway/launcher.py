@@ -61,6 +61,22 @@ def memory_plan(model: str, device: str) -> MemoryPlan:
     return MemoryPlan(-(-params * elem // 2**20), per_token, -(-per_token * min_kv_tokens // 2**20))
 
 
+def worker_sizing(model: str, device: str, memory_mb: int) -> tuple[int, int]:
+    """(memory, KV cache) in MiB of one worker holding the whole model: ``memory_mb`` when given (refused when too
+    small), else the model's minimum plus room for a few requests. UnknownModelError for a model it cannot read."""
+    plan = memory_plan(model, device)
+    if not memory_mb:
+        memory_mb = plan.minimum_mb + 256
+    if memory_mb < plan.minimum_mb:
+        raise InvalidRequestError(
+            f"max_memory_mb {memory_mb} is too small for {model} on {device}: it needs at least "
+            f"{plan.minimum_mb} MiB ({plan.weights_mb} MiB of weights, {RUNTIME_OVERHEAD_MB} MiB for the runtime "
+            f"and {plan.min_kv_mb} MiB of KV cache for {MIN_KV_TOKENS} tokens)",
+            "max_memory_mb",
+        )
+    return memory_mb, plan.kv_mb(memory_mb)
+
+
 WORKER_READY = "fleetserve worker ready"
 CLOSE_GRACE_S = 10.0
 """How long each launched worker has to stop when the gateway shuts down."""
@@ -116,21 +132,13 @@ class Launcher:
             raise InvalidRequestError(f"role {role!r} cannot be launched here; use one of: {', '.join(ROLES)}", "role")
         if device != "cpu" and not device.startswith("cuda"):
             raise InvalidRequestError(f"device must be cpu or cuda[:N], not {device!r}", "device")
-        plan = await asyncio.to_thread(memory_plan, model, device)  # UnknownModelError for an unknown model
         if role == "stage":
             # The gateway checks the cap when the node registers (at least one layer plus its KV for the context)
             # and gives it the layers that fit; the default is the model's weights plus KV for MIN_KV_TOKENS.
+            plan = await asyncio.to_thread(memory_plan, model, device)  # UnknownModelError for an unknown model
             return self._start(model, device, max_memory_mb or plan.weights_mb + plan.min_kv_mb, role, 0)
-        if max_memory_mb is None:
-            max_memory_mb = plan.minimum_mb + 256
-        if max_memory_mb < plan.minimum_mb:
-            raise InvalidRequestError(
-                f"max_memory_mb {max_memory_mb} is too small for {model} on {device}: it needs at least "
-                f"{plan.minimum_mb} MiB ({plan.weights_mb} MiB of weights, {RUNTIME_OVERHEAD_MB} MiB for the runtime "
-                f"and {plan.min_kv_mb} MiB of KV cache for {MIN_KV_TOKENS} tokens)",
-                "max_memory_mb",
-            )
-        return self._start(model, device, max_memory_mb, role, plan.kv_mb(max_memory_mb))
+        memory_mb, kv_mb = await asyncio.to_thread(worker_sizing, model, device, max_memory_mb or 0)
+        return self._start(model, device, memory_mb, role, kv_mb)
 
     def _start(self, model: str, device: str, max_memory_mb: int, role: str, kv_mb: int) -> LaunchedWorker:
         """Start the worker process: a stage node with its whole cap, any other role with ``kv_mb`` of KV cache."""

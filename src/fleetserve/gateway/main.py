@@ -10,26 +10,30 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import uvicorn
 
-from fleetserve.errors import InvalidRequestError
+from fleetserve.errors import InvalidRequestError, UnknownModelError
 from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.app import GatewayState, create_app
 from fleetserve.gateway.cache import AnswerCache, make_cache
 from fleetserve.gateway.control import ControlService
+from fleetserve.gateway.controller import DEFAULT_MEMORY_MB, DeploymentController, Sizing
 from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
-from fleetserve.gateway.launcher import Launcher
+from fleetserve.gateway.launcher import Launcher, worker_sizing
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
+from fleetserve.gateway.nodes import NodeTable
 from fleetserve.gateway.pipelines import PipelineController
 from fleetserve.gateway.policies import make_policy
 from fleetserve.gateway.preprocess import Preprocessor, PreprocessPool
 from fleetserve.gateway.registry import STAGE_ROLE, WorkerRegistry, connector, probe_generation
 from fleetserve.gateway.registry_store import RegistryStore
 from fleetserve.gateway.tokenizers import TokenizerStore
+from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import FleetCredentials, is_loopback, parse_networks
 from fleetserve.settings.base import dial_host
@@ -46,6 +50,37 @@ async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
         await asyncio.sleep(registry.heartbeat_interval_s / 2)
         registry.sweep()
         admission.pump()
+
+
+async def _reconcile(deployments: DeploymentController, interval_s: float) -> None:
+    """Notice lost nodes and bring the nodes' plans in line with the deployments, every interval."""
+    while True:
+        await asyncio.sleep(interval_s)
+        deployments.nodes.sweep()
+        deployments.reconcile()
+
+
+def _sizing() -> Callable[[str, str, int], Sizing]:
+    """(model, device, memory_mb) -> one worker's memory and KV cache, sized from the model's files where this
+    machine has them (remembered per model and device), else the memory given (or a default) and the worker's
+    own KV default."""
+    plans: dict[tuple[str, str, int], Sizing] = {}
+
+    def sizing(model: str, device: str, memory_mb: int) -> Sizing:
+        key = (model, device, memory_mb)
+        if key not in plans:
+            try:
+                plans[key] = Sizing(*worker_sizing(model, device, memory_mb))
+            except (UnknownModelError, OSError, ValueError) as exc:
+                if isinstance(exc, InvalidRequestError):
+                    raise
+                log.info(
+                    "cannot size %s here (%s): giving its workers %s MiB", model, exc, memory_mb or DEFAULT_MEMORY_MB
+                )
+                plans[key] = Sizing(memory_mb or DEFAULT_MEMORY_MB, 0)
+        return plans[key]
+
+    return sizing
 
 
 async def _probe(registry: WorkerRegistry, pipelines: PipelineController) -> None:
@@ -193,12 +228,21 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
             pipelines.replan(record.info.model, f"{record.name} joined")
         admission.pump(record.info.model)
 
+    nodes = NodeTable(lost_after_s=max(10.0, 2 * settings.heartbeat_timeout))
+    deployments = DeploymentController(nodes, registry, _sizing())
+    nodes.on_change.append(deployments.reconcile)
+    for spec in models:
+        for shape in spec.deployment:
+            deployments.set(spec.name, shape)  # InvalidRequestError stops the gateway at start-up
+    if store is not None:
+        deployments.on_change.append(lambda d: _store_deployment(models, store, d))
     control = ControlService(
         registry,
         on_register=on_register,
         networks=networks,
         prepare=tokenizers.on_register,
         on_stage_report=pipelines.on_stage_report,
+        nodes=nodes,
     )
     grpc_server = credentials.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
@@ -219,9 +263,19 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         traces=TraceStore(capacity=1000 if settings.telemetry else 0, exporter=_exporter(settings)),
         control=control,
         pipelines=pipelines,
+        deployments=deployments,
         launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
     return Gateway(state, admission, store, grpc_server, control_port, pipelines)
+
+
+def _store_deployment(models: ModelRegistry, store: RegistryStore, deployment) -> None:
+    """Keep a model's deployments with its other settings in the state db, so a restarted gateway has them."""
+    spec = models.get(deployment.model) or models.learn(pb.WorkerInfo(model=deployment.model))
+    spec.deployment = [d for d in spec.deployment if d.get("role", "replica") != deployment.role]
+    if deployment.replicas or deployment.max_replicas:
+        spec.deployment.append({k: v for k, v in deployment.to_json().items() if k != "model"})
+    store.save_model(spec.to_json())
 
 
 def _answer_cache(settings: GatewaySettings, metrics) -> AnswerCache | None:
@@ -262,6 +316,7 @@ async def run_gateway(settings: GatewaySettings) -> int:
     tasks = [
         asyncio.create_task(_sweep(state.registry, gateway.admission)),
         asyncio.create_task(_probe(state.registry, gateway.pipelines)),
+        asyncio.create_task(_reconcile(state.deployments, settings.heartbeat_interval)),
         asyncio.create_task(_announce(server, settings, gateway.control_port)),
     ]
     try:

@@ -21,7 +21,9 @@ Keys of one model (aliases after the slash): name, version, source/path, archite
 quantized, batchable, context_length/max_context/max_model_len, temperature, top_p, max_tokens, policy (a name,
 or a mapping with ``name`` and the options), policy_options, default_params/defaults/sampling (a mapping of
 temperature, top_p and max_tokens), and pipeline (a mapping of ``depth``: micro-batches in flight, and
-``cooldown``: seconds between re-partitions, for the model's pipeline of stage nodes). Anything else, a key given twice under two aliases, or a value of the wrong
+``cooldown``: seconds between re-partitions, for the model's pipeline of stage nodes), and deployment (a mapping,
+or a list of them, one per role: the workers node agents should run, as ``gateway.controller`` reads them: replicas,
+min_replicas, max_replicas, role, memory_mb, threads, device, nodes, labels). Anything else, a key given twice under two aliases, or a value of the wrong
 type is a ``ValueError`` naming the model and the key.
 """
 
@@ -74,6 +76,8 @@ class ModelSpec:
     policy_options: dict[str, Any] = field(default_factory=dict)
     pipeline: dict[str, Any] = field(default_factory=dict)
     """This model's pipeline settings over the gateway's: ``depth`` (micro-batches in flight) and ``cooldown``."""
+    deployment: list[dict[str, Any]] = field(default_factory=list)
+    """The workers node agents should run for it, one mapping per role (checked by ``gateway.controller``)."""
     configured: bool = True
     """True when the model config names the model; False when it was only learned from a worker."""
 
@@ -82,6 +86,7 @@ class ModelSpec:
         data = asdict(self)
         data["policy_options"] = dict(self.policy_options)
         data["pipeline"] = dict(self.pipeline)
+        data["deployment"] = [dict(d) for d in self.deployment]
         return data
 
     @classmethod
@@ -114,6 +119,7 @@ _ALIASES: dict[str, str] = {
     "policy": "policy",
     "policy_options": "policy_options",
     "pipeline": "pipeline",
+    "deployment": "deployment",
 }
 _PIPELINE_KEYS = {"depth": int, "cooldown": float}
 _SAMPLING_SECTIONS = ("default_params", "defaults", "sampling")
@@ -169,6 +175,11 @@ def _check(model: str, key: str, value: object, spec_field: str) -> object:
         return dict(value)
     if spec_field == "pipeline":
         return _check_pipeline(value, bad)
+    if spec_field == "deployment":
+        shapes = value if isinstance(value, list) else [value]
+        if not shapes or not all(isinstance(d, dict) for d in shapes):
+            raise bad("a mapping (or a list of mappings, one per role)")
+        return [dict(d) for d in shapes]
     raise AssertionError(spec_field)
 
 
@@ -366,7 +377,7 @@ class ModelRegistry:
             restored.policy_options = dict(restored.policy_options or {})
             self._specs[restored.name] = restored
             return restored
-        for name in ("version", "architecture", "num_layers", "dtype", "context_length"):
+        for name in ("version", "architecture", "num_layers", "dtype", "context_length", "deployment"):
             if not getattr(spec, name) and getattr(restored, name):
                 setattr(spec, name, getattr(restored, name))
         return spec

@@ -10,6 +10,7 @@ from typing import Any
 
 from fleetserve.gateway.cache import AnswerCache
 from fleetserve.gateway.control import ControlService
+from fleetserve.gateway.controller import DeploymentController
 from fleetserve.gateway.dispatch import Dispatcher
 from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
@@ -37,6 +38,8 @@ class GatewayState:
     pipelines: PipelineController | None = None
     """The pipelines of stage nodes (which node holds which layers of which model); None in gateways built
     without one (tests)."""
+    deployments: DeploymentController | None = None
+    """The deployments and the node agents that run them; None in gateways built without one (tests)."""
     answers: AnswerCache | None = None
     """The response cache for deterministic answers; None when it is off."""
     traces: TraceStore = field(default_factory=TraceStore)

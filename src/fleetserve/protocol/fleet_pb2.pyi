@@ -571,3 +571,96 @@ class DeregisterRequest(_message.Message):
 class DeregisterReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("name", "host", "cpus", "memory_bytes", "gpus", "max_workers", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    host: str
+    cpus: int
+    memory_bytes: int
+    gpus: int
+    max_workers: int
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., host: _Optional[str] = ..., cpus: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., gpus: _Optional[int] = ..., max_workers: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class NodeWorker(_message.Message):
+    __slots__ = ("name", "model", "role", "state", "pid", "restarts", "last_exit_code", "last_lines", "next_start_in_s", "uptime_s", "crashes", "launch")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    LAST_LINES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_START_IN_S_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    CRASHES_FIELD_NUMBER: _ClassVar[int]
+    LAUNCH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    role: str
+    state: str
+    pid: int
+    restarts: int
+    last_exit_code: int
+    last_lines: _containers.RepeatedScalarFieldContainer[str]
+    next_start_in_s: float
+    uptime_s: float
+    crashes: int
+    launch: WorkerLaunch
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., last_exit_code: _Optional[int] = ..., last_lines: _Optional[_Iterable[str]] = ..., next_start_in_s: _Optional[float] = ..., uptime_s: _Optional[float] = ..., crashes: _Optional[int] = ..., launch: _Optional[_Union[WorkerLaunch, _Mapping]] = ...) -> None: ...
+
+class NodeReport(_message.Message):
+    __slots__ = ("info", "workers", "plan_version")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    info: NodeInfo
+    workers: _containers.RepeatedCompositeFieldContainer[NodeWorker]
+    plan_version: int
+    def __init__(self, info: _Optional[_Union[NodeInfo, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[NodeWorker, _Mapping]]] = ..., plan_version: _Optional[int] = ...) -> None: ...
+
+class WorkerLaunch(_message.Message):
+    __slots__ = ("name", "model", "role", "device", "threads", "memory_mb", "kv_cache_mb")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_MB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model: str
+    role: str
+    device: str
+    threads: int
+    memory_mb: int
+    kv_cache_mb: int
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., device: _Optional[str] = ..., threads: _Optional[int] = ..., memory_mb: _Optional[int] = ..., kv_cache_mb: _Optional[int] = ...) -> None: ...
+
+class NodePlan(_message.Message):
+    __slots__ = ("version", "workers", "node_id", "report_interval_s")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REPORT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerLaunch]
+    node_id: str
+    report_interval_s: float
+    def __init__(self, version: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerLaunch, _Mapping]]] = ..., node_id: _Optional[str] = ..., report_interval_s: _Optional[float] = ...) -> None: ...

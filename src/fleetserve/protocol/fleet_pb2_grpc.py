@@ -524,6 +524,11 @@ class ControlStub:
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.DeregisterRequest.SerializeToString,
                 response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.DeregisterReply.FromString,
                 _registered_method=True)
+        self.NodeSession = channel.stream_stream(
+                '/fleetserve.v1.Control/NodeSession',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.NodeReport.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.NodePlan.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -547,6 +552,12 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NodeSession(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -564,6 +575,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Deregister,
                     request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.DeregisterRequest.FromString,
                     response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.DeregisterReply.SerializeToString,
+            ),
+            'NodeSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.NodeSession,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.NodeReport.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.NodePlan.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -647,6 +663,33 @@ class Control:
             '/fleetserve.v1.Control/Deregister',
             fleetserve_dot_protocol_dot_fleet__pb2.DeregisterRequest.SerializeToString,
             fleetserve_dot_protocol_dot_fleet__pb2.DeregisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NodeSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetserve.v1.Control/NodeSession',
+            fleetserve_dot_protocol_dot_fleet__pb2.NodeReport.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.NodePlan.FromString,
             options,
             channel_credentials,
             insecure,

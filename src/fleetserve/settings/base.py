@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from fleetserve.errors import InvalidRequestError
 
 ENV_PREFIX = "FLEETSERVE_"
-COMMANDS = ("generate", "worker", "gateway", "up", "bench", "models", "nodes")
+COMMANDS = ("generate", "worker", "gateway", "up", "node", "bench", "models", "nodes")
 """Config-file sections: a key under one of these applies to that command only."""
 
 

@@ -277,6 +277,8 @@ class GatewayMetrics:
         self._add_kv_metrics(r)
         self.workers = WorkerCollector()
         r.register(self.workers)
+        self.nodes = NodeCollector()
+        r.register(self.nodes)
 
     def _add_kv_metrics(self, r: CollectorRegistry) -> None:
         """KV that moves (prefill to decode worker) and stays (conversation sessions)."""
@@ -343,9 +345,65 @@ class GatewayMetrics:
         """Where the per-worker gauges come from: a callable returning the worker records (called at each scrape)."""
         self.workers.source = source
 
+    def set_node_source(self, source: Callable[[], Any] | None) -> None:
+        """Where the node and deployment gauges come from: a callable returning the deployment controller."""
+        self.nodes.source = source
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text of every metric, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class NodeCollector(Collector):
+    """Node agents' workers and the deployments' desired and actual counts, built at scrape time.
+
+    The source returns an object with ``nodes.nodes`` (node records: ``name``, ``workers`` by name, each with
+    ``model``, ``state`` and ``restarts``) and ``to_json()`` (the deployments with their ``status``): the gateway's
+    DeploymentController."""
+
+    def __init__(self, source: Callable[[], Any] | None = None):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        try:
+            controller = self.source()
+            nodes = list(controller.nodes.nodes.values())
+            deployments = controller.to_json()
+        except Exception:  # a broken source must not break the whole scrape
+            log.exception("could not read the nodes for metrics")
+            return
+        workers = GaugeMetricFamily(
+            "fleetserve_node_workers", "Workers node agents run, by node and state.", labels=["node", "state"]
+        )
+        restarts = CounterMetricFamily(
+            "fleetserve_node_worker_restarts",
+            "Times a node agent started a crashed worker again.",
+            labels=["node", "worker", "model"],
+        )
+        looping = GaugeMetricFamily(
+            "fleetserve_node_worker_crash_looping",
+            "1 for a worker its node stopped restarting: it crashed too often within the crash-loop window.",
+            labels=["node", "worker", "model"],
+        )
+        for node in nodes:
+            counts: dict[str, int] = {}
+            for worker in node.workers.values():
+                counts[worker.state] = counts.get(worker.state, 0) + 1
+                restarts.add_metric([node.name, worker.name, worker.model], worker.restarts)
+                looping.add_metric([node.name, worker.name, worker.model], worker.state == "crash-looping")
+            for state, n in sorted(counts.items()):
+                workers.add_metric([node.name, state], n)
+        replicas = GaugeMetricFamily(
+            "fleetserve_deployment_replicas",
+            "A deployment's workers: desired, planned on nodes, running there, and serving (registered, healthy).",
+            labels=["model", "role", "kind"],
+        )
+        for d in deployments:
+            for kind in ("desired", "planned", "running", "serving"):
+                replicas.add_metric([d["model"], d["role"], kind], d["status"][kind])
+        yield from (workers, restarts, looping, replicas)
 
 
 # -- a worker ---------------------------------------------------------------------------------------------
@@ -491,4 +549,7 @@ class DisabledGatewayMetrics(GatewayMetrics):
         return _NoOp()
 
     def set_worker_source(self, fn: Callable[[], Iterable[Any]]) -> None:
+        pass
+
+    def set_node_source(self, fn: Callable[[], Any]) -> None:
         pass

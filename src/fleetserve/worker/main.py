@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
@@ -112,8 +113,11 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     service.draining = True
     if agent:
         agent.draining = True
+    stats = engine.stats()
+    _say(f"fleetserve worker: draining {name} ({stats.running + stats.waiting} request(s) to finish)")
     try:
         await asyncio.wait_for(wait_idle(engine), opts.drain_timeout)
+        _say(f"fleetserve worker: {name} drained")
     except asyncio.TimeoutError:
         log.warning("drain timed out after %.0fs; stopping with requests still running", opts.drain_timeout)
     if agent_task:
@@ -128,3 +132,9 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         service.metrics.close()
     await engine.close()
     return code
+
+
+def _say(line: str) -> None:
+    """A line on standard output, if it is still there (a supervisor that died takes the pipe with it)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, flush=True)

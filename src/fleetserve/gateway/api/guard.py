@@ -149,7 +149,7 @@ class HttpGuard:
 
     def caller(self, method: str, path: str, headers: Headers) -> Caller:
         """Who the request comes from; a Refusal when it may not pass (401 without a right key, 403 for /admin
-        when no admin key is configured but API keys are, or for launching workers without an admin key)."""
+        when no admin key is configured but API keys are, or for launching workers, or changing deployments, without an admin key)."""
         key = self._bearer(headers)
         is_admin = bool(self.admin_key) and key is not None and hmac.compare_digest(key, self.admin_key)
         if path.startswith(ADMIN_PREFIX):
@@ -163,7 +163,7 @@ class HttpGuard:
                 return Caller("admin", True)
             if self.keys:
                 raise Refusal(403, "The admin API is off: start the gateway with --admin-key to use it.", "forbidden")
-            if method == "POST" and path.rstrip("/") == ADMIN_PREFIX + "/workers":
+            if _launches(method, path):
                 raise Refusal(
                     403, "Launching workers needs an admin key: start the gateway with --admin-key.", "forbidden"
                 )
@@ -217,6 +217,14 @@ class HttpGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+
+def _launches(method: str, path: str) -> bool:
+    """Whether an admin request starts or stops worker processes: joining a local worker, or changing a
+    deployment (node agents start and stop workers for it)."""
+    if method == "POST" and path.rstrip("/") == ADMIN_PREFIX + "/workers":
+        return True
+    return method in ("PUT", "DELETE") and path.startswith(ADMIN_PREFIX + "/deployments")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -1,0 +1,238 @@
+"""Node agents with real processes: a gateway, a node agent that runs a deployment's replicas, kill -9 of a replica
+under load, scaling through the admin API, a worker that crashes at start, and a second node agent."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.chat import MODEL, chat_body, complete, stream_text, trace
+from tests.fleet import Fleet, Proc, spawn, start_fleet
+from tests.helpers import PROMPTS
+
+pytestmark = pytest.mark.slow
+
+ADMIN = {"Authorization": "Bearer node-admin-key"}
+NODE_READY = re.compile(r"fleetserve node ready")
+WAIT_S = 180.0  # generous: outcomes are checked, not speed
+QUESTIONS = PROMPTS  # 8 distinct prompts
+
+
+@dataclass
+class NodeFleet:
+    fleet: Fleet
+    agent: Proc
+    logs: Path
+
+    def get(self, path: str) -> dict:
+        resp = httpx.get(self.fleet.url + path, headers=ADMIN, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def deploy(self, body: dict, model: str = MODEL) -> dict:
+        resp = httpx.put(f"{self.fleet.url}/admin/deployments/{model}", json=body, headers=ADMIN, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
+    def deployment(self, role: str = "replica") -> dict:
+        return next(d for d in self.get("/admin/deployments")["deployments"] if d["role"] == role)
+
+    def node(self, name: str) -> dict:
+        return next(n for n in self.get("/admin/nodes")["nodes"] if n["name"] == name)
+
+    def wait(self, check, what: str) -> dict:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            value = check()
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    def wait_serving(self, count: int, role: str = "replica") -> dict:
+        def check():
+            d = self.deployment(role)
+            s = d["status"]
+            return d if s["planned"] == s["serving"] == s["running"] == count else None
+
+        return self.wait(check, f"{count} serving {role} worker(s)")
+
+
+def node_agent(fleet: Fleet, name: str, logs: Path, *extra: str) -> Proc:
+    agent = spawn(
+        "node", "--gateway", fleet.control, "--name", name, "--log-dir", str(logs), "--restart-backoff", "0.5",
+        *extra,
+    )  # fmt: skip
+    agent.wait_for(NODE_READY, timeout=60)
+    return agent
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("node-logs")
+    fleet = start_fleet(0, "", 3.0, "--admin-key", ADMIN["Authorization"][7:])
+    agent = None
+    try:
+        agent = node_agent(fleet, "node-a", logs, "--max-workers", "3", "--cpus", "3", "--max-memory-mb", "3200")
+        nf = NodeFleet(fleet, agent, logs)
+        nf.deploy({"replicas": 2, "memory_mb": 1000})
+        nf.wait_serving(2)
+        yield nf
+    finally:
+        if agent is not None:
+            agent.stop()
+        fleet.stop()
+
+
+async def _streams(url: str, progress: dict) -> list[tuple[str, str]]:
+    """Every question streamed at once (greedy, 32 tokens): (request id, text) each."""
+
+    async def one(client: httpx.AsyncClient, question: str) -> tuple[str, str]:
+        events: list = []
+        progress[question] = events
+        text = await stream_text(client, url, chat_body(question, max_tokens=32), events)
+        return events[0], text
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        return await asyncio.gather(*(one(client, q) for q in QUESTIONS))
+
+
+def test_a_killed_replica_is_restarted_by_its_node_and_every_stream_completes_unchanged(nodes):
+    url = nodes.fleet.url
+    reference = asyncio.run(_streams(url, {}))
+    victim = next(w for w in nodes.node("node-a")["workers"] if w["state"] == "running")
+    progress: dict[str, list] = {}
+
+    async def disturbed():
+        task = asyncio.create_task(_streams(url, progress))
+        # Kill once every stream has shown text: each is mid-answer on one of the two replicas.
+        while len(progress) < len(QUESTIONS) or min(len(p) for p in progress.values()) < 3:
+            await asyncio.sleep(0.02)
+            assert not task.done(), "the streams finished before the kill"
+        psutil.Process(victim["pid"]).send_signal(signal.SIGKILL)
+        return await task
+
+    results = asyncio.run(disturbed())
+    assert [text for _, text in results] == [text for _, text in reference]
+    resumed = [t for t in (trace(url, rid) for rid, _ in results) if len(t["attempts"]) > 1]
+    assert resumed, "no stream was running on the killed replica"
+    for t in resumed:
+        first, second = t["attempts"][0], t["attempts"][1]
+        assert first["worker"] == victim["name"] and first["outcome"] == "failed_over" and first["tokens"] > 0
+        assert second["outcome"] == "finished" and second["resumed_tokens"] == first["tokens"]
+
+    # The node starts it again (same name, a new process) and it serves again.
+    def back():
+        w = next(w for w in nodes.node("node-a")["workers"] if w["name"] == victim["name"])
+        return w if w["restarts"] >= 1 and w["state"] == "running" and w["pid"] != victim["pid"] else None
+
+    again = nodes.wait(back, "the killed replica to run again")
+    assert again["last_exit_code"] == -signal.SIGKILL
+    nodes.wait_serving(2)
+    workers = [w for w in nodes.get("/admin/workers")["workers"] if w["name"] == victim["name"]]
+    assert [w["state"] for w in workers] == ["healthy"]  # its dead record was cleaned up
+    assert complete(url, [chat_body(q) for q in QUESTIONS[:2]])
+    log = (nodes.logs / f"worker-{victim['name']}.log").read_text()
+    assert log.count("--- started") == 2 and log.count("fleetserve worker ready") == 2
+    metrics = httpx.get(url + "/metrics", timeout=10).text
+    series = f'fleetserve_node_worker_restarts_total{{node="node-a",worker="{victim["name"]}",model="{MODEL}"}} 1.0'
+    assert series in metrics
+
+
+def test_scaling_up_and_down_through_the_admin_api_drains_before_stopping(nodes):
+    nodes.deploy({"replicas": 3})
+    nodes.wait_serving(3)
+    before = {w["name"]: w for w in nodes.node("node-a")["workers"]}
+    # Scale down while a long answer streams: the worker that goes finishes what it runs before it exits.
+    progress: list = []
+
+    async def streamed() -> str:
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await stream_text(
+                client, nodes.fleet.url, chat_body("Tell me a long story.", max_tokens=64), progress
+            )
+
+    async def scale_down_midway() -> str:
+        task = asyncio.create_task(streamed())
+        while len(progress) < 3:
+            await asyncio.sleep(0.02)
+            assert not task.done()
+        await asyncio.to_thread(nodes.deploy, {"replicas": 1})
+        return await task
+
+    text = asyncio.run(scale_down_midway())
+    assert len(text) > 0
+    nodes.wait_serving(1)
+    kept = {w["name"] for w in nodes.node("node-a")["workers"]}
+    stopped = set(before) - kept
+    assert len(kept) == 1 and len(stopped) == 2
+    for name in stopped:
+        log = (nodes.logs / f"worker-{name}.log").read_text()
+        assert "drained" in log, log[-2000:]
+    nodes.deploy({"replicas": 2})
+    nodes.wait_serving(2)
+
+
+def test_a_crash_looping_worker_is_reported_without_a_busy_loop_and_a_second_node_serves(nodes):
+    agent = node_agent(
+        nodes.fleet, "node-b", nodes.logs, "--max-workers", "1", "--cpus", "1", "--max-memory-mb", "1500",
+        "--labels", "zone=b", "--crash-loop-restarts", "3", "--restart-backoff", "0.2",
+    )  # fmt: skip
+    try:
+        # A prefill worker on a GPU this machine lacks: it crashes at start, every time.
+        nodes.deploy({"role": "prefill", "replicas": 1, "memory_mb": 1000, "device": "cuda:0", "labels": {"zone": "b"}})
+
+        def looping():
+            status = nodes.deployment("prefill")["status"]
+            return status["crash_looping"] or None
+
+        (looped,) = nodes.wait(looping, "the prefill worker to be crash-looping")
+        assert looped["node"] == "node-b" and looped["exit_code"] != 0
+        assert any("CUDA" in line or "cuda" in line for line in looped["last_lines"]), looped["last_lines"]
+        worker = next(w for w in nodes.node("node-b")["workers"] if w["name"] == looped["worker"])
+        assert worker["restarts"] == 2 and worker["crashes"] == 3
+        metrics = httpx.get(nodes.fleet.url + "/metrics", timeout=10).text
+        series = (
+            f'fleetserve_node_worker_crash_looping{{node="node-b",worker="{looped["worker"]}",model="{MODEL}"}} 1.0'
+        )
+        assert series in metrics
+        # No busy loop: the agent sleeps while its worker is left crash-looping.
+        process = psutil.Process(agent.popen.pid)
+        used = sum(process.cpu_times()[:2])
+        time.sleep(3)
+        assert sum(process.cpu_times()[:2]) - used < 1.0
+        assert nodes.node("node-b")["workers"][0]["restarts"] == 2
+
+        # Fixed: the deployment's new device replaces the worker, and it serves from the second node.
+        nodes.deploy({"role": "prefill", "device": "cpu"})
+        nodes.wait_serving(1, "prefill")
+        (served,) = nodes.node("node-b")["workers"]
+        assert served["state"] == "running" and served["name"] != looped["worker"]
+        record = next(w for w in nodes.get("/admin/workers")["workers"] if w["name"] == served["name"])
+        assert record["state"] == "healthy" and record["role"] == "prefill"
+        assert complete(nodes.fleet.url, [chat_body(q) for q in QUESTIONS[:3]])
+    finally:
+        resp = httpx.delete(f"{nodes.fleet.url}/admin/deployments/{MODEL}?role=prefill", headers=ADMIN, timeout=30)
+        assert resp.status_code == 200, resp.text
+        agent.stop()
+
+
+def test_deployments_need_the_admin_key_and_bad_ones_get_a_clear_error(nodes):
+    url = nodes.fleet.url
+    resp = httpx.put(f"{url}/admin/deployments/{MODEL}", json={"replicas": 1}, timeout=10)
+    assert resp.status_code == 401
+    resp = httpx.put(f"{url}/admin/deployments/{MODEL}", json={"replicas": -2}, headers=ADMIN, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "replicas"
+    resp = httpx.put(f"{url}/admin/deployments/{MODEL}", json={"memory_mb": 300}, headers=ADMIN, timeout=10)
+    assert resp.status_code == 400 and "too small" in resp.json()["error"]["message"]
+    assert nodes.deployment()["memory_mb"] == 1000  # unchanged
+    resp = httpx.delete(f"{url}/admin/deployments/{MODEL}?role=decode", headers=ADMIN, timeout=10)
+    assert resp.status_code == 404
