@@ -5,8 +5,16 @@ The local workers are whole-model replicas (``worker-N``), prefill and decode wo
 
 The machine's cores are split between the workers (torch threads each), since workers that each use every core
 slow one another down. The processes run under a :class:`~fleetserve.supervisor.Supervisor`, each in its own
-session, their output echoed to stderr with a ``[name]`` prefix. Ctrl-C (or SIGTERM) stops every process it
-started, the workers first (they drain and deregister) and the gateway last: SIGTERM, then SIGKILL after a grace.
+session, their output echoed to stderr with a ``[name]`` prefix; each gets SIGTERM if `up` itself dies.
+
+`up` is ready when /ready reports every worker; a process that exits before then fails `up` (code 1). From then on
+a :class:`~fleetserve.supervisor.Keeper` keeps them running: one that crashes starts again after a growing backoff
+(a line on stderr says which exited, with what code, and when it starts again); one that crashes too often in a
+short while is crash-looping: it is reported with its last lines and left stopped while the rest go on serving. A
+clean exit (a worker stopped through the admin API) is not started again. A restarted gateway has lost its
+registry: the workers register again by themselves. Ctrl-C (or SIGTERM) stops every process it started, nothing
+started again any more, the workers first (they drain and deregister) and the gateway last: SIGTERM, then SIGKILL
+after a grace.
 
 The fleet always has a secret: the one given (``--registration-token``), or a fresh random one, handed to each
 child in its environment. With ``--tls`` the gateway and each worker get their own certificate from a CA made for
@@ -27,16 +35,21 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import TextIO
 
 from fleetserve.certs import CertFiles, fleet_certs
 from fleetserve.protocol.security import SECRET_ENV
 from fleetserve.settings.base import ENV_PREFIX, dial_host
 from fleetserve.settings.up import UpSettings
-from fleetserve.supervisor import ChildExited, ChildSpec, Supervisor
+from fleetserve.supervisor import ChildExited, ChildSpec, Keeper, KeeperEvent, RestartPolicy, Supervisor
 
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
 """How long each process has to stop on SIGTERM before it gets SIGKILL."""
+GATEWAY_READY = "fleetserve gateway ready"
+WORKER_READY = "fleetserve worker ready"
+RESTART_POLICY = RestartPolicy(restart_clean_exit=False)
+"""A clean exit stays stopped: that is how a worker stopped through the admin API ends."""
 
 
 def child_specs(
@@ -46,7 +59,8 @@ def child_specs(
     secret: str = "",
     tls: dict[str, CertFiles] | None = None,
 ) -> list[ChildSpec]:
-    """The gateway's and the workers' specs, gateway first; their output is echoed to stderr.
+    """The gateway's and the workers' specs, gateway first; their output is echoed to stderr, and each gets SIGTERM
+    if this process dies.
 
     Each child gets the settings of ``explicit`` that it has, as FLEETSERVE_* variables (so keys never show in
     process arguments), and the config file; this process's own FLEETSERVE_* settings variables are not
@@ -61,7 +75,9 @@ def child_specs(
     threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, counts.total))
     fleet = {SECRET_ENV: secret} if secret else {}
     gateway_env = {**clean, **settings.gateway_env(explicit), **fleet, **(tls["gateway"].env() if tls else {})}
-    specs = [ChildSpec("gateway", [*exe, "gateway", *config], gateway_env, "fleetserve gateway ready", sys.stderr)]
+    # exit_with_parent holds since each is started from the main thread or the keeper's, both as long-lived as `up`
+    gateway_argv = [*exe, "gateway", *config]
+    specs = [ChildSpec("gateway", gateway_argv, gateway_env, GATEWAY_READY, sys.stderr, exit_with_parent=True)]
     control = f"{dial_host(settings.control_host)}:{settings.control_port}"
     worker_env = {**clean, **settings.worker_env(explicit), **fleet}
     cap = ["--max-memory-mb", str(settings.stage_memory_mb)] if settings.stage_memory_mb else []
@@ -70,7 +86,7 @@ def child_specs(
         argv = [*exe, "worker"] + (["--role", role] if role != "replica" else [])
         argv += ["--gateway", control, "--name", name, "--threads", str(threads)]
         argv += cap if role == "stage" else []
-        specs.append(ChildSpec(name, [*argv, *config], env, "fleetserve worker ready", sys.stderr))
+        specs.append(ChildSpec(name, [*argv, *config], env, WORKER_READY, sys.stderr, exit_with_parent=True))
     return specs
 
 
@@ -154,33 +170,43 @@ def wait_ready(
     raise TimeoutError(f"the fleet was not ready after {timeout_s:.0f}s: {last}")
 
 
-def _serve(url: str, ready: dict, supervisor: Supervisor, stopping: threading.Event) -> int:
-    """Say where the fleet answers, then watch it until a signal (0) or until a process exits (1)."""
+def event_message(event: KeeperEvent) -> str:
+    """The line (lines, for a crash loop) `up` prints about what its keeper noticed or did."""
+    text = f"fleetserve up: {event.name} {event.detail}"
+    if event.kind == "crash-looping":
+        text += "; the others go on serving. Its last lines:" + "".join(f"\n  {line}" for line in event.lines)
+    return text
+
+
+def fleet_keeper(supervisor: Supervisor, out: TextIO | None = None) -> Keeper:
+    """The keeper of `up`'s processes, each of its events printed to ``out`` (stderr by default)."""
+
+    def report(event: KeeperEvent) -> None:
+        print(event_message(event), file=out or sys.stderr, flush=True)
+
+    return Keeper(supervisor, RESTART_POLICY, on_event=report)
+
+
+def _serve(url: str, ready: dict, keeper: Keeper, stopping: threading.Event) -> int:
+    """Say where the fleet answers, then keep it running until a signal (0)."""
     workers = sum(m["healthy_workers"] for m in ready["models"].values())
     print(f"fleetserve is ready: {workers} worker(s) serving {', '.join(ready['models'])}", flush=True)
     print(f"  API:     {url}/v1   (OpenAI-compatible)", flush=True)
     print(f"  health:  {url}/health   readiness: {url}/ready", flush=True)
     print("Press Ctrl-C to stop.", flush=True)
+    keeper.start_thread()
     while not stopping.is_set():
-        exited = supervisor.exited()
-        if exited:
-            child = exited[0]
-            print(
-                f"fleetserve up: {child.name} exited with code {child.returncode}; stopping the others",
-                file=sys.stderr,
-                flush=True,
-            )
-            return 1
-        stopping.wait(0.5)
+        stopping.wait(0.5)  # a timed wait, so the signal handler runs promptly
     return 0
 
 
 def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = None) -> int:
-    """Start the fleet, say where it answers, and keep it until Ctrl-C/SIGTERM or a child's exit."""
+    """Start the fleet, say where it answers, and keep it running until Ctrl-C/SIGTERM; 1 if it never got ready."""
     url = f"http://{dial_host(settings.host)}:{settings.port}"
     counts = local_counts(settings, explicit)
     print(f"starting a gateway, {counts.summary()} on {settings.model} ...", file=sys.stderr, flush=True)
     supervisor = Supervisor()
+    keeper = fleet_keeper(supervisor)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -192,7 +218,7 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     try:
         tls = fleet_certs(tls_dir, counts.total) if tls_dir else None
         for spec in child_specs(settings, explicit, config_file, secret, tls):
-            supervisor.start(spec)
+            keeper.keep(spec)  # nothing is started again before the fleet is ready: its thread starts in _serve
         headers = {"Authorization": f"Bearer {settings.api_key[0]}"} if settings.api_key else None
         try:
             ready = wait_ready(url, supervisor, READY_TIMEOUT_S, counts.serving, headers, stopping)
@@ -209,10 +235,10 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
         if ready is None:
             print("fleetserve up: stopped before the fleet was ready", file=sys.stderr, flush=True)
             return 1
-        return _serve(url, ready, supervisor, stopping)
+        return _serve(url, ready, keeper, stopping)
     finally:
         print("stopping ...", file=sys.stderr, flush=True)
-        supervisor.stop_all(STOP_GRACE_S)
+        keeper.close(STOP_GRACE_S)  # the last kept (the workers) first, the gateway last
         for s, h in old.items():
             signal.signal(s, h)
         if tls_dir and not settings.tls_dir:

@@ -1,14 +1,20 @@
 """`fleetserve up`'s local workers: how many of each kind, their names, roles, threads and certificates (no
-processes)."""
+processes), and what its keeper reports (a tiny child process, no model)."""
 
 from __future__ import annotations
+
+import io
+import re
+import sys
+import time
 
 import pytest
 
 from fleetserve.cli import build_parser, explicit_settings, load_settings
 from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.up import UpSettings
-from fleetserve.up import child_specs, local_counts
+from fleetserve.supervisor import ChildSpec, KeeperEvent, Supervisor
+from fleetserve.up import RESTART_POLICY, child_specs, event_message, fleet_keeper, local_counts
 
 
 def up(*argv: str):
@@ -98,3 +104,38 @@ class _Files:
 
     def env(self) -> dict[str, str]:
         return {"CERT": self.name}
+
+
+def test_every_child_exits_with_up_and_is_kept_by_a_keeper_that_keeps_clean_exits_stopped():
+    specs = child_specs(*up("--prefill", "1", "--decode", "1"))
+    assert all(s.exit_with_parent for s in specs)
+    keeper = fleet_keeper(Supervisor(), io.StringIO())
+    assert keeper.policy == RESTART_POLICY and not RESTART_POLICY.restart_clean_exit
+
+
+def test_what_the_keeper_does_is_printed_with_the_last_lines_of_a_crash_loop():
+    crashed = KeeperEvent("worker-0", "crashed", "exited with code 3 after 2.0s; starting it again in 4s", 3)
+    assert event_message(crashed) == "fleetserve up: worker-0 exited with code 3 after 2.0s; starting it again in 4s"
+    detail = "exited with code 1 after 0.3s: 5 crashes within 120s, not started again"
+    looping = KeeperEvent("gateway", "crash-looping", detail, 1, ["Traceback ...", "OSError: address in use"])
+    assert event_message(looping).splitlines() == [
+        f"fleetserve up: gateway {detail}; the others go on serving. Its last lines:",
+        "  Traceback ...",
+        "  OSError: address in use",
+    ]
+
+
+def test_the_fleet_keeper_reports_a_crashed_child_and_when_it_starts_again():
+    out = io.StringIO()
+    keeper = fleet_keeper(Supervisor(), out)
+    keeper.keep(ChildSpec("worker-0", [sys.executable, "-c", "raise SystemExit(3)"]))
+    try:
+        deadline = time.monotonic() + 60
+        while not keeper.tick():
+            assert time.monotonic() < deadline, "the crash was not noticed"
+            time.sleep(0.02)
+    finally:
+        keeper.close(grace_s=10)
+    assert re.fullmatch(
+        r"fleetserve up: worker-0 exited with code 3 after \S+s; starting it again in 1s\n", out.getvalue()
+    )

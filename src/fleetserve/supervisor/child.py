@@ -1,13 +1,14 @@
-"""Owns fleetserve's child processes: starting them, collecting their output, waiting until they are ready, stopping them.
+"""One child process: starting it (again), collecting its output, waiting until it is ready, stopping it.
 
 Each child runs in a session (and so a process group) of its own, so stopping it reaches whatever it started too:
 SIGTERM to the group, SIGKILL after a grace period, then SIGKILL to anything still left in the group. Its output
 (stdout and stderr together) is read line by line by a background thread; the last ``max_lines`` lines are kept,
-and each line can be echoed to a stream with a ``[name]`` prefix. A child is ready when a line matches its readiness
-regex; waiting for that fails early, with the exit code and the last lines, if the child exits first.
+each line can be echoed to a stream with a ``[name]`` prefix and appended to a log file rotated by size. A child is
+ready when a line matches its readiness regex; waiting for that fails early, with the exit code and the last lines,
+if the child exits first. On Linux a child can be made to get SIGTERM when its parent dies.
 
 A :class:`Child` record keeps the spec it was started from, so starting it again later is one more call on the same
-record. This module imports neither torch nor the engine: the gateway uses it to launch local workers.
+record.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import TextIO
+
+from fleetserve.supervisor.logfile import RotatingLog
+from fleetserve.supervisor.parent_death import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,20 @@ class ChildSpec:
     """Each output line is also written here, prefixed with ``[name] ``."""
     cwd: str | None = None
     max_lines: int = 5000
+    log_file: str | os.PathLike[str] | None = None
+    """Each output line is also appended to this file (its folder is made if need be), the lines of every run of
+    the child, each run after a line ``--- started (pid N) at <ISO time> ---``. A write error is logged once and
+    does not stop the collection of the output."""
+    log_max_bytes: int = 10 * 2**20
+    """The log file is rotated before it would grow past this size, ..."""
+    log_backups: int = 3
+    """... into ``<log_file>.1`` (the newest) to ``<log_file>.<log_backups>``; with 0 it starts over, empty."""
+    exit_with_parent: bool = False
+    """On Linux the child gets SIGTERM when its parent dies (PR_SET_PDEATHSIG); elsewhere this is ignored. The
+    kernel ties this to the *thread* that started the child, not the process: start such a child from a thread
+    that lives as long as the process (the main thread, an event loop's, a Keeper's own thread), or it gets
+    SIGTERM when that thread ends. What the child starts in turn is not covered: it is up to the child to stop
+    them on SIGTERM."""
 
 
 class ChildExited(RuntimeError):
@@ -91,6 +109,9 @@ class Child:
         self._first = 0  # the number of the current run's first line
         self._eof = False  # the current run's output has ended
         self._swept = False
+        self._stop_requested = False  # stop() or kill() was called on the current run
+        self._pump_thread: threading.Thread | None = None
+        self._log = RotatingLog(spec.log_file, spec.log_max_bytes, spec.log_backups) if spec.log_file else None
 
     @property
     def name(self) -> str:
@@ -109,10 +130,17 @@ class Child:
     def running(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`stop` or :meth:`kill` was called since the latest start: an exit then was asked for."""
+        return self._stop_requested
+
     def launch(self) -> Child:
         """Start the process (again, after it has exited); its output is collected from here on."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running")
+        if self._pump_thread is not None:  # the previous run's last lines come before this run's
+            self._pump_thread.join(DRAIN_S)
         spec = self.spec
         popen = subprocess.Popen(
             spec.argv,
@@ -125,13 +153,18 @@ class Child:
             env=_environment(spec.env),
             cwd=spec.cwd,
             start_new_session=True,
+            preexec_fn=exit_with_parent(SIGTERM) if spec.exit_with_parent else None,
         )
         with self._cond:
             if self.popen is not None:
                 self.restarts += 1
             self.popen, self.started_at, self.ready_match = popen, time.monotonic(), None
-            self._first, self._eof, self._swept = self._count, False, False
-        threading.Thread(target=self._pump, args=(popen,), name=f"output-{self.name}", daemon=True).start()
+            self._first, self._eof, self._swept, self._stop_requested = self._count, False, False, False
+        if self._log is not None:
+            started = datetime.now().astimezone().isoformat(timespec="seconds")
+            self._log.write(f"--- started (pid {popen.pid}) at {started} ---\n")
+        self._pump_thread = threading.Thread(target=self._pump, args=(popen,), name=f"output-{self.name}", daemon=True)
+        self._pump_thread.start()
         log.debug("started %s (pid %d): %s", self.name, popen.pid, " ".join(spec.argv))
         return self
 
@@ -150,8 +183,12 @@ class Child:
                 with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: keep collecting
                     self.spec.echo.write(prefix + line)
                     self.spec.echo.flush()
+            if self._log is not None:
+                self._log.write(line)
         with contextlib.suppress(OSError):
             popen.stdout.close()  # type: ignore[union-attr]
+        if self._log is not None:
+            self._log.close()  # no file held open between runs; the next start opens it again
         with self._cond:
             if popen is self.popen:
                 self._eof = True
@@ -162,10 +199,11 @@ class Child:
         with self._cond:
             return list(self.lines)
 
-    def tail(self, n: int = TAIL_LINES) -> list[str]:
-        """The last ``n`` output lines."""
+    def tail(self, n: int = TAIL_LINES, this_run: bool = False) -> list[str]:
+        """The last ``n`` output lines (of the latest run only, with ``this_run``)."""
         with self._cond:
-            return list(itertools.islice(self.lines, max(0, len(self.lines) - n), None))
+            kept = min(len(self.lines), self._count - self._first) if this_run else len(self.lines)
+            return list(itertools.islice(self.lines, len(self.lines) - min(n, kept), None))
 
     def join_output(self, timeout_s: float = DRAIN_S) -> bool:
         """Wait until the current run's output has ended (every line collected); False if it has not by then."""
@@ -239,6 +277,7 @@ class Child:
         popen = self.popen
         if popen is None:
             return None
+        self._stop_requested = True
         if self.signal(sig):
             self.signal(SIGCONT)  # a paused (SIGSTOPped) child could not act on it otherwise
             if self.wait(grace_s) is None:
@@ -255,6 +294,7 @@ class Child:
         popen = self.popen
         if popen is None:
             return None
+        self._stop_requested = True
         self.signal(SIGKILL)
         return self._reap(popen)
 
@@ -301,116 +341,6 @@ class _Watch:
         if now >= self.deadline:
             raise ReadyTimeout(child.name, self.timeout_s, child.tail())
         return None
-
-
-class Supervisor:
-    """The children started through it, by name and in start order; stops them all in reverse order."""
-
-    def __init__(self) -> None:
-        self._children: dict[str, Child] = {}
-        self._lock = threading.Lock()
-
-    def start(self, spec: ChildSpec) -> Child:
-        """Start a child; its name must not be that of a running one (an exited one's record is replaced)."""
-        child = Child(spec)
-        with self._lock:
-            old = self._children.get(spec.name)
-            if old is not None and old.running:
-                raise ValueError(f"a child named {spec.name!r} is already running")
-            self._children.pop(spec.name, None)
-            self._children[spec.name] = child
-        try:
-            return child.launch()
-        except BaseException:
-            self.discard(spec.name)
-            raise
-
-    def get(self, name: str) -> Child | None:
-        return self._children.get(name)
-
-    def __getitem__(self, name: str) -> Child:
-        return self._children[name]
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._children
-
-    def __iter__(self) -> Iterator[Child]:
-        with self._lock:
-            return iter(list(self._children.values()))
-
-    def __len__(self) -> int:
-        return len(self._children)
-
-    def discard(self, name: str) -> Child | None:
-        """Forget a child's record (it is not stopped)."""
-        with self._lock:
-            return self._children.pop(name, None)
-
-    def exited(self) -> list[Child]:
-        """The children that were started and are no longer running."""
-        return [c for c in self if c.popen is not None and not c.running]
-
-    def _watches(self, names: Iterable[str] | None, timeout_s: float) -> tuple[dict[str, re.Match], list[_Watch]]:
-        children = list(self) if names is None else [self[n] for n in names]
-        found = {c.name: c.ready_match for c in children if c.ready_match is not None}
-        pending = [_Watch(c, c._ready, timeout_s) for c in children if c._ready is not None and c.name not in found]
-        return found, pending
-
-    @staticmethod
-    def _advance(found: dict[str, re.Match], pending: list[_Watch]) -> list[_Watch]:
-        still = []
-        for watch in pending:
-            match = watch.step()
-            if match is None:
-                still.append(watch)
-            else:
-                found[watch.child.name] = match
-        return still
-
-    def wait_ready(self, timeout_s: float = 120.0, names: Iterable[str] | None = None) -> dict[str, re.Match]:
-        """Wait for every child (or those named) that has a readiness pattern, all at once; their matches by name.
-        The first to exit or time out raises (:class:`ChildExited`, :class:`ReadyTimeout`)."""
-        found, pending = self._watches(names, timeout_s)
-        while pending := self._advance(found, pending):
-            time.sleep(POLL_S)
-        return found
-
-    async def wait_ready_async(
-        self, timeout_s: float = 120.0, names: Iterable[str] | None = None
-    ) -> dict[str, re.Match]:
-        found, pending = self._watches(names, timeout_s)
-        while pending := self._advance(found, pending):
-            await asyncio.sleep(POLL_S)
-        return found
-
-    def stop(self, name: str, grace_s: float = DEFAULT_GRACE_S) -> int | None:
-        """Stop one child (see :meth:`Child.stop`); None if there is none of that name."""
-        child = self.get(name)
-        return child.stop(grace_s) if child is not None else None
-
-    async def stop_async(self, name: str, grace_s: float = DEFAULT_GRACE_S) -> int | None:
-        child = self.get(name)
-        return await child.stop_async(grace_s) if child is not None else None
-
-    def stop_all(self, grace_s: float = DEFAULT_GRACE_S) -> dict[str, int | None]:
-        """Stop every child, the last started first, each before the next; exit codes by name, in stop order."""
-        codes: dict[str, int | None] = {}
-        for child in reversed(list(self)):
-            try:
-                codes[child.name] = child.stop(grace_s)
-            except Exception:  # keep stopping the others
-                log.exception("stopping %s failed", child.name)
-                codes[child.name] = None
-        return codes
-
-    async def stop_all_async(self, grace_s: float = DEFAULT_GRACE_S) -> dict[str, int | None]:
-        return await asyncio.to_thread(self.stop_all, grace_s)
-
-    def __enter__(self) -> Supervisor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
 
 
 def _environment(changes: dict[str, str | None]) -> dict[str, str]:
