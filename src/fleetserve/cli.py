@@ -14,6 +14,7 @@ from fleetserve.settings.generate import GenerateSettings
 from fleetserve.settings.node import NodeSettings
 from fleetserve.settings.up import UpSettings
 from fleetserve.settings.worker import WorkerSettings
+from fleetserve.supervisor.parent_death import honour_parent_death
 from fleetserve.telemetry.logs import configure_logging
 
 
@@ -152,6 +153,7 @@ def load_settings(args: argparse.Namespace) -> Settings | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    honour_parent_death()  # a supervisor that started this process may ask to take it along when it dies
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmarks parse their own options
         return cmd_bench(argv[1:])

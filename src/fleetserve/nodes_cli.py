@@ -1,4 +1,4 @@
-"""`fleetserve nodes list|join|drain|stop --url URL`: the admin API from the command line."""
+"""`fleetserve nodes list|join|drain|stop|scale --url URL`: the admin API from the command line."""
 
 from __future__ import annotations
 
@@ -29,7 +29,12 @@ COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("list", "join", "drain", "stop"), help="what to do")
+    parser.add_argument(
+        "action",
+        choices=("list", "join", "drain", "stop", "scale"),
+        help="list the workers (and deployments, node agents, pipelines); join a local worker; drain or stop one; "
+        "scale a deployment run by node agents",
+    )
     parser.add_argument("worker", nargs="?", help="drain/stop: the worker's name or id")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the gateway (default: http://127.0.0.1:8000)")
     parser.add_argument("--admin-key", default=None, help="the gateway's admin key, if it has one")
@@ -45,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="join: a replica (the whole model, whole requests), a prefill worker (computes prompts and hands their "
         "KV to a decode worker), a decode worker (goes on from a prefill worker's KV) or a pipeline stage node "
         "(default: replica)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="scale: how many workers of --model in --role node agents run"
     )
     parser.add_argument("--json", action="store_true", help="print the gateway's JSON answer")
 
@@ -106,15 +114,46 @@ def format_pipelines(pipelines: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_deployment(d: dict) -> str:
+    """One line per deployment, desired against actual; a second per crash-looping worker."""
+    s = d.get("status", {})
+    line = (
+        f"deployment {d.get('model', '')}/{d.get('role', '')}: {s.get('desired', 0)} desired "
+        f"({d.get('min_replicas', 0)}..{d.get('max_replicas', 0)}), {s.get('planned', 0)} placed, "
+        f"{s.get('running', 0)} running, {s.get('serving', 0)} serving"
+    )
+    if s.get("waiting"):
+        line += f"; waiting: {s['waiting']}"
+    for looping in s.get("crash_looping", []):
+        last = (looping.get("last_lines") or [""])[-1]
+        line += f"\n  {looping.get('worker')} on {looping.get('node')} is crash-looping (exit {looping.get('exit_code')}): {last}"
+    return line
+
+
+def format_node(n: dict) -> str:
+    free = n.get("free", {})
+    return (
+        f"node {n.get('name', '')}: {n.get('state', '')}, {len(n.get('workers', []))} of {n.get('max_workers', 0)} "
+        f"worker(s), {free.get('memory_mb', 0)} of {n.get('memory_mb', 0)} MiB and {free.get('cpus', 0)} of "
+        f"{n.get('cpus', 0)} core(s) free"
+    )
+
+
 def _list(args: argparse.Namespace) -> None:
     answer = call(args.url, "GET", "/admin/workers", args.admin_key)
     answer["pipelines"] = call(args.url, "GET", "/admin/pipelines", args.admin_key)["pipelines"]
+    answer["deployments"] = call(args.url, "GET", "/admin/deployments", args.admin_key)["deployments"]
+    answer["nodes"] = call(args.url, "GET", "/admin/nodes", args.admin_key)["nodes"]
     if args.json:
         print(json.dumps(answer, indent=2))
         return
     print(format_table(answer["workers"]))
-    if answer["pipelines"]:
-        print(format_pipelines(answer["pipelines"]))
+    for line in [format_pipelines(answer["pipelines"])] if answer["pipelines"] else []:
+        print(line)
+    for d in answer["deployments"]:
+        print(format_deployment(d))
+    for n in answer["nodes"]:
+        print(format_node(n))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +161,13 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"nodes {args.action} needs the worker's name or id", "worker")
     if args.action == "list":
         _list(args)
+        return 0
+    if args.action == "scale":
+        if args.replicas is None or args.replicas < 0:
+            raise InvalidRequestError("nodes scale needs --replicas N (0 or more) and --model", "replicas")
+        body = {"replicas": args.replicas, "role": args.role}
+        answer = call(args.url, "PUT", f"/admin/deployments/{args.model}", args.admin_key, body)
+        print(json.dumps(answer, indent=2) if args.json else format_deployment(answer))
         return 0
     if args.action == "join":
         body = {"model": args.model, "device": args.device, "role": args.role}

@@ -1,5 +1,6 @@
-"""Failure handling with real processes: kill -9 mid-stream, stopped heartbeats, overload, slow clients, and the
-registry kept across a gateway restart."""
+"""Failure handling with real processes: stopped heartbeats, overload, slow clients, and the registry kept across a
+gateway restart (kill -9 mid-stream, with token-exact failover, is in test_node_agent, where the node agent also
+restarts the killed worker)."""
 
 import asyncio
 import json
@@ -13,12 +14,10 @@ import httpx
 import pytest
 
 from tests.fleet import spawn, start_fleet
-from tests.helpers import PROMPTS
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-QUESTIONS = PROMPTS + [p + " Answer in two sentences." for p in PROMPTS]  # 16 distinct prompts
 
 
 async def _stream(client: httpx.AsyncClient, url: str, content: str, max_tokens: int, progress: dict) -> dict:
@@ -47,45 +46,8 @@ async def _stream(client: httpx.AsyncClient, url: str, content: str, max_tokens:
     return {"text": text, "id": rid, "chunks": chunks}
 
 
-async def _run_all(url: str, max_tokens: int, progress: dict) -> list[dict]:
-    async with httpx.AsyncClient(timeout=300) as client:
-        return await asyncio.gather(*(_stream(client, url, q, max_tokens, progress) for q in QUESTIONS))
-
-
 def _routing(fleet) -> dict:
     return httpx.get(fleet.url + "/admin/routing", timeout=10).json()
-
-
-def test_kill_9_mid_stream_every_stream_completes_with_identical_text(model_dir):
-    fleet = start_fleet(2, "", 3.0)
-    try:
-        reference = asyncio.run(_run_all(fleet.url, 32, {}))
-        progress: dict[str, int] = {}
-
-        async def disturbed() -> list[dict]:
-            task = asyncio.create_task(_run_all(fleet.url, 32, progress))
-            # Kill one worker once every stream has shown text: each is mid-answer on one of the two workers.
-            while len(progress) < len(QUESTIONS) or min(progress.values()) < 2:
-                await asyncio.sleep(0.02)
-                assert not task.done(), "the streams finished before the kill"
-            fleet.workers[0].popen.kill()
-            return await task
-
-        results = asyncio.run(disturbed())
-        assert [r["text"] for r in results] == [r["text"] for r in reference]
-        traces = [httpx.get(f"{fleet.url}/v1/requests/{r['id']}/trace").json() for r in results]
-        resumed = [t for t in traces if len(t["attempts"]) > 1]
-        assert resumed, "no stream was running on the killed worker"
-        for t in resumed:
-            first, second = t["attempts"][0], t["attempts"][1]
-            assert first["worker"] == "worker-0" and first["outcome"] == "failed_over" and first["tokens"] > 0
-            assert second["worker"] == "worker-1" and second["outcome"] == "finished"
-            assert second["resumed_tokens"] == first["tokens"]
-            dispatches = [s for s in t["spans"] if s["name"] == "dispatch"]
-            assert [d["attributes"]["outcome"] for d in dispatches][:2] == ["failed_over", "finished"]
-        assert _routing(fleet)["failovers"] == len(resumed)
-    finally:
-        fleet.stop()
 
 
 def test_stopped_heartbeats_mean_dead_then_the_worker_rejoins(model_dir):
@@ -176,7 +138,7 @@ def _raw_stream_request(port: int, body: dict) -> socket.socket:
 
 
 def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(model_dir):
-    fleet = start_fleet(1, "", 3.0, "--slow-client-timeout", "2")
+    fleet = start_fleet(1, "", 3.0, "--slow-client-timeout", "2", "--stream-buffer-kb", "8")
     try:
         port = int(fleet.url.rsplit(":", 1)[1])
         # Lots of bytes per token (20 alternatives with their log-probabilities) fill the buffers quickly.

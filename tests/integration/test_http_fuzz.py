@@ -26,9 +26,9 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KEY = "fuzz-key"
-EXAMPLES_PER_OPERATION = 36
-"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 36 cases each
-(about 620 in all, as some strategies run dry sooner); those without any give one case each (every case is the
+EXAMPLES_PER_OPERATION = 20
+"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 20 cases each
+(about 350 in all, as some strategies run dry sooner); those without any give one case each (every case is the
 same request)."""
 MAX_TOKENS = 3
 TIMEOUT_S = 60
@@ -121,7 +121,7 @@ def test_no_generated_request_gets_a_5xx_and_every_4xx_has_an_error_body(fleet):
     cases = sum(statuses.values())
     print(f"\nschemathesis: {cases} cases over {len(operations)} operations in {took:.0f} s; statuses {statuses}")
     assert problems == [], "\n".join(problems[:20])
-    assert cases >= 500
+    assert cases >= 300
     assert any(200 <= s < 300 for s in statuses), "no generated request succeeded"
 
 

@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from fleetserve import nodes_cli
+from fleetserve.cli import build_parser
 from tests.chat import MODEL, chat_body, complete, stream_text, trace
 from tests.fleet import Fleet, Proc, spawn, start_fleet
 from tests.helpers import PROMPTS
@@ -143,42 +145,37 @@ def test_a_killed_replica_is_restarted_by_its_node_and_every_stream_completes_un
     log = (nodes.logs / f"worker-{victim['name']}.log").read_text()
     assert log.count("--- started") == 2 and log.count("fleetserve worker ready") == 2
     metrics = httpx.get(url + "/metrics", timeout=10).text
-    series = f'fleetserve_node_worker_restarts_total{{node="node-a",worker="{victim["name"]}",model="{MODEL}"}} 1.0'
+    series = f'fleetserve_node_worker_restarts_total{{model="{MODEL}",node="node-a",worker="{victim["name"]}"}} 1.0'
     assert series in metrics
 
 
-def test_scaling_up_and_down_through_the_admin_api_drains_before_stopping(nodes):
-    nodes.deploy({"replicas": 3})
+def test_scaling_up_and_down_through_the_cli_drains_before_stopping(nodes, capsys):
+    def scale(replicas: int) -> str:
+        key = ADMIN["Authorization"][7:]
+        args = ["nodes", "scale", "--url", nodes.fleet.url, "--admin-key", key, "--model", MODEL]
+        assert nodes_cli.run(build_parser().parse_args([*args, "--replicas", str(replicas)])) == 0
+        return capsys.readouterr().out
+
+    assert scale(3).startswith(f"deployment {MODEL}/replica: 3 desired (0..3), 3 placed")
     nodes.wait_serving(3)
-    before = {w["name"]: w for w in nodes.node("node-a")["workers"]}
-    # Scale down while a long answer streams: the worker that goes finishes what it runs before it exits.
-    progress: list = []
+    before = {w["name"] for w in nodes.node("node-a")["workers"]}
+    # Scale down while answers stream: the worker that goes finishes what it runs before it exits.
+    progress: dict[str, list] = {}
 
-    async def streamed() -> str:
-        async with httpx.AsyncClient(timeout=300) as client:
-            return await stream_text(
-                client, nodes.fleet.url, chat_body("Tell me a long story.", max_tokens=64), progress
-            )
-
-    async def scale_down_midway() -> str:
-        task = asyncio.create_task(streamed())
-        while len(progress) < 3:
+    async def scale_down_midway() -> list[tuple[str, str]]:
+        task = asyncio.create_task(_streams(nodes.fleet.url, progress))
+        while len(progress) < len(QUESTIONS) or min(len(p) for p in progress.values()) < 3:
             await asyncio.sleep(0.02)
-            assert not task.done()
-        await asyncio.to_thread(nodes.deploy, {"replicas": 1})
+            assert not task.done(), "the streams finished before the scale-down"
+        await asyncio.to_thread(scale, 2)
         return await task
 
-    text = asyncio.run(scale_down_midway())
-    assert len(text) > 0
-    nodes.wait_serving(1)
-    kept = {w["name"] for w in nodes.node("node-a")["workers"]}
-    stopped = set(before) - kept
-    assert len(kept) == 1 and len(stopped) == 2
-    for name in stopped:
-        log = (nodes.logs / f"worker-{name}.log").read_text()
-        assert "drained" in log, log[-2000:]
-    nodes.deploy({"replicas": 2})
+    assert all(text for _, text in asyncio.run(scale_down_midway()))
     nodes.wait_serving(2)
+    (stopped,) = before - {w["name"] for w in nodes.node("node-a")["workers"]}
+    log = (nodes.logs / f"worker-{stopped}.log").read_text()
+    assert re.search(r"draining \S+ \(\d+ request\(s\) to finish\)", log) and "drained" in log, log[-2000:]
+    assert stopped not in {w["name"] for w in nodes.get("/admin/workers")["workers"]}  # it deregistered
 
 
 def test_a_crash_looping_worker_is_reported_without_a_busy_loop_and_a_second_node_serves(nodes):
@@ -201,7 +198,7 @@ def test_a_crash_looping_worker_is_reported_without_a_busy_loop_and_a_second_nod
         assert worker["restarts"] == 2 and worker["crashes"] == 3
         metrics = httpx.get(nodes.fleet.url + "/metrics", timeout=10).text
         series = (
-            f'fleetserve_node_worker_crash_looping{{node="node-b",worker="{looped["worker"]}",model="{MODEL}"}} 1.0'
+            f'fleetserve_node_worker_crash_looping{{model="{MODEL}",node="node-b",worker="{looped["worker"]}"}} 1.0'
         )
         assert series in metrics
         # No busy loop: the agent sleeps while its worker is left crash-looping.

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fleetserve.telemetry.metrics import WORKER_STATES, GatewayMetrics, WorkerMetrics
+from fleetserve.telemetry.fleet_gauges import WORKER_STATES
+from fleetserve.telemetry.metrics import GatewayMetrics, WorkerMetrics
 
 
 def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

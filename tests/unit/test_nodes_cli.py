@@ -7,6 +7,7 @@ import pytest
 
 from fleetserve import nodes_cli
 from fleetserve.cli import build_parser
+from fleetserve.errors import InvalidRequestError
 
 
 def nodes(*argv: str):
@@ -61,3 +62,24 @@ def test_list_shows_each_workers_role():
     header, *rows = table.splitlines()
     assert header.split()[:4] == ["NAME", "STATE", "MODEL", "ROLE"]
     assert [r.split()[3] for r in rows] == ["prefill", "decode", "stage"] and rows[2].split()[4] == "0-12"
+
+
+def test_list_says_desired_against_actual_and_names_crash_looping_workers():
+    deployment = {
+        "model": "m", "role": "replica", "min_replicas": 1, "max_replicas": 4,
+        "status": {"desired": 3, "planned": 3, "running": 2, "serving": 2, "waiting": "",
+                   "crash_looping": [{"worker": "m-1", "node": "a", "exit_code": 1, "last_lines": ["boom", "Err: no GPU"]}]},
+    }  # fmt: skip
+    first, second = nodes_cli.format_deployment(deployment).splitlines()
+    assert first == "deployment m/replica: 3 desired (1..4), 3 placed, 2 running, 2 serving"
+    assert second == "  m-1 on a is crash-looping (exit 1): Err: no GPU"
+    node = {"name": "a", "state": "connected", "max_workers": 3, "workers": [{}, {}], "cpus": 4, "memory_mb": 4096,
+            "free": {"memory_mb": 2000, "cpus": 2, "workers": 1}}  # fmt: skip
+    assert (
+        nodes_cli.format_node(node) == "node a: connected, 2 of 3 worker(s), 2000 of 4096 MiB and 2 of 4 core(s) free"
+    )
+
+
+def test_scale_needs_a_replica_count(capsys):
+    with pytest.raises(InvalidRequestError, match="--replicas"):
+        nodes_cli.run(nodes("scale", "--model", "m"))

@@ -293,6 +293,8 @@ def test_a_child_that_exits_with_its_parent_gets_sigterm_when_the_parent_is_kill
     marker = tmp_path / "got-sigterm"
     grandchild = f"""
         import pathlib, signal, sys, time
+        from fleetserve.supervisor.parent_death import honour_parent_death
+        assert honour_parent_death()
         def on_term(*_):
             pathlib.Path({str(marker)!r}).write_text("SIGTERM")
             sys.exit(0)

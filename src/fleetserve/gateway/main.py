@@ -228,21 +228,14 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
             pipelines.replan(record.info.model, f"{record.name} joined")
         admission.pump(record.info.model)
 
-    nodes = NodeTable(lost_after_s=max(10.0, 2 * settings.heartbeat_timeout))
-    deployments = DeploymentController(nodes, registry, _sizing())
-    nodes.on_change.append(deployments.reconcile)
-    for spec in models:
-        for shape in spec.deployment:
-            deployments.set(spec.name, shape)  # InvalidRequestError stops the gateway at start-up
-    if store is not None:
-        deployments.on_change.append(lambda d: _store_deployment(models, store, d))
+    deployments = _deployments(settings, models, registry, store)
     control = ControlService(
         registry,
         on_register=on_register,
         networks=networks,
         prepare=tokenizers.on_register,
         on_stage_report=pipelines.on_stage_report,
-        nodes=nodes,
+        nodes=deployments.nodes,
     )
     grpc_server = credentials.server()
     pb_grpc.add_ControlServicer_to_server(control, grpc_server)
@@ -267,6 +260,22 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
     return Gateway(state, admission, store, grpc_server, control_port, pipelines)
+
+
+def _deployments(
+    settings: GatewaySettings, models: ModelRegistry, registry: WorkerRegistry, store: RegistryStore | None
+) -> DeploymentController:
+    """The node table and the deployment controller, with the model config's deployments (a bad one stops the
+    gateway at start-up) and, with a state db, each change kept there."""
+    nodes = NodeTable(lost_after_s=max(10.0, 2 * settings.heartbeat_timeout))
+    deployments = DeploymentController(nodes, registry, _sizing())
+    nodes.on_change.append(deployments.reconcile)
+    for spec in models:
+        for shape in spec.deployment:
+            deployments.set(spec.name, shape)
+    if store is not None:
+        deployments.on_change.append(lambda d: _store_deployment(models, store, d))
+    return deployments
 
 
 def _store_deployment(models: ModelRegistry, store: RegistryStore, deployment) -> None:

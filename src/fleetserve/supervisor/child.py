@@ -29,7 +29,7 @@ from signal import SIGCONT, SIGKILL, SIGTERM
 from typing import TextIO
 
 from fleetserve.supervisor.logfile import RotatingLog
-from fleetserve.supervisor.parent_death import exit_with_parent
+from fleetserve.supervisor.parent_death import parent_death_env
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,12 @@ class ChildSpec:
     log_backups: int = 3
     """... into ``<log_file>.1`` (the newest) to ``<log_file>.<log_backups>``; with 0 it starts over, empty."""
     exit_with_parent: bool = False
-    """On Linux the child gets SIGTERM when its parent dies (PR_SET_PDEATHSIG); elsewhere this is ignored. The
-    kernel ties this to the *thread* that started the child, not the process: start such a child from a thread
-    that lives as long as the process (the main thread, an event loop's, a Keeper's own thread), or it gets
-    SIGTERM when that thread ends. What the child starts in turn is not covered: it is up to the child to stop
-    them on SIGTERM."""
+    """On Linux the child gets SIGTERM when its parent dies (PR_SET_PDEATHSIG); elsewhere this is ignored. The child
+    asks for it itself (``parent_death``): every ``fleetserve`` command does; another program must call
+    ``honour_parent_death()``. The kernel ties this to the *thread* that started the child, not the process: start
+    such a child from a thread that lives as long as the process (the main thread, an event loop's, a Keeper's own
+    thread), or it gets SIGTERM when that thread ends. What the child starts in turn is not covered: it is up to
+    the child to stop them on SIGTERM."""
 
 
 class ChildExited(RuntimeError):
@@ -150,10 +151,9 @@ class Child:
             text=True,
             errors="replace",
             bufsize=1,
-            env=_environment(spec.env),
+            env=_environment({**spec.env, **(parent_death_env(SIGTERM) if spec.exit_with_parent else {})}),
             cwd=spec.cwd,
             start_new_session=True,
-            preexec_fn=exit_with_parent(SIGTERM) if spec.exit_with_parent else None,
         )
         with self._cond:
             if self.popen is not None:

@@ -1,45 +1,43 @@
-"""Ties a child's life to its parent's on Linux: PR_SET_PDEATHSIG, set between fork and exec.
+"""Ties a child's life to its parent's on Linux: the child asks the kernel for a signal when its parent dies.
 
-The kernel sends the signal when the *thread* that forked the child ends, which is the parent's death only if that
-thread lives as long as the process; the setting survives exec but is not inherited by the child's own children.
+The parent does not do it between fork and exec (a ``preexec_fn`` runs Python in a forked copy of a process with
+threads, which can crash or hang the child); it puts :data:`ENV` (its pid and the signal) in the child's
+environment, and the child calls :func:`honour_parent_death` first thing: fleetserve's command line does, so every
+``fleetserve`` child honours it. The kernel sends the signal when the *thread* that started the child ends, which is
+the parent's death only if that thread lives as long as the process; the setting is not inherited by the child's
+own children (the variable is removed from its environment).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
+import signal
 import sys
-from collections.abc import Callable
 
+ENV = "FLEETSERVE_EXIT_WITH_PARENT"
+"""``PID:SIGNAL``: the parent whose death the child should hear of, and the signal it should get then."""
 PR_SET_PDEATHSIG = 1
 
 
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up once in the parent (so the forked child only calls it); None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
+def parent_death_env(sig: int = signal.SIGTERM) -> dict[str, str]:
+    """The environment that asks a child to get ``sig`` when this process dies."""
+    return {ENV: f"{os.getpid()}:{int(sig)}"}
+
+
+def honour_parent_death() -> bool:
+    """Do what :data:`ENV` asks, if it is set: the signal on the parent's death, and an exit at once (code 1) when
+    the parent has already gone. False where it is not set or not supported (off Linux)."""
+    value = os.environ.pop(ENV, "")
+    if not value or not sys.platform.startswith("linux"):
+        return False
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-def exit_with_parent(sig: int) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies; None where that is not supported.
-
-    If the parent has already died by the time the child sets this up, the child exits at once (code 1)."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
-        if os.getppid() != parent:  # it died between fork and prctl: the signal will never come
-            os._exit(1)
-
-    return preexec
+        parent, sig = (int(part) for part in value.split(":"))
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (ValueError, OSError, AttributeError):
+        return False
+    if prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # it died before the signal was asked for: it will never come
+        os._exit(1)
+    return True

@@ -92,13 +92,12 @@ class NodeAgent:
     # -- the plan ---------------------------------------------------------------------------------------
 
     def apply(self, plan: pb.NodePlan) -> None:
-        """Start the planned workers this node lacks (or whose launch changed) and stop those it no longer
-        plans."""
+        """Start the planned workers this node lacks and stop those it no longer plans."""
         if plan.report_interval_s > 0:
             self.report_interval_s = plan.report_interval_s
-        wanted = {w.name: w for w in plan.workers}
-        for name, launch in list(self.plan.items()):
-            if wanted.get(name) != launch:
+        wanted = {w.name: w for w in plan.workers}  # the gateway names a changed worker anew: names suffice
+        for name in list(self.plan):
+            if name not in wanted:
                 self._release(name)
         for name, launch in wanted.items():
             if name not in self.plan:
@@ -160,7 +159,7 @@ class NodeAgent:
                     pid=status.pid or 0,
                     restarts=status.restarts,
                     last_exit_code=status.last_exit_code or 0,
-                    last_lines=[line.rstrip("\n") for line in status.last_lines][-20:],
+                    last_lines=status.last_lines,
                     next_start_in_s=status.next_start_in_s,
                     uptime_s=status.uptime_s,
                     crashes=status.crashes,
