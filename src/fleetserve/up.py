@@ -1,7 +1,9 @@
 """`fleetserve up`: a gateway plus local workers as child processes, ready when /ready says so.
 
 The local workers are whole-model replicas (``worker-N``), prefill and decode workers (``prefill-N``,
-``decode-N``) and the stage nodes of one pipeline (``stage-N``), as many of each as the settings ask.
+``decode-N``) and the stage nodes of one pipeline (``stage-N``), as many of each as the settings ask. With several
+``--model`` values the replicas go to each model in turn (at least one each), so the fleet serves the models side
+by side, each with its own workers; ``NAME=SOURCE`` serves a model's files under another name.
 
 The machine's cores are split between the workers (torch threads each), since workers that each use every core
 slow one another down. The processes run under a :class:`~fleetserve.supervisor.Supervisor`, each in its own
@@ -81,10 +83,13 @@ def child_specs(
     control = f"{dial_host(settings.control_host)}:{settings.control_port}"
     worker_env = {**clean, **settings.worker_env(explicit), **fleet}
     cap = ["--max-memory-mb", str(settings.stage_memory_mb)] if settings.stage_memory_mb else []
+    served = settings.served
     for i, (name, role) in enumerate(counts.workers()):
         env = {**worker_env, **(tls[f"worker-{i}"].env() if tls else {})}
         argv = [*exe, "worker"] + (["--role", role] if role != "replica" else [])
         argv += ["--gateway", control, "--name", name, "--threads", str(threads)]
+        model, source = served[i % len(served)] if role == "replica" else served[0]
+        argv += ["--model", source] + (["--served-model-name", model] if model != source else [])
         argv += cap if role == "stage" else []
         specs.append(ChildSpec(name, [*argv, *config], env, WORKER_READY, sys.stderr, exit_with_parent=True))
     return specs
@@ -128,9 +133,12 @@ class LocalCounts:
 
 def local_counts(settings: UpSettings, explicit: set[str]) -> LocalCounts:
     """The local workers to start: with a pipeline or prefill/decode workers, replicas only when --workers was
-    given."""
+    given; with several models, at least one replica each (the pipeline and the prefill and decode workers serve
+    the first)."""
     stages, prefill, decode = max(0, settings.pipeline), settings.prefill, settings.decode
     replicas = settings.workers if not (stages or prefill or decode) or "workers" in explicit else 0
+    if len(settings.model) > 1:  # the replicas go to each model in turn: at least one each
+        replicas = max(replicas, len(settings.model))
     return LocalCounts(max(0, replicas), prefill, decode, stages)
 
 
@@ -204,7 +212,8 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     """Start the fleet, say where it answers, and keep it running until Ctrl-C/SIGTERM; 1 if it never got ready."""
     url = f"http://{dial_host(settings.host)}:{settings.port}"
     counts = local_counts(settings, explicit)
-    print(f"starting a gateway, {counts.summary()} on {settings.model} ...", file=sys.stderr, flush=True)
+    models = ", ".join(name for name, _ in settings.served)
+    print(f"starting a gateway, {counts.summary()} on {models} ...", file=sys.stderr, flush=True)
     supervisor = Supervisor()
     keeper = fleet_keeper(supervisor)
     stopping = threading.Event()

@@ -1,5 +1,6 @@
 """Processes coming and going: `fleetserve up`, a worker draining on SIGTERM, a gateway restart, bad tokens."""
 
+import asyncio
 import json
 import re
 import signal
@@ -17,37 +18,38 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 
 
-def test_up_answers_and_stops_cleanly(model_dir):
-    """`up` also hands its gateway and engine settings to the processes it starts, keys never in arguments."""
+def test_up_serves_two_models_keeps_its_workers_running_and_stops_cleanly(model_dir, tmp_path):
+    """`up` serves two models side by side (the same weights under a second name, with its own default
+    temperature), restarts a worker killed under it, hands its gateway and engine settings to the processes it
+    starts (keys never in arguments), and stops them all on Ctrl-C."""
     port, control = free_port(), free_port()
     admin = "admin-secret-for-up"
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({"creative": {"temperature": 1.3}}))
     up = spawn(
-        "up",
-        "--workers",
-        "2",
-        "--port",
-        str(port),
-        "--control-port",
-        str(control),
-        "--kv-cache-mb",
-        "64",
-        "--policy",
-        "round-robin",
-        "--admin-key",
-        admin,
-    )
+        "up", "--model", MODEL, "--model", f"creative={MODEL}", "--port", str(port), "--control-port", str(control),
+        "--kv-cache-mb", "64", "--policy", "round-robin", "--admin-key", admin, "--models", str(models),
+    )  # fmt: skip
     try:
         up.wait_for(re.compile("fleetserve is ready: 2 worker"), timeout=180)
         children = psutil.Process(up.popen.pid).children(recursive=True)
         assert len(children) == 3  # the gateway and two workers
         assert not [c for c in children if any(admin in arg for arg in c.cmdline())]
         url = f"http://127.0.0.1:{port}"
-        r = httpx.post(
-            url + "/v1/chat/completions",
-            json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5},
-            timeout=60,
-        )
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        listed = {m["id"]: m["fleetserve"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+        assert {MODEL, "creative"} <= set(listed) and listed["creative"]["temperature"] == 1.3
+        assert listed[MODEL]["healthy_workers"] == listed["creative"]["healthy_workers"] == 1
+
+        async def both() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                bodies = [{"model": m, "messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 5}
+                          for i in range(4) for m in (MODEL, "creative")]  # fmt: skip
+                return await asyncio.gather(*(client.post(url + "/v1/chat/completions", json=b) for b in bodies))
+
+        answers = asyncio.run(both())
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5 for r in answers)
+        served = {(r.json()["model"], trace_worker(url, r.headers["x-request-id"], admin)) for r in answers}
+        assert served == {(MODEL, "worker-0"), ("creative", "worker-1")}  # each model on its own worker
         assert httpx.get(url + "/admin/workers", timeout=30).status_code == 401  # the gateway has the admin key
         auth = {"Authorization": f"Bearer {admin}"}
         workers = httpx.get(url + "/admin/workers", headers=auth, timeout=30).json()["workers"]
@@ -55,10 +57,30 @@ def test_up_answers_and_stops_cleanly(model_dir):
         assert len(workers) == 2 and all(63 * 2**20 < w["memory_cap_bytes"] <= 64 * 2**20 for w in workers)
         routing = httpx.get(url + "/admin/routing", headers=auth, timeout=30).json()
         assert "round-robin" in json.dumps(routing)  # the gateway's policy
+        # A worker killed under `up` is started again and serves again.
+        killed = next(c for c in children if "worker-1" in c.cmdline())
+        killed.kill()
+        up.wait_for(re.compile(r"worker-1 was killed by SIGKILL.*starting it again"), timeout=60)
+
+        def creative_back() -> bool:
+            body = httpx.get(url + "/v1/models", timeout=30).json()
+            return any(m["id"] == "creative" and m["fleetserve"]["healthy_workers"] == 1 for m in body["data"])
+
+        deadline = time.monotonic() + 120
+        while not creative_back():
+            assert time.monotonic() < deadline, "the restarted worker did not serve again"
+            time.sleep(0.2)
+        children = psutil.Process(up.popen.pid).children(recursive=True)
     finally:
         code = up.stop(signal.SIGINT, timeout=60)
     assert code == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def trace_worker(url: str, request_id: str, admin: str) -> str:
+    """The worker that served a finished request, from its trace."""
+    trace = httpx.get(f"{url}/v1/requests/{request_id}/trace", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+    return trace.json()["attempts"][-1]["worker"]
 
 
 def test_sigterm_drains_in_flight_requests():

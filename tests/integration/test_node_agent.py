@@ -16,6 +16,7 @@ import pytest
 
 from fleetserve import nodes_cli
 from fleetserve.cli import build_parser
+from tests.browser import console_page
 from tests.chat import MODEL, chat_body, complete, stream_text, trace
 from tests.fleet import Fleet, Proc, spawn, start_fleet
 from tests.helpers import PROMPTS
@@ -26,6 +27,7 @@ ADMIN = {"Authorization": "Bearer node-admin-key"}
 NODE_READY = re.compile(r"fleetserve node ready")
 WAIT_S = 180.0  # generous: outcomes are checked, not speed
 QUESTIONS = PROMPTS  # 8 distinct prompts
+IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 
 
 @dataclass
@@ -66,6 +68,13 @@ class NodeFleet:
             return d if s["planned"] == s["serving"] == s["running"] == count else None
 
         return self.wait(check, f"{count} serving {role} worker(s)")
+
+
+def exited(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def node_agent(fleet: Fleet, name: str, logs: Path, *extra: str) -> Proc:
@@ -178,48 +187,78 @@ def test_scaling_up_and_down_through_the_cli_drains_before_stopping(nodes, capsy
     assert stopped not in {w["name"] for w in nodes.get("/admin/workers")["workers"]}  # it deregistered
 
 
-def test_a_crash_looping_worker_is_reported_without_a_busy_loop_and_a_second_node_serves(nodes):
+@pytest.fixture(scope="module")
+def node_b(nodes):
+    """A second node agent (standing for another machine), labelled zone=b, quick to give up on a crash loop."""
     agent = node_agent(
         nodes.fleet, "node-b", nodes.logs, "--max-workers", "1", "--cpus", "1", "--max-memory-mb", "1500",
         "--labels", "zone=b", "--crash-loop-restarts", "3", "--restart-backoff", "0.2",
     )  # fmt: skip
-    try:
-        # A prefill worker on a GPU this machine lacks: it crashes at start, every time.
-        nodes.deploy({"role": "prefill", "replicas": 1, "memory_mb": 1000, "device": "cuda:0", "labels": {"zone": "b"}})
+    yield agent
+    resp = httpx.delete(f"{nodes.fleet.url}/admin/deployments/{MODEL}?role=prefill", headers=ADMIN, timeout=30)
+    assert resp.status_code in (200, 404), resp.text
+    agent.stop()
 
-        def looping():
-            status = nodes.deployment("prefill")["status"]
-            return status["crash_looping"] or None
 
-        (looped,) = nodes.wait(looping, "the prefill worker to be crash-looping")
-        assert looped["node"] == "node-b" and looped["exit_code"] != 0
-        assert any("CUDA" in line or "cuda" in line for line in looped["last_lines"]), looped["last_lines"]
-        worker = next(w for w in nodes.node("node-b")["workers"] if w["name"] == looped["worker"])
-        assert worker["restarts"] == 2 and worker["crashes"] == 3
-        metrics = httpx.get(nodes.fleet.url + "/metrics", timeout=10).text
-        series = (
-            f'fleetserve_node_worker_crash_looping{{model="{MODEL}",node="node-b",worker="{looped["worker"]}"}} 1.0'
-        )
-        assert series in metrics
-        # No busy loop: the agent sleeps while its worker is left crash-looping.
-        process = psutil.Process(agent.popen.pid)
-        used = sum(process.cpu_times()[:2])
-        time.sleep(3)
-        assert sum(process.cpu_times()[:2]) - used < 1.0
-        assert nodes.node("node-b")["workers"][0]["restarts"] == 2
+def test_a_worker_that_crashes_at_start_is_reported_crash_looping_without_a_busy_loop(nodes, node_b):
+    # A prefill worker on a GPU this machine lacks, placed on node-b by its label: it crashes at start, every time.
+    nodes.deploy({"role": "prefill", "replicas": 1, "memory_mb": 1000, "device": "cuda:0", "labels": {"zone": "b"}})
 
-        # Fixed: the deployment's new device replaces the worker, and it serves from the second node.
-        nodes.deploy({"role": "prefill", "device": "cpu"})
-        nodes.wait_serving(1, "prefill")
-        (served,) = nodes.node("node-b")["workers"]
-        assert served["state"] == "running" and served["name"] != looped["worker"]
-        record = next(w for w in nodes.get("/admin/workers")["workers"] if w["name"] == served["name"])
-        assert record["state"] == "healthy" and record["role"] == "prefill"
-        assert complete(nodes.fleet.url, [chat_body(q) for q in QUESTIONS[:3]])
-    finally:
-        resp = httpx.delete(f"{nodes.fleet.url}/admin/deployments/{MODEL}?role=prefill", headers=ADMIN, timeout=30)
-        assert resp.status_code == 200, resp.text
-        agent.stop()
+    def looping():
+        return nodes.deployment("prefill")["status"]["crash_looping"] or None
+
+    (looped,) = nodes.wait(looping, "the prefill worker to be crash-looping")
+    assert looped["node"] == "node-b" and looped["exit_code"] != 0
+    assert any("CUDA" in line or "cuda" in line for line in looped["last_lines"]), looped["last_lines"]
+    worker = next(w for w in nodes.node("node-b")["workers"] if w["name"] == looped["worker"])
+    assert worker["restarts"] == 2 and worker["crashes"] == 3
+    log = (nodes.logs / f"worker-{looped['worker']}.log").read_text()
+    assert log.count("--- started") == 3  # the first start and two restarts, with growing waits between them
+    metrics = httpx.get(nodes.fleet.url + "/metrics", timeout=10).text
+    series = f'fleetserve_node_worker_crash_looping{{model="{MODEL}",node="node-b",worker="{looped["worker"]}"}} 1.0'
+    assert series in metrics
+    # No busy loop: the agent sleeps while its worker is left crash-looping.
+    process = psutil.Process(node_b.popen.pid)
+    used = sum(process.cpu_times()[:2])
+    time.sleep(3)
+    assert sum(process.cpu_times()[:2]) - used < 1.0
+    assert nodes.node("node-b")["workers"][0]["restarts"] == 2
+
+
+def test_the_console_shows_desired_against_actual_the_crash_loop_and_the_node_agents(nodes, node_b):
+    with console_page(nodes.fleet.url, ADMIN["Authorization"][7:]) as page:
+        replicas = page.locator(f'#deployments .deployment[data-model="{MODEL}"][data-role="replica"]')
+        replicas.wait_for()
+        assert replicas.locator('[data-count="desired"] dd').inner_text() == "2"
+        assert replicas.locator('[data-count="serving"] dd').inner_text() == "2"
+        prefill = page.locator('#deployments .deployment[data-role="prefill"]')
+        assert "is crash-looping" in prefill.locator(".crash-looping strong").inner_text()
+        assert "CUDA" in prefill.locator(".crash-looping pre").inner_text().upper()
+        agents = page.locator("#node-agents .node-agent")
+        assert [agents.nth(i).get_attribute("data-node") for i in range(agents.count())] == ["node-a", "node-b"]
+        page.locator("#deployments").screenshot(path=str(IMG / "console-deployments.png"))
+
+
+def test_a_changed_deployment_replaces_the_crash_looping_worker_and_a_killed_agent_leaves_no_orphan(nodes, node_b):
+    looped = nodes.deployment("prefill")["status"]["crash_looping"][0]["worker"]
+    nodes.deploy({"role": "prefill", "device": "cpu"})
+    nodes.wait_serving(1, "prefill")
+    (served,) = nodes.node("node-b")["workers"]
+    assert served["state"] == "running" and served["name"] != looped
+    record = next(w for w in nodes.get("/admin/workers")["workers"] if w["name"] == served["name"])
+    assert record["state"] == "healthy" and record["role"] == "prefill"
+    assert complete(nodes.fleet.url, [chat_body(q) for q in QUESTIONS[:3]])
+    # Killing node-b's agent outright orphans nothing: its worker gets SIGTERM, drains, deregisters and exits.
+    node_b.popen.kill()
+
+    def gone():
+        registered = any(w["name"] == served["name"] for w in nodes.get("/admin/workers")["workers"])
+        return not registered and exited(served["pid"]) or None
+
+    nodes.wait(gone, "node-b's worker to leave")
+    assert "drained" in (nodes.logs / f"worker-{served['name']}.log").read_text()
+    resp = httpx.delete(f"{nodes.fleet.url}/admin/deployments/{MODEL}?role=prefill", headers=ADMIN, timeout=30)
+    assert resp.status_code == 200, resp.text
 
 
 def test_deployments_need_the_admin_key_and_bad_ones_get_a_clear_error(nodes):
@@ -233,3 +272,26 @@ def test_deployments_need_the_admin_key_and_bad_ones_get_a_clear_error(nodes):
     assert nodes.deployment()["memory_mb"] == 1000  # unchanged
     resp = httpx.delete(f"{url}/admin/deployments/{MODEL}?role=decode", headers=ADMIN, timeout=10)
     assert resp.status_code == 404
+
+
+def test_autoscaling_adds_a_worker_under_a_load_ramp_and_goes_back_to_the_minimum_after_it(nodes):
+    policy = {"queue_per_replica": 1, "kv_usage": 1, "up_after_s": 1, "up_cooldown_s": 1, "down_after_s": 30,
+              "down_cooldown_s": 1, "idle_after_s": 3}  # fmt: skip
+    nodes.deploy({"replicas": 1, "min_replicas": 1, "max_replicas": 2, "autoscale": policy})
+    nodes.wait_serving(1)
+    # A ramp: more requests at once than one worker's KV cache admits, so they queue at the gateway.
+    bodies = [chat_body(f"{q} Answer at length.", max_tokens=64) for q in QUESTIONS * 4]
+    answers = complete(nodes.fleet.url, bodies)
+    assert len(answers) == len(bodies) and all(answers)
+
+    def decisions():
+        found = nodes.deployment()["autoscaling"]["decisions"]
+        return found if [d["direction"] for d in found] == ["up", "down"] else None
+
+    up, down = nodes.wait(decisions, "a scale-up and then a scale-down")
+    assert (up["from"], up["to"]) == (1, 2) and "queue" in up["reason"]
+    assert (down["from"], down["to"]) == (2, 1) and "no requests" in down["reason"]
+    nodes.wait_serving(1)
+    assert any("autoscale" in line and "1 -> 2" in line for line in nodes.fleet.gateway.lines)
+    metrics = httpx.get(nodes.fleet.url + "/metrics", timeout=10).text
+    assert f'fleetserve_autoscale_decisions_total{{direction="up",model="{MODEL}"}} 1.0' in metrics

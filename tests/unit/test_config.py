@@ -54,7 +54,7 @@ def test_flags_of_every_kind():
 
 def test_defaults_without_config():
     s = parse(["up"])
-    assert s.workers == 2 and s.port == 8000 and s.model == "smollm2-135m-instruct"
+    assert s.workers == 2 and s.port == 8000 and s.model == ["smollm2-135m-instruct"]
 
 
 def test_help_shows_every_option_with_its_default(capsys):
@@ -64,6 +64,13 @@ def test_help_shows_every_option_with_its_default(capsys):
     for name in GatewaySettings.model_fields:
         assert "--" + name.replace("_", "-") in out, name
     assert "(default: 50050)" in out and "--no-telemetry" in out
+
+
+@pytest.mark.parametrize("command", ["generate", "worker", "gateway", "up", "node", "nodes", "models"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0 and f"fleetserve {command}" in capsys.readouterr().out
 
 
 def test_bad_config_files_and_values(tmp_path):

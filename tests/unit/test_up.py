@@ -139,3 +139,21 @@ def test_the_fleet_keeper_reports_a_crashed_child_and_when_it_starts_again():
     assert re.fullmatch(
         r"fleetserve up: worker-0 exited with code 3 after \S+s; starting it again in 1s\n", out.getvalue()
     )
+
+
+def test_several_models_get_their_own_replicas_and_a_served_name():
+    specs = workers("--model", "smollm2-135m-instruct", "--model", "creative=smollm2-135m-instruct", "--workers", "3")
+    assert [(argument(a, "--model"), argument(a, "--served-model-name")) for a in specs.values()] == [
+        ("smollm2-135m-instruct", None),
+        ("smollm2-135m-instruct", "creative"),
+        ("smollm2-135m-instruct", None),
+    ]
+    settings, explicit = up("--model", "a", "--model", "b=a")
+    assert local_counts(settings, explicit).replicas == 2 and settings.served == [("a", "a"), ("b", "a")]
+    assert child_specs(settings, explicit)[1].env["FLEETSERVE_MODEL"] is None  # each worker has its model in its argv
+
+
+@pytest.mark.parametrize("models", [("a", "a"), ("x=",), ("=y",)])
+def test_a_model_given_twice_or_half_named_is_refused(models):
+    with pytest.raises(InvalidRequestError):
+        up(*[arg for m in models for arg in ("--model", m)])

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fleetserve.errors import InvalidRequestError
+from fleetserve.gateway.autoscaler import AutoscalePolicy
 from fleetserve.gateway.nodes import NodeRecord, NodeTable
 from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, REPLICA_ROLE, WorkerRegistry, WorkerState
 from fleetserve.protocol import fleet_pb2 as pb
@@ -67,6 +68,8 @@ class Deployment:
     """Node names it may use (empty: any)."""
     labels: dict[str, str] = field(default_factory=dict)
     """Node labels it needs, all of them."""
+    autoscale: dict[str, float] = field(default_factory=dict)
+    """The autoscaling policy's settings (``gateway.autoscaler``); empty: the replicas stay as set."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -98,6 +101,8 @@ def parse_deployment(model: str, data: dict[str, Any], base: Deployment | None =
             raise InvalidRequestError(f"deployment.{key} must be a string", key)
         if key == "nodes" and (not isinstance(value, list) or not all(isinstance(n, str) for n in value)):
             raise InvalidRequestError("deployment.nodes must be a list of node names", key)
+        if key == "autoscale":
+            value = AutoscalePolicy.parse(value).to_json() if value not in (None, False, {}) else {}
         if key == "labels" and (
             not isinstance(value, dict) or not all(isinstance(v, str) for v in [*value, *value.values()])
         ):
@@ -155,7 +160,9 @@ class DeploymentController:
         self.deployments: dict[tuple[str, str], Deployment] = {}
         self.statuses: dict[tuple[str, str], DeploymentStatus] = {}
         self.on_change: list[Callable[[Deployment], None]] = []
-        """Called after a deployment is set or removed (e.g. to store it)."""
+        """Called after a deployment is set, scaled or removed (e.g. to store it)."""
+        self.autoscaler = None
+        """The autoscaler whose signals and decisions :meth:`to_json` shows, if there is one."""
 
     # -- the desired shape ------------------------------------------------------------------------------
 
@@ -172,6 +179,14 @@ class DeploymentController:
             hook(deployment)
         self.reconcile()
         return deployment
+
+    def scale(self, key: tuple[str, str], replicas: int) -> None:
+        """Set a deployment's replicas (within its bounds), as the autoscaler decides."""
+        deployment = self.deployments[key]
+        deployment.replicas = max(deployment.min_replicas, min(deployment.max_replicas, replicas))
+        for hook in self.on_change:
+            hook(deployment)
+        self.reconcile()
 
     def remove(self, model: str, role: str = REPLICA_ROLE) -> Deployment | None:
         """Forget a deployment; its workers are stopped (they drain)."""
@@ -328,5 +343,8 @@ class DeploymentController:
         out = []
         for key, deployment in sorted(self.deployments.items()):
             status = self.statuses.get(key) or DeploymentStatus(desired=deployment.replicas)
-            out.append({**deployment.to_json(), "status": asdict(status)})
+            entry = {**deployment.to_json(), "status": asdict(status)}
+            if deployment.autoscale and self.autoscaler is not None:
+                entry["autoscaling"] = self.autoscaler.to_json(key)
+            out.append(entry)
         return out

@@ -19,6 +19,7 @@ import uvicorn
 from fleetserve.errors import InvalidRequestError, UnknownModelError
 from fleetserve.gateway.admission import Admission
 from fleetserve.gateway.app import GatewayState, create_app
+from fleetserve.gateway.autoscaler import Autoscaler
 from fleetserve.gateway.cache import AnswerCache, make_cache
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.controller import DEFAULT_MEMORY_MB, DeploymentController, Sizing
@@ -52,11 +53,13 @@ async def _sweep(registry: WorkerRegistry, admission: Admission) -> None:
         admission.pump()
 
 
-async def _reconcile(deployments: DeploymentController, interval_s: float) -> None:
-    """Notice lost nodes and bring the nodes' plans in line with the deployments, every interval."""
+async def _reconcile(deployments: DeploymentController, autoscaler: Autoscaler, interval_s: float) -> None:
+    """Notice lost nodes, scale the autoscaled deployments, and bring the nodes' plans in line with the
+    deployments, every interval."""
     while True:
         await asyncio.sleep(interval_s)
         deployments.nodes.sweep()
+        autoscaler.tick()
         deployments.reconcile()
 
 
@@ -150,6 +153,7 @@ class Gateway:
     grpc_server: grpc.aio.Server
     control_port: int
     pipelines: PipelineController
+    autoscaler: Autoscaler
 
     async def close(self) -> None:
         await self.grpc_server.stop(grace=1.0)
@@ -259,7 +263,9 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         deployments=deployments,
         launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
-    return Gateway(state, admission, store, grpc_server, control_port, pipelines)
+    autoscaler = Autoscaler(deployments, admission, metrics)
+    deployments.autoscaler = autoscaler
+    return Gateway(state, admission, store, grpc_server, control_port, pipelines, autoscaler)
 
 
 def _deployments(
@@ -325,7 +331,7 @@ async def run_gateway(settings: GatewaySettings) -> int:
     tasks = [
         asyncio.create_task(_sweep(state.registry, gateway.admission)),
         asyncio.create_task(_probe(state.registry, gateway.pipelines)),
-        asyncio.create_task(_reconcile(state.deployments, settings.heartbeat_interval)),
+        asyncio.create_task(_reconcile(state.deployments, gateway.autoscaler, settings.heartbeat_interval)),
         asyncio.create_task(_announce(server, settings, gateway.control_port)),
     ]
     try:

@@ -195,7 +195,8 @@ def add_flags(parser: argparse.ArgumentParser, settings_cls: type[Settings], gro
         kind, _ = _unwrap(info.annotation)
         default = info.get_default(call_default_factory=True)
         shown = "" if default in (None, "", []) else f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": (info.description or "") + shown}
+        text = ((info.description or "") + shown).replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif _is_list(info.annotation):

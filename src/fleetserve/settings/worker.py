@@ -19,6 +19,9 @@ class WorkerSettings(EngineSettings):
     port: int = option(0, "gRPC port (0: a free one)")
     advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
     name: str | None = option(None, "worker name (default: hostname-port)")
+    served_model_name: str | None = option(
+        None, "the name it registers and serves the model under (default: the model's own name)"
+    )
     role: Literal["replica", "prefill", "decode", "stage"] = option(
         "replica",
         "replica (the whole model, whole requests), prefill (prompts: hands the KV to a decode worker), decode "
@@ -47,6 +50,11 @@ class WorkerSettings(EngineSettings):
     kv_fetch_timeout: float = option(
         30.0, "seconds a decode worker waits for a prompt's KV before it computes the prompt itself"
     )
+
+    @property
+    def served_name(self) -> str:
+        """The model's name in the fleet: what clients ask for and the gateway routes by."""
+        return self.served_model_name or self.model
 
     def engine_config(self) -> EngineConfig:
         config = super().engine_config()

@@ -183,7 +183,16 @@ class GatewayMetrics:
         )
         self._add_pipeline_metrics(r)
         self._add_kv_metrics(r)
+        self._add_controller_metrics(r)
         self._add_collectors(r)
+
+    def _add_controller_metrics(self, r: CollectorRegistry) -> None:
+        self.autoscale_decisions_total = Counter(
+            "fleetserve_autoscale_decisions_total",
+            "Replica changes the autoscaler made, by model and direction (up or down).",
+            ["model", "direction"],
+            registry=r,
+        )
 
     def _add_collectors(self, r: CollectorRegistry) -> None:
         """The gauges built at scrape time: per worker, and per node agent and deployment."""

@@ -32,7 +32,7 @@ def worker_info(opts: WorkerSettings, engine: AsyncEngine, fingerprint: str, nam
     return pb.WorkerInfo(
         name=name,
         address=address,
-        model=opts.model,
+        model=opts.served_name,
         role=opts.role,
         layer_start=model.layer_start,
         layer_end=model.layer_end or core.arch.num_layers,
@@ -74,7 +74,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty())
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
-    service = WorkerService(engine, opts.model, tokenizer.fingerprint)
+    service = WorkerService(engine, opts.served_name, tokenizer.fingerprint)
     service.kv_fetcher = KvFetcher(credentials, opts.kv_fetch_timeout)
     server, port = await serve_worker(engine, service, opts.host, opts.port, credentials)
     metrics_note = ""
@@ -100,7 +100,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
             sessions=lambda: engine.call(lambda: pinned_sessions(core)),
         )
         agent_task = asyncio.create_task(agent.run())
-    print(f"fleetserve worker ready: {name} at {address}, model {opts.model}{metrics_note}", flush=True)
+    print(f"fleetserve worker ready: {name} at {address}, model {opts.served_name}{metrics_note}", flush=True)
 
     code = 0
     waiter = asyncio.create_task(stop.wait())

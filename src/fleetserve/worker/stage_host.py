@@ -154,8 +154,8 @@ class StageHost:
         )
 
     def _check(self, a: pb.StageAssignment) -> None:
-        if a.model and a.model != self.opts.model:
-            raise AssignmentError(f"this node serves model {self.opts.model!r}, not {a.model!r}")
+        if a.model and a.model != self.opts.served_name:
+            raise AssignmentError(f"this node serves model {self.opts.served_name!r}, not {a.model!r}")
         if a.weights_fingerprint and a.weights_fingerprint != self.profile.weights_fingerprint:
             raise AssignmentError("the model's weights fingerprint differs from this node's files")
         if a.release:

@@ -29,7 +29,7 @@ def stage_info(opts: WorkerSettings, host: StageHost, fingerprint: str, name: st
     return pb.WorkerInfo(
         name=name,
         address=address,
-        model=opts.model,
+        model=opts.served_name,
         role="stage",
         block_size=opts.block_size,
         device=str(host.device),
@@ -81,7 +81,7 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
     host = await asyncio.to_thread(StageHost, opts, credentials, name)
     await asyncio.to_thread(host.calibrate)
     tokenizer = await asyncio.to_thread(Tokenizer.from_dir, host.model_dir)
-    worker_service = StageWorkerService(host, opts.model, tokenizer.fingerprint)
+    worker_service = StageWorkerService(host, opts.served_name, tokenizer.fingerprint)
     stage_service = StageService(host)
     server = credentials.server(
         options=[
@@ -112,7 +112,7 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
         host.on_fault = agent.report_fault
         tasks.add(asyncio.create_task(agent.run()))
     print(
-        f"fleetserve worker ready: {name} at {address}, model {opts.model}, stage node with "
+        f"fleetserve worker ready: {name} at {address}, model {opts.served_name}, stage node with "
         f"{host.memory_cap // 2**20} MiB",
         flush=True,
     )

@@ -1,8 +1,8 @@
 // fleetserve web console: plain ES2020, no dependencies.
 //
-// Five panels share one page: a prompt that streams its answer, the timeline of the last request, the worker
-// table with join / drain / stop, the pipelines of stage nodes (when there are any), and small charts fed from
-// /metrics. Every text from the server is inserted with textContent, never as HTML.
+// Six panels share one page: a prompt that streams its answer, the timeline of the last request, the worker
+// table with join / drain / stop, the deployments and node agents and the pipelines of stage nodes (when there are
+// any), and small charts fed from /metrics. Every text from the server is inserted with textContent, never as HTML.
 "use strict";
 
 const POLL_MS = 2000;
@@ -510,6 +510,7 @@ async function refreshNodes() {
     renderNodes(workersSeen);
     // Same cadence and key as the workers; not asked when the workers' call failed (its message says why).
     await refreshPipelines();
+    await refreshDeployments();
   } catch (exc) {
     showError("nodes", `Could not list the workers: ${exc.message}`);
   }
@@ -670,6 +671,70 @@ async function joinWorker() {
   }
   await refreshNodes();
   refreshModels();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Deployments: per model and role, desired against actual, crash-looping workers, the latest autoscaling decision;
+// then the node agents that run them.
+
+let deploymentsDrawn = null;
+
+async function refreshDeployments() {
+  let deployments, nodes;
+  try {
+    deployments = (await getJson("/admin/deployments")).deployments || [];
+    nodes = (await getJson("/admin/nodes")).nodes || [];
+    clearError("deployments");
+  } catch (exc) {
+    showError("deployments", `Could not list the deployments: ${exc.message}`);
+    return;
+  }
+  const drawn = JSON.stringify([deployments, nodes]);
+  if (drawn === deploymentsDrawn) return;
+  deploymentsDrawn = drawn;
+  $("deployments-list").replaceChildren(...deployments.map(deploymentView));
+  $("node-agents").replaceChildren(...nodes.map(nodeAgentView));
+  $("deployments").hidden = deployments.length === 0 && nodes.length === 0;
+}
+
+function deploymentView(d) {
+  const s = d.status || {};
+  const box = el("article", "deployment");
+  box.dataset.model = d.model;
+  box.dataset.role = d.role;
+  box.append(el("h3", "", `${d.model} · ${d.role}`));
+  const counts = el("dl", "pipeline-facts deployment-counts");
+  for (const [term, value] of [["Desired", s.desired], ["Placed", s.planned], ["Running", s.running],
+                               ["Serving", s.serving], ["Range", `${d.min_replicas}..${d.max_replicas}`]]) {
+    const pair = el("div");
+    pair.dataset.count = term.toLowerCase();
+    pair.append(el("dt", "", term), el("dd", "", value ?? "-"));
+    counts.append(pair);
+  }
+  box.append(counts);
+  if (s.waiting) box.append(el("p", "pipeline-status not-serving", `Waiting: ${s.waiting}`));
+  for (const looping of s.crash_looping || []) {
+    const notice = el("div", "crash-looping");
+    notice.append(el("strong", "", `${looping.worker} on ${looping.node} is crash-looping (exit ${looping.exit_code})`));
+    notice.append(el("pre", "", (looping.last_lines || []).join("\n")));
+    box.append(notice);
+  }
+  const decisions = (d.autoscaling && d.autoscaling.decisions) || [];
+  if (decisions.length) {
+    const last = decisions[decisions.length - 1];
+    box.append(el("p", "hint", `Autoscaled ${last.from} → ${last.to}: ${last.reason}`));
+  }
+  return box;
+}
+
+function nodeAgentView(n) {
+  const free = n.free || {};
+  const item = el("li", `node-agent ${n.state}`);
+  item.dataset.node = n.name;
+  item.append(el("strong", "", n.name), document.createTextNode(
+    ` ${n.state}: ${(n.workers || []).length} of ${n.max_workers} workers, ` +
+    `${free.memory_mb} of ${n.memory_mb} MiB and ${free.cpus} of ${n.cpus} cores free`));
+  return item;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
