@@ -280,7 +280,7 @@ def test_autoscaling_adds_a_worker_under_a_load_ramp_and_goes_back_to_the_minimu
     nodes.deploy({"replicas": 1, "min_replicas": 1, "max_replicas": 2, "autoscale": policy})
     nodes.wait_serving(1)
     # A ramp: more requests at once than one worker's KV cache admits, so they queue at the gateway.
-    bodies = [chat_body(f"{q} Answer at length.", max_tokens=64) for q in QUESTIONS * 4]
+    bodies = [chat_body(f"{q} Answer at length.", max_tokens=40) for q in QUESTIONS * 3]
     answers = complete(nodes.fleet.url, bodies)
     assert len(answers) == len(bodies) and all(answers)
 
