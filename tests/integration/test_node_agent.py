@@ -4,6 +4,7 @@ under load, scaling through the admin API, a worker that crashes at start, and a
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -58,7 +59,9 @@ class NodeFleet:
             value = check()
             if value:
                 return value
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            if time.monotonic() > deadline:
+                state = json.dumps({"deployments": self.get("/admin/deployments"), "nodes": self.get("/admin/nodes")})
+                raise AssertionError(f"timed out waiting for {what}; the gateway says {state[:6000]}")
             time.sleep(0.2)
 
     def wait_serving(self, count: int, role: str = "replica") -> dict:
