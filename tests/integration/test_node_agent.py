@@ -279,11 +279,12 @@ def test_deployments_need_the_admin_key_and_bad_ones_get_a_clear_error(nodes):
 
 
 def test_autoscaling_adds_a_worker_under_a_load_ramp_and_goes_back_to_the_minimum_after_it(nodes):
-    policy = {"queue_per_replica": 1, "kv_usage": 1, "up_after_s": 1, "up_cooldown_s": 1, "down_after_s": 30,
-              "down_cooldown_s": 1, "idle_after_s": 3}  # fmt: skip
+    # Scaled on TTFT here (the queue is checked in the unit tests): a burst of requests that one worker answers
+    # with a first token slower than 50 ms adds a worker; 3 s without requests takes it away again.
+    policy = {"queue_per_replica": 100, "kv_usage": 1, "ttft_p90_s": 0.05, "window_s": 5, "up_after_s": 1,
+              "up_cooldown_s": 1, "down_after_s": 30, "down_cooldown_s": 1, "idle_after_s": 3}  # fmt: skip
     nodes.deploy({"replicas": 1, "min_replicas": 1, "max_replicas": 2, "autoscale": policy})
     nodes.wait_serving(1)
-    # A ramp: more requests at once than one worker's KV cache admits, so they queue at the gateway.
     bodies = [chat_body(f"{q} Answer at length.", max_tokens=40) for q in QUESTIONS * 3]
     answers = complete(nodes.fleet.url, bodies)
     assert len(answers) == len(bodies) and all(answers)
@@ -293,7 +294,7 @@ def test_autoscaling_adds_a_worker_under_a_load_ramp_and_goes_back_to_the_minimu
         return found if [d["direction"] for d in found] == ["up", "down"] else None
 
     up, down = nodes.wait(decisions, "a scale-up and then a scale-down")
-    assert (up["from"], up["to"]) == (1, 2) and "queue" in up["reason"]
+    assert (up["from"], up["to"]) == (1, 2) and "TTFT p90" in up["reason"]
     assert (down["from"], down["to"]) == (2, 1) and "no requests" in down["reason"]
     nodes.wait_serving(1)
     assert any("autoscale" in line and "1 -> 2" in line for line in nodes.fleet.gateway.lines)

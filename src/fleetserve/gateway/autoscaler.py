@@ -7,7 +7,8 @@ A deployment with an ``autoscale`` mapping is scaled on three signals, read ever
 - **KV use**: the mean share of its workers' KV cache in use, against ``kv_usage``;
 - **TTFT p90**: the 90th percentile of time to first token over the last ``window_s`` seconds, from the gateway's
   ``fleetserve_time_to_first_token_seconds`` histogram, against ``ttft_p90_s`` (0: not used; the model's, since
-  every role serves the same requests; not read with ``--no-telemetry``).
+  every role serves the same requests; only while requests are in flight or queued, since the window's figure
+  outlives them; not read with ``--no-telemetry``).
 
 One signal over its threshold for ``up_after_s`` adds a worker (none while an earlier one is still loading, and
 not within ``up_cooldown_s`` of the last change). Every signal under half its threshold (the hysteresis that keeps
@@ -182,14 +183,15 @@ class Autoscaler:
             hot.append(f"queue {per_replica:.1f} per worker > {policy.queue_per_replica:g}")
         if s.kv_usage > policy.kv_usage:
             hot.append(f"KV use {s.kv_usage:.0%} > {policy.kv_usage:.0%}")
-        if policy.ttft_p90_s and s.ttft_p90_s is not None and s.ttft_p90_s > policy.ttft_p90_s:
-            hot.append(f"TTFT p90 {s.ttft_p90_s:.2f}s > {policy.ttft_p90_s:g}s")
+        idle = s.queued == 0 and s.in_flight == 0
+        ttft = s.ttft_p90_s if policy.ttft_p90_s and not idle else None  # a window's old TTFT says nothing when idle
+        if ttft is not None and ttft > policy.ttft_p90_s:
+            hot.append(f"TTFT p90 {ttft:.2f}s > {policy.ttft_p90_s:g}s")
         cold = (
             per_replica <= policy.queue_per_replica / 2
             and s.kv_usage <= policy.kv_usage / 2
-            and not (policy.ttft_p90_s and s.ttft_p90_s is not None and s.ttft_p90_s > policy.ttft_p90_s / 2)
+            and not (ttft is not None and ttft > policy.ttft_p90_s / 2)
         )
-        idle = s.queued == 0 and s.in_flight == 0
         state.hot_since = (state.hot_since or now) if hot else None
         state.cold_since = (state.cold_since or now) if cold and not hot else None
         state.idle_since = (state.idle_since or now) if idle else None
