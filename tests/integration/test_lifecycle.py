@@ -42,12 +42,14 @@ def test_up_serves_two_models_keeps_its_workers_running_and_stops_cleanly(model_
 
         async def both() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=120) as client:
-                bodies = [{"model": m, "messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 5}
-                          for i in range(4) for m in (MODEL, "creative")]  # fmt: skip
+                bodies = [{"model": m, "messages": [{"role": "user", "content": f"Hi {i}"}], "max_tokens": 5,
+                           "ignore_eos": True} for i in range(4) for m in (MODEL, "creative")]  # fmt: skip
                 return await asyncio.gather(*(client.post(url + "/v1/chat/completions", json=b) for b in bodies))
 
         answers = asyncio.run(both())
-        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5 for r in answers)
+        assert all(r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5 for r in answers), [
+            r.text for r in answers
+        ]
         served = {(r.json()["model"], trace_worker(url, r.headers["x-request-id"], admin)) for r in answers}
         assert served == {(MODEL, "worker-0"), ("creative", "worker-1")}  # each model on its own worker
         assert httpx.get(url + "/admin/workers", timeout=30).status_code == 401  # the gateway has the admin key
