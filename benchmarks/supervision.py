@@ -8,12 +8,12 @@ the node. Two parts:
    another, for the whole part). ``--kills`` times, one replica is killed with SIGKILL; measured each time: from the
    kill to the node agent's new process, to that process registering, and to the gateway having it healthy again.
    Every request sent in the part is counted: answered whole, or lost (an error or a cut stream). Goal: 0 lost.
-2. **Load ramp.** The deployment is set to 1..2 replicas with autoscaling (queue per worker over 2 for 2 s adds
-   one; no request for 10 s goes back to one) and a ramp is replayed: 1, 4, 16, 4, then 0 concurrent streams, each
+2. **Load ramp.** The deployment is set to 1..2 replicas with autoscaling (TTFT p90 over 1 s, or a queue over 2
+   per worker, for 2 s adds one; no request for 10 s goes back to one) and a ramp is replayed: 1, 4, 16, 4, then 0 concurrent streams, each
    for ``--step`` seconds. Sampled every second: offered concurrency, the gateway's queue, desired, planned and
    serving replicas. The autoscaler's decisions come with their reasons. Plotted to docs/img/supervision-ramp.png.
 
-    python benchmarks/supervision.py [--kills 3] [--concurrency 4] [--step 20]
+    python benchmarks/supervision.py [--kills 3] [--concurrency 4] [--step 20] [--ramp-only]
 
 Writes ``benchmarks/results/supervision.json``.
 """
@@ -169,8 +169,8 @@ def crash_to_serving(url: str, args: argparse.Namespace) -> dict:
 
 def load_ramp(url: str, args: argparse.Namespace) -> dict:
     """Part 2: the autoscaled deployment under a replayed ramp; the samples and the decisions."""
-    policy = {"queue_per_replica": 2, "up_after_s": 2, "up_cooldown_s": 5, "down_after_s": 30,
-              "down_cooldown_s": 5, "idle_after_s": 10}  # fmt: skip
+    policy = {"queue_per_replica": 2, "ttft_p90_s": 1.0, "window_s": 10, "up_after_s": 2, "up_cooldown_s": 5,
+              "down_after_s": 30, "down_cooldown_s": 5, "idle_after_s": 10}  # fmt: skip
     admin(url, "PUT", f"/admin/deployments/{MODEL}", {"replicas": 1, "min_replicas": 1, "max_replicas": 2,
                                                       "autoscale": policy})  # fmt: skip
     wait(lambda: (s := deployment(url)["status"])["serving"] == 1 and s["planned"] == 1, step_s=0.5)
@@ -230,6 +230,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--step", type=float, default=20.0)
+    parser.add_argument(
+        "--ramp-only", action="store_true", help="skip the crashes; keep their figures from the last run"
+    )
     args = parser.parse_args()
     port, control = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
@@ -242,7 +245,11 @@ def main() -> int:
         node = ["node", "--gateway", f"127.0.0.1:{control}", "--name", "bench-node", "--max-workers", "2",
                 "--cpus", str(os.cpu_count() or 2), "--max-memory-mb", "2400", "--log-dir", logs]  # fmt: skip
         sup.start(ChildSpec("node", [*exe, *node], env, "fleetserve node ready")).wait_ready(120)
-        crashes = crash_to_serving(url, args)
+        if args.ramp_only:
+            crashes = json.loads((ROOT / "results" / "supervision.json").read_text())["crash_to_serving"]
+            admin(url, "PUT", f"/admin/deployments/{MODEL}", {"replicas": 1, "memory_mb": 1000})
+        else:
+            crashes = crash_to_serving(url, args)
         ramp = load_ramp(url, args)
     result = {
         "benchmark": "supervision",
