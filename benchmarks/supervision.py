@@ -8,7 +8,7 @@ the node. Two parts:
    another, for the whole part). ``--kills`` times, one replica is killed with SIGKILL; measured each time: from the
    kill to the node agent's new process, to that process registering, and to the gateway having it healthy again.
    Every request sent in the part is counted: answered whole, or lost (an error or a cut stream). Goal: 0 lost.
-2. **Load ramp.** The deployment is set to 1..2 replicas with autoscaling (TTFT p90 over 1 s, or a queue over 2
+2. **Load ramp.** The deployment is set to 1..2 replicas with autoscaling (TTFT p90 over 0.5 s, or a queue over 2
    per worker, for 2 s adds one; no request for 10 s goes back to one) and a ramp is replayed: 1, 4, 16, 4, then 0 concurrent streams, each
    for ``--step`` seconds. Sampled every second: offered concurrency, the gateway's queue, desired, planned and
    serving replicas. The autoscaler's decisions come with their reasons. Plotted to docs/img/supervision-ramp.png.
@@ -169,7 +169,7 @@ def crash_to_serving(url: str, args: argparse.Namespace) -> dict:
 
 def load_ramp(url: str, args: argparse.Namespace) -> dict:
     """Part 2: the autoscaled deployment under a replayed ramp; the samples and the decisions."""
-    policy = {"queue_per_replica": 2, "ttft_p90_s": 1.0, "window_s": 10, "up_after_s": 2, "up_cooldown_s": 5,
+    policy = {"queue_per_replica": 2, "ttft_p90_s": 0.5, "window_s": 10, "up_after_s": 2, "up_cooldown_s": 5,
               "down_after_s": 30, "down_cooldown_s": 5, "idle_after_s": 10}  # fmt: skip
     admin(url, "PUT", f"/admin/deployments/{MODEL}", {"replicas": 1, "min_replicas": 1, "max_replicas": 2,
                                                       "autoscale": policy})  # fmt: skip
@@ -187,7 +187,8 @@ def load_ramp(url: str, args: argparse.Namespace) -> dict:
                 d = deployment(url)
                 signals = (d.get("autoscaling") or {}).get("signals") or {}
                 samples.append({"t": round(time.monotonic() - begin, 1), "offered": level,
-                                "queued": signals.get("queued", 0), **{k: d["status"][k] for k in
+                                "queued": signals.get("queued", 0), "ttft_p90_s": signals.get("ttft_p90_s"),
+                                **{k: d["status"][k] for k in
                                 ("desired", "planned", "serving")}})  # fmt: skip
                 time.sleep(1)
     finally:
