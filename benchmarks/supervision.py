@@ -9,11 +9,12 @@ the node. Two parts:
    kill to the node agent's new process, to that process registering, and to the gateway having it healthy again.
    Every request sent in the part is counted: answered whole, or lost (an error or a cut stream). Goal: 0 lost.
 2. **Load ramp.** The deployment is set to 1..2 replicas with autoscaling (TTFT p90 over 0.5 s, or a queue over 2
-   per worker, for 2 s adds one; no request for 10 s goes back to one) and a ramp is replayed: 1, 4, 16, 4, then 0 concurrent streams, each
-   for ``--step`` seconds. Sampled every second: offered concurrency, the gateway's queue, desired, planned and
-   serving replicas. The autoscaler's decisions come with their reasons. Plotted to docs/img/supervision-ramp.png.
+   per worker, for 2 s adds one; no request for 10 s goes back to one) and a ramp is replayed: 1, 8, 32, 8, then 0
+   concurrent streams (``--ramp``), each for ``--step`` seconds. Sampled every second: offered concurrency, the
+   gateway's queue, TTFT p90, desired, planned and serving replicas. The autoscaler's decisions come with their
+   reasons. Plotted to docs/img/supervision-ramp.png.
 
-    python benchmarks/supervision.py [--kills 3] [--concurrency 4] [--step 20] [--ramp-only]
+    python benchmarks/supervision.py [--kills 3] [--concurrency 4] [--step 20] [--ramp 1,8,32,8,0] [--ramp-only]
 
 Writes ``benchmarks/results/supervision.json``.
 """
@@ -176,7 +177,7 @@ def load_ramp(url: str, args: argparse.Namespace) -> dict:
     wait(lambda: (s := deployment(url)["status"])["serving"] == 1 and s["planned"] == 1, step_s=0.5)
     load = Load(url)
     thread = in_background(load)
-    ramp = [1, 4, 16, 4, 0]
+    ramp = [int(c) for c in args.ramp.split(",")]
     samples = []
     begin, wall_begin = time.monotonic(), time.time()
     try:
@@ -231,6 +232,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--step", type=float, default=20.0)
+    parser.add_argument("--ramp", default="1,8,32,8,0", help="concurrency of each step (default 1,8,32,8,0)")
     parser.add_argument(
         "--ramp-only", action="store_true", help="skip the crashes; keep their figures from the last run"
     )

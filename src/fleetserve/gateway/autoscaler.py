@@ -117,7 +117,15 @@ class TtftWindow:
         total = counts[-1][1] if counts else 0.0
         if total <= 0:
             return None
-        return next(bound for bound, count in counts if count >= 0.9 * total)
+        # As Prometheus' histogram_quantile: linear within the bucket that holds the 90th percentile.
+        target, below, lower = 0.9 * total, 0.0, 0.0
+        for bound, count in counts:
+            if count >= target:
+                if bound == float("inf"):
+                    return lower
+                return lower + (bound - lower) * (target - below) / (count - below) if count > below else bound
+            below, lower = count, bound
+        return lower
 
 
 @dataclass
