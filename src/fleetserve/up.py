@@ -131,12 +131,23 @@ class LocalCounts:
         return ", ".join(parts)
 
 
+CORES_PER_WORKER = 4
+"""Cores per local replica by default: one worker using every core of a small machine serves more under load than
+several sharing them (docs/operations.md has the measurement), and a small model gains little past 4 threads."""
+
+
+def default_workers() -> int:
+    """Local replicas when --workers is not given: one per CORES_PER_WORKER cores, at least one."""
+    return max(1, (os.cpu_count() or 1) // CORES_PER_WORKER)
+
+
 def local_counts(settings: UpSettings, explicit: set[str]) -> LocalCounts:
     """The local workers to start: with a pipeline or prefill/decode workers, replicas only when --workers was
     given; with several models, at least one replica each (the pipeline and the prefill and decode workers serve
     the first)."""
     stages, prefill, decode = max(0, settings.pipeline), settings.prefill, settings.decode
-    replicas = settings.workers if not (stages or prefill or decode) or "workers" in explicit else 0
+    workers = settings.workers if settings.workers is not None else default_workers()
+    replicas = workers if not (stages or prefill or decode) or "workers" in explicit else 0
     if len(settings.model) > 1:  # the replicas go to each model in turn: at least one each
         replicas = max(replicas, len(settings.model))
     return LocalCounts(max(0, replicas), prefill, decode, stages)

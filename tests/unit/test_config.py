@@ -54,7 +54,7 @@ def test_flags_of_every_kind():
 
 def test_defaults_without_config():
     s = parse(["up"])
-    assert s.workers == 2 and s.port == 8000 and s.model == ["smollm2-135m-instruct"]
+    assert s.workers is None and s.port == 8000 and s.model == ["smollm2-135m-instruct"]  # workers: by the cores
 
 
 def test_help_shows_every_option_with_its_default(capsys):

@@ -191,3 +191,31 @@ def test_a_changed_deployment_replaces_its_workers_one_at_a_time_while_they_serv
     registry.register(pb.WorkerInfo(name=new, address="127.0.0.1:9", model="m"))
     controller.reconcile()
     assert not set(node.plan) & set(old) and all(w.threads == 2 for w in node.plan.values())
+
+
+def test_the_model_config_s_deployments_are_the_gateway_s_at_start():
+    from fleetserve.gateway.main import _deployments
+    from fleetserve.gateway.models import ModelRegistry
+    from fleetserve.settings.gateway import GatewaySettings
+
+    models = ModelRegistry.from_config(
+        {
+            "m": {"deployment": {"replicas": 2, "memory_mb": 1200}},
+            "pd": {
+                "deployment": [
+                    {"role": "prefill", "replicas": 1, "memory_mb": 1200},
+                    {"role": "decode", "replicas": 2, "memory_mb": 1200},
+                ]
+            },
+        }  # fmt: skip
+    )
+    registry = WorkerRegistry(1.0, 5.0, connect=lambda address: (None, object()))
+    controller = _deployments(GatewaySettings(), models, registry, None)
+    shapes = {key: (d.replicas, d.memory_mb) for key, d in controller.deployments.items()}
+    assert shapes == {("m", "replica"): (2, 1200), ("pd", "prefill"): (1, 1200), ("pd", "decode"): (2, 1200)}
+    with pytest.raises(ValueError, match="deployment"):
+        ModelRegistry.from_config({"m": {"deployment": "two"}})
+    with pytest.raises(InvalidRequestError):
+        _deployments(
+            GatewaySettings(), ModelRegistry.from_config({"m": {"deployment": {"replicas": -1}}}), registry, None
+        )

@@ -38,7 +38,7 @@ def workers(*argv: str) -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("argv", "counts"),
     [
-        ((), (2, 0, 0, 0)),
+        ((), (1, 0, 0, 0)),
         (("--pipeline", "3"), (0, 0, 0, 3)),
         (("--pipeline", "3", "--workers", "1"), (1, 0, 0, 3)),
         (("--prefill", "1", "--decode", "1"), (0, 1, 1, 0)),
@@ -46,7 +46,8 @@ def workers(*argv: str) -> dict[str, list[str]]:
         (("--decode", "1"), (0, 0, 1, 0)),
     ],
 )
-def test_local_counts_start_replicas_beside_other_kinds_only_when_asked(argv, counts):
+def test_local_counts_start_replicas_beside_other_kinds_only_when_asked(argv, counts, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     settings, explicit = up(*argv)
     found = local_counts(settings, explicit)
     assert (found.replicas, found.prefill, found.decode, found.stages) == counts
@@ -80,14 +81,15 @@ def test_every_kind_together_splits_the_threads_and_gets_its_own_certificate(mon
 @pytest.mark.parametrize(
     ("argv", "summary"),
     [
-        ((), "2 worker(s)"),
+        ((), "1 worker(s)"),
         (("--prefill", "1", "--decode", "1"), "1 prefill and 1 decode worker(s)"),
         (("--prefill", "1", "--decode", "1", "--workers", "2"), "2 worker(s), 1 prefill and 1 decode worker(s)"),
         (("--pipeline", "3"), "a pipeline of 3 stage node(s)"),
         (("--pipeline", "3", "--workers", "1"), "1 worker(s) and a pipeline of 3 stage node(s)"),
     ],
 )
-def test_the_summary_names_every_kind(argv, summary):
+def test_the_summary_names_every_kind(argv, summary, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert local_counts(*up(*argv)).summary() == summary
 
 
@@ -157,3 +159,10 @@ def test_several_models_get_their_own_replicas_and_a_served_name():
 def test_a_model_given_twice_or_half_named_is_refused(models):
     with pytest.raises(InvalidRequestError):
         up(*[arg for m in models for arg in ("--model", m)])
+
+
+@pytest.mark.parametrize(("cores", "count", "threads"), [(2, 1, "2"), (4, 1, "4"), (16, 4, "4"), (1, 1, "1")])
+def test_by_default_one_worker_per_four_cores_with_the_cores_split(cores, count, threads, monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    specs = workers()
+    assert len(specs) == count and {argument(a, "--threads") for a in specs.values()} == {threads}

@@ -35,7 +35,11 @@ class UpSettings(GatewaySettings, EngineSettings):
         default_factory=lambda: ["smollm2-135m-instruct"],
     )
 
-    workers: int = option(2, "local whole-model workers (with --pipeline, --prefill or --decode: none unless given)")
+    workers: int | None = option(
+        None,
+        "local whole-model workers (default: one per 4 cores, at least one; with --pipeline, --prefill or --decode: "
+        "none unless given)",
+    )
     prefill: int = option(0, "local prefill workers: they compute prompts and hand their KV to a decode worker", ge=0)
     decode: int = option(0, "local decode workers: they go on decoding from a prefill worker's KV", ge=0)
     pipeline: int = option(0, "stage nodes of one local pipeline that splits the model's layers (0: none)")
