@@ -58,9 +58,12 @@ async def _reconcile(deployments: DeploymentController, autoscaler: Autoscaler, 
     deployments, every interval."""
     while True:
         await asyncio.sleep(interval_s)
-        deployments.nodes.sweep()
-        autoscaler.tick()
-        deployments.reconcile()
+        try:
+            deployments.nodes.sweep()
+            autoscaler.tick()
+            deployments.reconcile()
+        except Exception:  # a bug in one pass must not end reconciling for good
+            log.exception("reconciling the deployments failed; trying again in %gs", interval_s)
 
 
 def _sizing() -> Callable[[str, str, int], Sizing]:
