@@ -101,8 +101,12 @@ class NodeAgent:
                 self._release(name)
         for name, launch in wanted.items():
             if name not in self.plan:
+                try:
+                    self.keeper.keep(self.spec(launch))
+                except (OSError, ValueError) as exc:  # not startable here: the next plan tries again
+                    log.error("node: cannot start %s: %s", name, exc)
+                    continue
                 self.plan[name] = launch
-                self.keeper.keep(self.spec(launch))
                 log.info("node: started %s (%s, %s) with %d thread(s)", name, launch.model, launch.role or "replica",
                          launch.threads)  # fmt: skip
         self.plan_version = plan.version
