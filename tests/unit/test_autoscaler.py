@@ -41,7 +41,7 @@ def scaled():
     clock = Clock()
     nodes = NodeTable(clock=clock)
     registry = WorkerRegistry(1.0, 5.0, clock=clock, connect=lambda address: (None, object()))
-    controller = DeploymentController(nodes, registry, lambda model, device, memory: Sizing(500, 100))
+    controller = DeploymentController(nodes, registry, lambda model, device, memory, role: Sizing(500, 100))
     nodes.on_change.append(controller.reconcile)
     nodes.connect(pb.NodeReport(info=pb.NodeInfo(name="a", host="h", cpus=8, memory_bytes=8 * 2**30, max_workers=8)))
     queue, metrics = Queue(), GatewayMetrics()

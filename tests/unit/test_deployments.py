@@ -20,10 +20,10 @@ class Clock:
         return self.now
 
 
-def sizing(model: str, device: str, memory_mb: int) -> Sizing:
+def sizing(model: str, device: str, memory_mb: int, role: str) -> Sizing:
     if model == "too-big":
         raise InvalidRequestError("max_memory_mb is too small", "max_memory_mb")
-    return Sizing(memory_mb or 900, 400)
+    return Sizing(memory_mb or (600 if role == "stage" else 900), 0 if role == "stage" else 400)
 
 
 def node_info(name: str, memory_mb: int = 4096, cpus: int = 4, slots: int = 4, **labels: str) -> pb.NodeInfo:
@@ -145,7 +145,7 @@ def test_crash_looping_workers_are_reported_with_their_last_lines_and_dead_recor
     [
         ({"replicas": -1}, "replicas"),
         ({"replicas": "2"}, "replicas"),
-        ({"role": "stage"}, "role"),
+        ({"role": "head"}, "role"),
         ({"device": "tpu"}, "device"),
         ({"threads": 0}, "threads"),
         ({"colour": "red"}, "deployment.colour"),
@@ -219,3 +219,20 @@ def test_the_model_config_s_deployments_are_the_gateway_s_at_start():
         _deployments(
             GatewaySettings(), ModelRegistry.from_config({"m": {"deployment": {"replicas": -1}}}), registry, None
         )
+
+
+def test_a_pipeline_s_stage_nodes_are_a_deployment_too_and_a_node_starts_them_with_their_cap(fleet, tmp_path):
+    from fleetserve.settings.node import NodeSettings
+    from fleetserve.worker.node import NodeAgent
+
+    _, nodes, _, controller = fleet
+    node = nodes.connect(pb.NodeReport(info=node_info("a")))
+    nodes.connect(pb.NodeReport(info=node_info("b")))
+    controller.set("m", {"role": "stage", "replicas": 2})
+    stages = [launch for _, launch in nodes.placed()]
+    assert [(w.role, w.memory_mb, w.kv_cache_mb) for w in stages] == [("stage", 600, 0)] * 2
+    assert len(node.plan) == 1  # one stage node per machine while they have room
+    agent = NodeAgent(NodeSettings(gateway="127.0.0.1:1", log_dir=str(tmp_path)))
+    argv = agent.spec(stages[0]).argv
+    assert argv[argv.index("--role") + 1] == "stage" and argv[argv.index("--max-memory-mb") + 1] == "600"
+    assert "--kv-cache-mb" not in argv

@@ -1,6 +1,6 @@
 """Deployments: per model and role, the workers the fleet should run, and the loop that makes the nodes run them.
 
-A :class:`Deployment` says how many workers of one model in one role (replica, prefill or decode) the fleet
+A :class:`Deployment` says how many workers of one model in one role (replica, prefill, decode, or stage: a pipeline's nodes) the fleet
 wants (``replicas``, kept within ``min_replicas``..``max_replicas``), what each is given (memory, torch threads,
 device) and where they may go (node names, node labels). Deployments come from the model config (a model's
 ``deployment`` key) and change at run time through the admin API.
@@ -32,19 +32,27 @@ from typing import Any
 from fleetserve.errors import InvalidRequestError
 from fleetserve.gateway.autoscaler import AutoscalePolicy
 from fleetserve.gateway.nodes import NodeRecord, NodeTable
-from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, REPLICA_ROLE, WorkerRegistry, WorkerState
+from fleetserve.gateway.registry import (
+    DECODE_ROLE,
+    PREFILL_ROLE,
+    REPLICA_ROLE,
+    STAGE_ROLE,
+    WorkerRegistry,
+    WorkerState,
+)
 from fleetserve.protocol import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-DEPLOYABLE_ROLES = (REPLICA_ROLE, PREFILL_ROLE, DECODE_ROLE)
+DEPLOYABLE_ROLES = (REPLICA_ROLE, PREFILL_ROLE, DECODE_ROLE, STAGE_ROLE)
 DEFAULT_MEMORY_MB = 1024
 """A worker's memory when the gateway cannot size the model (it lacks its files) and the deployment gives none."""
 
 
 @dataclass(frozen=True)
 class Sizing:
-    """What one worker of a model needs: its whole memory and the KV cache within it (0: the worker's default)."""
+    """What one worker of a model needs: its whole memory and the KV cache within it (0: the worker's default; a stage
+    node's memory is its cap on weights plus KV, and the gateway gives it the layers that fit)."""
 
     memory_mb: int
     kv_cache_mb: int
@@ -152,11 +160,11 @@ class DeploymentStatus:
 class DeploymentController:
     """Keeps the nodes' plans in line with the deployments (see the module docstring)."""
 
-    def __init__(self, nodes: NodeTable, registry: WorkerRegistry, sizing: Callable[[str, str, int], Sizing]):
+    def __init__(self, nodes: NodeTable, registry: WorkerRegistry, sizing: Callable[[str, str, int, str], Sizing]):
         self.nodes = nodes
         self.registry = registry
         self.sizing = sizing
-        """(model, device, memory_mb or 0) -> what one worker needs; InvalidRequestError when it cannot fit."""
+        """(model, device, memory_mb or 0, role) -> what one worker needs; InvalidRequestError when it cannot fit."""
         self.deployments: dict[tuple[str, str], Deployment] = {}
         self.statuses: dict[tuple[str, str], DeploymentStatus] = {}
         self.on_change: list[Callable[[Deployment], None]] = []
@@ -171,7 +179,7 @@ class DeploymentController:
         worker can be sized before taking it."""
         role = data.get("role", REPLICA_ROLE)
         deployment = parse_deployment(model, data, self.deployments.get((model, role)))
-        self.sizing(model, deployment.device, deployment.memory_mb)  # refuses a model it cannot size
+        self.sizing(model, deployment.device, deployment.memory_mb, deployment.role)  # refuses a model it cannot size
         self.deployments[deployment.key] = deployment
         log.info("deployment %s/%s: %d replica(s) (%d..%d)", model, deployment.role, deployment.replicas,
                  deployment.min_replicas, deployment.max_replicas)  # fmt: skip
@@ -292,7 +300,7 @@ class DeploymentController:
         return live[0] if live else None
 
     def _best_node(self, deployment: Deployment) -> tuple[NodeRecord | None, str]:
-        sizing = self.sizing(deployment.model, deployment.device, deployment.memory_mb)
+        sizing = self.sizing(deployment.model, deployment.device, deployment.memory_mb, deployment.role)
         allowed = [n for n in self.nodes.live() if n.matches(deployment.labels, deployment.nodes)]
         if not allowed:
             return None, "no node matches its placement" if self.nodes.live() else "no node is connected"
@@ -309,7 +317,7 @@ class DeploymentController:
         return max(fits, key=lambda f: f[:4])[4], ""
 
     def _launch(self, deployment: Deployment) -> pb.WorkerLaunch:
-        sizing = self.sizing(deployment.model, deployment.device, deployment.memory_mb)
+        sizing = self.sizing(deployment.model, deployment.device, deployment.memory_mb, deployment.role)
         taken = {launch.name for _, launch in self.nodes.placed()}
         prefix = deployment.model if deployment.role == REPLICA_ROLE else f"{deployment.model}-{deployment.role}"
         name = f"{prefix}-{secrets.token_hex(3)}"

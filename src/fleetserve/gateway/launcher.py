@@ -61,10 +61,14 @@ def memory_plan(model: str, device: str) -> MemoryPlan:
     return MemoryPlan(-(-params * elem // 2**20), per_token, -(-per_token * min_kv_tokens // 2**20))
 
 
-def worker_sizing(model: str, device: str, memory_mb: int) -> tuple[int, int]:
-    """(memory, KV cache) in MiB of one worker holding the whole model: ``memory_mb`` when given (refused when too
-    small), else the model's minimum plus room for a few requests. UnknownModelError for a model it cannot read."""
+def worker_sizing(model: str, device: str, memory_mb: int, role: str = "replica") -> tuple[int, int]:
+    """(memory, KV cache) in MiB of one worker: for one that holds the whole model, ``memory_mb`` when given (refused
+    when too small), else the model's minimum plus room for a few requests; for a stage node, its cap (default: the
+    weights plus KV for MIN_KV_TOKENS) and no KV figure (it sizes its own within the layers it gets).
+    UnknownModelError for a model it cannot read."""
     plan = memory_plan(model, device)
+    if role == "stage":
+        return memory_mb or plan.weights_mb + plan.min_kv_mb, 0
     if not memory_mb:
         memory_mb = plan.minimum_mb + 256
     if memory_mb < plan.minimum_mb:
@@ -132,12 +136,9 @@ class Launcher:
             raise InvalidRequestError(f"role {role!r} cannot be launched here; use one of: {', '.join(ROLES)}", "role")
         if device != "cpu" and not device.startswith("cuda"):
             raise InvalidRequestError(f"device must be cpu or cuda[:N], not {device!r}", "device")
-        if role == "stage":
-            # The gateway checks the cap when the node registers (at least one layer plus its KV for the context)
-            # and gives it the layers that fit; the default is the model's weights plus KV for MIN_KV_TOKENS.
-            plan = await asyncio.to_thread(memory_plan, model, device)  # UnknownModelError for an unknown model
-            return self._start(model, device, max_memory_mb or plan.weights_mb + plan.min_kv_mb, role, 0)
-        memory_mb, kv_mb = await asyncio.to_thread(worker_sizing, model, device, max_memory_mb or 0)
+        # A stage node's cap is checked when it registers (at least one layer plus its KV for the context); the
+        # gateway gives it the layers that fit. UnknownModelError for an unknown model.
+        memory_mb, kv_mb = await asyncio.to_thread(worker_sizing, model, device, max_memory_mb or 0, role)
         return self._start(model, device, memory_mb, role, kv_mb)
 
     def _start(self, model: str, device: str, max_memory_mb: int, role: str, kv_mb: int) -> LaunchedWorker:

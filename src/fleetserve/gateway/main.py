@@ -66,17 +66,16 @@ async def _reconcile(deployments: DeploymentController, autoscaler: Autoscaler, 
             log.exception("reconciling the deployments failed; trying again in %gs", interval_s)
 
 
-def _sizing() -> Callable[[str, str, int], Sizing]:
-    """(model, device, memory_mb) -> one worker's memory and KV cache, sized from the model's files where this
-    machine has them (remembered per model and device), else the memory given (or a default) and the worker's
-    own KV default."""
-    plans: dict[tuple[str, str, int], Sizing] = {}
+def _sizing() -> Callable[[str, str, int, str], Sizing]:
+    """(model, device, memory_mb, role) -> one worker's memory and KV cache, sized from the model's files where this
+    machine has them (remembered), else the memory given (or a default) and the worker's own KV default."""
+    plans: dict[tuple[str, str, int, str], Sizing] = {}
 
-    def sizing(model: str, device: str, memory_mb: int) -> Sizing:
-        key = (model, device, memory_mb)
+    def sizing(model: str, device: str, memory_mb: int, role: str) -> Sizing:
+        key = (model, device, memory_mb, role)
         if key not in plans:
             try:
-                plans[key] = Sizing(*worker_sizing(model, device, memory_mb))
+                plans[key] = Sizing(*worker_sizing(model, device, memory_mb, role))
             except (UnknownModelError, OSError, ValueError) as exc:
                 if isinstance(exc, InvalidRequestError):
                     raise

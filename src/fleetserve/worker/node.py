@@ -127,7 +127,9 @@ class NodeAgent:
         argv += ["--model", launch.model, "--host", s.host, "--threads", str(max(1, launch.threads))]
         if launch.device:
             argv += ["--device", launch.device]
-        if launch.kv_cache_mb:
+        if launch.role == "stage":  # its cap: the gateway gives it the layers that fit
+            argv += ["--max-memory-mb", str(launch.memory_mb)] if launch.memory_mb else []
+        elif launch.kv_cache_mb:
             argv += ["--kv-cache-mb", str(launch.kv_cache_mb)]
         if launch.role and launch.role != "replica":
             argv += ["--role", launch.role]
