@@ -20,8 +20,8 @@ MODEL = "smollm2-135m-instruct"
 
 def test_up_serves_two_models_keeps_its_workers_running_and_stops_cleanly(model_dir, tmp_path):
     """`up` serves two models side by side (the same weights under a second name, with its own default
-    temperature), restarts a worker killed under it, hands its gateway and engine settings to the processes it
-    starts (keys never in arguments), and stops them all on Ctrl-C."""
+    temperature), restarts a worker and then its gateway killed under it, hands its gateway and engine settings to
+    the processes it starts (keys never in arguments), and stops them all on Ctrl-C."""
     port, control = free_port(), free_port()
     admin = "admin-secret-for-up"
     models = tmp_path / "models.json"
@@ -72,11 +72,28 @@ def test_up_serves_two_models_keeps_its_workers_running_and_stops_cleanly(model_
         while not creative_back():
             assert time.monotonic() < deadline, "the restarted worker did not serve again"
             time.sleep(0.2)
+        # So is the gateway: the workers, still running, register with the new one.
+        gateway = next(c for c in psutil.Process(up.popen.pid).children() if "gateway" in c.cmdline())
+        gateway.kill()
+        up.wait_for(re.compile(r"gateway was killed by SIGKILL.*starting it again"), timeout=60)
+        deadline = time.monotonic() + 120
+        while not (both_back := _healthy_models(url)) == {MODEL: 1, "creative": 1}:
+            assert time.monotonic() < deadline, f"the workers did not come back to the new gateway: {both_back}"
+            time.sleep(0.2)
         children = psutil.Process(up.popen.pid).children(recursive=True)
+        assert len(children) == 3
     finally:
         code = up.stop(signal.SIGINT, timeout=60)
     assert code == 0
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _healthy_models(url: str) -> dict[str, int]:
+    try:
+        body = httpx.get(url + "/v1/models", timeout=5).json()
+    except httpx.HTTPError:
+        return {}  # the gateway is starting again
+    return {m["id"]: m["fleetserve"]["healthy_workers"] for m in body["data"]}
 
 
 def trace_worker(url: str, request_id: str, admin: str) -> str:
