@@ -77,7 +77,7 @@ def test_up_serves_two_models_keeps_its_workers_running_and_stops_cleanly(model_
         gateway.kill()
         up.wait_for(re.compile(r"gateway was killed by SIGKILL.*starting it again"), timeout=60)
         deadline = time.monotonic() + 120
-        while not (both_back := _healthy_models(url)) == {MODEL: 1, "creative": 1}:
+        while (both_back := _healthy_models(url)) != {MODEL: 1, "creative": 1}:
             assert time.monotonic() < deadline, f"the workers did not come back to the new gateway: {both_back}"
             time.sleep(0.2)
         children = psutil.Process(up.popen.pid).children(recursive=True)
