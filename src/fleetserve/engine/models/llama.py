@@ -37,9 +37,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
-    """Inverse frequencies of rotary embeddings, with linear or llama3 scaling applied."""
+    """Inverse frequencies of rotary embeddings, with linear or llama3 scaling applied; computed on the CPU, also
+    while a model is built on the meta device (where these ops would import torch._dynamo, seconds of a start)."""
     dim = arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     scaling = arch.rope_scaling
     if scaling is None:
         return inv_freq
@@ -104,7 +105,10 @@ class LlamaModel(nn.Module):
         self.layer_start, self.layer_end = layer_start, layer_end
         self.is_first, self.is_last = layer_start == 0, layer_end == arch.num_layers
         self.has_lm_head = self.is_last if lm_head is None else lm_head
-        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size) if self.is_first else None
+        # Given its (empty) weight, the table skips its random init: on the meta device that init would import
+        # torch._dynamo, seconds of a worker's start for numbers the loader overwrites anyway.
+        table = torch.empty(arch.vocab_size, arch.hidden_size) if self.is_first else None
+        self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size, _weight=table) if self.is_first else None
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(layer_start, layer_end))
         if self.has_lm_head:
             self.norm = nn.Parameter(torch.ones(arch.hidden_size))

@@ -37,7 +37,7 @@ def load_model(
     range ends at the last layer) and fill it from the folder's safetensors."""
     with torch.device("meta"):
         model = LlamaModel(arch, layer_start, layer_end, lm_head).to(dtype)  # on meta: no memory yet
-    model = model.to_empty(device=device)
+    _materialize(model, device)
     index = _tensor_index(model_dir)
     handles: dict[Path, object] = {}
 
@@ -77,3 +77,18 @@ def load_model(
                 put(model.lm_head.weight, get("model.embed_tokens.weight" if tied else "lm_head.weight"))
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device | str) -> None:
+    """Give every parameter and buffer of a model built on the meta device uninitialised memory on ``device``.
+
+    Module.to_empty does the same through empty_like, whose meta-tensor path imports sympy (most of a second of a
+    worker's start); torch.empty with the shape does not."""
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(fresh, requires_grad=param.requires_grad)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
