@@ -234,7 +234,7 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
             pipelines.replan(record.info.model, f"{record.name} joined")
         admission.pump(record.info.model)
 
-    deployments = _deployments(settings, models, registry, store)
+    deployments = _deployments(settings, models, registry, store, admission, metrics)
     control = ControlService(
         registry,
         on_register=on_register,
@@ -265,18 +265,24 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         deployments=deployments,
         launcher=Launcher(f"{dial_host(settings.control_host)}:{control_port}", credentials, settings.launch_threads),
     )
-    autoscaler = Autoscaler(deployments, admission, metrics)
-    deployments.autoscaler = autoscaler
-    return Gateway(state, admission, store, grpc_server, control_port, pipelines, autoscaler)
+    return Gateway(state, admission, store, grpc_server, control_port, pipelines, deployments.autoscaler)
 
 
 def _deployments(
-    settings: GatewaySettings, models: ModelRegistry, registry: WorkerRegistry, store: RegistryStore | None
+    settings: GatewaySettings,
+    models: ModelRegistry,
+    registry: WorkerRegistry,
+    store: RegistryStore | None,
+    admission: Admission | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> DeploymentController:
-    """The node table and the deployment controller, with the model config's deployments (a bad one stops the
-    gateway at start-up) and, with a state db, each change kept there."""
+    """The node table and the deployment controller (with its autoscaler, given the admission queues and the
+    metrics), with the model config's deployments (a bad one stops the gateway at start-up) and, with a state db,
+    each change kept there."""
     nodes = NodeTable(lost_after_s=max(10.0, 2 * settings.heartbeat_timeout))
     deployments = DeploymentController(nodes, registry, _sizing())
+    if admission is not None and metrics is not None:
+        deployments.autoscaler = Autoscaler(deployments, admission, metrics)
     nodes.on_change.append(deployments.reconcile)
     for spec in models:
         for shape in spec.deployment:
