@@ -5,7 +5,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
-NEW_TOKENS = 32
+NEW_TOKENS = 24
 
 
 def test_greedy_matches_transformers_generate(engine, hf_model, chat_prompts):

@@ -26,9 +26,9 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KEY = "fuzz-key"
-EXAMPLES_PER_OPERATION = 20
-"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 20 cases each
-(about 350 in all, as some strategies run dry sooner); those without any give one case each (every case is the
+EXAMPLES_PER_OPERATION = 16
+"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 16 cases each
+(about 210 in all, as some strategies run dry sooner); those without any give one case each (every case is the
 same request)."""
 MAX_TOKENS = 3
 TIMEOUT_S = 60
@@ -95,8 +95,11 @@ def test_no_generated_request_gets_a_5xx_and_every_4xx_has_an_error_body(fleet):
     auth = {"Authorization": f"Bearer {KEY}"}
     document = httpx.get(fleet.url + "/openapi.json", headers=auth, timeout=30).json()
     schema = schemathesis.openapi.from_dict(document)
+    # The admin routes answer every request of this fleet (API keys, no admin key) with the same 403 before reading
+    # it: the guard's tests cover them, and fuzzing them would only repeat that refusal hundreds of times.
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 15, [op.label for op in operations]
+    operations = [op for op in operations if not op.path.startswith("/admin")]
+    assert len(operations) >= 10, [op.label for op in operations]
     problems: list[str] = []
     statuses: dict[int, int] = {}
     began = time.monotonic()
@@ -121,7 +124,7 @@ def test_no_generated_request_gets_a_5xx_and_every_4xx_has_an_error_body(fleet):
     cases = sum(statuses.values())
     print(f"\nschemathesis: {cases} cases over {len(operations)} operations in {took:.0f} s; statuses {statuses}")
     assert problems == [], "\n".join(problems[:20])
-    assert cases >= 300
+    assert cases >= 180
     assert any(200 <= s < 300 for s in statuses), "no generated request succeeded"
 
 

@@ -107,12 +107,12 @@ def nodes(tmp_path_factory):
 
 
 async def _streams(url: str, progress: dict) -> list[tuple[str, str]]:
-    """Every question streamed at once (greedy, 32 tokens): (request id, text) each."""
+    """Every question streamed at once (greedy, 24 tokens): (request id, text) each."""
 
     async def one(client: httpx.AsyncClient, question: str) -> tuple[str, str]:
         events: list = []
         progress[question] = events
-        text = await stream_text(client, url, chat_body(question, max_tokens=32), events)
+        text = await stream_text(client, url, chat_body(question, max_tokens=24), events)
         return events[0], text
 
     async with httpx.AsyncClient(timeout=300) as client:
