@@ -156,6 +156,9 @@ class ControlService(pb_grpc.ControlServicer):
         async for report in request_iterator:
             if self._node_sessions.get(node.node_id) is not token:
                 return  # a newer session of this node took over
+            if report.info.name != node.name:
+                log.warning("node %s reported itself as %r; report ignored", node.name, report.info.name)
+                continue
             self.nodes.report(node, report)
 
     async def _refuse(self, info: pb.WorkerInfo, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
