@@ -83,6 +83,10 @@ class Deployment:
     def key(self) -> tuple[str, str]:
         return self.model, self.role
 
+    def owns(self, launch: pb.WorkerLaunch) -> bool:
+        """Whether a planned worker is one of this deployment's."""
+        return (launch.model, launch.role or REPLICA_ROLE) == self.key
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -211,11 +215,7 @@ class DeploymentController:
     # -- reconciling ------------------------------------------------------------------------------------
 
     def _placed(self, deployment: Deployment) -> list[tuple[NodeRecord, pb.WorkerLaunch]]:
-        return [
-            (node, launch)
-            for node, launch in self.nodes.placed()
-            if launch.model == deployment.model and (launch.role or REPLICA_ROLE) == deployment.role
-        ]
+        return [(node, launch) for node, launch in self.nodes.placed() if deployment.owns(launch)]
 
     def reconcile(self) -> list[str]:
         """One pass over every deployment; what it did, in words."""
@@ -287,9 +287,9 @@ class DeploymentController:
 
     def _keep_order(self, placed: tuple[NodeRecord, pb.WorkerLaunch]) -> tuple:
         """Sorts the worker to stop first first: one not serving yet, then the fewest requests in flight."""
-        record = self._record(placed[1].name)
-        serving = record is not None and record.state == WorkerState.HEALTHY
-        return serving, record.in_flight if record is not None else 0, placed[1].name
+        name = placed[1].name
+        record = self._record(name)
+        return self._serving(name), record.in_flight if record is not None else 0, name
 
     def _serving(self, name: str) -> bool:
         record = self._record(name)
@@ -308,7 +308,7 @@ class DeploymentController:
         for node in allowed:
             memory, cores, slots = node.free()
             if slots > 0 and memory >= sizing.memory_mb and cores >= deployment.threads:
-                mine = sum(1 for w in node.plan.values() if (w.model, w.role or REPLICA_ROLE) == deployment.key)
+                mine = sum(1 for w in node.plan.values() if deployment.owns(w))
                 fits.append((-mine, memory, cores, node.name, node))
         if not fits:
             return None, (

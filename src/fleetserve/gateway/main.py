@@ -76,9 +76,9 @@ def _sizing() -> Callable[[str, str, int, str], Sizing]:
         if key not in plans:
             try:
                 plans[key] = Sizing(*worker_sizing(model, device, memory_mb, role))
-            except (UnknownModelError, OSError, ValueError) as exc:
-                if isinstance(exc, InvalidRequestError):
-                    raise
+            except InvalidRequestError:  # a memory share too small for the model: the caller's mistake
+                raise
+            except (UnknownModelError, OSError, ValueError) as exc:  # this machine cannot read the model
                 log.info(
                     "cannot size %s here (%s): giving its workers %s MiB", model, exc, memory_mb or DEFAULT_MEMORY_MB
                 )

@@ -175,8 +175,8 @@ class NodeAgent:
         return pb.NodeReport(info=self.info, workers=workers, plan_version=self.plan_version)
 
     def _on_event(self, event) -> None:
-        """A worker crashed, came back or is crash-looping: report it now (from the keeper's thread)."""
-        log.warning("node: %s %s: %s", event.name, event.kind, event.detail)
+        """A worker crashed, came back or is crash-looping (the keeper has logged it): report it now (from the
+        keeper's thread)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)
 
