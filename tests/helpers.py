@@ -46,6 +46,9 @@ def engine_config(
     retention: RetentionConfig | None = None,
     **model,
 ) -> EngineConfig:
+    """An engine config for tests; float32 weights unless ``dtype`` says otherwise (the form that equals
+    transformers, which the reference tests compare with)."""
+    model.setdefault("dtype", "float32")
     return EngineConfig(
         model=ModelConfig(**model),
         cache=CacheConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching),

@@ -68,8 +68,10 @@ class ModelConfig:
     """torch CPU threads for this engine; None leaves torch's default."""
 
     def validate(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise InvalidRequestError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16", "int4"):
+            raise InvalidRequestError(
+                f"dtype must be auto, float32, bfloat16, float16 or int4, got {self.dtype!r}", "dtype"
+            )
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise InvalidRequestError(f"device must be auto, cpu or cuda[:N], got {self.device!r}", "device")
         if self.layer_start < 0 or (self.layer_end is not None and self.layer_end <= self.layer_start):

@@ -68,10 +68,13 @@ class LLMEngine:
         self.consecutive_failed_steps = 0
         """Failed steps since the last one that succeeded (a health signal: a fault that keeps recurring)."""
         self.last_step_error: str | None = None
+        wf = self.runner.weight_format
         log.info(
-            "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
+            "engine ready: %s on %s, %s weights (%s), %s activations, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
             mc.model,
             self.runner.device,
+            wf.name,
+            wf.reason,
             str(self.runner.dtype).removeprefix("torch."),
             self.runner.num_blocks,
             self.config.cache.block_size,

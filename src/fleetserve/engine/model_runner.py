@@ -14,10 +14,11 @@ from fleetserve.engine.models.linear import choose_kernels
 from fleetserve.engine.models.loader import load_model
 from fleetserve.engine.sampling import Sampler
 from fleetserve.engine.scheduler import SampledToken, SchedulerOutput
+from fleetserve.engine.weight_format import FLOAT_DTYPES, activation_dtype, choose_weight_format
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files.arch import ModelArch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = FLOAT_DTYPES
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,9 +30,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    """The activation and KV dtype that ``--dtype name`` runs with."""
+    return activation_dtype(name, device)
 
 
 class ModelRunner:
@@ -40,10 +40,14 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model_dir, arch: ModelArch):
         mc = config.model
         self.device = resolve_device(mc.device)
-        self.dtype = resolve_dtype(mc.dtype, self.device)
+        self.weight_format = choose_weight_format(mc.dtype, self.device, model_dir, arch)
+        self.dtype = self.weight_format.activations
+        """The dtype of activations and of the KV cache."""
         self.arch = arch
         self.block_size = config.cache.block_size
-        self.model = load_model(model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head)
+        self.model = load_model(
+            model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head, self.weight_format.name
+        )
         self.linear_kernel = choose_kernels(self.model)
         self.resize_kv(config.cache.kv_cache_bytes)
         self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)

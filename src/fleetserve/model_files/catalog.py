@@ -69,13 +69,18 @@ def resolve_source(model: str) -> Path:
     )
 
 
+CONVERSION_VERSION = 2
+"""Changes when a converted folder's contents change (2: the GGUF's own quantized codes kept beside the float32
+weights), so a cache written by an older version is converted afresh."""
+
+
 def prepare_model_dir(model: str, progress: bool = True) -> Path:
     """The Hugging Face folder for ``model``; a GGUF file is converted once into the cache and reused."""
     source = resolve_source(model)
     if source.is_dir():
         return source
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()).hexdigest()[:16]
     target = cache_root() / "models" / f"{source.stem}-{key}"
     if not (target / "model.safetensors").exists():
         from fleetserve.model_files.gguf_convert import convert_gguf

@@ -1,4 +1,9 @@
-"""GGUF to Hugging Face folder: de-quantize the weights once, write config.json, safetensors and tokenizer files."""
+"""GGUF to Hugging Face folder: de-quantize the weights once, write config.json, safetensors and tokenizer files.
+
+Beside the de-quantized float32 weights (``model.safetensors``), the folder keeps the file's own 4-bit and 8-bit
+codes in ``quantized.safetensors`` (see ``quantized_blocks``), so an engine can run on the checkpoint's integers
+as they are instead of on float32 copies of them.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +61,33 @@ def hf_name(gguf_name: str) -> str | None:
 def undo_rotary_permutation(w: np.ndarray, num_heads: int) -> np.ndarray:
     """llama.cpp interleaves each head's rotary halves in q/k rows; put them back in the Hugging Face order."""
     return w.reshape(num_heads, w.shape[0] // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+QUANTIZED_FILE = "quantized.safetensors"
+"""Per quantized tensor NAME: ``NAME.codes`` [rows, cols] (uint8 for 4-bit codes 0..15, int8 for 8-bit ones) and
+``NAME.scales`` float32 [rows, cols / 32], plus ``NAME.mins`` float32 for 4-bit ones, such that within each group
+of 32 columns value = scale * code + min (8-bit: scale * code). The metadata maps NAME to the GGUF type."""
+
+# bytes of one block of 32 values: float16 scale (and float16 min for Q4_1), then the codes
+_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+
+
+def quantized_blocks(data: np.ndarray, kind: str, rows: int) -> dict[str, np.ndarray]:
+    """A Q4_0, Q4_1 or Q8_0 tensor's raw blocks as codes, scales and mins (see QUANTIZED_FILE); values equal
+    gguf's de-quantizer's exactly in float32."""
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, -1, _BLOCK_BYTES[kind])  # [rows, groups, bytes]
+    scales = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q8_0":
+        codes = blocks[..., 2:].copy().view(np.int8)
+        return {"codes": codes.reshape(rows, -1), "scales": scales}
+    packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
+    # a block's 16 bytes hold codes 0..15 in their low nibbles and codes 16..31 in their high ones
+    codes = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, -1)
+    if kind == "Q4_1":
+        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:  # Q4_0: value = scale * (code - 8)
+        mins = -8 * scales
+    return {"codes": np.ascontiguousarray(codes), "scales": scales, "mins": mins}
 
 
 def open_reader(gguf_path: str | Path) -> Any:
@@ -129,19 +161,30 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = Tr
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
     try:
         tensors: dict[str, np.ndarray] = {}
+        quantized: dict[str, np.ndarray] = {}
+        kinds: dict[str, str] = {}
         for t in tqdm(
             reader.tensors, desc=f"de-quantizing {Path(gguf_path).name}", unit="tensor", disable=not progress
         ):
             name = hf_name(t.name)
             if name is None:
                 continue
-            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            heads = None
             if permute and name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = undo_rotary_permutation(w, config["num_attention_heads"])
+                heads = config["num_attention_heads"]
             elif permute and name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = undo_rotary_permutation(w, config["num_key_value_heads"])
-            tensors[name] = np.ascontiguousarray(w)
+                heads = config["num_key_value_heads"]
+            w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            tensors[name] = np.ascontiguousarray(w if heads is None else undo_rotary_permutation(w, heads))
+            kind = t.tensor_type.name
+            if kind in _BLOCK_BYTES and w.ndim == 2:
+                for part, value in quantized_blocks(t.data, kind, w.shape[0]).items():
+                    value = value if heads is None else undo_rotary_permutation(value, heads)
+                    quantized[f"{name}.{part}"] = np.ascontiguousarray(value)
+                kinds[name] = kind
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if quantized:
+            save_file(quantized, str(tmp / QUANTIZED_FILE), metadata={"format": "pt", **kinds})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_tokenizer_files(reader, tmp)
         (tmp / "fleetserve-source.json").write_text(json.dumps({"gguf": os.path.abspath(gguf_path)}))

@@ -15,7 +15,12 @@ class EngineSettings(Settings):
 
     model: str = option("smollm2-135m-instruct", "model name, Hugging Face folder or .gguf file")
     device: str = option("auto", "auto, cpu or cuda[:N]")
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+    dtype: str = option(
+        "auto",
+        "weights: auto, float32, bfloat16, float16 or int4 (a Q4 GGUF's own 4-bit codes, CPU); auto picks the "
+        "fastest that is as faithful as the checkpoint: int4 for a Q4 GGUF where it measures faster, bfloat16 on "
+        "CUDA, else float32 (the form that equals transformers)",
+    )
     kv_cache_mb: int = option(512, "memory for KV blocks in MiB")
     block_size: int = option(16, "tokens per KV block")
     prefix_caching: bool = option(True, "reuse cached prompt prefixes")

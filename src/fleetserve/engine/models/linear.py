@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -30,7 +30,7 @@ def onednn_linear_works() -> bool:
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(3, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
     try:
-        return torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
+        return torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), atol=1e-4, rtol=1e-4)
     except RuntimeError:
         return False
 
@@ -42,7 +42,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_onednn:
-            return _onednn_linear(x, self.weight, self.bias)
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

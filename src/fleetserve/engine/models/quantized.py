@@ -1,0 +1,105 @@
+"""Layers that run on a checkpoint's integer codes instead of float copies of them.
+
+A GGUF's 4-bit layer weights (Q4_0, Q4_1: groups of 32 along the input, value = scale * code + min) are repacked
+for PyTorch's CPU int4 kernel, which reads about a quarter of float16's bytes per token (an eighth of float32's).
+The kernel's arithmetic is (code - 8) * scale + zero with scale and zero in bfloat16, so zero = min + 8 * scale;
+the codes are the file's own, only the group's scale and min round to bfloat16. Its activations are bfloat16: the
+layer casts its input in and its output back, so the rest of the model keeps its own dtype.
+
+8-bit codes (Q8_0, which GGUF files use for the token table) serve the embedding exactly (a lookup de-quantizes
+only the rows it reads) and, re-quantized to one scale per output row, an LM head on the int8 kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+GROUP = 32
+"""Columns per scale in the GGUF formats kept as codes."""
+
+
+def int4_weight(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that 4-bit ``codes`` [N, K] with ``scales``/``mins`` [N, K / 32] stand for."""
+    n, k = codes.shape
+    return (codes.float().view(n, -1, GROUP) * scales.unsqueeze(-1) + mins.unsqueeze(-1)).view(n, k)
+
+
+def int8_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 weight that 8-bit ``codes`` [N, K] with ``scales`` [N, K / 32] stand for."""
+    n, k = codes.shape
+    return (codes.float().view(n, -1, GROUP) * scales.unsqueeze(-1)).view(n, k)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) with W held as 4-bit codes in groups of 32, on PyTorch's CPU int4 kernel."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        zeros = mins + 8 * scales
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), -1).bfloat16().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T with W re-quantized to int8 with one scale per output row, on PyTorch's int8 kernel."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("codes", torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.bfloat16())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scales).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """A token table held as 8-bit codes in groups of 32; a lookup de-quantizes the rows it reads (exactly)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = codes.shape
+        self.dtype = dtype
+        self.register_buffer("codes", codes.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.codes[ids].float().view(-1, self.embedding_dim // GROUP, GROUP) * self.scales[ids].unsqueeze(-1)
+        return rows.view(*ids.shape, self.embedding_dim).to(self.dtype)
+
+    def weight(self) -> torch.Tensor:
+        """The whole table in float32 (for a tied LM head)."""
+        return int8_weight(self.codes, self.scales)
+
+
+@functools.cache
+def int4_kernels_work() -> bool:
+    """True when PyTorch's CPU int4 and int8 kernels exist here and agree with float32 on a small problem."""
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(ops, "_weight_int8pack_mm")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (32, 64), generator=g, dtype=torch.uint8)
+    scales, mins = torch.rand(32, 2, generator=g) / 8, -torch.rand(32, 2, generator=g)
+    x = torch.randn(3, 64, generator=g)
+    try:
+        y4 = Int4Linear(codes, scales, mins, None)(x)
+        w = int4_weight(codes, scales, mins)
+        y8 = Int8Linear(w)(x)
+    except (RuntimeError, NotImplementedError):
+        return False
+    ref = x @ w.t()
+    tolerance = 0.05 * ref.abs().max()
+    return bool((y4 - ref).abs().max() < tolerance and (y8 - ref).abs().max() < tolerance)
