@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default {DEFAULT_MODEL})")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--dtype", default="auto", help="the engine's --dtype (default auto)")
     parser.add_argument(
         "--kv-cache-mb", type=float, default=None, help="KV cache size in MiB (default: the engine's default)"
     )

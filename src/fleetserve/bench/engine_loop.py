@@ -29,7 +29,8 @@ def _engine_config(args: argparse.Namespace):
         scheduler.max_num_seqs = args.max_num_seqs
     if args.max_num_batched_tokens is not None:
         scheduler.max_num_batched_tokens = args.max_num_batched_tokens
-    return EngineConfig(model=ModelConfig(model=args.model, num_threads=args.threads), cache=cache, scheduler=scheduler)
+    model = ModelConfig(model=args.model, dtype=getattr(args, "dtype", "auto"), num_threads=args.threads)
+    return EngineConfig(model=model, cache=cache, scheduler=scheduler)
 
 
 def _warm_up(engine, warm_ids: list[int]) -> None:
@@ -166,6 +167,7 @@ def _engine_info(args: argparse.Namespace, engine, build_s: float) -> dict[str, 
         "model_dir": str(engine.model_dir),
         "device": str(engine.runner.device),
         "dtype": str(engine.runner.dtype).removeprefix("torch."),
+        "weights": engine.runner.weight_format.name,
         "num_layers": engine.arch.num_layers,
         "num_kv_heads": engine.arch.num_kv_heads,
         "head_dim": engine.arch.head_dim,

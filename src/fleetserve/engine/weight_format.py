@@ -165,8 +165,15 @@ def _measure(shapes: list[tuple[int, int]]) -> tuple[float, float]:
         int4.append((codes, scales, mins))
     int4_layers = [Int4Linear(*w, None) for _ in range(layers) for w in int4]
     float_linear = onednn_linear if onednn_linear_works() else (lambda x, w, b: torch.nn.functional.linear(x, w, b))
+
+    def int4_step(x: torch.Tensor, i: int) -> torch.Tensor:
+        return int4_layers[i](x)
+
+    def float_step(x: torch.Tensor, i: int) -> torch.Tensor:
+        return float_linear(x, floats[i], None)
+
     results = []
-    for step in (lambda x, i: int4_layers[i](x), lambda x, i: float_linear(x, floats[i], None)):
+    for step in (int4_step, float_step):
         total = 0.0
         for rows in (1, 8):
             inputs = {k: torch.randn(rows, k, generator=g) for _, k in shapes}
@@ -180,5 +187,4 @@ def _measure(shapes: list[tuple[int, int]]) -> tuple[float, float]:
                     best = min(best, time.perf_counter() - started)
             total += best
         results.append(total * 1e3)
-    del flat, floats
     return results[0], results[1]

@@ -80,7 +80,9 @@ def prepare_model_dir(model: str, progress: bool = True) -> Path:
     if source.is_dir():
         return source
     stat = source.stat()
-    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()
+    ).hexdigest()[:16]
     target = cache_root() / "models" / f"{source.stem}-{key}"
     if not (target / "model.safetensors").exists():
         from fleetserve.model_files.gguf_convert import convert_gguf

@@ -83,10 +83,8 @@ def quantized_blocks(data: np.ndarray, kind: str, rows: int) -> dict[str, np.nda
     packed = blocks[..., 4:] if kind == "Q4_1" else blocks[..., 2:]
     # a block's 16 bytes hold codes 0..15 in their low nibbles and codes 16..31 in their high ones
     codes = np.concatenate((packed & 0x0F, packed >> 4), axis=-1).reshape(rows, -1)
-    if kind == "Q4_1":
-        mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    else:  # Q4_0: value = scale * (code - 8)
-        mins = -8 * scales
+    # Q4_0: value = scale * (code - 8)
+    mins = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * scales
     return {"codes": np.ascontiguousarray(codes), "scales": scales, "mins": mins}
 
 

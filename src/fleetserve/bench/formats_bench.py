@@ -1,0 +1,251 @@
+"""Weight formats end to end: ``fleetserve bench`` against ``fleetserve up --workers 1`` for each ``--dtype``.
+
+For each format: ``up`` with one worker (no prefix cache, so every level prefills its prompts afresh), the chat
+scenario (greedy, ``ignore_eos``, ``--max-tokens`` tokens) at each ``--concurrency`` with ``max(--requests, c)``
+requests per level; then the same engine in this process (no gateway, no gRPC, no SSE) at ``--engine-concurrency``,
+so what is lost between the engine and the client shows as the ratio of the two at the same concurrency; and the
+worker's peak RSS. In the same run: transformers' sequential ``generate`` (float32, ``--hf-requests`` prompts),
+and, when ``--llama-server`` names a binary, llama.cpp's server on the same GGUF file with ``--slots`` slots and no
+prompt cache, measured with the same load generator.
+
+    python benchmarks/formats.py [--formats float32,bfloat16,int4] [--concurrency 1,16,64] [--llama-server PATH]
+
+Writes ``benchmarks/results/formats.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleetserve.bench.arguments import concurrency_list, non_negative_int, positive_int
+from fleetserve.bench.local_fleet import READY_S, free_port
+from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
+from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
+from fleetserve.supervisor import ChildSpec, Supervisor
+
+DEFAULT_OUTPUT = RESULTS_DIR / "formats.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--formats", default="float32,bfloat16,int4", help="--dtype values, in turn")
+    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 16, 64], help="levels (default 1,16,64)")
+    parser.add_argument(
+        "--engine-concurrency", type=concurrency_list, default=[1, 16], help="engine-alone levels (default 1,16)"
+    )
+    parser.add_argument("--requests", type=positive_int, default=32, help="requests per level, at least c (32)")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="output tokens per request (64)")
+    parser.add_argument("--hf-requests", type=non_negative_int, default=8, help="transformers prompts (8; 0 skips)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="worker threads (default: up's)")
+    parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary, if any")
+    parser.add_argument("--slots", type=positive_int, default=16, help="llama-server's parallel slots (16)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON result (default {DEFAULT_OUTPUT})")
+
+
+def _worker_peak_rss(up_pid: int) -> int | None:
+    """Peak RSS (VmHWM) of the worker process under ``up``'s process, if it can be read."""
+    children = Path(f"/proc/{up_pid}/task/{up_pid}/children")
+    try:
+        pids = children.read_text().split()
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            if b"worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return None
+
+
+def _http_levels(url: str, args: argparse.Namespace, label: str, model: str) -> list[dict[str, Any]]:
+    from fleetserve.bench.http_bench import run
+    from fleetserve.bench.http_options import build_parser
+
+    rows = []
+    for c in args.concurrency:
+        out = Path(f"/tmp/fleetserve-formats-{label}-c{c}.json")
+        bench_args = build_parser().parse_args(
+            ["--url", url, "--model", model, "--scenario", "chat", "--max-tokens", str(args.max_tokens)]
+            + ["--requests", str(max(args.requests, c)), "--concurrency", str(c), "--output", str(out)]
+        )
+        row = run(bench_args)["rows"][0]
+        row.update(name=f"{label} c={c}", kind=label, concurrency=c)
+        rows.append(row)
+    return rows
+
+
+def _up_rows(fmt: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    port, control = free_port(), free_port()
+    up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
+    up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
+    supervisor = Supervisor()
+    try:
+        child = supervisor.start(
+            ChildSpec(f"up-{fmt}", [sys.executable, "-m", "fleetserve", *up], ready="fleetserve is ready")
+        )
+        child.wait_ready(READY_S)
+        url = f"http://127.0.0.1:{port}"
+        rows = _http_levels(url, args, f"up {fmt}", args.model)
+        info = {"worker_peak_rss_bytes": _worker_peak_rss(child.pid), "ready": httpx.get(url + "/ready").json()}
+        return rows, info
+    finally:
+        supervisor.stop_all()
+
+
+def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) -> list[dict[str, Any]]:
+    from fleetserve.bench.engine_loop import run_engine_closed_loop
+    from fleetserve.config import CacheConfig, EngineConfig, ModelConfig
+    from fleetserve.contract import SamplingParams
+    from fleetserve.engine.engine import LLMEngine
+    from fleetserve.text.tokenizer import Tokenizer
+
+    config = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=fmt, num_threads=args.threads),
+        cache=CacheConfig(enable_prefix_caching=False),
+    )
+    engine = LLMEngine(config, progress=False)
+    tokenizer = Tokenizer.from_dir(engine.model_dir)
+    ids = [tokenizer.encode_chat(m) for m in prompts]
+    engine.generate([tokenizer.encode(WARM_UP_TEXT)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    rows = []
+    for c in args.engine_concurrency:
+        row = {"name": f"engine {fmt} c={c}", "kind": f"engine {fmt}", "concurrency": c}
+        row.update(run_engine_closed_loop(engine, take(ids, max(args.requests, c)), c, args.max_tokens))
+        print(f"engine {fmt} c={c}: {row['output_tokens_per_s']:.1f} tok/s", flush=True)
+        rows.append(row)
+    del engine
+    gc.collect()
+    return rows
+
+
+def _llama_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from fleetserve.model_files.catalog import resolve_source
+
+    port = free_port()
+    command = [str(args.llama_server), "-m", str(resolve_source(args.model)), "--port", str(port)]
+    command += ["-np", str(args.slots), "-c", str(2048 * args.slots), "--no-cache-prompt", "--no-webui"]
+    if args.threads:
+        command += ["-t", str(args.threads)]
+    supervisor = Supervisor()
+    try:
+        supervisor.start(ChildSpec("llama-server", command, ready="server is listening"))
+        deadline = time.monotonic() + READY_S
+        url = f"http://127.0.0.1:{port}"
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return _http_levels(url, args, "llama-server", args.model), {"command": command[1:]}
+    finally:
+        supervisor.stop_all()
+
+
+def _hf_row(args: argparse.Namespace, prompts: list[list[dict]]) -> dict[str, Any] | None:
+    if args.hf_requests <= 0:
+        return None
+    from fleetserve.bench.hf_baseline import run_hf_subprocess
+    from fleetserve.model_files.catalog import prepare_model_dir
+    from fleetserve.text.tokenizer import Tokenizer
+
+    model_dir = prepare_model_dir(args.model, progress=False)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    payload = {
+        "model_dir": str(model_dir),
+        "prompts": [tokenizer.encode_chat(m) for m in take(prompts, args.hf_requests)],
+        "max_new_tokens": args.max_tokens,
+        "threads": args.threads,
+        "device": "cpu",
+        "dtype": "float32",
+    }
+    print(f"transformers: {args.hf_requests} requests x {args.max_tokens} tokens, one at a time ...", flush=True)
+    row = {"name": "transformers c=1", "kind": "transformers", "concurrency": 1}
+    row.update(run_hf_subprocess(payload))
+    return row
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Throughput ratios at equal concurrency: each up row against llama-server, transformers and its engine."""
+    by = {(r["kind"], r["concurrency"]): r["output_tokens_per_s"] for r in rows if r.get("output_tokens_per_s")}
+    hf = by.get(("transformers", 1))
+    out: dict[str, float] = {}
+    for (kind, c), tps in by.items():
+        if not kind.startswith("up "):
+            continue
+        fmt = kind.removeprefix("up ")
+        if ("llama-server", c) in by:
+            out[f"{fmt} c={c} / llama-server"] = tps / by[("llama-server", c)]
+        if hf:
+            out[f"{fmt} c={c} / transformers sequential"] = tps / hf
+        if (f"engine {fmt}", c) in by:
+            out[f"{fmt} c={c} end to end / engine alone"] = tps / by[(f"engine {fmt}", c)]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    prompts = load_prompts(DATA_DIR / "prompts.jsonl")
+    rows: list[dict[str, Any]] = []
+    workers: dict[str, Any] = {}
+    for fmt in args.formats.split(","):
+        up_rows, info = _up_rows(fmt, args)
+        rows += up_rows
+        workers[fmt] = info
+        rows += _engine_rows(fmt, args, prompts)
+    llama = None
+    if args.llama_server:
+        llama_rows, llama = _llama_rows(args)
+        rows += llama_rows
+    hf = _hf_row(args, prompts)
+    if hf:
+        rows.append(hf)
+    result = {
+        "benchmark": "formats",
+        "created": created_now(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "environment": host_environment(
+            cpu=cpu_description(), torch=torch.__version__, transformers=package_version("transformers")
+        ),
+        "workers": workers,
+        "llama_server": llama,
+        "rows": rows,
+        "ratios": ratios(rows),
+    }
+    write_json(Path(args.output), result)
+    print()
+    print(f"{'row':<28} {'tok/s':>8} {'TTFT p50':>9} {'ITL p50':>8}")
+    for r in rows:
+        ttft, itl = r.get("ttft_s") or {}, r.get("itl_s") or {}
+        print(
+            f"{r['name']:<28} {r.get('output_tokens_per_s', 0):>8.1f} {ttft.get('p50', float('nan')):>9.3f} "
+            f"{itl.get('p50', float('nan')):>8.4f}"
+        )
+    for fmt, info in workers.items():
+        rss = info.get("worker_peak_rss_bytes")
+        print(f"worker peak RSS, {fmt}: {rss / 2**20:.0f} MiB" if rss else f"worker peak RSS, {fmt}: unknown")
+    for name, value in result["ratios"].items():
+        print(f"{name}: {value:.2f}x")
+    print(f"results: {args.output}", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/formats.py", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
