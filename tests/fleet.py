@@ -50,10 +50,16 @@ class Proc:
         return self.child.stop(timeout, sig)
 
 
+PROCESS_DTYPE = "float32"
+"""The engines of these fleets run float32 weights unless a test says otherwise: the tests that compare texts
+across workers (failover, disaggregation, pipelines) need the form in which a decode step and a prefill of the
+same positions agree to the last bit; int4's bfloat16 inputs magnify their last-bit differences."""
+
+
 def spawn(*args: str, env: dict[str, str | None] | None = None) -> Proc:
-    """Start ``fleetserve *args`` in its own process group, with the session's fleet secret in its environment
-    and ``env`` over it (a None value unsets a variable)."""
-    env = {SECRET_ENV: FLEET_SECRET, **(env or {})}
+    """Start ``fleetserve *args`` in its own process group, with the session's fleet secret and float32 weights
+    (PROCESS_DTYPE) in its environment and ``env`` over it (a None value unsets a variable)."""
+    env = {SECRET_ENV: FLEET_SECRET, "FLEETSERVE_DTYPE": PROCESS_DTYPE, **(env or {})}
     spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args], env)
     return Proc(Child(spec).launch())
 

@@ -44,3 +44,20 @@ def test_int4_serves_chunked_prefills_and_prefix_hits_and_is_batch_invariant(int
     assert together == alone
     assert all(len(out) == GREEDY.max_tokens for out in alone)
     assert not int4_engine.has_unfinished()
+
+
+def test_a_worker_left_to_auto_serves_int4_and_the_gateway_shows_it():
+    import httpx
+
+    from tests.fleet import start_fleet
+
+    fleet = start_fleet(1, worker_env={"FLEETSERVE_DTYPE": None})  # the default: --dtype auto
+    try:
+        model = httpx.get(fleet.url + "/v1/models", timeout=10).json()["data"][0]["fleetserve"]
+        assert model["dtype"] == "int4" and model["quantized"] is True
+        body = {"model": model.get("name", "smollm2-135m-instruct"), "max_tokens": 8, "temperature": 0}
+        body["messages"] = [{"role": "user", "content": "Name a colour."}]
+        resp = httpx.post(fleet.url + "/v1/chat/completions", json=body, timeout=60)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 8
+    finally:
+        fleet.stop()

@@ -45,7 +45,7 @@ def worker_info(opts: WorkerSettings, engine: AsyncEngine, fingerprint: str, nam
         model_version=core.model_dir.name,
         max_num_seqs=opts.max_num_seqs,
         architecture=core.arch.architecture,
-        dtype=str(core.runner.dtype).removeprefix("torch."),
+        dtype=core.runner.weight_format.name,  # the weights' form: float32, bfloat16, float16 or int4
         num_layers=core.arch.num_layers,
     )
 
