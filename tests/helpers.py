@@ -31,10 +31,18 @@ def make_request(request_id: str, num_prompt: int, max_tokens: int = 8, priority
 
 
 def make_scheduler(
-    num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_seqs: int = 8, prefix_caching: bool = True
+    num_blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 32,
+    max_seqs: int = 8,
+    prefix_caching: bool = True,
+    speculative_tokens: int = 0,
 ) -> Scheduler:
     kv = KVCacheManager(num_blocks, block_size, prefix_caching)
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, 4096, {EOS})
+    config = SchedulerConfig(
+        max_num_batched_tokens=budget, max_num_seqs=max_seqs, speculative_tokens=speculative_tokens
+    )
+    return Scheduler(config, kv, 4096, {EOS})
 
 
 def engine_config(
@@ -44,6 +52,8 @@ def engine_config(
     prefix_caching: bool = True,
     block_size: int = 16,
     retention: RetentionConfig | None = None,
+    speculative_tokens: int = 0,
+    speculative_ngram: int = 3,
     **model,
 ) -> EngineConfig:
     """An engine config for tests; float32 weights unless ``dtype`` says otherwise (the form that equals
@@ -52,6 +62,11 @@ def engine_config(
     return EngineConfig(
         model=ModelConfig(**model),
         cache=CacheConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=max_seqs,
+            speculative_tokens=speculative_tokens,
+            speculative_ngram=speculative_ngram,
+        ),
         retention=retention or RetentionConfig(),
     )

@@ -115,6 +115,8 @@ class Stats:
     kv_blocks_total: int = 0
     prefix_cache_hits: int = 0
     prefix_cache_queries: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 @dataclass
@@ -210,6 +212,8 @@ def engine_stats(**overrides):
         prefix_cache_hits=50,
         num_preemptions=2,
         steps=1234,
+        spec_draft_tokens=40,
+        spec_accepted_tokens=30,
     )
     figures.update(overrides)
     return SimpleNamespace(**figures)
@@ -234,6 +238,8 @@ def test_worker_metrics_engine_figures_and_counters():
     assert value(body, "fleetserve_engine_prefix_cache_hits_total") == 50
     assert value(body, "fleetserve_engine_preemptions_total") == 2
     assert value(body, "fleetserve_engine_steps_total") == 1234
+    assert value(body, "fleetserve_engine_spec_draft_tokens_total") == 40
+    assert value(body, "fleetserve_engine_spec_accepted_tokens_total") == 30
     assert value(body, "fleetserve_engine_requests_total", outcome="ok") == n
     assert value(body, "fleetserve_engine_requests_total", outcome="error") == 1
     assert value(body, "fleetserve_engine_generation_tokens_total") == 4 * n

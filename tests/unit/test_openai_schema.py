@@ -98,6 +98,7 @@ def test_chat_body_from_openai_client():
             "repetition_penalty": 1.1,
             "ignore_eos": True,
             "min_tokens": 2,
+            "speculative": False,
             "priority": -3,
             "some_future_field": {"x": 1},
         },
@@ -126,6 +127,7 @@ def test_chat_body_from_openai_client():
         seed=7,
         ignore_eos=True,
         logprobs=3,
+        speculative=False,
     )
 
 

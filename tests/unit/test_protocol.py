@@ -31,6 +31,7 @@ def test_sampling_params_round_trip():
         stop_token_ids=[3, 4],
         ignore_eos=True,
         logprobs=3,
+        speculative=False,
     )
     assert convert.sampling_from_proto(convert.sampling_to_proto(p)) == p
     q = SamplingParams()

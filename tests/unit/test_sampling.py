@@ -142,3 +142,85 @@ def test_invalid_parameters_name_the_field(field, value):
         SamplingParams(**{field: value}).validate()
     assert err.value.param == field
     assert field in str(err.value)
+
+
+# -- verifying draft tokens ------------------------------------------------------------------------------
+
+
+def test_verify_greedy_keeps_the_draft_while_it_equals_argmax():
+    logits = torch.full((4, V), 0.0)
+    logits[0, 3] = logits[1, 4] = logits[2, 6] = logits[3, 1] = 5.0
+    s = Sampler(V, set())
+    assert s.verify(logits, req(), [3, 4, 5]).token_ids == [3, 4, 6]  # the third draft token is corrected
+    assert s.verify(logits, req(), [3, 4, 6]).token_ids == [3, 4, 6, 1]  # all kept, plus a bonus token
+    assert s.verify(logits, req(), [2, 4, 6]).token_ids == [3]
+
+
+def test_verify_penalties_see_the_draft_tokens_kept_before_each_row():
+    # token 3 leads every row by a little; once emitted, a frequency penalty pushes it below token 5
+    logits = torch.zeros(2, V)
+    logits[:, 3], logits[:, 5] = 2.0, 1.5
+    r = req(frequency_penalty=1.0)
+    result = Sampler(V, set()).verify(logits, r, [3])
+    assert result.token_ids == [3, 5]
+    # the same as decoding one token at a time
+    plain = Sampler(V, set())
+    first = plain(logits[:1], [r]).token_ids[0]
+    r.append_token(first)
+    assert [first, plain(logits[1:], [r]).token_ids[0]] == [3, 5]
+
+
+def test_verify_respects_min_tokens_row_by_row():
+    logits = torch.zeros(2, V)
+    logits[:, 9], logits[:, 4] = 5.0, 1.0  # EOS leads both rows, then 4
+    r = req(min_tokens=2, output=(4,))  # one more token before EOS may come
+    assert Sampler(V, {9}).verify(logits, r, [4]).token_ids == [4, 9]
+
+
+def test_verify_sampled_distribution_is_plain_sampling():
+    """Rejection sampling against a point-mass draft emits what plain sampling would, in distribution: the first
+    token ~ p0 (the draft kept with probability p0(t)), and after a kept draft the bonus token ~ p1."""
+    p0 = torch.tensor([0.40, 0.25, 0.15, 0.10, 0.05, 0.03, 0.02, 0.0, 0.0, 0.0])
+    p1 = torch.tensor([0.05, 0.05, 0.10, 0.50, 0.20, 0.10, 0.0, 0.0, 0.0, 0.0])
+    temperature = 0.7
+    logits = torch.stack([p.clamp_min(1e-12).log() * temperature for p in (p0, p1)])  # softmax(l / T) == p
+    draft = [0]
+    s = Sampler(V, set(), seed=11)
+    n = 4000
+    first, bonus = torch.zeros(V), torch.zeros(V)
+    for _ in range(n):
+        tokens = s.verify(logits, req(temperature=temperature), draft).token_ids
+        assert len(tokens) == 1 + (tokens[0] == draft[0])
+        first[tokens[0]] += 1
+        if len(tokens) == 2:
+            bonus[tokens[1]] += 1
+    kept = int(bonus.sum())
+    # standard errors are at most 0.008 (first) and 0.013 (bonus, ~1600 draws); a draft always kept, never kept,
+    # or a correction that may repeat the rejected token is off by 0.15 or more
+    assert (first / n - p0).abs().max() < 0.035
+    assert (bonus / kept - p1).abs().max() < 0.05
+    assert abs(kept / n - p0[0]) < 0.035
+
+
+def test_verify_seeded_equals_plain_seeded_decoding():
+    """A seeded request picks the very tokens plain decoding picks, drawing as much noise as it emits."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, V)
+    r_plain = req(seed=5, temperature=1.0)
+    plain = Sampler(V, set())
+    picks = []
+    for row in range(4):
+        picks.append(plain(logits[row : row + 1], [r_plain]).token_ids[0])
+        r_plain.append_token(picks[-1])
+    r_spec = req(seed=5, temperature=1.0)
+    draft = picks[:2] + [(picks[2] + 1) % V]  # two right guesses, then a wrong one
+    assert Sampler(V, set()).verify(logits, r_spec, draft).token_ids == picks[:3]
+    # the generators are in the same state: the next draws agree
+    assert torch.equal(r_spec.generator.get_state(), _state_after(seed=5, draws=3))
+
+
+def _state_after(seed: int, draws: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(draws):
+        torch.empty(V).exponential_(generator=g)
+    return g.get_state()

@@ -141,3 +141,88 @@ def test_retained_kv_stays_until_released():
     assert sched.kv.has("a")
     sched.release("a")
     assert not sched.kv.has("a") and sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+# -- speculative decoding ------------------------------------------------------------------------------
+
+
+def repeating_request(rid: str, max_tokens: int = 20, **params) -> Request:
+    # ... 1 2 3 4 5 1 2 3: the proposer copies "4 5 1 2" after the suffix
+    return Request(rid, [9, 1, 2, 3, 4, 5, 1, 2, 3], SamplingParams(max_tokens=max_tokens, **params))
+
+
+def prefill(sched, token: int = 4):
+    """Run the prompt (in chunks as the budget allows) until its first token, ``token``."""
+    while True:
+        plan = sched.schedule()
+        if sched.update(plan, {s.request.request_id: SampledToken(token) for s in plan.seqs if s.samples}):
+            return
+
+
+def test_decode_carries_a_draft_within_budget_and_blocks():
+    sched = make_scheduler(budget=4, speculative_tokens=4)
+    sched.add(repeating_request("a"))
+    prefill(sched)  # context: 9 1 2 3 4 5 1 2 3 | 4
+    plan = sched.schedule(speculate=True)
+    (seq,) = plan.seqs
+    assert seq.draft == [5, 1, 2]  # 3 of 4 drafts: the budget holds 4 tokens
+    assert (seq.start, seq.num_tokens, seq.samples) == (9, 4, True)
+    assert seq.token_ids == [4, 5, 1, 2]
+    assert len(seq.block_table) * 4 >= 13  # slots for every draft position
+    # without speculate (a pipeline's head) the same state plans a plain decode
+    assert sched.schedule().seqs[0].draft == []
+
+
+def test_update_keeps_accepted_tokens_and_commits_only_them():
+    sched = make_scheduler(budget=16, speculative_tokens=4)
+    sched.add(repeating_request("a"))
+    prefill(sched)
+    plan = sched.schedule(speculate=True)
+    assert plan.seqs[0].draft == [5, 1, 2, 3]
+    # two draft tokens kept (5, 1), the third corrected to 7
+    (out,) = sched.update(plan, {"a": [SampledToken(5), SampledToken(1), SampledToken(7)]})
+    r = sched.requests["a"]
+    assert out.new_token_ids == [5, 1, 7] and r.output_token_ids == [4, 5, 1, 7]
+    assert r.num_computed_tokens == 12 and r.num_tokens == 13  # the input and two kept drafts were computed
+    assert len(sched.kv._hashes["a"]) * sched.kv.block_size <= r.num_computed_tokens
+
+
+def test_a_stop_token_inside_the_accepted_run_truncates_it():
+    sched = make_scheduler(budget=16, speculative_tokens=4)
+    sched.add(repeating_request("a", stop_token_ids=[1]))
+    prefill(sched)
+    plan = sched.schedule(speculate=True)
+    (out,) = sched.update(plan, {"a": [SampledToken(5), SampledToken(1), SampledToken(2), SampledToken(3)]})
+    assert out.new_token_ids == [5, 1] and out.finish_reason == "stop" and out.num_output_tokens == 3
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+def test_drafts_never_reach_past_max_tokens():
+    sched = make_scheduler(budget=16, speculative_tokens=4)
+    sched.add(repeating_request("a", max_tokens=3))
+    prefill(sched)
+    plan = sched.schedule(speculate=True)
+    assert plan.seqs[0].draft == [5]  # one token emitted, two left: the input's pick plus one draft
+    (out,) = sched.update(plan, {"a": [SampledToken(5), SampledToken(6)]})
+    assert out.new_token_ids == [5, 6] and out.finish_reason == "length"
+
+
+def test_opted_out_request_gets_no_draft():
+    sched = make_scheduler(budget=16, speculative_tokens=4)
+    sched.add(repeating_request("a", speculative=False))
+    prefill(sched)
+    assert sched.schedule(speculate=True).seqs[0].draft == []
+
+
+def test_retained_kv_gives_back_the_slots_of_rejected_drafts():
+    sched = make_scheduler(budget=16, speculative_tokens=4)
+    request = repeating_request("a", max_tokens=8)
+    request.retain_kv = True
+    sched.add(request)
+    prefill(sched)  # 10 tokens, 9 computed: 3 blocks
+    plan = sched.schedule(speculate=True)  # 4 drafts: slots up to 14, 4 blocks
+    assert len(sched.kv.block_table("a")) == 4
+    (out,) = sched.update(plan, {"a": [SampledToken(EOS)]})  # the first pick ends it: nothing kept
+    assert out.finish_reason == "stop"
+    assert sched.requests["a"].num_computed_tokens == 10
+    assert len(sched.kv.block_table("a")) == 3

@@ -60,6 +60,10 @@ class EngineStats:
     prefix_cache_hits: int
     num_preemptions: int
     steps: int
+    spec_draft_tokens: int = 0
+    """Draft tokens proposed and verified (speculative decoding)."""
+    spec_accepted_tokens: int = 0
+    """Draft tokens that verification kept; acceptance rate = accepted / draft."""
     extra: dict = field(default_factory=dict)
 
     @property

@@ -38,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     """None: no log-probabilities; n >= 0: the sampled token's, plus the n most likely alternatives."""
+    speculative: bool = True
+    """Let the engine verify draft tokens guessed from the context (speculative decoding, when the engine has it
+    on). Greedy and seeded requests produce the same tokens either way, others the same distribution; False only
+    opts this request out of the extra compute."""
 
     def validate(self) -> SamplingParams:
         """Raise InvalidRequestError naming the first parameter out of range; return self. Every value checked
@@ -72,6 +76,8 @@ class SamplingParams:
             raise bad("stop_token_ids", f"must be integers in 0..{UINT32_MAX}")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be true or false")
+        if not isinstance(self.speculative, bool):
+            raise bad("speculative", "must be true or false")
         return self
 
     @property

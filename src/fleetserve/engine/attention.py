@@ -69,8 +69,8 @@ def build_attention_batch(
     if decode_idx:
         ctx = [starts[i] + 1 for i in decode_idx]
         max_blocks = -(-max(ctx) // block_size)
-        # a sequence's table covers exactly its context, so it is never longer than max_blocks: pad with block 0
-        table = torch.tensor([block_tables[i] + [0] * (max_blocks - len(block_tables[i])) for i in decode_idx])
+        # pad short tables with block 0; a table may also run past its context (slots of rejected draft tokens)
+        table = torch.tensor([(block_tables[i] + [0] * max_blocks)[:max_blocks] for i in decode_idx])
         max_len = max(ctx)
         decode_slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(decode_idx), -1)
         decode_slots = decode_slots[:, :max_len].contiguous().to(device)

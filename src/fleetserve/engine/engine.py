@@ -20,7 +20,7 @@ from fleetserve.engine.kv_pins import SESSION, TRANSFER, KVPins, PinnedKV
 from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.pipeline import PipelineHead, StageLink
 from fleetserve.engine.request import Request
-from fleetserve.engine.scheduler import Scheduler, SchedulerOutput
+from fleetserve.engine.scheduler import Scheduler, SchedulerOutput, StepResult
 from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
 from fleetserve.model_files import load_arch, prepare_model_dir
 
@@ -64,6 +64,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self._preemptions = 0
         self._steps = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
         self.failed_steps = 0
         self.consecutive_failed_steps = 0
         """Failed steps since the last one that succeeded (a health signal: a fault that keeps recurring)."""
@@ -256,17 +258,28 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         if self.pipeline is not None:
+            # A pipeline's head does not speculate: its stages would have to compute the drafts' rows too.
             return self.pipeline.step()
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(speculate=True)
         self.count_preemptions(len(plan.preempted))
         if plan.empty:
             return []
         try:
-            outputs = self.scheduler.update(plan, self.runner.execute(plan))
+            sampled = self.runner.execute(plan)
+            outputs = self.scheduler.update(plan, sampled)
         except Exception as exc:  # any fault of the step: fail its requests, keep the engine
             raise self.fail_step(plan, exc) from exc
         self.count_step()
+        self._count_drafts(plan, sampled)
         return outputs
+
+    def _count_drafts(self, plan: SchedulerOutput, sampled: StepResult) -> None:
+        """Count the step's draft tokens, and those verification kept (every token it emitted but the last)."""
+        for seq in plan.seqs:
+            result = sampled.get(seq.request.request_id)
+            if seq.draft and isinstance(result, list):
+                self.spec_draft_tokens += len(seq.draft)
+                self.spec_accepted_tokens += len(result) - 1
 
     def _pin_finished(self, outputs: list[RequestOutput]) -> None:
         """Pin what finished requests retained for a session or a decode worker."""
@@ -427,6 +440,8 @@ class LLMEngine:
             prefix_cache_hits=kv.prefix_hits,
             num_preemptions=self._preemptions,
             steps=self._steps,
+            spec_draft_tokens=self.spec_draft_tokens,
+            spec_accepted_tokens=self.spec_accepted_tokens,
             extra={
                 "failed_steps": self.failed_steps,
                 "consecutive_failed_steps": self.consecutive_failed_steps,

@@ -30,7 +30,7 @@ class KVCacheStats:
 
 
 class KVCacheManager:
-    """Allocates blocks to sequences. Verbs: lookup_prefix, allocate, commit_full_blocks, free."""
+    """Allocates blocks to sequences. Verbs: lookup_prefix, allocate, commit_full_blocks, shrink, free."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         assert num_blocks > 0 and block_size > 0
@@ -148,6 +148,20 @@ class KVCacheManager:
             if h not in self._cached and self._block_hash[block] is None:
                 self._cached[h] = block
                 self._block_hash[block] = h
+
+    def shrink(self, request_id: str, num_tokens: int) -> None:
+        """Give back a sequence's blocks past its first ``num_tokens`` tokens (slots of rejected draft tokens)."""
+        table = self._tables.get(request_id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        assert keep >= len(self._hashes[request_id]), "committed blocks are never given back"
+        while len(table) > keep:
+            block = table.pop()
+            self._ref_count[block] -= 1
+            assert self._ref_count[block] == 0, "a block past the committed ones belongs to this sequence alone"
+            self._free[block] = None
+            self._free.move_to_end(block, last=False)
 
     def free(self, request_id: str) -> None:
         """Release a sequence's blocks. Keyed blocks stay reusable; the tail goes first when memory is needed."""

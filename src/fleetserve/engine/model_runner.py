@@ -13,7 +13,7 @@ from fleetserve.engine.attention import build_attention_batch
 from fleetserve.engine.models.linear import choose_kernels
 from fleetserve.engine.models.loader import load_model
 from fleetserve.engine.sampling import Sampler
-from fleetserve.engine.scheduler import SampledToken, SchedulerOutput
+from fleetserve.engine.scheduler import SampledToken, SchedulerOutput, StepResult
 from fleetserve.engine.weight_format import FLOAT_DTYPES, activation_dtype, choose_weight_format
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files.arch import ModelArch
@@ -77,8 +77,9 @@ class ModelRunner:
         self.kv_cache_bytes = per_token * slots
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step of the plan; return the sampled token of every sequence that reached its end."""
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        """Run one step of the plan; return the sampled token of every sequence that reached its end (the tokens
+        it emits, for one that verified a draft)."""
         return self.sample(plan, self.forward(plan))
 
     @torch.inference_mode()
@@ -114,26 +115,45 @@ class ModelRunner:
 
     @torch.inference_mode()
     def logits(self, plan: SchedulerOutput, hidden: torch.Tensor) -> tuple[torch.Tensor, list]:
-        """Logits [N, vocab] of the sequences that sample this step, and those sequences' requests."""
+        """Logits [N, vocab] of the rows that pick a token this step, and the sampling sequences in order: one
+        row each, the last ``len(draft) + 1`` of its chunk for a sequence verifying a draft."""
         rows, sampling = [], []
         offset = 0
         for seq in plan.seqs:
             offset += seq.num_tokens
             if seq.samples:
-                rows.append(offset - 1)
-                sampling.append(seq.request)
+                rows.extend(range(offset - len(seq.draft) - 1, offset))
+                sampling.append(seq)
         if len(rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=hidden.device)]
         # The LM head runs only where a token is sampled.
         return self.model.compute_logits(hidden), sampling
 
     @torch.inference_mode()
-    def sample(self, plan: SchedulerOutput, hidden: torch.Tensor) -> dict[str, SampledToken]:
+    def sample(self, plan: SchedulerOutput, hidden: torch.Tensor) -> StepResult:
         if not any(seq.samples for seq in plan.seqs):
             return {}
         logits, sampling = self.logits(plan, hidden)
-        result = self.sampler(logits.cpu() if logits.device.type != "cpu" else logits, sampling)
-        return {r.request_id: SampledToken(t, lp) for r, t, lp in zip(sampling, result.token_ids, result.logprobs)}
+        logits = logits.cpu() if logits.device.type != "cpu" else logits
+        plain_rows, plain, verified = [], [], {}
+        row = 0
+        for seq in sampling:
+            if seq.draft:
+                rows = logits[row : row + len(seq.draft) + 1]
+                result = self.sampler.verify(rows, seq.request, seq.draft)
+                tokens = zip(result.token_ids, result.logprobs, strict=True)
+                verified[seq.request.request_id] = [SampledToken(t, lp) for t, lp in tokens]
+            else:
+                plain_rows.append(row)
+                plain.append(seq.request)
+            row += len(seq.draft) + 1
+        if not plain:
+            return verified
+        if len(plain) < row:
+            logits = logits[torch.tensor(plain_rows, dtype=torch.long)]
+        result = self.sampler(logits, plain)
+        sampled = {r.request_id: SampledToken(t, lp) for r, t, lp in zip(plain, result.token_ids, result.logprobs)}
+        return sampled | verified
 
     # -- KV transfer -------------------------------------------------------------------------------------
 

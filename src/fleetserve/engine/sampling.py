@@ -2,6 +2,7 @@
 
 Rows are processed together; only what some row asks for is computed (an all-greedy batch is one argmax).
 A seeded request draws its noise from its own generator, so its text does not depend on its batch-mates.
+``verify`` checks a sequence's draft tokens against the tokens this sampling picks, row after row.
 """
 
 from __future__ import annotations
@@ -29,15 +30,20 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+    def __call__(
+        self, logits: torch.Tensor, requests: list[Request], drafted: list[list[int]] | None = None
+    ) -> SampleResult:
+        """One token per row. ``drafted[i]``: tokens that follow request i's own in the context of row i (draft
+        tokens already accepted in this step): penalties and min_tokens count them as output."""
         # logits: [N, V] float, one row per request
         logits = logits[:, : self.vocab_size].float()
         raw = logits
         params = [r.params for r in requests]
+        drafted = drafted or [[] for _ in requests]
         if any(p.has_penalties for p in params):
-            logits = self._apply_penalties(logits.clone(), requests)
-        if any(r.params.min_tokens > r.num_output_tokens for r in requests):
-            logits = self._block_stop_tokens(logits if logits is not raw else logits.clone(), requests)
+            logits = self._apply_penalties(logits.clone(), requests, drafted)
+        if any(r.params.min_tokens > r.num_output_tokens + len(d) for r, d in zip(requests, drafted, strict=True)):
+            logits = self._block_stop_tokens(logits if logits is not raw else logits.clone(), requests, drafted)
 
         greedy = [p.greedy for p in params]
         tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, requests, greedy)
@@ -58,26 +64,51 @@ class Sampler:
                 logprobs[i] = TokenLogprob(token_list[i], chosen[j], top)
         return SampleResult(token_list, logprobs)
 
+    def verify(self, logits: torch.Tensor, request: Request, draft: list[int]) -> SampleResult:
+        """The tokens a sequence emits after verifying ``draft``: the draft tokens it keeps, then one more.
+
+        logits: [len(draft) + 1, V]; row r follows the request's tokens and ``draft[:r]``. Row by row, the token
+        is picked exactly as a plain decode step would pick it (same processing, same noise source, one draw per
+        row); the draft token is kept while it equals that pick, and the first pick that differs ends the run
+        (after a fully kept draft, the last row's pick is a bonus token). For a point-mass draft this is the
+        rejection-sampling rule: the pick equals draft token t with probability p(t) (accept), and given that it
+        does not, it is distributed as p with t removed and renormalised (the correction). So greedy and seeded
+        requests produce the very tokens of plain decoding, and draw as much noise as they emit.
+        """
+        assert logits.shape[0] == len(draft) + 1
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        for r in range(len(draft) + 1):
+            pick = self(logits[r : r + 1], [request], [draft[:r]])
+            tokens.append(pick.token_ids[0])
+            logprobs.append(pick.logprobs[0])
+            if r == len(draft) or tokens[-1] != draft[r]:
+                break
+        return SampleResult(tokens, logprobs)
+
     @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        for i, r in enumerate(requests):
+    def _apply_penalties(logits: torch.Tensor, requests: list[Request], drafted: list[list[int]]) -> torch.Tensor:
+        for i, (r, extra) in enumerate(zip(requests, drafted, strict=True)):
             p = r.params
             if not p.has_penalties:
                 continue
             row = logits[i]
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(r.all_token_ids)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(r.all_token_ids).union(extra)), dtype=torch.long)
                 vals = row[seen]
                 row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
-                counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=row.numel())[: row.numel()]
+            output = r.output_token_ids + extra if extra else r.output_token_ids
+            if (p.presence_penalty or p.frequency_penalty) and output:
+                counts = torch.bincount(torch.tensor(output), minlength=row.numel())[: row.numel()]
                 row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
         return logits
 
-    def _block_stop_tokens(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _block_stop_tokens(
+        self, logits: torch.Tensor, requests: list[Request], drafted: list[list[int]]
+    ) -> torch.Tensor:
         # Before min_tokens, neither EOS nor the request's stop tokens may be chosen.
-        for i, r in enumerate(requests):
-            if r.params.min_tokens > r.num_output_tokens:
+        for i, (r, extra) in enumerate(zip(requests, drafted, strict=True)):
+            if r.params.min_tokens > r.num_output_tokens + len(extra):
                 stops = set(r.params.stop_token_ids)
                 if not r.params.ignore_eos:
                     stops |= self.eos_token_ids

@@ -4,6 +4,10 @@ One token-budget model, no prefill or decode phase: every sequence has ``num_com
 with its token count. Running sequences go first (a decode is one token, an unfinished prompt a chunk), then
 waiting ones take what budget is left. When blocks run out, the newest running sequence is preempted: its
 blocks are freed and it waits again, to be recomputed later.
+
+With speculation on, a decode may bring draft tokens guessed from its own context (``NgramProposer``): the step
+computes them after its next input token, as a short chunk, and the sequence advances by as many tokens as the
+runner accepted (``update``); the KV written for rejected ones lies past the computed tokens and is overwritten.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from fleetserve.config import SchedulerConfig
 from fleetserve.contract import RequestOutput, TokenLogprob
 from fleetserve.engine.kv_cache import KVCacheManager
+from fleetserve.engine.ngram import NgramProposer
 from fleetserve.engine.request import Request, RequestStatus
 
 
@@ -28,17 +33,21 @@ class ScheduledSeq:
     start: int
     """Position of the first token computed this step (== its num_computed_tokens before the step)."""
     num_tokens: int
-    """Tokens computed this step: 1 for a decode, a chunk for a prompt."""
+    """Tokens computed this step: 1 for a decode (plus its draft), a chunk for a prompt."""
     block_table: list[int]
+    draft: list[int] = field(default_factory=list)
+    """Draft tokens to verify after the decode's input token (the chunk's last ``len(draft)`` tokens); each of the
+    chunk's rows then picks a token."""
 
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the sequence's last token, so its logits pick the next one."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - len(self.draft) == self.request.num_tokens
 
     @property
     def token_ids(self) -> list[int]:
-        return self.request.all_token_ids[self.start : self.start + self.num_tokens]
+        own = self.request.all_token_ids[self.start : self.start + self.num_tokens - len(self.draft)]
+        return own + self.draft if self.draft else own
 
 
 @dataclass
@@ -67,6 +76,11 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
+StepResult = Mapping[str, "SampledToken | list[SampledToken]"]
+"""The runner's results by request id: one token, or for a sequence that verified a draft the draft tokens it
+accepted followed by one more (the correction of the first rejected one, or a bonus token when all passed)."""
+
+
 class Scheduler:
     """Owns the waiting and running queues, admission, preemption and the finished decision."""
 
@@ -75,6 +89,9 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.eos_token_ids = set(eos_token_ids)
+        self.proposer = (
+            NgramProposer(config.speculative_tokens, config.speculative_ngram) if config.speculative_tokens else None
+        )
         self.requests: dict[str, Request] = {}
         self.running: list[Request] = []
         self._waiting: list[tuple[int, int, str]] = []  # heap of (priority, arrival seq, request id)
@@ -154,11 +171,15 @@ class Scheduler:
 
     # -- planning ----------------------------------------------------------------------------------------
 
-    def schedule(self, busy: Collection[str] = (), max_seqs: int | None = None) -> SchedulerOutput:
+    def schedule(
+        self, busy: Collection[str] = (), max_seqs: int | None = None, speculate: bool = False
+    ) -> SchedulerOutput:
         """Plan one step under the token budget.
 
         ``busy``: requests in a step still in flight (a pipeline's micro-batches): not planned again and never
         preempted until it returns. ``max_seqs``: most sequences in this step (default: max_num_seqs).
+        ``speculate``: decodes may bring draft tokens (when the config has speculation on); the caller's runner
+        must then verify them.
         """
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -171,6 +192,10 @@ class Scheduler:
                 i += 1
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
+            decoding = n == 1 and request.num_tokens - request.num_computed_tokens == 1
+            draft = self._draft(request, budget - n) if speculate and decoding else []
+            if draft and not self.kv.allocate(request.request_id, request.num_computed_tokens + n + len(draft)):
+                draft = []  # no free slots for a guess: decode plainly rather than preempt anything for it
             while not self.kv.allocate(request.request_id, request.num_computed_tokens + n):
                 victim = self._victim(busy, i)
                 if victim is None:
@@ -180,8 +205,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.seqs.append(self._plan(request, n))
-                budget -= n
+                out.seqs.append(self._plan(request, n, draft))
+                budget -= n + len(draft)
                 i += 1
                 continue
             break  # the sequence being planned was itself preempted: nothing newer is left
@@ -217,9 +242,24 @@ class Scheduler:
                 return request
         return None
 
-    def _plan(self, request: Request, n: int) -> ScheduledSeq:
+    def _plan(self, request: Request, n: int, draft: list[int] | None = None) -> ScheduledSeq:
         assert n > 0
-        return ScheduledSeq(request, request.num_computed_tokens, n, self.kv.block_table(request.request_id))
+        table = self.kv.block_table(request.request_id)
+        if not draft:
+            return ScheduledSeq(request, request.num_computed_tokens, n, table)
+        return ScheduledSeq(request, request.num_computed_tokens, n + len(draft), table, list(draft))
+
+    def _draft(self, request: Request, room: int) -> list[int]:
+        """Draft tokens for a decode, at most ``room`` and never more than the request may still emit after its
+        next token; [] when it does not speculate."""
+        if self.proposer is None or not request.params.speculative or request.prefill_only:
+            return []
+        left = min(
+            room,
+            request.params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        return self.proposer.propose(request.all_token_ids, left) if left > 0 else []
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -231,7 +271,7 @@ class Scheduler:
 
     # -- results -----------------------------------------------------------------------------------------
 
-    def update(self, plan: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
+    def update(self, plan: SchedulerOutput, sampled: StepResult) -> list[RequestOutput]:
         """Advance the plan's sequences by what was computed and sampled; finish those that are done."""
         outputs: list[RequestOutput] = []
         now = time.monotonic()
@@ -239,23 +279,32 @@ class Scheduler:
             request = seq.request
             if request.status.finished:  # aborted between schedule and update
                 continue
-            request.num_computed_tokens += seq.num_tokens
+            result = sampled.get(request.request_id)
+            tokens = [] if result is None else [result] if isinstance(result, SampledToken) else result
+            new: list[int] = []
+            status = None
+            for token in tokens:
+                request.append_token(token.token_id)
+                new.append(token.token_id)
+                if token.logprob is not None:
+                    request.pending_logprobs.append(token.logprob)
+                status = self._stop_status(request, token.token_id)
+                if status is not None:
+                    break  # nothing past a stop token, EOS or the length limit, as when decoding one at a time
+            # A verified draft holds valid KV for its input token and the draft tokens it kept: one position per
+            # token emitted (the last one emitted is the next input). The rest of its chunk is not computed.
+            request.num_computed_tokens += len(new) if seq.draft else seq.num_tokens
             self.kv.commit_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
-            token = sampled.get(request.request_id)
-            if token is None:
+            if not new:
                 continue  # a prompt chunk that did not reach the end
-            request.append_token(token.token_id)
-            if token.logprob is not None:
-                request.pending_logprobs.append(token.logprob)
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._stop_status(request, token.token_id)
             if status is not None:
                 self.running.remove(request)
                 request.status = status
-                outputs.append(self._finish(request, [token.token_id], now))
+                outputs.append(self._finish(request, new, now))
             else:
-                outputs.append(self._output(request, [token.token_id], now))
+                outputs.append(self._output(request, new, now))
         return outputs
 
     def _stop_status(self, request: Request, token_id: int) -> RequestStatus | None:
@@ -279,6 +328,8 @@ class Scheduler:
         if not keep:
             self.kv.free(request.request_id)
             del self.requests[request.request_id]
+        else:
+            self.kv.shrink(request.request_id, request.num_computed_tokens)
         return self._output(request, new_tokens, now or time.monotonic())
 
     def _output(self, request: Request, new_tokens: list[int], now: float) -> RequestOutput:

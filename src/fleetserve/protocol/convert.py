@@ -19,6 +19,7 @@ def sampling_to_proto(p: SamplingParams) -> pb.SamplingParams:
         repetition_penalty=p.repetition_penalty,
         stop_token_ids=p.stop_token_ids,
         ignore_eos=p.ignore_eos,
+        no_speculation=not p.speculative,
     )
     if p.seed is not None:
         msg.seed = p.seed
@@ -44,6 +45,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        speculative=not msg.no_speculation,
     )
 
 
@@ -92,6 +94,8 @@ def stats_to_proto(s: EngineStats) -> pb.WorkerStats:
         num_preemptions=s.num_preemptions,
         steps=s.steps,
         kv_cache_bytes=s.kv_cache_bytes,
+        spec_draft_tokens=s.spec_draft_tokens,
+        spec_accepted_tokens=s.spec_accepted_tokens,
     )
 
 

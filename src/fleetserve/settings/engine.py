@@ -26,6 +26,12 @@ class EngineSettings(Settings):
     prefix_caching: bool = option(True, "reuse cached prompt prefixes")
     max_num_seqs: int = option(64, "most sequences running at once")
     max_num_batched_tokens: int = option(512, "token budget of one engine step")
+    speculative_tokens: int = option(
+        0,
+        "draft tokens a decode verifies per step, guessed by n-gram lookup in its own context (speculative "
+        "decoding; 0: off). Pays where the output repeats the prompt (edits, quotes); costs on ordinary chat",
+    )
+    speculative_ngram: int = option(3, "longest n-gram matched to find draft tokens (tried down to 1)")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     max_model_len: int | None = option(None, "context window in tokens (default: the model's own)")
 
@@ -45,7 +51,10 @@ class EngineSettings(Settings):
                 enable_prefix_caching=self.prefix_caching,
             ),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs
+                max_num_batched_tokens=self.max_num_batched_tokens,
+                max_num_seqs=self.max_num_seqs,
+                speculative_tokens=self.speculative_tokens,
+                speculative_ngram=self.speculative_ngram,
             ),
         ).validate()
 

@@ -26,7 +26,7 @@ class WorkerCollector(Collector):
 
     A record needs ``name``, ``info.model``, ``state.value``, ``stats.running``, ``stats.waiting``,
     ``stats.kv_blocks_used``, ``stats.kv_blocks_total``, ``stats.prefix_cache_hits``, ``stats.prefix_cache_queries``,
-    ``recent_first_token_s`` and ``recent_inter_token_s`` (the gateway's WorkerRecord has them all).
+    ``stats.spec_draft_tokens``, ``stats.spec_accepted_tokens``, ``recent_first_token_s`` and ``recent_inter_token_s`` (the gateway's WorkerRecord has them all).
     """
 
     def __init__(self, source: Callable[[], Iterable[Any]] | None = None, states: Iterable[str] = WORKER_STATES):
@@ -79,6 +79,16 @@ class WorkerCollector(Collector):
             "Prompt tokens the worker looked up in its prefix cache, as last reported.",
             labels=labels,
         )
+        drafts = CounterMetricFamily(
+            "fleetserve_worker_spec_draft_tokens",
+            "Draft tokens the worker verified by speculative decoding, as last reported.",
+            labels=labels,
+        )
+        accepted = CounterMetricFamily(
+            "fleetserve_worker_spec_accepted_tokens",
+            "Draft tokens the worker's speculative decoding kept, as last reported.",
+            labels=labels,
+        )
         ttft = GaugeMetricFamily(
             "fleetserve_worker_recent_ttft_seconds",
             "The worker's recent time to first token, as last reported.",
@@ -100,9 +110,11 @@ class WorkerCollector(Collector):
             kv.add_metric(values, ratio(stats.kv_blocks_used, stats.kv_blocks_total))
             hits.add_metric(values, float(stats.prefix_cache_hits))
             queries.add_metric(values, float(stats.prefix_cache_queries))
+            drafts.add_metric(values, float(stats.spec_draft_tokens))
+            accepted.add_metric(values, float(stats.spec_accepted_tokens))
             ttft.add_metric(values, float(record.recent_first_token_s))
             itl.add_metric(values, float(record.recent_inter_token_s))
-        yield from (state, running, waiting, kv, hits, queries, ttft, itl)
+        yield from (state, running, waiting, kv, hits, queries, drafts, accepted, ttft, itl)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # the names are fixed, but the samples depend on the source: no check at registration

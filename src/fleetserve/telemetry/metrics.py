@@ -282,7 +282,8 @@ class EngineCollector(Collector):
     """The engine's load and cache figures, read from ``engine_stats()`` at scrape time.
 
     ``engine_stats()`` returns an object with ``running``, ``waiting``, ``kv_blocks_used``, ``kv_blocks_total``,
-    ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions`` and ``steps`` (the engine's EngineStats).
+    ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions``, ``steps``, ``spec_draft_tokens`` and
+    ``spec_accepted_tokens`` (the engine's EngineStats).
     """
 
     def __init__(self, engine_stats: Callable[[], Any]):
@@ -315,6 +316,16 @@ class EngineCollector(Collector):
             "fleetserve_engine_preemptions", "Requests preempted for lack of KV cache.", value=s.num_preemptions
         )
         yield CounterMetricFamily("fleetserve_engine_steps", "Engine steps run.", value=s.steps)
+        yield CounterMetricFamily(
+            "fleetserve_engine_spec_draft_tokens",
+            "Draft tokens verified by speculative decoding.",
+            value=s.spec_draft_tokens,
+        )
+        yield CounterMetricFamily(
+            "fleetserve_engine_spec_accepted_tokens",
+            "Draft tokens speculative decoding kept (acceptance rate: accepted / draft).",
+            value=s.spec_accepted_tokens,
+        )
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

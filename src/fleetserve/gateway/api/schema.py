@@ -172,6 +172,9 @@ class _SamplingFields(_Model):
     """Extension: EOS and stop token ids are not sampled before this many tokens."""
     stop_token_ids: list[int] | None = None
     """Extension: token ids that end the completion, besides the model's EOS."""
+    speculative: bool | None = None
+    """Extension: false opts this request out of speculative decoding on workers that have it on (the output is
+    the same; only the work per step changes)."""
     priority: int = Field(default=0, ge=PRIORITY_MIN, le=PRIORITY_MAX)
     """Extension: smaller runs first; equal priorities run in arrival order."""
     session_id: str | None = Field(default=None, max_length=128)
@@ -457,6 +460,7 @@ def to_sampling_params(
         stop_token_ids=list(req.stop_token_ids or []),
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
+        speculative=req.speculative is not False,
     )
     try:
         return params.validate()
