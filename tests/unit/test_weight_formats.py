@@ -95,3 +95,30 @@ def test_format_choice_refuses_what_it_cannot_run(tmp_path):
     assert choose_weight_format("auto", cpu, tmp_path, None).name == "float32"  # a float32 checkpoint
     assert choose_weight_format("bfloat16", cpu, tmp_path, None).activations == torch.bfloat16
     assert activation_dtype("int4", cpu) == torch.float32 and activation_dtype("auto", cpu) == torch.float32
+
+
+def test_auto_takes_int4_where_it_wins_and_float32_copies_above():
+    from fleetserve.engine.weight_format import _int4_or_float32
+
+    everywhere = _int4_or_float32({1: (1.0, 3.0), 4: (2.0, 4.0), 16: (5.0, 6.0), 64: (9.0, 10.0)})
+    assert (everywhere.name, everywhere.dense_above) == ("int4", None)
+    decodes_only = _int4_or_float32({1: (1.0, 3.0), 4: (2.0, 4.0), 16: (7.0, 6.0), 64: (30.0, 10.0)})
+    assert (decodes_only.name, decodes_only.dense_above) == ("int4", 4)
+    assert "up to 4 rows" in decodes_only.reason and "16 rows 7.0/6.0 ms" in decodes_only.reason
+    nowhere = _int4_or_float32({1: (4.0, 3.0), 4: (2.0, 4.0), 16: (5.0, 6.0), 64: (9.0, 10.0)})
+    assert nowhere.name == "float32"
+
+
+@needs_kernels
+def test_a_layer_with_a_dense_copy_runs_big_steps_on_it():
+    from fleetserve.engine.models.quantized import keep_dense
+
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (64, 64), generator=g, dtype=torch.uint8)
+    scales, mins = torch.rand(64, 2, generator=g) / 16, -torch.rand(64, 2, generator=g) / 2
+    layer = Int4Linear(codes, scales, mins, None)
+    weight = int4_weight(codes, scales, mins)
+    keep_dense(layer, weight, max_rows=4)
+    small, big = torch.randn(4, 64, generator=g), torch.randn(5, 64, generator=g)
+    assert torch.allclose(layer(big), big @ weight.t(), atol=1e-5)  # float32 arithmetic: no bfloat16 rounding
+    assert not torch.allclose(layer(small), small @ weight.t(), atol=1e-5)  # the int4 kernel's bfloat16 inputs

@@ -140,7 +140,7 @@ def _llama_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
         command += ["-t", str(args.threads)]
     supervisor = Supervisor()
     try:
-        supervisor.start(ChildSpec("llama-server", command, ready="server is listening"))
+        supervisor.start(ChildSpec("llama-server", command))
         deadline = time.monotonic() + READY_S
         url = f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline:

@@ -45,8 +45,9 @@ class ModelRunner:
         """The dtype of activations and of the KV cache."""
         self.arch = arch
         self.block_size = config.cache.block_size
+        wf = self.weight_format
         self.model = load_model(
-            model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head, self.weight_format.name
+            model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head, wf.name, wf.dense_above
         )
         self.linear_kernel = choose_kernels(self.model)
         self.resize_kv(config.cache.kv_cache_bytes)

@@ -46,6 +46,8 @@ class WeightFormat:
     name: str
     activations: torch.dtype
     reason: str
+    dense_above: int | None = None
+    """int4 only: steps of more rows than this run its layers on float32 copies (None: never)."""
 
 
 def choose_weight_format(requested: str, device: torch.device, model_dir: Path, arch: ModelArch) -> WeightFormat:
@@ -61,14 +63,28 @@ def choose_weight_format(requested: str, device: torch.device, model_dir: Path, 
     if device.type == "cuda":
         return WeightFormat("bfloat16", torch.bfloat16, "auto on CUDA")
     if not _int4_unavailable(device, model_dir):
-        int4_ms, float_ms = measured_step_ms(arch)
-        figures = f"{int4_ms:.1f} ms against {float_ms:.1f} ms for float32 per measured step"
-        if int4_ms < float_ms:
-            return WeightFormat("int4", torch.float32, f"auto: the checkpoint's 4-bit codes, {figures}")
-        return WeightFormat("float32", torch.float32, f"auto: float32 beats the 4-bit codes here, {figures}")
+        return _int4_or_float32(measured_linears_ms(arch))
     if _checkpoint_dtype(model_dir) in ("bfloat16", "float16") and cpu_has_bf16():
         return WeightFormat("bfloat16", torch.bfloat16, "auto: a 16-bit checkpoint on a CPU with bfloat16 units")
     return WeightFormat("float32", torch.float32, "auto on CPU")
+
+
+def _int4_or_float32(measured: dict[int, tuple[float, float]]) -> WeightFormat:
+    """auto's pick from the measurement: int4 where it wins at every measured row count; int4 with float32 copies
+    for steps of more rows than it wins at when it wins only at few; float32 when it loses even at one row."""
+    figures = ", ".join(f"{rows} rows {i4:.1f}/{f32:.1f} ms" for rows, (i4, f32) in measured.items())
+    figures = f"int4/float32 linears per step: {figures}"
+    wins = 0
+    for rows, (int4_ms, float_ms) in measured.items():
+        if int4_ms >= float_ms:
+            break
+        wins = rows
+    if wins == 0:
+        return WeightFormat("float32", torch.float32, f"auto: float32 beats the 4-bit codes here; {figures}")
+    if wins == max(measured):
+        return WeightFormat("int4", torch.float32, f"auto: the checkpoint's 4-bit codes; {figures}")
+    reason = f"auto: the checkpoint's 4-bit codes up to {wins} rows a step, float32 copies above; {figures}"
+    return WeightFormat("int4", torch.float32, reason, dense_above=wins)
 
 
 def activation_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -104,9 +120,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def measured_step_ms(arch: ModelArch) -> tuple[float, float]:
-    """(int4, float32) milliseconds of the layers' linears for a decode step of 1 plus one of 8 sequences,
-    over weights of the model's layer shapes; measured once per machine, torch version and thread count."""
+MEASURED_ROWS = (1, 4, 16, 64)
+"""Rows of the measured steps: decodes of one to a batch of sequences, and a slice of a prompt."""
+
+
+def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
+    """Per row count of MEASURED_ROWS, (int4, float32) milliseconds of a step's linears over weights of the
+    model's layer shapes; measured once per machine, torch version and thread count."""
     shapes = [
         (arch.num_heads * arch.head_dim + 2 * arch.num_kv_heads * arch.head_dim, arch.hidden_size),
         (arch.hidden_size, arch.num_heads * arch.head_dim),
@@ -116,6 +136,7 @@ def measured_step_ms(arch: ModelArch) -> tuple[float, float]:
     key = "|".join(
         [platform.processor() or platform.machine(), _cpu_name(), torch.__version__, str(torch.get_num_threads())]
         + [f"{n}x{k}" for n, k in shapes]
+        + [f"rows {','.join(map(str, MEASURED_ROWS))}"]
     )
     path = cache_root() / "weight-format-measurements.json"
     try:
@@ -123,9 +144,9 @@ def measured_step_ms(arch: ModelArch) -> tuple[float, float]:
     except (OSError, ValueError):
         known = {}
     if key in known:
-        return tuple(known[key])
+        return {int(rows): tuple(ms) for rows, ms in known[key].items()}
     result = _measure(shapes)
-    known[key] = result
+    known[key] = {str(rows): ms for rows, ms in result.items()}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{time.monotonic_ns()}")
@@ -147,7 +168,7 @@ def _cpu_name() -> str:
 
 
 @torch.inference_mode()
-def _measure(shapes: list[tuple[int, int]]) -> tuple[float, float]:
+def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     layer_elems = sum(n * k for n, k in shapes)
     layers = max(2, math.ceil(MEASURE_BYTES / 4 / layer_elems))
     # one allocation for all float weights, so it goes back to the system as a whole when freed
@@ -172,19 +193,16 @@ def _measure(shapes: list[tuple[int, int]]) -> tuple[float, float]:
     def float_step(x: torch.Tensor, i: int) -> torch.Tensor:
         return float_linear(x, floats[i], None)
 
-    results = []
-    for step in (int4_step, float_step):
-        total = 0.0
-        for rows in (1, 8):
-            inputs = {k: torch.randn(rows, k, generator=g) for _, k in shapes}
-            order = [(inputs[k], i) for i, (_, k) in enumerate(shapes * layers)]
-            best = math.inf
-            for attempt in range(4):  # the first pass warms up
-                started = time.perf_counter()
-                for x, i in order:
-                    step(x, i)
-                if attempt:
-                    best = min(best, time.perf_counter() - started)
-            total += best
-        results.append(total * 1e3)
-    return results[0], results[1]
+    def best_ms(step, rows: int) -> float:
+        inputs = {k: torch.randn(rows, k, generator=g) for _, k in shapes}
+        order = [(inputs[k], i) for i, (_, k) in enumerate(shapes * layers)]
+        best = math.inf
+        for attempt in range(3):  # the first pass warms up
+            started = time.perf_counter()
+            for x, i in order:
+                step(x, i)
+            if attempt:
+                best = min(best, time.perf_counter() - started)
+        return best * 1e3
+
+    return {rows: (best_ms(int4_step, rows), best_ms(float_step, rows)) for rows in MEASURED_ROWS}

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from fleetserve.engine.models.linear import Linear
 from fleetserve.engine.models.llama import LlamaModel, rope_inv_freq
-from fleetserve.engine.models.quantized import Int4Linear, Int8Embedding, Int8Linear, int8_weight
+from fleetserve.engine.models.quantized import Int4Linear, Int8Embedding, Int8Linear, int8_weight, keep_dense
 from fleetserve.errors import UnsupportedModelError
 from fleetserve.model_files.arch import ModelArch
 from fleetserve.model_files.gguf_convert import QUANTIZED_FILE
@@ -67,12 +67,14 @@ def load_model(
     device: torch.device | str = "cpu",
     lm_head: bool | None = None,
     weights: str | None = None,
+    dense_above: int | None = None,
 ) -> LlamaModel:
     """Build the decoder for layers [layer_start, layer_end) (with the LM head when ``lm_head``, or when None and the
     range ends at the last layer) and fill it from the folder's safetensors.
 
     ``dtype`` is the model's activations and float weights; ``weights="int4"`` runs the layers on the checkpoint's
-    4-bit codes where it has them (see the module's doc)."""
+    4-bit codes where it has them (see the module's doc); with ``dense_above`` those layers also keep float32
+    copies for steps of more rows than that."""
     index = _tensor_index(model_dir)
     with torch.device("meta"):
         model = LlamaModel(arch, layer_start, layer_end, lm_head).to(dtype)  # on meta: no memory yet
@@ -99,6 +101,10 @@ def load_model(
     def float_weight(module: torch.nn.Module) -> torch.Tensor | None:
         return module.weight if isinstance(module, (Linear, torch.nn.Embedding)) else None
 
+    def dense_copy(module: torch.nn.Module, *names: str) -> None:
+        if dense_above is not None and isinstance(module, (Int4Linear, Int8Linear)):
+            keep_dense(module, torch.cat([get(n) for n in names], dim=0), dense_above)
+
     with torch.no_grad():
         if model.embed is not None:
             put(float_weight(model.embed), get("model.embed_tokens.weight"))
@@ -115,6 +121,10 @@ def load_model(
                 gate_up = [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
                 put(layer.gate_up.weight, torch.cat(gate_up, 0))
             put(float_weight(layer.down), get(p + "mlp.down_proj.weight"))
+            dense_copy(layer.qkv, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
+            dense_copy(layer.o_proj, p + "self_attn.o_proj.weight")
+            dense_copy(layer.gate_up, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+            dense_copy(layer.down, p + "mlp.down_proj.weight")
         if model.has_lm_head:
             put(model.norm, get("model.norm.weight"))
             tied = arch.tie_word_embeddings or "lm_head.weight" not in index
@@ -122,6 +132,7 @@ def load_model(
                 model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
             else:
                 put(float_weight(model.lm_head), get("model.embed_tokens.weight" if tied else "lm_head.weight"))
+            dense_copy(model.lm_head, "model.embed_tokens.weight" if tied else "lm_head.weight")
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
 

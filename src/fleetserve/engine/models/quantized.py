@@ -8,6 +8,10 @@ layer casts its input in and its output back, so the rest of the model keeps its
 
 8-bit codes (Q8_0, which GGUF files use for the token table) serve the embedding exactly (a lookup de-quantizes
 only the rows it reads) and, re-quantized to one scale per output row, an LM head on the int8 kernel.
+
+On CPUs without bfloat16 units these kernels win while a step has few rows (decodes) and lose to float32's GEMM
+on many (prefill chunks, large batches). A layer given a ``dense`` float32 copy of its weight (``keep_dense``)
+runs steps of more than ``max_rows`` rows on that copy instead.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import functools
 
 import torch
 from torch import nn
+
+from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
 
 GROUP = 32
 """Columns per scale in the GGUF formats kept as codes."""
@@ -44,8 +50,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), -1).bfloat16().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.dense: torch.Tensor | None = None
+        self.max_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > self.max_rows:
+            return dense_linear(x, self.dense, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -60,9 +70,25 @@ class Int8Linear(nn.Module):
         scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.register_buffer("codes", torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.bfloat16())
+        self.dense: torch.Tensor | None = None
+        self.max_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > self.max_rows:
+            return dense_linear(x, self.dense, None)
         return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scales).to(x.dtype)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ b) in float32 on the fastest float kernel here."""
+    y = onednn_linear(x, weight, None) if onednn_linear_works() else torch.nn.functional.linear(x, weight)
+    return y if bias is None else y + bias
+
+
+def keep_dense(layer: Int4Linear | Int8Linear, weight: torch.Tensor, max_rows: int) -> None:
+    """Give ``layer`` a float32 copy of its weight for steps of more than ``max_rows`` rows."""
+    layer.dense = weight.float().contiguous()
+    layer.max_rows = max_rows
 
 
 class Int8Embedding(nn.Module):
