@@ -81,11 +81,19 @@ class ModelConfig:
     """Context window in tokens; None takes the model's own."""
     num_threads: int | None = None
     """torch CPU threads for this engine; None leaves torch's default."""
+    small_step_threads: int | None = None
+    """torch CPU threads for steps of at most SMALL_STEP_ROWS rows (decodes of a few sequences); None: as many as
+    the other steps. A worker whose threads take every core gives these steps one fewer, so that its own token
+    streaming (and a gateway on the same machine) never waits for a core that a torch thread holds."""
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "int4"):
             raise InvalidRequestError(
                 f"dtype must be auto, float32, bfloat16, float16 or int4, got {self.dtype!r}", "dtype"
+            )
+        if self.small_step_threads is not None and self.small_step_threads < 1:
+            raise InvalidRequestError(
+                f"small_step_threads must be at least 1, got {self.small_step_threads}", "small_step_threads"
             )
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise InvalidRequestError(f"device must be auto, cpu or cuda[:N], got {self.device!r}", "device")

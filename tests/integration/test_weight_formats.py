@@ -61,3 +61,24 @@ def test_a_worker_left_to_auto_serves_int4_and_the_gateway_shows_it():
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 8
     finally:
         fleet.stop()
+
+
+def test_small_steps_run_on_their_own_thread_count(make_engine, chat_prompts, monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        engine = make_engine(num_threads=2, small_step_threads=1)
+        seen = []
+        forward = engine.runner.model.forward
+
+        def watch(inputs, *args):
+            seen.append((inputs.shape[0], torch.get_num_threads()))
+            return forward(inputs, *args)
+
+        monkeypatch.setattr(engine.runner.model, "forward", watch)
+        engine.generate([chat_prompts[0]], GREEDY)
+        assert seen[0] == (len(chat_prompts[0]), 2)  # the prompt: every thread
+        assert set(seen[1:]) == {(1, 1)}  # its decodes: one
+    finally:
+        torch.set_num_threads(before)

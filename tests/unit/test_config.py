@@ -124,3 +124,15 @@ def test_up_hands_its_settings_to_the_gateway_and_workers(tmp_path, monkeypatch)
         "FLEETSERVE_MAX_QUEUE": "5",
     }
     assert up.worker_env(explicit) == {"FLEETSERVE_MAX_NUM_SEQS": "8"}  # kv_cache_mb comes from the file itself
+
+
+def test_a_worker_on_every_core_gives_small_steps_one_thread_fewer(monkeypatch):
+    from fleetserve.settings.worker import WorkerSettings
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    for flags in ({}, {"threads": 4}):
+        assert WorkerSettings.load(flags).engine_config().model.small_step_threads == 3
+    assert WorkerSettings.load({"threads": 2}).engine_config().model.small_step_threads is None  # cores to spare
+    assert WorkerSettings.load({"threads": 4, "small_step_threads": 4}).engine_config().model.small_step_threads == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert WorkerSettings.load({}).engine_config().model.small_step_threads is None

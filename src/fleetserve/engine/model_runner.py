@@ -19,6 +19,8 @@ from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files.arch import ModelArch
 
 DTYPES = FLOAT_DTYPES
+SMALL_STEP_ROWS = 4
+"""Steps of at most this many rows run on ModelConfig.small_step_threads."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,6 +52,8 @@ class ModelRunner:
             model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head, wf.name, wf.dense_above
         )
         self.linear_kernel = choose_kernels(self.model)
+        self.threads = torch.get_num_threads()
+        self.small_step_threads = mc.small_step_threads or self.threads
         self.resize_kv(config.cache.kv_cache_bytes)
         self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
 
@@ -89,6 +93,10 @@ class ModelRunner:
 
         The first layer range embeds the plan's token ids; later ranges take ``hidden`` from the range before.
         """
+        rows = sum(seq.num_tokens for seq in plan.seqs)
+        threads = self.small_step_threads if rows <= SMALL_STEP_ROWS else self.threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         positions: list[int] = []
         for seq in plan.seqs:
             positions.extend(range(seq.start, seq.start + seq.num_tokens))

@@ -34,6 +34,11 @@ class EngineSettings(Settings):
     speculative_ngram: int = option(3, "longest n-gram matched to find draft tokens (tried down to 1)")
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     max_model_len: int | None = option(None, "context window in tokens (default: the model's own)")
+    small_step_threads: int | None = option(
+        None,
+        "torch threads for steps of at most 4 rows (decodes of a few sequences); default: --threads, except for a "
+        "worker whose --threads take every core, which gives these steps one fewer so its streaming keeps a core",
+    )
 
     def engine_config(self) -> EngineConfig:
         """The engine's own typed config (validated)."""
@@ -43,6 +48,7 @@ class EngineSettings(Settings):
                 device=self.device,
                 dtype=self.dtype,
                 num_threads=self.threads,
+                small_step_threads=self.small_step_threads,
                 max_model_len=self.max_model_len,
             ),
             cache=CacheConfig(
