@@ -129,3 +129,20 @@ def test_random_chunkings_realistic_text():
         for _ in range(200):
             chunks = random_chunks(rng, text)
             assert run(chunks, stops)[:2] == expected(text, stops)
+
+
+def test_a_chunk_of_several_tokens_ends_its_tokens_where_a_stop_ends_its_text(tokenizer):
+    from fleetserve.gateway.generation import chunk_text
+    from fleetserve.text.detokenizer import IncrementalDetokenizer
+
+    ids = tokenizer.encode("The tide came in. STOP and then the boats went out again.")
+    stop_at = next(i for i in range(1, len(ids) + 1) if "STOP" in tokenizer.decode(ids[:i]))
+    text, stopped, used = chunk_text(IncrementalDetokenizer(tokenizer, []), StopStringMatcher(["STOP"]), ids, False)
+    assert (text, stopped, used) == ("The tide came in. ", True, stop_at) and used < len(ids)
+    # one token per chunk gives the same text; without stops a chunk takes all its tokens
+    detok, matcher, pieces = IncrementalDetokenizer(tokenizer, []), StopStringMatcher(["STOP"]), []
+    for token in ids[:stop_at]:
+        pieces.append(chunk_text(detok, matcher, [token], False)[0])
+    assert "".join(pieces) == text and matcher.stopped
+    whole = chunk_text(IncrementalDetokenizer(tokenizer, []), None, ids, True)
+    assert whole == (tokenizer.decode(ids), False, len(ids))

@@ -47,6 +47,33 @@ class TextEvent:
     worker: str = ""
 
 
+def chunk_text(
+    detok: IncrementalDetokenizer, matcher: StopStringMatcher | None, token_ids: list[int], finish: bool
+) -> tuple[str, bool, int]:
+    """A chunk's text after the stop strings: (text, stopped, how many of its tokens that text took).
+
+    A chunk of several tokens (a speculative step) goes through the matcher one token at a time, so that a stop
+    inside it also ends the chunk's tokens and log-probabilities (and the usage) where the text ends."""
+    if matcher is None:
+        text = detok.add(token_ids)
+        return (text + detok.flush() if finish else text), False, len(token_ids)
+    pieces: list[str] = []
+    groups = [[token] for token in token_ids] if len(token_ids) > 1 else [token_ids]
+    for used, group in enumerate(groups, 1):
+        piece, stopped = matcher.feed(detok.add(group))
+        pieces.append(piece)
+        if stopped:
+            return "".join(pieces), True, min(used, len(token_ids))
+    if finish:
+        piece, stopped = matcher.feed(detok.flush())
+        pieces.append(piece)
+        if not stopped:
+            pieces.append(matcher.flush())  # overlapping stops can still match in what was held back
+            stopped = matcher.stopped
+        return "".join(pieces), stopped, len(token_ids)
+    return "".join(pieces), False, len(token_ids)
+
+
 async def generate_text(
     dispatcher: Dispatcher,
     tokenizer: Tokenizer,
@@ -85,15 +112,11 @@ async def generate_text(
             # "abort" reaches a client only when the worker ended the request itself: report it as a stop
             finish = "stop" if chunk.finish_reason == "abort" else (chunk.finish_reason or None)
             token_ids = list(chunk.token_ids)
-            text = detok.add(token_ids)
-            if finish:
-                text += detok.flush()
-            stopped = False
-            if matcher is not None:
-                text, stopped = matcher.feed(text)
-                if finish and not stopped:
-                    text += matcher.flush()  # overlapping stops can still match in what was held back
-                    stopped = matcher.stopped
+            logprobs = convert.logprobs_from_chunk(chunk)
+            text, stopped, used = chunk_text(detok, matcher, token_ids, bool(finish))
+            if used < len(token_ids):  # a stop string ended the text inside a chunk of several tokens
+                usage.completion_tokens -= len(token_ids) - used
+                token_ids, logprobs = token_ids[:used], logprobs[:used]
             if stopped:
                 finish = "stop"
             busy += time.monotonic() - began
@@ -113,7 +136,7 @@ async def generate_text(
                     )
                     trace.add_span("postprocess", max(0.0, end - busy), end, note="detokenization and stop strings")
                     trace.add_span("finish", end, end, finish_reason=finish)
-            yield TextEvent(text, token_ids, convert.logprobs_from_chunk(chunk), finish, usage, worker.info.name)
+            yield TextEvent(text, token_ids, logprobs, finish, usage, worker.info.name)
             if finish:
                 return
     except CapacityError:
