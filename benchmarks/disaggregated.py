@@ -16,19 +16,15 @@ Writes ``benchmarks/results/disaggregated.json``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # see benchmarks/routing.py
-
 import argparse
 import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 

@@ -19,11 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # benchmarks/http.py shadows `http`
+from fleetserve.bench.local_fleet import free_port
+from fleetserve.supervisor import Child, ChildSpec
 
-from fleetserve.bench.local_fleet import free_port  # noqa: E402
-from fleetserve.supervisor import Child, ChildSpec  # noqa: E402
+_here = Path(__file__).resolve().parent
 
 RESULTS = _here / "results" / "gateway-footprint.json"
 

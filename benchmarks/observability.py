@@ -20,20 +20,14 @@ Each writes ``benchmarks/results/observability-<scenario>.json``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# benchmarks/http.py shares its name with the standard library's ``http`` package, and Python puts a script's
-# folder first on the import path: take that folder off, or ``import http`` (httpx does it) would run it.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-
 import argparse
 import asyncio
 import json
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 

@@ -21,21 +21,17 @@ Writes ``benchmarks/results/supervision.json``.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # see benchmarks/routing.py
-
 import argparse
 import asyncio
 import json
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 

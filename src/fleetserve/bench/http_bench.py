@@ -34,7 +34,7 @@ first message of every prompt therefore starts with a random four-digit tag in b
 level and side: the requests of one level still share their common prefixes with each other, as on a fresh
 server, but not with those of other levels, sides or (most likely) runs. The tags are in the JSON rows.
 
-Run it as ``python benchmarks/http.py`` (see ``--help``); ``run`` returns the same dict it writes as JSON.
+Run it as ``python benchmarks/http_bench.py`` (see ``--help``); ``run`` returns the same dict it writes as JSON.
 This module owns the run as a whole and its entry points; ``http_options`` and ``scenarios`` hold the command line
 and what it resolves to, ``gateway_client`` and ``worker_client`` the two sides, ``load`` the loops that send,
 ``http_levels`` the load levels, and ``http_report`` the rows, table and comparisons.

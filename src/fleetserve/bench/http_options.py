@@ -1,4 +1,4 @@
-"""The HTTP benchmark's command line: its options, and the stand-alone parser of ``benchmarks/http.py``."""
+"""The HTTP benchmark's command line: its options, and the stand-alone parser of ``benchmarks/http_bench.py``."""
 
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The stand-alone parser of ``benchmarks/http.py``."""
+    """The stand-alone parser of ``benchmarks/http_bench.py``."""
     parser = argparse.ArgumentParser(
-        prog="benchmarks/http.py",
+        prog="benchmarks/http_bench.py",
         description="fleetserve HTTP load generator: streamed chat completions against a gateway. "
         "--scenario gateway-overhead also sends the same requests straight to one worker over gRPC (--worker); "
         "the gateway must have only that worker registered while it runs.",

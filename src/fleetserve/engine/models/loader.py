@@ -6,6 +6,7 @@ table and a tied LM head on its 8-bit ones; everything else is filled from the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,11 +77,6 @@ def load_model(
     4-bit codes where it has them (see the module's doc); with ``dense_above`` those layers also keep float32
     copies for steps of more rows than that."""
     index = _tensor_index(model_dir)
-    with torch.device("meta"):
-        model = LlamaModel(arch, layer_start, layer_end, lm_head).to(dtype)  # on meta: no memory yet
-    if weights == "int4":
-        _use_codes(model, QuantizedTensors(model_dir), index, arch, dtype)
-    _materialize(model, device)
     handles: dict[Path, object] = {}
 
     def get(name: str) -> torch.Tensor:
@@ -91,89 +87,85 @@ def load_model(
             handles[f] = safe_open(str(f), framework="pt")
         return handles[f].get_tensor(name)
 
-    def put(param: torch.Tensor | None, value: torch.Tensor) -> None:
-        if param is None:  # the module runs on the checkpoint's codes
-            return
+    head = (
+        "model.embed_tokens.weight" if arch.tie_word_embeddings or "lm_head.weight" not in index else "lm_head.weight"
+    )
+    with torch.device("meta"):
+        model = LlamaModel(arch, layer_start, layer_end, lm_head).to(dtype)  # on meta: no memory yet
+    if weights == "int4":
+        _use_codes(model, QuantizedTensors(model_dir), get, head, dtype)
+    _materialize(model, device)
+
+    def put(param: torch.Tensor, value: torch.Tensor) -> None:
         if param.shape != value.shape:
             raise UnsupportedModelError(f"tensor shape {tuple(value.shape)} does not fit {tuple(param.shape)}")
         param.data.copy_(value.to(dtype))
 
-    def float_weight(module: torch.nn.Module) -> torch.Tensor | None:
-        return module.weight if isinstance(module, (Linear, torch.nn.Embedding)) else None
-
-    def dense_copy(module: torch.nn.Module, *names: str) -> None:
-        if dense_above is not None and isinstance(module, (Int4Linear, Int8Linear)):
+    def fill(module: torch.nn.Module, names: list[str]) -> None:
+        """A float layer takes the named tensors (stacked along rows); one on codes may keep them as its copy."""
+        if isinstance(module, (Linear, torch.nn.Embedding)):
+            put(module.weight, torch.cat([get(n) for n in names], dim=0))
+        elif dense_above is not None and isinstance(module, (Int4Linear, Int8Linear)):
             keep_dense(module, torch.cat([get(n) for n in names], dim=0), dense_above)
 
     with torch.no_grad():
         if model.embed is not None:
-            put(float_weight(model.embed), get("model.embed_tokens.weight"))
+            fill(model.embed, ["model.embed_tokens.weight"])
         for local, layer in enumerate(model.layers):
             p = f"model.layers.{layer_start + local}."
             put(layer.input_norm, get(p + "input_layernorm.weight"))
             put(layer.post_attn_norm, get(p + "post_attention_layernorm.weight"))
-            if isinstance(layer.qkv, Linear):
-                put(layer.qkv.weight, torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0))
-                if layer.qkv.bias is not None:
-                    put(layer.qkv.bias, torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0))
-            put(float_weight(layer.o_proj), get(p + "self_attn.o_proj.weight"))
-            if isinstance(layer.gate_up, Linear):
-                gate_up = [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-                put(layer.gate_up.weight, torch.cat(gate_up, 0))
-            put(float_weight(layer.down), get(p + "mlp.down_proj.weight"))
-            dense_copy(layer.qkv, *(p + f"self_attn.{n}_proj.weight" for n in "qkv"))
-            dense_copy(layer.o_proj, p + "self_attn.o_proj.weight")
-            dense_copy(layer.gate_up, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
-            dense_copy(layer.down, p + "mlp.down_proj.weight")
+            for attr, names in layer_tensors(p).items():
+                fill(getattr(layer, attr), names)
+            if isinstance(layer.qkv, Linear) and layer.qkv.bias is not None:
+                put(layer.qkv.bias, torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0))
         if model.has_lm_head:
             put(model.norm, get("model.norm.weight"))
-            tied = arch.tie_word_embeddings or "lm_head.weight" not in index
-            if tied and isinstance(model.embed, torch.nn.Embedding) and isinstance(model.lm_head, Linear):
+            if (
+                head != "lm_head.weight"
+                and isinstance(model.embed, torch.nn.Embedding)
+                and isinstance(model.lm_head, Linear)
+            ):
                 model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
             else:
-                put(float_weight(model.lm_head), get("model.embed_tokens.weight" if tied else "lm_head.weight"))
-            dense_copy(model.lm_head, "model.embed_tokens.weight" if tied else "lm_head.weight")
+                fill(model.lm_head, [head])
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
 
 
+def layer_tensors(prefix: str) -> dict[str, list[str]]:
+    """A decoder layer's linears and the checkpoint tensors each stacks along its rows (q/k/v and gate/up fused)."""
+    return {
+        "qkv": [prefix + f"self_attn.{n}_proj.weight" for n in "qkv"],
+        "o_proj": [prefix + "self_attn.o_proj.weight"],
+        "gate_up": [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"],
+        "down": [prefix + "mlp.down_proj.weight"],
+    }
+
+
 def _use_codes(
-    model: LlamaModel, codes: QuantizedTensors, index: dict[str, Path], arch: ModelArch, dtype: torch.dtype
+    model: LlamaModel, codes: QuantizedTensors, get: Callable[[str], torch.Tensor], head: str, dtype: torch.dtype
 ) -> None:
     """Swap in layers that run on the checkpoint's codes wherever it has them: 4-bit linears, the 8-bit token table,
-    and an LM head re-quantized to int8 from 8-bit (or tied to the table's) codes. Runs while the model is still on
-    the meta device, so the float weights these replace never take memory."""
-    kinds = codes.kinds
-    if model.embed is not None and kinds.get("model.embed_tokens.weight") == "Q8_0":
-        table = "model.embed_tokens.weight"
+    and an LM head (``head``: its tensor, the table's when tied) re-quantized to int8 from 8-bit codes. Runs while
+    the model is still on the meta device, so the float weights these replace never take memory."""
+    table = "model.embed_tokens.weight"
+    if model.embed is not None and codes.kinds.get(table) == "Q8_0":
         model.embed = Int8Embedding(codes.part([table], "codes"), codes.part([table], "scales"), dtype)
     for local, layer in enumerate(model.layers):
         p = f"model.layers.{model.layer_start + local}."
-        qkv = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
-        if codes.four_bit(*qkv):
+        for attr, names in layer_tensors(p).items():
+            if not codes.four_bit(*names):
+                continue
             bias = None
-            if layer.qkv.bias is not None:
-                bias = torch.cat([_read(index, p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0)
-            layer.qkv = codes.int4_linear(qkv, bias)
-        if codes.four_bit(p + "self_attn.o_proj.weight"):
-            layer.o_proj = codes.int4_linear([p + "self_attn.o_proj.weight"], None)
-        gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-        if codes.four_bit(*gate_up):
-            layer.gate_up = codes.int4_linear(gate_up, None)
-        if codes.four_bit(p + "mlp.down_proj.weight"):
-            layer.down = codes.int4_linear([p + "mlp.down_proj.weight"], None)
+            if attr == "qkv" and layer.qkv.bias is not None:
+                bias = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"], dim=0)
+            setattr(layer, attr, codes.int4_linear(names, bias))
     if model.has_lm_head:
-        tied = arch.tie_word_embeddings or "lm_head.weight" not in index
-        head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-        if kinds.get(head) == "Q8_0":
+        if codes.kinds.get(head) == "Q8_0":
             model.lm_head = Int8Linear(int8_weight(codes.part([head], "codes"), codes.part([head], "scales")))
         elif codes.four_bit(head):
             model.lm_head = codes.int4_linear([head], None)
-
-
-def _read(index: dict[str, Path], name: str) -> torch.Tensor:
-    with safe_open(str(index[name]), framework="pt") as st:
-        return st.get_tensor(name)
 
 
 def _materialize(model: torch.nn.Module, device: torch.device | str) -> None:
