@@ -51,15 +51,17 @@ class Proc:
 
 
 PROCESS_DTYPE = "float32"
-"""The engines of these fleets run float32 weights unless a test says otherwise: the tests that compare texts
-across workers (failover, disaggregation, pipelines) need the form in which a decode step and a prefill of the
-same positions agree to the last bit; int4's bfloat16 inputs magnify their last-bit differences."""
+"""The engines of these fleets run float32 weights and eager steps unless a test says otherwise: the tests that
+compare texts across workers (failover, disaggregation, pipelines) need the form in which a decode step and a
+prefill of the same positions agree to the last bit; int4's bfloat16 inputs magnify their last-bit differences,
+and a compiled decode step rounds differently from the eager prefill (and compiling would take the tests' cores)."""
+PROCESS_ENV = {"FLEETSERVE_DTYPE": PROCESS_DTYPE, "FLEETSERVE_COMPILE": "false"}
 
 
 def spawn(*args: str, env: dict[str, str | None] | None = None) -> Proc:
-    """Start ``fleetserve *args`` in its own process group, with the session's fleet secret and float32 weights
-    (PROCESS_DTYPE) in its environment and ``env`` over it (a None value unsets a variable)."""
-    env = {SECRET_ENV: FLEET_SECRET, "FLEETSERVE_DTYPE": PROCESS_DTYPE, **(env or {})}
+    """Start ``fleetserve *args`` in its own process group, with the session's fleet secret, float32 weights and
+    eager steps (PROCESS_ENV) in its environment and ``env`` over it (a None value unsets a variable)."""
+    env = {SECRET_ENV: FLEET_SECRET, **PROCESS_ENV, **(env or {})}
     spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args], env)
     return Proc(Child(spec).launch())
 

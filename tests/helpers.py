@@ -56,9 +56,10 @@ def engine_config(
     speculative_ngram: int = 3,
     **model,
 ) -> EngineConfig:
-    """An engine config for tests; float32 weights unless ``dtype`` says otherwise (the form that equals
-    transformers, which the reference tests compare with)."""
+    """An engine config for tests; float32 weights and eager steps unless ``dtype`` and ``compile`` say
+    otherwise (the form that equals transformers, which the reference tests compare with)."""
     model.setdefault("dtype", "float32")
+    model.setdefault("compile", False)
     return EngineConfig(
         model=ModelConfig(**model),
         cache=CacheConfig(block_size=block_size, kv_cache_bytes=kv_cache_bytes, enable_prefix_caching=prefix_caching),

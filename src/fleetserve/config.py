@@ -85,6 +85,9 @@ class ModelConfig:
     """torch CPU threads for steps of at most SMALL_STEP_ROWS rows (decodes of a few sequences); None: as many as
     the other steps. A worker whose threads take every core gives these steps one fewer, so that its own token
     streaming (and a gateway on the same machine) never waits for a core that a torch thread holds."""
+    compile: bool = True
+    """Run decode-only steps through compiled graphs (one per padded batch size, built in the background while
+    eager steps serve). Off: every step eager, which rounds exactly like prefill (float32 parity, exact resume)."""
 
     def validate(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16", "int4"):

@@ -60,6 +60,7 @@ def test_run_writes_result(tmp_path, capsys):
     out = tmp_path / "x.json"
     args = parse(
         ["--requests", "3", "--max-tokens", "4", "--concurrency", "1,2", "--no-transformers", "--kv-cache-mb", "16"]
+        + ["--no-compile"]
         + ["--output", str(out)]
     )
     result = engine_bench.run(args)

@@ -214,6 +214,8 @@ def engine_stats(**overrides):
         steps=1234,
         spec_draft_tokens=40,
         spec_accepted_tokens=30,
+        decode_graphs_ready=2,
+        decode_graphs_pending=5,
     )
     figures.update(overrides)
     return SimpleNamespace(**figures)
@@ -238,6 +240,8 @@ def test_worker_metrics_engine_figures_and_counters():
     assert value(body, "fleetserve_engine_prefix_cache_hits_total") == 50
     assert value(body, "fleetserve_engine_preemptions_total") == 2
     assert value(body, "fleetserve_engine_steps_total") == 1234
+    assert value(body, "fleetserve_engine_decode_graphs", state="ready") == 2
+    assert value(body, "fleetserve_engine_decode_graphs", state="pending") == 5
     assert value(body, "fleetserve_engine_spec_draft_tokens_total") == 40
     assert value(body, "fleetserve_engine_spec_accepted_tokens_total") == 30
     assert value(body, "fleetserve_engine_requests_total", outcome="ok") == n

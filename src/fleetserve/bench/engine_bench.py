@@ -60,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--dtype", default="auto", help="the engine's --dtype (default auto)")
     parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="eager decode steps (default: compiled, every batch size built before a row is timed)",
+    )
+    parser.add_argument(
         "--kv-cache-mb", type=float, default=None, help="KV cache size in MiB (default: the engine's default)"
     )
     parser.add_argument(

@@ -18,26 +18,38 @@ from fleetserve.errors import FleetServeError
 _MAX_IDLE_STEPS = 1000
 
 
-def _engine_config(args: argparse.Namespace):
+def _engine_config(args: argparse.Namespace, concurrency: int):
+    """The engine of one row. A compiling engine holds at most ``concurrency`` sequences unless told otherwise:
+    no more ever run, and it need not compile batch sizes the row never reaches."""
     from fleetserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 
     cache = CacheConfig()
     if args.kv_cache_mb is not None:
         cache.kv_cache_bytes = int(args.kv_cache_mb * MiB)
     scheduler = SchedulerConfig()
+    compile = not getattr(args, "no_compile", False)
     if args.max_num_seqs is not None:
         scheduler.max_num_seqs = args.max_num_seqs
+    elif compile:
+        scheduler.max_num_seqs = min(scheduler.max_num_seqs, concurrency)
     if args.max_num_batched_tokens is not None:
         scheduler.max_num_batched_tokens = args.max_num_batched_tokens
-    model = ModelConfig(model=args.model, dtype=getattr(args, "dtype", "auto"), num_threads=args.threads)
+    model = ModelConfig(
+        model=args.model, dtype=getattr(args, "dtype", "auto"), num_threads=args.threads, compile=compile
+    )
     return EngineConfig(model=model, cache=cache, scheduler=scheduler)
 
 
-def _warm_up(engine, warm_ids: list[int]) -> None:
-    """One short request through every stage (prefill, decode, sampling) before timing."""
+def _warm_up(engine, warm_ids: list[int]) -> float:
+    """One short request through every stage (prefill, decode, sampling) before timing, and every compiled
+    decode step built; returns the seconds spent waiting for those."""
     from fleetserve.contract import SamplingParams
 
     engine.generate([warm_ids], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    started = time.monotonic()
+    if engine.runner.compiled is not None:
+        engine.runner.compiled.wait()
+    return time.monotonic() - started
 
 
 def kv_bytes_per_token(engine) -> int:
@@ -176,6 +188,7 @@ def _engine_info(args: argparse.Namespace, engine, build_s: float) -> dict[str, 
         "kv_blocks_total": engine.stats().kv_blocks_total,
         "max_num_seqs": engine.config.scheduler.max_num_seqs,
         "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+        "compiled_decode": engine.runner.compiled is not None,
         "build_s": build_s,
     }
 
@@ -192,17 +205,19 @@ def run_engine_rows(
     prompt_ids: list[list[int]] = []
     for concurrency in args.concurrency:
         started = time.monotonic()
-        engine = LLMEngine(_engine_config(args), progress=False)
+        engine = LLMEngine(_engine_config(args, concurrency), progress=False)
         build_s = time.monotonic() - started
         if not info:
             tokenizer = Tokenizer.from_dir(engine.model_dir)
             prompt_ids = [tokenizer.encode_chat(messages) for messages in prompt_messages]
             warm_ids = tokenizer.encode(WARM_UP_TEXT)
             info = _engine_info(args, engine, build_s)
-        _warm_up(engine, warm_ids)
+        compile_s = _warm_up(engine, warm_ids)
         requests = take(prompt_ids, args.requests)
         log(f"engine c={concurrency}: {len(requests)} requests x {args.max_tokens} tokens ...")
         row = {"name": f"engine c={concurrency}", "kind": "engine", "concurrency": concurrency}
+        if engine.runner.compiled is not None:
+            row["compile_wait_s"] = compile_s
         row.update(run_engine_closed_loop(engine, requests, concurrency, args.max_tokens))
         log(f"  {row['output_tokens_per_s']:.1f} tok/s, {row['completed']}/{row['requests']} completed")
         rows.append(row)

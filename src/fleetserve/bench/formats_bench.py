@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 from fleetserve.bench.arguments import concurrency_list, non_negative_int, positive_int
-from fleetserve.bench.local_fleet import READY_S, free_port
+from fleetserve.bench.local_fleet import READY_S, free_port, wait_compiled
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
 from fleetserve.supervisor import ChildSpec, Supervisor
@@ -97,8 +97,13 @@ def _up_rows(fmt: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
         )
         child.wait_ready(READY_S)
         url = f"http://127.0.0.1:{port}"
+        compile_wait_s = wait_compiled(url)
         rows = _http_levels(url, args, f"up {fmt}", args.model)
-        info = {"worker_peak_rss_bytes": _worker_peak_rss(child.pid), "ready": httpx.get(url + "/ready").json()}
+        info = {
+            "worker_peak_rss_bytes": _worker_peak_rss(child.pid),
+            "ready": httpx.get(url + "/ready").json(),
+            "compile_wait_s": compile_wait_s,
+        }
         return rows, info
     finally:
         supervisor.stop_all()
@@ -119,6 +124,8 @@ def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) 
     tokenizer = Tokenizer.from_dir(engine.model_dir)
     ids = [tokenizer.encode_chat(m) for m in prompts]
     engine.generate([tokenizer.encode(WARM_UP_TEXT)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    if engine.runner.compiled is not None:
+        engine.runner.compiled.wait()
     rows = []
     for c in args.engine_concurrency:
         row = {"name": f"engine {fmt} c={c}", "kind": f"engine {fmt}", "concurrency": c}

@@ -12,6 +12,9 @@ from fleetserve.supervisor import Child, ChildSpec, Supervisor
 
 READY_S = 180.0
 """How long the gateway, then the workers, have to say they are ready."""
+COMPILED_S = 1800.0
+"""How long workers have to build their compiled decode steps (about a minute per batch size on a small CPU
+with an empty inductor cache, seconds with a warm one)."""
 
 
 def free_port() -> int:
@@ -60,6 +63,7 @@ class Fleet:
                 self.workers.append(self.supervisor.start(_spec(f"s{i}", "fleetserve worker ready", *args)))
             self.supervisor.wait_ready(READY_S)
             self._wait_healthy(workers + (1 if stages else 0))
+            self.compile_wait_s = wait_compiled(self.url)
         except BaseException:
             self.close()
             raise
@@ -75,3 +79,20 @@ class Fleet:
 
     def close(self) -> None:
         self.supervisor.stop_all()
+
+
+def wait_compiled(url: str, timeout_s: float = COMPILED_S, log=print) -> float:
+    """Wait until no worker of the gateway at ``url`` is still building compiled decode steps, so that a
+    measurement sees the steady state; returns the seconds waited."""
+    started = time.monotonic()
+    said = None
+    while time.monotonic() - started < timeout_s:
+        workers = httpx.get(url + "/admin/workers", timeout=30).json()["workers"]
+        pending = sum(w.get("decode_graphs_pending", 0) for w in workers)
+        if not pending:
+            return time.monotonic() - started
+        if pending != said:
+            log(f"waiting for workers to compile {pending} more decode step(s) ...")
+            said = pending
+        time.sleep(1.0)
+    raise TimeoutError(f"workers were still compiling decode steps after {timeout_s:.0f}s")

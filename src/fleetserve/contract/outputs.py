@@ -64,6 +64,10 @@ class EngineStats:
     """Draft tokens proposed and verified (speculative decoding)."""
     spec_accepted_tokens: int = 0
     """Draft tokens that verification kept; acceptance rate = accepted / draft."""
+    decode_graphs_ready: int = 0
+    """Compiled decode steps built (one per padded batch size)."""
+    decode_graphs_pending: int = 0
+    """Compiled decode steps still being built in the background (0 when compiling is off or done)."""
     extra: dict = field(default_factory=dict)
 
     @property

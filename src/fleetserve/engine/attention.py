@@ -49,8 +49,12 @@ def build_attention_batch(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device,
+    whole_blocks: bool = False,
 ) -> AttentionBatch:
     """Index tensors for sequences laid out back to back; sequence i computes positions starts[i] + [0, lengths[i]).
+
+    ``whole_blocks``: the decode context width is a whole number of blocks (fewer distinct shapes, for a
+    compiled step) rather than the longest context.
 
     Masks are boolean, so they suit attention in whatever dtype the query has (an additive mask must match it).
     """
@@ -71,7 +75,7 @@ def build_attention_batch(
         max_blocks = -(-max(ctx) // block_size)
         # pad short tables with block 0; a table may also run past its context (slots of rejected draft tokens)
         table = torch.tensor([(block_tables[i] + [0] * max_blocks)[:max_blocks] for i in decode_idx])
-        max_len = max(ctx)
+        max_len = max_blocks * block_size if whole_blocks else max(ctx)
         decode_slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(decode_idx), -1)
         decode_slots = decode_slots[:, :max_len].contiguous().to(device)
         valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(ctx).unsqueeze(1)
@@ -104,6 +108,23 @@ def build_attention_batch(
     )
 
 
+def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    """Put this step's keys and values ([T, 2, Hkv, D]) into their slots of one layer's cache.
+
+    Inside a compiled graph through an op of our own, so that the write stays in place (traced as plain indexing,
+    a write to a graph input is turned into a copy of the whole cache); eagerly, straight.
+    """
+    if torch.compiler.is_compiling():
+        _write_kv_op(kv_cache, slots, kv)
+    else:
+        kv_cache.index_copy_(0, slots, kv.to(kv_cache.dtype))
+
+
+@torch.library.custom_op("fleetserve::write_kv", mutates_args=("kv_cache",))
+def _write_kv_op(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    kv_cache.index_copy_(0, slots, kv.to(kv_cache.dtype))
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
@@ -114,7 +135,7 @@ def paged_attention(
     t, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
-    kv_cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1).to(kv_cache.dtype))
+    write_kv(kv_cache, batch.slot_mapping, torch.stack((k, v), dim=1))
     out = q.new_empty(t, num_heads, head_dim)
 
     if batch.decode_rows is not None:

@@ -376,6 +376,7 @@ class LLMEngine:
                 cache=dataclasses.replace(self.config.cache, kv_cache_bytes=kv_cache_bytes),
             ).validate()
             if layer_end != self.runner.model.layer_end:
+                self.runner.close()
                 self.runner = ModelRunner(config, self.model_dir, self.arch)
             else:
                 self.runner.resize_kv(kv_cache_bytes)
@@ -442,6 +443,8 @@ class LLMEngine:
             steps=self._steps,
             spec_draft_tokens=self.spec_draft_tokens,
             spec_accepted_tokens=self.spec_accepted_tokens,
+            decode_graphs_ready=self.runner.decode_graphs[0],
+            decode_graphs_pending=self.runner.decode_graphs[1],
             extra={
                 "failed_steps": self.failed_steps,
                 "consecutive_failed_steps": self.consecutive_failed_steps,

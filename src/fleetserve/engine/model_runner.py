@@ -10,6 +10,7 @@ import torch
 from fleetserve.config import EngineConfig
 from fleetserve.contract import KVTransfer
 from fleetserve.engine.attention import build_attention_batch
+from fleetserve.engine.compiled_decode import CompiledDecode, use_inductor_cache
 from fleetserve.engine.models.linear import choose_kernels
 from fleetserve.engine.models.loader import load_model
 from fleetserve.engine.sampling import Sampler
@@ -17,6 +18,7 @@ from fleetserve.engine.scheduler import SampledToken, SchedulerOutput, StepResul
 from fleetserve.engine.weight_format import FLOAT_DTYPES, activation_dtype, choose_weight_format
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files.arch import ModelArch
+from fleetserve.model_files.catalog import cache_root
 
 DTYPES = FLOAT_DTYPES
 SMALL_STEP_ROWS = 4
@@ -56,6 +58,31 @@ class ModelRunner:
         self.small_step_threads = mc.small_step_threads or self.threads
         self.resize_kv(config.cache.kv_cache_bytes)
         self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
+        self.compiled: CompiledDecode | None = None
+        """Compiled decode-only steps (ModelConfig.compile, on a range that takes token ids)."""
+        if mc.compile and self.model.is_first:
+            use_inductor_cache(str(cache_root() / "inductor"))
+            self.compiled = CompiledDecode(
+                self.model,
+                lambda: self.kv_caches,
+                lambda: self.num_blocks,
+                config.scheduler.max_num_seqs,
+                self.block_size,
+                self.device,
+            )
+            self.compiled.warm_up()
+
+    @property
+    def decode_graphs(self) -> tuple[int, int]:
+        """Compiled decode steps (built, still to build); (0, 0) when decode steps run eagerly."""
+        if self.compiled is None:
+            return 0, 0
+        return len(self.compiled.ready), self.compiled.pending
+
+    def close(self) -> None:
+        """Stop compiling further decode steps (a runner being replaced)."""
+        if self.compiled is not None:
+            self.compiled.stop()
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -75,8 +102,9 @@ class ModelRunner:
         self.kv_caches = []  # the old tensors go before the new ones are made
         self.num_blocks = num_blocks
         slots = num_blocks * self.block_size
+        # One spare block past the pool's: the padding rows of a compiled step write there.
         self.kv_caches = [
-            torch.zeros(slots, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
             for _ in range(self.model.num_local_layers)
         ]
         self.kv_cache_bytes = per_token * slots
@@ -97,6 +125,11 @@ class ModelRunner:
         threads = self.small_step_threads if rows <= SMALL_STEP_ROWS else self.threads
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
+        if self.compiled is not None and all(seq.num_tokens == 1 for seq in plan.seqs):
+            ids = [seq.token_ids[0] for seq in plan.seqs]
+            hidden = self.compiled.run(ids, [s.start for s in plan.seqs], [s.block_table for s in plan.seqs])
+            if hidden is not None:
+                return hidden
         positions: list[int] = []
         for seq in plan.seqs:
             positions.extend(range(seq.start, seq.start + seq.num_tokens))

@@ -96,6 +96,8 @@ def stats_to_proto(s: EngineStats) -> pb.WorkerStats:
         kv_cache_bytes=s.kv_cache_bytes,
         spec_draft_tokens=s.spec_draft_tokens,
         spec_accepted_tokens=s.spec_accepted_tokens,
+        decode_graphs_ready=s.decode_graphs_ready,
+        decode_graphs_pending=s.decode_graphs_pending,
     )
 
 

@@ -21,6 +21,11 @@ class EngineSettings(Settings):
         "fastest that is as faithful as the checkpoint: int4 for a Q4 GGUF where it measures faster, bfloat16 on "
         "CUDA, else float32 (the form that equals transformers)",
     )
+    compile: bool = option(
+        True,
+        "run decode-only steps through compiled graphs, one per padded batch size, built in the background while "
+        "eager steps serve (inductor cache under the model cache); --no-compile keeps every step eager",
+    )
     kv_cache_mb: int = option(512, "memory for KV blocks in MiB")
     block_size: int = option(16, "tokens per KV block")
     prefix_caching: bool = option(True, "reuse cached prompt prefixes")
@@ -49,6 +54,7 @@ class EngineSettings(Settings):
                 dtype=self.dtype,
                 num_threads=self.threads,
                 small_step_threads=self.small_step_threads,
+                compile=self.compile,
                 max_model_len=self.max_model_len,
             ),
             cache=CacheConfig(

@@ -13,6 +13,11 @@ class GenerateSettings(EngineSettings):
 
     command: ClassVar[str] = "generate"
 
+    compile: bool = option(
+        False,
+        "compile decode steps in the background while generating (pays for long outputs; one short answer is "
+        "done before the first graph is built)",
+    )
     max_tokens: int = option(256, "most tokens to generate")
     temperature: float = option(0.0, "0 is greedy")
     top_p: float = option(1.0, "nucleus sampling mass")

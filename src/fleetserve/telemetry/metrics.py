@@ -282,8 +282,8 @@ class EngineCollector(Collector):
     """The engine's load and cache figures, read from ``engine_stats()`` at scrape time.
 
     ``engine_stats()`` returns an object with ``running``, ``waiting``, ``kv_blocks_used``, ``kv_blocks_total``,
-    ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions``, ``steps``, ``spec_draft_tokens`` and
-    ``spec_accepted_tokens`` (the engine's EngineStats).
+    ``prefix_cache_queries``, ``prefix_cache_hits``, ``num_preemptions``, ``steps``, ``spec_draft_tokens``,
+    ``spec_accepted_tokens`` and ``decode_graphs_ready``/``_pending`` (the engine's EngineStats).
     """
 
     def __init__(self, engine_stats: Callable[[], Any]):
@@ -326,6 +326,14 @@ class EngineCollector(Collector):
             "Draft tokens speculative decoding kept (acceptance rate: accepted / draft).",
             value=s.spec_accepted_tokens,
         )
+        graphs = GaugeMetricFamily(
+            "fleetserve_engine_decode_graphs",
+            "Compiled decode steps (one per padded batch size), built or still being built.",
+            labels=["state"],
+        )
+        graphs.add_metric(["ready"], s.decode_graphs_ready)
+        graphs.add_metric(["pending"], s.decode_graphs_pending)
+        yield graphs
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

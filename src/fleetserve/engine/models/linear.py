@@ -17,7 +17,22 @@ from torch import nn
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear on an unpacked weight. Inside a compiled graph it is called through an op of our own (the
+    compiler's lowering of the oneDNN op expects a pre-packed weight); eagerly, straight (that op's Python
+    dispatch would cost more than a small linear does)."""
+    if torch.compiler.is_compiling():
+        return _onednn_linear_op(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("fleetserve::onednn_linear", mutates_args=())
+def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @functools.cache

@@ -51,11 +51,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack((scales.t(), zeros.t()), -1).bfloat16().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         self.dense: torch.Tensor | None = None
+        self.dense_onednn = False
         self.max_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
-            return dense_linear(x, self.dense, self.bias)
+            return dense_linear(x, self.dense, self.bias, self.dense_onednn)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -71,23 +72,25 @@ class Int8Linear(nn.Module):
         self.register_buffer("codes", torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.bfloat16())
         self.dense: torch.Tensor | None = None
+        self.dense_onednn = False
         self.max_rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
-            return dense_linear(x, self.dense, None)
+            return dense_linear(x, self.dense, None, self.dense_onednn)
         return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scales).to(x.dtype)
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ b) in float32 on the fastest float kernel here."""
-    y = onednn_linear(x, weight, None) if onednn_linear_works() else torch.nn.functional.linear(x, weight)
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """x W^T (+ b) in float32, through oneDNN's kernel when ``onednn`` (onednn_linear_works(), asked once)."""
+    y = onednn_linear(x, weight, None) if onednn else torch.nn.functional.linear(x, weight)
     return y if bias is None else y + bias
 
 
 def keep_dense(layer: Int4Linear | Int8Linear, weight: torch.Tensor, max_rows: int) -> None:
     """Give ``layer`` a float32 copy of its weight for steps of more than ``max_rows`` rows."""
     layer.dense = weight.float().contiguous()
+    layer.dense_onednn = onednn_linear_works()
     layer.max_rows = max_rows
 
 

@@ -54,6 +54,8 @@ def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
         "cached_blocks_reported": len(w.block_hashes),
         "consecutive_failures": w.consecutive_failures,
         "reserved_tokens": w.reserved_tokens,
+        "decode_graphs_ready": w.stats.decode_graphs_ready,
+        "decode_graphs_pending": w.stats.decode_graphs_pending,
         "local": local,
     }
 
