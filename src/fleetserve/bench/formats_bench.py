@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="output tokens per request (64)")
     parser.add_argument("--hf-requests", type=non_negative_int, default=8, help="transformers prompts (8; 0 skips)")
     parser.add_argument("--threads", type=positive_int, default=None, help="worker threads (default: up's)")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="eager decode steps (default: compiled, built before measuring)"
+    )
     parser.add_argument("--llama-server", type=Path, default=None, help="llama.cpp's llama-server binary, if any")
     parser.add_argument("--slots", type=positive_int, default=16, help="llama-server's parallel slots (16)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL})")
@@ -90,6 +93,7 @@ def _up_rows(fmt: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
     port, control = free_port(), free_port()
     up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
     up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
+    up += ["--no-compile"] if args.no_compile else []
     supervisor = Supervisor()
     try:
         child = supervisor.start(
@@ -117,7 +121,7 @@ def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) 
     from fleetserve.text.tokenizer import Tokenizer
 
     config = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=fmt, num_threads=args.threads),
+        model=ModelConfig(model=args.model, dtype=fmt, num_threads=args.threads, compile=not args.no_compile),
         cache=CacheConfig(enable_prefix_caching=False),
     )
     engine = LLMEngine(config, progress=False)

@@ -120,9 +120,19 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> N
         kv_cache.index_copy_(0, slots, kv.to(kv_cache.dtype))
 
 
-@torch.library.custom_op("fleetserve::write_kv", mutates_args=("kv_cache",))
 def _write_kv_op(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
+    torch.ops.fleetserve.write_kv(kv_cache, slots, kv)
+
+
+def _write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
     kv_cache.index_copy_(0, slots, kv.to(kv_cache.dtype))
+
+
+_ops = torch.library.Library("fleetserve", "FRAGMENT")
+_ops.define("write_kv(Tensor(a!) kv_cache, Tensor slots, Tensor kv) -> ()")
+_ops.impl("write_kv", _write_kv, "CPU")
+_ops.impl("write_kv", _write_kv, "CUDA")
+_ops.impl("write_kv", lambda kv_cache, slots, kv: None, "Meta")
 
 
 def paged_attention(
