@@ -5,6 +5,8 @@ The runners hold the model's first two layers (a pipeline head's shape): compili
 minute per bucket on a small CPU, two layers a few seconds, and the graph's structure is the same.
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -19,12 +21,19 @@ from tests.helpers import engine_config
 pytestmark = pytest.mark.slow
 
 BLOCK = 16
-MAX_SEQS = 4
+MAX_SEQS = 8
 
 
 def runner(model_dir, compile: bool) -> ModelRunner:
+    """Steps of up to 4 rows on one thread (as a worker on a small machine runs them), larger ones on the rest."""
     config = engine_config(
-        kv_cache_bytes=8 * 2**20, max_seqs=MAX_SEQS, block_size=BLOCK, layer_end=2, lm_head=True, compile=compile
+        kv_cache_bytes=8 * 2**20,
+        max_seqs=MAX_SEQS,
+        block_size=BLOCK,
+        layer_end=2,
+        lm_head=True,
+        compile=compile,
+        small_step_threads=1,
     )
     return ModelRunner(config.validate(), model_dir, load_arch(model_dir))
 
@@ -51,20 +60,21 @@ def test_no_compile_leaves_every_step_eager(runners):
 def test_compiled_steps_equal_eager_ones_without_recompiling(runners):
     compiled, eager = runners
     decode = compiled.compiled
-    assert sorted(decode.ready) == [1, 2, 4]
-    assert decode.compiles == 3  # one graph per bucket, the warm-up's second (wider) call included
-    # Three sequences on blocks of their own, prompts of different lengths; each "decodes" the rest of its
+    assert sorted(decode.ready) == [1, 2, 4, 8]
+    assert decode.compiles == 4  # one graph per bucket, the warm-up's second (wider) call included
+    # Five sequences on blocks of their own, prompts of different lengths; each "decodes" the rest of its
     # prompt one token per step (teacher forcing), so contexts grow across block boundaries.
-    prompts = [list(range(1000 + 50 * i, 1000 + 50 * i + n)) for i, n in enumerate((70, 45, 75))]
+    prompts = [list(range(1000 + 50 * i, 1000 + 50 * i + n)) for i, n in enumerate((80, 45, 90, 30, 40))]
     requests = [Request(f"r{i}", p, SamplingParams(max_tokens=1)) for i, p in enumerate(prompts)]
-    tables = [list(range(8 * i, 8 * i + 8)) for i in range(3)]
-    prefill = [5, 17, 31]
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(5)]
+    prefill = [5, 17, 31, 9, 12]
     for r in (compiled, eager):
         plan = SchedulerOutput([ScheduledSeq(q, 0, n, t) for q, n, t in zip(requests, prefill, tables, strict=True)])
         r.forward(plan)
     positions = list(prefill)
     steps = 0
-    for live in ([0, 1, 2],) * 14 + ([0, 2],) * 12 + ([2],) * 12:  # buckets 4 (one padding row), 2 and 1
+    # buckets 8 (three padding rows, two threads), 4 (one padding row, one thread), 2 and 1
+    for live in ([0, 1, 2, 3, 4],) * 10 + ([0, 1, 2],) * 14 + ([0, 2],) * 12 + ([2],) * 12:
         plan = SchedulerOutput([ScheduledSeq(requests[i], positions[i], 1, tables[i]) for i in live])
         got, want = compiled.forward(plan), eager.forward(plan)
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
@@ -73,12 +83,33 @@ def test_compiled_steps_equal_eager_ones_without_recompiling(runners):
         for i in live:
             positions[i] += 1
         steps += 1
-    assert positions == [31, 31, 69]  # 38 steps; contexts crossed 16-token blocks several times
-    assert decode.compiles == 3, "a decode step recompiled as its context grew or its batch shrank"
+    assert positions == [41, 41, 79, 19, 22]  # 48 steps; contexts crossed 16-token blocks several times
+    assert decode.compiles == 4, "a decode step recompiled as its context grew or its batch shrank"
     # Padding rows wrote only the spare block: the real KV equals the eager runner's.
     for mine, theirs in zip(compiled.kv_caches, eager.kv_caches, strict=True):
         real = compiled.num_blocks * BLOCK
         torch.testing.assert_close(mine[:real], theirs[:real], rtol=1e-3, atol=1e-3)
+
+
+def test_a_step_that_would_recompile_runs_eagerly_instead(runners, model_dir):
+    compiled = runners[0]
+    decode = compiled.compiled
+    before = decode.compiles
+    result = []
+    # A thread count other than bucket 2's fails the graph's check: serving must not compile it again.
+    worker = threading.Thread(target=lambda: result.append(_decode_on_three_threads(decode)))
+    worker.start()
+    worker.join()
+    assert result == [None]
+    assert 2 not in decode.ready and decode.compiles == before
+    plan = SchedulerOutput([ScheduledSeq(Request("x", [5, 6, 7], SamplingParams()), 2, 1, [40])] * 2)
+    assert compiled.forward(plan).shape == (2, compiled.arch.hidden_size)  # eagerly
+
+
+def _decode_on_three_threads(decode):
+    torch.set_num_threads(3)
+    with torch.inference_mode():
+        return decode.run([5, 6], [2, 2], [[40], [41]])
 
 
 def test_a_step_of_more_sequences_than_any_bucket_runs_eagerly(runners):

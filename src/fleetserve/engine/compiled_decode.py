@@ -13,6 +13,11 @@ fused kernels, called with a single Python call.
 - Compiling takes seconds to a minute per bucket; it runs in a background thread, smallest bucket first, while
   the eager path serves. A bucket serves once its graph is built. Inductor's cache lives under the model cache
   ($FLEETSERVE_CACHE/inductor), so a later start takes a few seconds per bucket.
+- Serving never compiles. A graph is valid for the torch thread count it was built under (part of what
+  torch.compile checks before each call), so each bucket is built under the count its steps run with
+  (``threads_for``; the count is per thread under OpenMP, so the warm-up thread sets its own). Should a
+  check still fail at serving time, the compile it would start is refused, the bucket goes back to eager
+  steps, and a warning says so.
 - Mixed steps, prefills, draft verification and layer ranges that take hidden states from another stage run
   eagerly. The compiled graph rounds like the eager step only to within float noise (fusion reorders
   arithmetic), so the paths whose promise is bit-exactness (float32 parity with transformers) run eagerly:
@@ -65,8 +70,10 @@ class CompiledDecode:
         max_num_seqs: int,
         block_size: int,
         device: torch.device,
+        threads_for: Callable[[int], int] = lambda rows: torch.get_num_threads(),
     ):
         self.model = model
+        self._threads_for = threads_for
         self._kv_caches = kv_caches
         self._spare_block = spare_block
         self.block_size = block_size
@@ -79,6 +86,7 @@ class CompiledDecode:
         self.warm_up_seconds: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._warming = threading.local()
         self._steps = {b: self._compile(b) for b in self.buckets}
 
     def _compile(self, bucket: int) -> Callable:
@@ -91,6 +99,8 @@ class CompiledDecode:
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
+        if not getattr(self._warming, "on", False):
+            raise RuntimeError("a serving step would compile its graph again")
         self.compiles += 1
         return compile_fx(gm, example_inputs)
 
@@ -111,7 +121,12 @@ class CompiledDecode:
         step = self.ready.get(bucket) if bucket is not None else None
         if step is None:
             return None
-        return self._call(step, bucket, ids, starts, block_tables)[: len(ids)]
+        try:
+            return self._call(step, bucket, ids, starts, block_tables)[: len(ids)]
+        except Exception as exc:  # the step reruns eagerly, which writes the same KV
+            self.ready.pop(bucket, None)
+            log.warning("compiled decode step for batch %d failed; its steps run eagerly from now on: %s", bucket, exc)
+            return None
 
     def _call(
         self,
@@ -180,8 +195,15 @@ class CompiledDecode:
     @torch.inference_mode()
     def _warm(self, bucket: int) -> None:
         step = self._steps[bucket]
-        # Padding rows only: the step reads and writes the spare block and nothing else. A second, wider
-        # context checks that the width is dynamic (it would count a recompile otherwise).
-        for pad_start in (0, self.block_size):
-            self._call(step, bucket, [], [], [], pad_start)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads_for(bucket))
+        self._warming.on = True
+        try:
+            # Padding rows only: the step reads and writes the spare block and nothing else. A second, wider
+            # context checks that the width is dynamic (it would count a recompile otherwise).
+            for pad_start in (0, self.block_size):
+                self._call(step, bucket, [], [], [], pad_start)
+        finally:
+            self._warming.on = False
+            torch.set_num_threads(threads)
         self.ready[bucket] = step

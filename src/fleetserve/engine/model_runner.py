@@ -69,8 +69,13 @@ class ModelRunner:
                 config.scheduler.max_num_seqs,
                 self.block_size,
                 self.device,
+                self.threads_for,
             )
             self.compiled.warm_up()
+
+    def threads_for(self, rows: int) -> int:
+        """torch threads for a step of ``rows`` rows."""
+        return self.small_step_threads if rows <= SMALL_STEP_ROWS else self.threads
 
     @property
     def decode_graphs(self) -> tuple[int, int]:
@@ -121,8 +126,7 @@ class ModelRunner:
 
         The first layer range embeds the plan's token ids; later ranges take ``hidden`` from the range before.
         """
-        rows = sum(seq.num_tokens for seq in plan.seqs)
-        threads = self.small_step_threads if rows <= SMALL_STEP_ROWS else self.threads
+        threads = self.threads_for(sum(seq.num_tokens for seq in plan.seqs))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         if self.compiled is not None and all(seq.num_tokens == 1 for seq in plan.seqs):
