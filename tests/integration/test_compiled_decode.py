@@ -72,7 +72,6 @@ def test_compiled_steps_equal_eager_ones_without_recompiling(runners):
         plan = SchedulerOutput([ScheduledSeq(q, 0, n, t) for q, n, t in zip(requests, prefill, tables, strict=True)])
         r.forward(plan)
     positions = list(prefill)
-    steps = 0
     # buckets 8 (three padding rows, two threads), 4 (one padding row, one thread), 2 and 1
     for live in ([0, 1, 2, 3, 4],) * 10 + ([0, 1, 2],) * 14 + ([0, 2],) * 12 + ([2],) * 12:
         plan = SchedulerOutput([ScheduledSeq(requests[i], positions[i], 1, tables[i]) for i in live])
@@ -82,7 +81,6 @@ def test_compiled_steps_equal_eager_ones_without_recompiling(runners):
         assert torch.equal(got_logits.argmax(-1), want_logits.argmax(-1))
         for i in live:
             positions[i] += 1
-        steps += 1
     assert positions == [41, 41, 79, 19, 22]  # 48 steps; contexts crossed 16-token blocks several times
     assert decode.compiles == 4, "a decode step recompiled as its context grew or its batch shrank"
     # Padding rows wrote only the spare block: the real KV equals the eager runner's.

@@ -56,22 +56,27 @@ class ModelRunner:
         self.linear_kernel = choose_kernels(self.model)
         self.threads = torch.get_num_threads()
         self.small_step_threads = mc.small_step_threads or self.threads
-        self.resize_kv(config.cache.kv_cache_bytes)
-        self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
         self.compiled: CompiledDecode | None = None
         """Compiled decode-only steps (ModelConfig.compile, on a range that takes token ids)."""
+        self._max_num_seqs = config.scheduler.max_num_seqs
+        self.resize_kv(config.cache.kv_cache_bytes)
+        self.sampler = Sampler(arch.vocab_size, set(arch.eos_token_ids), config.seed)
         if mc.compile and self.model.is_first:
             use_inductor_cache(str(cache_root() / "inductor"))
-            self.compiled = CompiledDecode(
-                self.model,
-                lambda: self.kv_caches,
-                lambda: self.num_blocks,
-                config.scheduler.max_num_seqs,
-                self.block_size,
-                self.device,
-                self.threads_for,
-            )
-            self.compiled.warm_up()
+            self._compile_decode()
+
+    def _compile_decode(self) -> None:
+        """Start building the compiled decode steps for the current KV tensors (their shape is part of a graph)."""
+        self.compiled = CompiledDecode(
+            self.model,
+            lambda: self.kv_caches,
+            lambda: self.num_blocks,
+            self._max_num_seqs,
+            self.block_size,
+            self.device,
+            self.threads_for,
+        )
+        self.compiled.warm_up()
 
     def threads_for(self, rows: int) -> int:
         """torch threads for a step of ``rows`` rows."""
@@ -109,10 +114,15 @@ class ModelRunner:
         slots = num_blocks * self.block_size
         # One spare block past the pool's: the padding rows of a compiled step write there.
         self.kv_caches = [
-            torch.zeros(slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device)
+            torch.zeros(
+                slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device
+            )
             for _ in range(self.model.num_local_layers)
         ]
         self.kv_cache_bytes = per_token * slots
+        if self.compiled is not None:  # graphs built for the old tensors' shape would not serve these
+            self.compiled.stop()
+            self._compile_decode()
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> StepResult:
