@@ -1,8 +1,8 @@
 """Compiled decode steps on the real model's weights: the same hidden states as the eager step, one graph per batch
 bucket and no recompile as contexts grow, padding rows that touch no real KV.
 
-The runners hold the model's first two layers (a pipeline head's shape): compiling the whole model takes about a
-minute per bucket on a small CPU, two layers a few seconds, and the graph's structure is the same.
+The runners hold the model's first layer and its LM head (a pipeline head's shape): compiling the whole model
+takes about a minute per bucket on a small CPU, one layer a few seconds, and the graph's structure is the same.
 """
 
 import threading
@@ -30,7 +30,7 @@ def runner(model_dir, compile: bool) -> ModelRunner:
         kv_cache_bytes=8 * 2**20,
         max_seqs=MAX_SEQS,
         block_size=BLOCK,
-        layer_end=2,
+        layer_end=1,
         lm_head=True,
         compile=compile,
         small_step_threads=1,

@@ -47,8 +47,7 @@ def _warm_up(engine, warm_ids: list[int]) -> float:
 
     engine.generate([warm_ids], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     started = time.monotonic()
-    if engine.runner.compiled is not None:
-        engine.runner.compiled.wait()
+    engine.wait_compiled()
     return time.monotonic() - started
 
 

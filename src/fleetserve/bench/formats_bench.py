@@ -128,8 +128,7 @@ def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) 
     tokenizer = Tokenizer.from_dir(engine.model_dir)
     ids = [tokenizer.encode_chat(m) for m in prompts]
     engine.generate([tokenizer.encode(WARM_UP_TEXT)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    if engine.runner.compiled is not None:
-        engine.runner.compiled.wait()
+    engine.wait_compiled()
     rows = []
     for c in args.engine_concurrency:
         row = {"name": f"engine {fmt} c={c}", "kind": f"engine {fmt}", "concurrency": c}

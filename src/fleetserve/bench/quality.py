@@ -47,7 +47,7 @@ def _engine(model: str, dtype: str, threads: int | None, window: int):
     from fleetserve.engine.engine import LLMEngine
 
     config = EngineConfig(
-        model=ModelConfig(model=model, dtype=dtype, num_threads=threads),
+        model=ModelConfig(model=model, dtype=dtype, num_threads=threads, compile=False),  # the format's quality alone
         cache=CacheConfig(kv_cache_bytes=256 * 2**20, enable_prefix_caching=False),
         scheduler=SchedulerConfig(max_num_batched_tokens=max(512, window)),
     )

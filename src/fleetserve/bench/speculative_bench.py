@@ -60,6 +60,7 @@ def _engine(args: argparse.Namespace, tokens: int):
     engine = LLMEngine(config, progress=False)
     tokenizer = Tokenizer.from_dir(engine.model_dir)
     engine.generate([tokenizer.encode(WARM_UP_TEXT)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    engine.wait_compiled()  # plain decode steps compiled, as served (verifying steps run eagerly)
     return engine, tokenizer
 
 

@@ -360,6 +360,10 @@ class LLMEngine:
         self.scheduler.restart(self.kv)
         self.pins.clear()
 
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Wait for the compiled decode steps to be built; True when they are (at once when steps run eagerly)."""
+        return self.runner.compiled is None or self.runner.compiled.wait(timeout)
+
     def reconfigure(self, layer_end: int, kv_cache_bytes: int) -> None:
         """Take a new layer range [0, layer_end) with the LM head (a pipeline head's new share) and a new KV size.
 
