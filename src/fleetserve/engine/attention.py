@@ -115,13 +115,9 @@ def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> N
     a write to a graph input is turned into a copy of the whole cache); eagerly, straight.
     """
     if torch.compiler.is_compiling():
-        _write_kv_op(kv_cache, slots, kv)
+        torch.ops.fleetserve.write_kv(kv_cache, slots, kv)
     else:
-        kv_cache.index_copy_(0, slots, kv.to(kv_cache.dtype))
-
-
-def _write_kv_op(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
-    torch.ops.fleetserve.write_kv(kv_cache, slots, kv)
+        _write_kv(kv_cache, slots, kv)
 
 
 def _write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:

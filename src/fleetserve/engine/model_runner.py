@@ -121,7 +121,7 @@ class ModelRunner:
         ]
         self.kv_cache_bytes = per_token * slots
         if self.compiled is not None:  # graphs built for the old tensors' shape would not serve these
-            self.compiled.stop()
+            self.close()
             self._compile_decode()
 
     @torch.inference_mode()

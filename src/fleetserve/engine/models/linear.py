@@ -19,21 +19,21 @@ from torch import nn
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """oneDNN's linear on an unpacked weight. Inside a compiled graph it is called through an op of our own (the
     compiler's lowering of the oneDNN op expects a pre-packed weight); eagerly, straight (that op's Python
-    dispatch would cost more than a small linear does)."""
+    dispatch to a Python function would cost more than a small linear does)."""
     if torch.compiler.is_compiling():
-        return _onednn_linear_op(x, weight, bias)
+        return torch.ops.fleetserve.onednn_linear(x, weight, bias)
+    return _onednn_linear(x, weight, bias)
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _onednn_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.fleetserve.onednn_linear(x, weight, bias)
 
 
 # Defined with the plain library API: torch.library.custom_op's Python layers would add tens of microseconds to
 # each of a step's hundred-odd linears.
 _ops = torch.library.Library("fleetserve", "FRAGMENT")
 _ops.define("onednn_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
-_ops.impl("onednn_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), "CPU")
+_ops.impl("onednn_linear", _onednn_linear, "CPU")
 _ops.impl("onednn_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]), "Meta")
 
 
