@@ -126,13 +126,10 @@ def test_up_hands_its_settings_to_the_gateway_and_workers(tmp_path, monkeypatch)
     assert up.worker_env(explicit) == {"FLEETSERVE_MAX_NUM_SEQS": "8"}  # kv_cache_mb comes from the file itself
 
 
-def test_a_worker_on_every_core_gives_small_steps_one_thread_fewer(monkeypatch):
+def test_small_steps_use_every_thread_unless_told(monkeypatch):
     from fleetserve.settings.worker import WorkerSettings
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     for flags in ({}, {"threads": 4}):
-        assert WorkerSettings.load(flags).engine_config().model.small_step_threads == 3
-    assert WorkerSettings.load({"threads": 2}).engine_config().model.small_step_threads is None  # cores to spare
-    assert WorkerSettings.load({"threads": 4, "small_step_threads": 4}).engine_config().model.small_step_threads == 4
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
-    assert WorkerSettings.load({}).engine_config().model.small_step_threads is None
+        assert WorkerSettings.load(flags).engine_config().model.small_step_threads is None
+    assert WorkerSettings.load({"threads": 4, "small_step_threads": 3}).engine_config().model.small_step_threads == 3

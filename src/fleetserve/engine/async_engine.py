@@ -1,8 +1,9 @@
 """AsyncEngine: the LLMEngine on its own thread, with per-request async streams for asyncio servers.
 
-The engine thread alternates between running queued commands (add, abort, export ...) and stepping the engine,
+The engine thread builds the engine (``create``) and then alternates between running queued commands (add, abort, export ...) and stepping the engine,
 so the event loop never waits for a step. Every engine call goes through that thread: the engine itself needs
-no locks. Closing a request's stream early (client gone, task cancelled) aborts it before the next step.
+no locks, and one thread runs all of its torch work (``torch_threads`` says why that matters). Closing a request's
+stream early (client gone, task cancelled) aborts it before the next step.
 A failed step ends only its requests' streams (EngineStepError); after ``unhealthy_after`` failed steps in a row
 ``health()`` reports the engine unhealthy until a step succeeds again.
 """
@@ -34,25 +35,41 @@ class EngineDeadError(FleetServeError):
 
 
 class AsyncEngine:
-    """Async front of one LLMEngine; create it inside a running event loop or pass the loop."""
+    """Async front of one LLMEngine; create it inside a running event loop or pass the loop.
 
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop | None = None, unhealthy_after: int = 3):
-        self.engine = engine
+    ``engine`` is the LLMEngine, or a function that builds it, called on the engine thread (``create``).
+    """
+
+    engine: LLMEngine
+
+    def __init__(
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        loop: asyncio.AbstractEventLoop | None = None,
+        unhealthy_after: int = 3,
+    ):
         self.unhealthy_after = unhealthy_after
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
         self._loop = loop or asyncio.get_running_loop()
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        self._stats = engine.stats()
+        self._built: concurrent.futures.Future[LLMEngine] = concurrent.futures.Future()
+        build = None
+        if isinstance(engine, LLMEngine):
+            self._adopt(engine)
+        else:
+            build = engine
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fleetserve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(build,), name="fleetserve-engine", daemon=True)
         self._thread.start()
 
     @classmethod
     async def create(cls, config: EngineConfig | None = None, progress: bool = True) -> AsyncEngine:
-        """Build the engine (loading the model off the event loop) and start its thread."""
-        engine = await asyncio.to_thread(LLMEngine, config, progress)
-        return cls(engine)
+        """Start the engine thread, build the engine on it (loading the model off the event loop) and return once
+        it serves; a failed build raises here."""
+        engine = cls(lambda: LLMEngine(config, progress))
+        await asyncio.wrap_future(engine._built)
+        return engine
 
     # -- public API --------------------------------------------------------------------------------------
 
@@ -160,7 +177,19 @@ class AsyncEngine:
             self._commands.put((fn, fut))
         return fut
 
-    def _run(self) -> None:
+    def _adopt(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._stats = engine.stats()
+        self._built.set_result(engine)
+
+    def _run(self, build: Callable[[], LLMEngine] | None) -> None:
+        if build is not None:
+            try:
+                self._adopt(build())
+            except BaseException as exc:  # raised by create(); nothing else has started
+                self._built.set_exception(exc)
+                self._stopped.set()
+                return
         try:
             while True:
                 block = not self.engine.has_unfinished()

@@ -12,6 +12,7 @@ like every other link.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import zlib
@@ -23,6 +24,7 @@ from fleetserve.contract import KVTransfer
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.engine.engine import DTYPE_BYTES
 from fleetserve.engine.kv_pins import TRANSFER
+from fleetserve.engine.torch_threads import run_on_own_thread
 from fleetserve.errors import InvalidRequestError
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
@@ -47,7 +49,8 @@ class KvTransferService(pb_grpc.KvTransferServicer):
         rid = request.transfer_id
         core = self.engine.engine
         # Claimed here, not through the engine's thread: a prefill worker's steps can be long, and the pinned
-        # blocks are not written while pinned, so they are read beside the steps.
+        # blocks are not written while pinned, so they are read beside the steps (on a thread of their own: see
+        # engine.torch_threads).
         pin = core.pins.claim(TRANSFER, rid)
         try:
             if pin is None:
@@ -63,7 +66,9 @@ class KvTransferService(pb_grpc.KvTransferServicer):
             start, first = request.start, True
             while start < held or first:
                 end = min(held, start + step)
-                part = await asyncio.to_thread(core.runner.kv_transfer, pin.token_ids, pin.block_table, start, end)
+                part = await run_on_own_thread(
+                    functools.partial(core.runner.kv_transfer, pin.token_ids, pin.block_table, start, end)
+                )
                 chunk = pb.KvChunk(start=start, num_tokens=end - start, data=part.data, crc32=zlib.crc32(part.data))
                 if first:
                     chunk.header.CopyFrom(

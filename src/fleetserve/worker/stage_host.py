@@ -4,22 +4,26 @@ It starts with no layers loaded: it measures how fast it runs one layer, tells t
 ``StageProfile``), and waits for ``Assign``. A later stage holds a StageExecutor; the head (layers from 0) holds a
 whole LLMEngine with the embeddings, the LM head and the scheduler, whose steps go down a GrpcStageLink. Every
 assignment checks the model's fingerprint and layer count, and keeps weights plus KV within the cap.
+
+One thread does a stage's torch work (calibrating, loading its layers, its steps): ``compute``; a head's engine
+has its own, and the stage's thread ends when the node becomes a head (``engine.torch_threads`` says why).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from fleetserve.config import EngineConfig
 from fleetserve.engine.async_engine import AsyncEngine
-from fleetserve.engine.engine import LLMEngine
 from fleetserve.engine.model_runner import ModelRunner, resolve_device, resolve_dtype
 from fleetserve.engine.pipeline import StageExecutor, measure_layer_seconds
 from fleetserve.errors import FleetServeError, StageLinkError
@@ -31,6 +35,7 @@ from fleetserve.settings.worker import WorkerSettings
 from fleetserve.worker.stage_link import GrpcStageLink
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 MiB = 2**20
 OPEN_TIMEOUT_S = 30.0
 
@@ -93,6 +98,12 @@ class StageHost:
         self.generation = 0
         """Counts assignments: a stream opened under one never runs a step on the layers of a later one."""
         self._lock = asyncio.Lock()
+        self.compute = _compute_thread()
+        """The thread of this stage's torch work while it is not a head."""
+
+    async def on_compute(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn)
 
     def calibrate(self) -> None:
         if self.opts.threads:
@@ -140,7 +151,7 @@ class StageHost:
             await self._become_head(a, config)
         else:
             await self._drop_head()
-            self.executor = await asyncio.to_thread(self._executor, config)
+            self.executor = await self.on_compute(lambda: self._executor(config))
         self.assignment = a
         log.info("stage %s now runs layers [%d, %d) with %d KV blocks", self.name, a.layer_start, a.layer_end, blocks)
         return pb.StageStatus(
@@ -188,8 +199,11 @@ class StageHost:
     async def _become_head(self, a: pb.StageAssignment, config: EngineConfig) -> None:
         self.executor = None
         if self.engine is None:
-            core = await asyncio.to_thread(LLMEngine, config.validate(), False)
-            self.engine = AsyncEngine(core)
+            # The stage's compute thread (and with it its OpenMP team) ends; the engine's thread does the work now.
+            self.compute.shutdown(wait=False, cancel_futures=True)
+            self.compute = _compute_thread()
+            self.engine = await AsyncEngine.create(config.validate(), progress=False)
+            core = self.engine.engine
             if self.on_head_change is not None:
                 self.on_head_change(self.engine)
         else:
@@ -256,3 +270,8 @@ class StageHost:
     async def close(self) -> None:
         self._end_streams("this stage is stopping")
         await self._drop_head()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+
+def _compute_thread() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fleetserve-stage")

@@ -79,7 +79,7 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
     """Serve as a stage node until ``stop``; then drain (as a head), deregister and return an exit code."""
     name = opts.name or f"{socket.gethostname()}-stage"
     host = await asyncio.to_thread(StageHost, opts, credentials, name)
-    await asyncio.to_thread(host.calibrate)
+    await host.on_compute(host.calibrate)
     tokenizer = await asyncio.to_thread(Tokenizer.from_dir, host.model_dir)
     worker_service = StageWorkerService(host, opts.served_name, tokenizer.fingerprint)
     stage_service = StageService(host)
@@ -132,7 +132,6 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
         await agent.deregister()
         await agent.close()
     await host.close()
-    stage_service.close()
     await server.stop(grace=1.0)
     return code
 

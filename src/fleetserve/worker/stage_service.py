@@ -10,7 +10,6 @@ table) fails alone with an error reply; a broken link ends the stream, which the
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -35,7 +34,6 @@ _END = object()
 class StageService(pb_grpc.StageServicer):
     def __init__(self, host: StageHost):
         self.host = host
-        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fleetserve-stage")
 
     async def Assign(self, request: pb.StageAssignment, context) -> pb.StageStatus:
         return await self.host.assign(request)
@@ -123,7 +121,7 @@ class StageService(pb_grpc.StageServicer):
                     continue
                 arrived = time.time()  # the transfer ends here; waiting for the compute thread is not part of it
                 run = functools.partial(self._run, msg.step, me, generation, downstream is not None, arrived)
-                running.put_nowait(loop.run_in_executor(self._compute, run))
+                running.put_nowait(loop.run_in_executor(self.host.compute, run))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             forwarder.cancel()
         running.put_nowait(None)
@@ -180,9 +178,6 @@ class StageService(pb_grpc.StageServicer):
             planned = exc.code() == grpc.StatusCode.ABORTED
             text = f"stage {nxt.name} at {nxt.address}: {exc.code().name}: {exc.details()}"
             results.put_nowait(StageLinkError(text, planned=planned))
-
-    def close(self) -> None:
-        self._compute.shutdown(wait=False, cancel_futures=True)
 
 
 class StageWorkerService(pb_grpc.WorkerServicer):
