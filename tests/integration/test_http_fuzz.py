@@ -26,9 +26,9 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 KEY = "fuzz-key"
-EXAMPLES_PER_OPERATION = 16
-"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 16 cases each
-(about 210 in all, as some strategies run dry sooner); those without any give one case each (every case is the
+EXAMPLES_PER_OPERATION = 10
+"""Per operation and mode (valid, invalid): the operations with parameters or bodies get up to 2 x 10 cases each
+(fewer where a strategy runs dry sooner); those without any give one case each (every case is the
 same request)."""
 MAX_TOKENS = 3
 TIMEOUT_S = 60
@@ -124,7 +124,7 @@ def test_no_generated_request_gets_a_5xx_and_every_4xx_has_an_error_body(fleet):
     cases = sum(statuses.values())
     print(f"\nschemathesis: {cases} cases over {len(operations)} operations in {took:.0f} s; statuses {statuses}")
     assert problems == [], "\n".join(problems[:20])
-    assert cases >= 180
+    assert cases >= 110
     assert any(200 <= s < 300 for s in statuses), "no generated request succeeded"
 
 
