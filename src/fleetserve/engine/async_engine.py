@@ -1,9 +1,9 @@
 """AsyncEngine: the LLMEngine on its own thread, with per-request async streams for asyncio servers.
 
-The engine thread builds the engine (``create``) and then alternates between running queued commands (add, abort, export ...) and stepping the engine,
-so the event loop never waits for a step. Every engine call goes through that thread: the engine itself needs
-no locks, and one thread runs all of its torch work (``torch_threads`` says why that matters). Closing a request's
-stream early (client gone, task cancelled) aborts it before the next step.
+The engine thread builds the engine (``create``), then alternates between running queued commands (add, abort,
+export ...) and stepping the engine, so the event loop never waits for a step. Every engine call goes through that
+thread: the engine itself needs no locks, and one thread runs all of its torch work (``torch_threads`` says why
+that matters). Closing a request's stream early (client gone, task cancelled) aborts it before the next step.
 A failed step ends only its requests' streams (EngineStepError); after ``unhealthy_after`` failed steps in a row
 ``health()`` reports the engine unhealthy until a step succeeds again.
 """
