@@ -20,7 +20,7 @@ from tests.helpers import engine_config
 # runs eight streams of 32 tokens, and reports each thread's CPU time and voluntary context switches (sleeps) over the steps.
 SCRIPT = textwrap.dedent(
     """
-    import asyncio, json, os, sys
+    import asyncio, json, os, sys, threading
     from fleetserve.contract import SamplingParams
     from fleetserve.engine.async_engine import AsyncEngine
     from tests.helpers import engine_config
@@ -56,7 +56,6 @@ SCRIPT = textwrap.dedent(
         await engine.close()
         print(json.dumps(report))
 
-    import threading
     asyncio.run(main())
     """
 )

@@ -41,7 +41,7 @@ class EngineSettings(Settings):
     max_model_len: int | None = option(None, "context window in tokens (default: the model's own)")
     small_step_threads: int | None = option(
         None,
-        "torch threads for steps of at most 4 rows (decodes of a few sequences) (default: --threads)",
+        "torch threads for steps of at most 4 rows, the decodes of a few sequences (default: --threads)",
     )
 
     def engine_config(self) -> EngineConfig:
