@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -121,9 +122,9 @@ class Fleet:
         raise TimeoutError(f"expected {count} healthy workers, /ready says {body}")
 
     def stop(self) -> None:
-        """The workers (the latest first), then the gateway."""
-        for w in reversed(self.workers):
-            w.stop()
+        """The workers, side by side (each drains and deregisters), then the gateway."""
+        with ThreadPoolExecutor(max(1, len(self.workers))) as pool:
+            list(pool.map(lambda w: w.stop(), self.workers))
         self.gateway.stop()
 
 
@@ -144,13 +145,14 @@ def start_fleet(
     if api_key:
         args += ["--api-key", api_key]
     gateway = spawn(*args, *gateway_args, env=gateway_env)
-    gateway.wait_for(re.compile("fleetserve gateway ready"))
     fleet = Fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control_port}", gateway, [], api_key, worker_env)
     try:
+        # The workers load the model side by side while the gateway starts; they register once it listens.
         started = [
             fleet.start_worker(f"worker-{i}", env=per_worker_env[i] if per_worker_env else None) for i in range(workers)
         ]
-        for proc in started:  # they load the model side by side
+        gateway.wait_for(re.compile("fleetserve gateway ready"))
+        for proc in started:
             proc.wait_for(READY_WORKER)
         if workers:
             fleet.wait_workers(workers)

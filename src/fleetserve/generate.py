@@ -8,6 +8,7 @@ import sys
 import time
 
 from fleetserve.contract import SamplingParams
+from fleetserve.model_files import resolve_source
 from fleetserve.settings.generate import GenerateSettings
 
 
@@ -16,10 +17,6 @@ def run_generate(s: GenerateSettings, prompt: str) -> int:
     prompt = prompt if prompt != "-" else sys.stdin.read()
     if s.url:
         return _generate_remote(s, prompt)
-    from fleetserve.engine.engine import LLMEngine
-    from fleetserve.text.detokenizer import IncrementalDetokenizer
-    from fleetserve.text.tokenizer import Tokenizer
-
     params = SamplingParams(
         max_tokens=s.max_tokens,
         temperature=s.temperature,
@@ -28,7 +25,13 @@ def run_generate(s: GenerateSettings, prompt: str) -> int:
         seed=s.seed,
         ignore_eos=s.ignore_eos,
     ).validate()
-    engine = LLMEngine(s.engine_config(), progress=True)
+    config = s.engine_config()
+    resolve_source(config.model.model)  # an unknown model or a missing file is said before torch loads
+    from fleetserve.engine.engine import LLMEngine
+    from fleetserve.text.detokenizer import IncrementalDetokenizer
+    from fleetserve.text.tokenizer import Tokenizer
+
+    engine = LLMEngine(config, progress=True)
     tokenizer = Tokenizer.from_dir(engine.model_dir)
     if s.raw:
         ids = tokenizer.encode(prompt)

@@ -30,6 +30,7 @@ def test_generate_streams_text(model_dir):
 
 def test_generate_seeded_sampling_repeats(model_dir):
     args = ("generate", "Tell me a story.", "--max-tokens", "12", "--temperature", "1.0", "--seed", "7", "--quiet")
+    args += ("--threads", "1")  # one core each
     with ThreadPoolExecutor(2) as pool:  # two separate processes, side by side
         a, b = pool.map(lambda _: fleetserve(*args), range(2))
     assert a.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()

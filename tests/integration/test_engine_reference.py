@@ -5,28 +5,18 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
-NEW_TOKENS = 24
 
-
-def test_greedy_matches_transformers_generate(engine, hf_model, chat_prompts):
+def test_greedy_matches_transformers_generate(engine, hf_reference, chat_prompts):
     from fleetserve.contract import SamplingParams
 
-    assert len(chat_prompts) >= 8
+    assert len(chat_prompts) >= 8 and hf_reference["prompts"] == chat_prompts
+    n = hf_reference["new_tokens"]
     # min_tokens masks EOS exactly as min_new_tokens does in transformers
-    ours = engine.generate(chat_prompts, SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS))
-    for prompt, got in zip(chat_prompts, ours):
-        with torch.no_grad():
-            ref = hf_model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-            )[0, len(prompt) :].tolist()
-        assert got == ref
+    ours = engine.generate(chat_prompts, SamplingParams(max_tokens=n, min_tokens=n))
+    assert ours == hf_reference["greedy"]
 
 
-def test_first_step_logits_match_transformers(engine, hf_model, chat_prompts):
+def test_first_step_logits_match_transformers(engine, hf_reference, chat_prompts):
     # Beyond the argmax: the whole next-token distribution agrees to float32 rounding.
     from fleetserve.contract import SamplingParams
     from fleetserve.engine.scheduler import SampledToken
@@ -37,7 +27,6 @@ def test_first_step_logits_match_transformers(engine, hf_model, chat_prompts):
     hidden = engine.runner.forward(plan)
     logits, _ = engine.runner.logits(plan, hidden)
     engine.scheduler.update(plan, {rid: SampledToken(0)})
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([prompt])).logits[0, -1]
+    ref = torch.tensor(hf_reference["first_logits"])
     assert torch.allclose(logits[0], ref, atol=1e-3, rtol=1e-4)
     assert not engine.has_unfinished()
