@@ -151,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetserve import certs
 
     certs.add_arguments(sub.add_parser("certs", help="make a fleet's CA and certificates for mutual TLS"))
+    from fleetserve import probe
+
+    probe.add_arguments(
+        sub.add_parser(
+            "probe",
+            help="ask a worker whether it serves (a liveness or readiness check; exit code 0 when it does)",
+            description=probe.DESCRIPTION,
+        )
+    )
     sub.add_parser(
         "bench",
         help="benchmarks (see docs/benchmarks.md)",
@@ -185,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
             from fleetserve import certs
 
             return certs.run(args)
+        if args.command == "probe":
+            from fleetserve import probe
+
+            return probe.run(args)
         return COMMANDS[args.command][1](load_settings(args), args)
     except FleetServeError as exc:
         print(f"fleetserve: error: {exc}", file=sys.stderr)

@@ -4,7 +4,10 @@ bad messages leave a worker serving, and registrations are held to the gateway's
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import subprocess
+import sys
 import time
 
 import grpc
@@ -209,3 +212,23 @@ def test_registrations_are_held_to_the_worker_networks_and_learn_nothing_of_dial
         assert httpx.get(f"http://127.0.0.1:{port}/admin/routing", timeout=10).json()["workers"] == []
     finally:
         gateway.stop()
+
+
+def test_fleetserve_probe_asks_a_worker_with_the_secret(fleet):
+    """The command a Kubernetes probe runs: 0 when the worker serves (generating a token with --generate), 2
+    when the call is refused for want of the secret or nobody answers."""
+    address = sorted(fleet.addresses)[0]
+
+    def probe(*args: str, secret: str | None = FLEET_SECRET) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != SECRET_ENV} | ({SECRET_ENV: secret} if secret else {})
+        command = [sys.executable, "-m", "fleetserve", "probe", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+
+    alive = probe(address)
+    assert alive.returncode == 0 and "alive" in alive.stdout, alive.stderr
+    generated = probe(address, "--generate")
+    assert generated.returncode == 0 and re.search(r"generated one token in \d+ ms", generated.stdout)
+    refused = probe(address, secret=None)
+    assert refused.returncode == 2 and "UNAUTHENTICATED" in refused.stderr
+    nobody = probe(f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert nobody.returncode == 2 and "UNAVAILABLE" in nobody.stderr

@@ -41,6 +41,10 @@ def test_models_and_ready(fleet, client):
     body = fleet.ready()
     assert body["ready"] is True and body["models"][MODEL]["healthy_workers"] == 2
     assert httpx.get(fleet.url + "/health").json() == {"status": "ok"}  # no key needed
+    anonymous = httpx.get(fleet.url + "/ready", timeout=30)  # a Kubernetes probe's view: ready or not, no more
+    assert anonymous.status_code == 200 and anonymous.json() == {"ready": True}
+    wrong = httpx.get(fleet.url + "/ready", headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert wrong.json() == {"ready": True}
 
 
 def test_chat_streamed_equals_non_streamed_equals_engine(client, engine, tokenizer):

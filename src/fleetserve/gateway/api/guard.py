@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fleetserve.gateway.api import responses
 from fleetserve.settings.gateway import GatewaySettings
 
-PUBLIC_PATHS = {"/health", "/", "/favicon.ico"}
-"""Routes open without an API key: liveness and the console's static page (its API calls carry the key)."""
+PUBLIC_PATHS = {"/health", "/ready", "/", "/favicon.ico"}
+"""Routes open without an API key: liveness, readiness (which tells a caller without a key only whether the
+gateway is ready, for a Kubernetes probe) and the console's static page (its API calls carry the key)."""
 PUBLIC_PREFIX = "/console/"
 """The console's static files are open too."""
 ADMIN_PREFIX = "/admin"

@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from fleetserve.gateway.api import docs
 from fleetserve.gateway.api.deps import StateDep
+from fleetserve.gateway.api.guard import ANONYMOUS, caller_of
 from fleetserve.gateway.registry import WorkerRecord, probe_generation
 from fleetserve.gateway.state import GatewayState
 
@@ -45,10 +46,13 @@ def probe(state: GatewayState, w: WorkerRecord) -> asyncio.Task[tuple[bool, str]
     "/ready",
     responses=docs.answers({200: ("Every model has a worker that generates.", None), 503: ("Not ready.", None)}),
 )
-async def ready(state: StateDep):
+async def ready(state: StateDep, request: Request):
     """Ready when every model has at least one worker that really generates a token (probed at most every
     PROBE_INTERVAL_S per worker) and every model of pipeline stage nodes a serving pipeline (its entry says what
-    the pipeline is doing, e.g. "waiting for capacity: ...")."""
+    the pipeline is doing, e.g. "waiting for capacity: ...").
+
+    Open without an API key (a Kubernetes readiness probe has none); where keys are set, a caller without one
+    gets ``{"ready": ...}`` and the status code only, not the models and workers."""
     workers = [w for w in state.registry.workers.values() if w.routable]
     for gone in set(state.probes) - {w.worker_id for w in workers}:
         state.probes.pop(gone)
@@ -68,7 +72,10 @@ async def ready(state: StateDep):
             if not pipelines.serving(name):
                 waiting.add(name)
     is_ready = bool(models) and all(m["healthy_workers"] > 0 and n not in waiting for n, m in models.items())
-    return JSONResponse({"ready": is_ready, "models": models}, status_code=200 if is_ready else 503)
+    status = 200 if is_ready else 503
+    if state.settings.api_key and caller_of(request.scope) is ANONYMOUS:
+        return JSONResponse({"ready": is_ready}, status_code=status)
+    return JSONResponse({"ready": is_ready, "models": models}, status_code=status)
 
 
 @router.get("/metrics", include_in_schema=False)
