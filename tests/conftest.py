@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
 # Keep converted models inside the test session's cache unless the caller chose a cache folder.
-os.environ.setdefault("FLEETSERVE_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "fleetserve"))
+os.environ.setdefault("FLEETSERVE_CACHE", str(ROOT / ".cache" / "fleetserve"))
 
 
 @pytest.fixture(scope="session")
@@ -59,65 +62,126 @@ def engine(make_engine):
 
 REFERENCE_TOKENS = 24
 """How many tokens transformers generates for each chat prompt in the reference answers."""
-_REFERENCE = pytest.StashKey["HfReference"]()
+_HELPERS = pytest.StashKey[dict]()
 
 
-class HfReference:
-    """transformers' answers to the chat prompts, computed by ``tests/hf_reference.py`` in a process of its own."""
+class Helper:
+    """A process the session starts as soon as it knows it will be needed (``python -m MODULE ARGS``), its
+    output in a log file, so that its work overlaps the tests before the ones that wait for it. With ``after``,
+    it starts once that helper has finished (one helper at a time leaves the tests a core)."""
 
-    def __init__(self, prompts: list[list[int]], folder: Path):
-        self.prompts = prompts
+    def __init__(
+        self, module: str, args: list[str], folder: Path, env: dict[str, str] | None = None, after: Helper | None = None
+    ):
+        self.module = module
         self.folder = folder
-        self.response = folder / "response.json"
         self.log = folder / "output.log"
-        request = folder / "request.json"
-        request.write_text(json.dumps({"prompts": prompts, "new_tokens": REFERENCE_TOKENS}))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "tests.hf_reference", str(request), str(self.response)]
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(
-                command, cwd=Path(__file__).resolve().parent.parent, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
+        self.command = [sys.executable, "-m", module, *args]
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._launched = threading.Event()
+        if after is None:
+            self._launch()
+        else:
+            threading.Thread(target=self._launch_after, args=(after,), daemon=True).start()
 
-    def result(self, timeout: float = 600) -> dict:
-        """The answers: ``greedy`` (one list of ids per prompt) and ``first_logits`` (after the first prompt)."""
-        code = self.process.wait(timeout)
-        assert code == 0, f"tests/hf_reference.py exited with {code}:\n{self.log.read_text()[-3000:]}"
-        return {**json.loads(self.response.read_text()), "prompts": self.prompts, "new_tokens": REFERENCE_TOKENS}
+    def _launch_after(self, before: Helper) -> None:
+        with contextlib.suppress(Exception):
+            before.wait()
+        self._launch()
+
+    def _launch(self) -> None:
+        with self._lock:
+            if not self._stopped:
+                with self.log.open("w") as log:
+                    self.process = subprocess.Popen(
+                        self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                    )
+            self._launched.set()
+
+    def wait(self, timeout: float = 900) -> int | None:
+        assert self._launched.wait(timeout), f"{self.module} did not start"
+        return self.process.wait(timeout) if self.process is not None else None
+
+    def failure(self) -> str:
+        code = self.process.returncode if self.process is not None else None
+        return f"{self.module} exited with {code}:\n{self.log.read_text()[-3000:]}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        with self._lock:
+            self._stopped = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _start_reference(config: pytest.Config) -> HfReference:
-    if _REFERENCE not in config.stash:
-        from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir
-        from fleetserve.text.tokenizer import Tokenizer
-        from tests.helpers import PROMPTS
+def _helpers(config: pytest.Config) -> dict[str, Helper]:
+    if _HELPERS not in config.stash:
+        config.stash[_HELPERS] = {}
+    return config.stash[_HELPERS]
 
-        tok = Tokenizer.from_dir(prepare_model_dir(DEFAULT_MODEL, progress=False))
-        prompts = [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+
+def _chat_prompt_ids() -> list[list[int]]:
+    from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir
+    from fleetserve.text.tokenizer import Tokenizer
+    from tests.helpers import PROMPTS
+
+    tok = Tokenizer.from_dir(prepare_model_dir(DEFAULT_MODEL, progress=False))
+    return [tok.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+def _start_reference(config: pytest.Config) -> Helper:
+    """transformers' answers to the chat prompts (``tests/hf_reference.py``), on one thread."""
+    helpers = _helpers(config)
+    if "reference" not in helpers:
         folder = Path(tempfile.mkdtemp(prefix="fleetserve-hf-reference-"))
-        config.stash[_REFERENCE] = HfReference(prompts, folder)
-    return config.stash[_REFERENCE]
+        request = {"prompts": _chat_prompt_ids(), "new_tokens": REFERENCE_TOKENS}
+        (folder / "request.json").write_text(json.dumps(request))
+        args = [str(folder / "request.json"), str(folder / "response.json")]
+        after = helpers.get("compile")  # needed sooner: the reference waits for it
+        helpers["reference"] = Helper("tests.hf_reference", args, folder, {"OMP_NUM_THREADS": "1"}, after)
+    return helpers["reference"]
+
+
+def _start_compile_warmup(config: pytest.Config) -> Helper:
+    """The compiled-decode tests' graphs built into the inductor cache ahead of them (``tests/warm_compile.py``)."""
+    helpers = _helpers(config)
+    if "compile" not in helpers:
+        from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir
+
+        prepare_model_dir(DEFAULT_MODEL, progress=False)  # converted once, here, not by two processes at once
+        helpers["compile"] = Helper("tests.warm_compile", [], Path(tempfile.mkdtemp(prefix="fleetserve-warm-")))
+    return helpers["compile"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Start transformers on the reference answers now when a test will want them (they take half a minute)."""
+    """Start the helpers the selected tests will wait for, now (each takes most of a minute)."""
+    if any(item.get_closest_marker("compiles") for item in items):
+        _start_compile_warmup(config)
     if any("hf_reference" in getattr(item, "fixturenames", ()) for item in items):
         _start_reference(config)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _REFERENCE in config.stash:
-        config.stash[_REFERENCE].stop()
+    for helper in _helpers(config).values():
+        helper.stop()
 
 
 @pytest.fixture(scope="session")
 def hf_reference(pytestconfig) -> dict:
     """transformers' greedy continuations of the chat prompts (REFERENCE_TOKENS each, EOS masked) and its
     next-token logits after the first, from the GGUF file through its own de-quantizer, in float32."""
-    return _start_reference(pytestconfig).result()
+    helper = _start_reference(pytestconfig)
+    assert helper.wait() == 0, helper.failure()
+    request = json.loads((helper.folder / "request.json").read_text())
+    return {**json.loads((helper.folder / "response.json").read_text()), **request}
+
+
+@pytest.fixture(scope="session")
+def compile_warmed(pytestconfig) -> None:
+    """Wait for the inductor cache to hold the compiled-decode tests' graphs (a failed warm-up only costs time:
+    the tests compile whatever is missing themselves)."""
+    _start_compile_warmup(pytestconfig).wait()

@@ -18,7 +18,7 @@ from fleetserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from fleetserve.model_files import load_arch
 from tests.helpers import engine_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.compiles]
 
 BLOCK = 16
 MAX_SEQS = 8
@@ -39,7 +39,7 @@ def runner(model_dir, compile: bool) -> ModelRunner:
 
 
 @pytest.fixture(scope="module")
-def runners(model_dir):
+def runners(model_dir, compile_warmed):
     compiled = runner(model_dir, compile=True)
     assert compiled.compiled is not None
     assert compiled.compiled.wait(timeout=900), "the decode buckets did not compile in 15 minutes"

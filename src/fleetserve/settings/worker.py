@@ -14,7 +14,11 @@ class WorkerSettings(EngineSettings):
 
     command: ClassVar[str] = "worker"
 
-    gateway: str | None = option(None, "the gateway's control address HOST:PORT (none: standalone)")
+    gateway: str | None = option(
+        None,
+        "the gateway's control address HOST:PORT, or several comma-separated (HOST:PORT,HOST:PORT): the worker "
+        "registers with each and serves them all (none: standalone)",
+    )
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "gRPC port (0: a free one)")
     advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
@@ -50,6 +54,11 @@ class WorkerSettings(EngineSettings):
     kv_fetch_timeout: float = option(
         30.0, "seconds a decode worker waits for a prompt's KV before it computes the prompt itself"
     )
+
+    @property
+    def gateways(self) -> list[str]:
+        """Every gateway this worker registers with (none: standalone)."""
+        return [g.strip() for g in (self.gateway or "").split(",") if g.strip()]
 
     @property
     def served_name(self) -> str:

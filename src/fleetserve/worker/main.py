@@ -12,6 +12,7 @@ import sys
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.engine.engine import LLMEngine
 from fleetserve.engine.kv_pins import SESSION
+from fleetserve.errors import InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol.security import FleetCredentials
@@ -66,6 +67,8 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     credentials = FleetCredentials.from_settings(opts)  # a bad TLS setting stops the worker before the model loads
+    if opts.role == "stage" and len(opts.gateways) > 1:
+        raise InvalidRequestError("a stage node takes its layers from one gateway: give one --gateway", "gateway")
     if opts.role == "stage":
         from fleetserve.worker.stage_node import run_stage_node
 
@@ -85,11 +88,11 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     address = opts.advertise or f"{opts.host}:{port}"
     name = opts.name or f"{socket.gethostname()}-{port}"
     info = worker_info(opts, engine, tokenizer.fingerprint, name, address)
-    agent = None
-    agent_task = None
-    if opts.gateway:
-        agent = WorkerAgent(
-            opts.gateway,
+    # One agent per gateway: each registers, heartbeats and takes commands on its own; gateways that share the
+    # worker see its whole load in every heartbeat. A drain or stop from any one of them applies to the worker.
+    agents = [
+        WorkerAgent(
+            gateway,
             info,
             stats=lambda: convert.stats_to_proto(engine.stats()),
             credentials=credentials,
@@ -99,19 +102,22 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
             on_stop=stop.set,
             sessions=lambda: engine.call(lambda: pinned_sessions(core)),
         )
-        agent_task = asyncio.create_task(agent.run())
+        for gateway in opts.gateways
+    ]
+    agent_tasks = {asyncio.create_task(agent.run()) for agent in agents}
     print(f"fleetserve worker ready: {name} at {address}, model {opts.served_name}{metrics_note}", flush=True)
 
     code = 0
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({waiter, *([agent_task] if agent_task else [])}, return_when=asyncio.FIRST_COMPLETED)
-    if agent_task in done and agent_task.exception() is not None:
-        exc = agent_task.exception()
+    done, _ = await asyncio.wait({waiter, *agent_tasks}, return_when=asyncio.FIRST_COMPLETED)
+    failed = next((t for t in done if t is not waiter and t.exception() is not None), None)
+    if failed is not None:
+        exc = failed.exception()
         code = 3 if isinstance(exc, RegistrationRefused) else 1
         print(f"fleetserve worker: registration refused: {exc}", file=sys.stderr, flush=True)
     # Drain: take no new requests, finish the ones we have, then leave.
     service.draining = True
-    if agent:
+    for agent in agents:
         agent.draining = True
     stats = engine.stats()
     _say(f"fleetserve worker: draining {name} ({stats.running + stats.waiting} request(s) to finish)")
@@ -120,11 +126,11 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         _say(f"fleetserve worker: {name} drained")
     except asyncio.TimeoutError:
         log.warning("drain timed out after %.0fs; stopping with requests still running", opts.drain_timeout)
-    if agent_task:
-        agent_task.cancel()
-        await asyncio.gather(agent_task, return_exceptions=True)
-        await agent.deregister()
-        await agent.close()
+    for task in agent_tasks:
+        task.cancel()
+    await asyncio.gather(*agent_tasks, return_exceptions=True)
+    await asyncio.gather(*(agent.deregister() for agent in agents), return_exceptions=True)
+    await asyncio.gather(*(agent.close() for agent in agents), return_exceptions=True)
     waiter.cancel()
     await server.stop(grace=1.0)
     await service.kv_fetcher.close()
