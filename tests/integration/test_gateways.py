@@ -30,10 +30,14 @@ class Pair:
             spawn("worker", "--gateway", controls, "--name", f"worker-{i}", "--threads", "1", "--kv-cache-mb", "64")
             for i in range(2)
         ]
-        for proc in [*self.gateways, *self.workers]:
-            proc.wait_for(GATEWAY_READY if proc in self.gateways else READY_WORKER)
-        for i in range(2):
-            self.wait_healthy(i, 2)
+        try:
+            for proc in [*self.gateways, *self.workers]:
+                proc.wait_for(GATEWAY_READY if proc in self.gateways else READY_WORKER)
+            for i in range(2):
+                self.wait_healthy(i, 2)
+        except BaseException:
+            self.stop()
+            raise
 
     def start_gateway(self, i: int):
         port, control = self.ports[i]
