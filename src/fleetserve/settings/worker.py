@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
+from pydantic import model_validator
+
 from fleetserve.config import EngineConfig, RetentionConfig
+from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
 
@@ -54,6 +57,12 @@ class WorkerSettings(EngineSettings):
     kv_fetch_timeout: float = option(
         30.0, "seconds a decode worker waits for a prompt's KV before it computes the prompt itself"
     )
+
+    @model_validator(mode="after")
+    def _one_gateway_for_a_stage(self) -> WorkerSettings:
+        if self.role == "stage" and len(self.gateways) > 1:
+            raise InvalidRequestError("a stage node takes its layers from one gateway: give one --gateway", "gateway")
+        return self
 
     @property
     def gateways(self) -> list[str]:

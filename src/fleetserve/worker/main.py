@@ -12,7 +12,6 @@ import sys
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.engine.engine import LLMEngine
 from fleetserve.engine.kv_pins import SESSION
-from fleetserve.errors import InvalidRequestError
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol.security import FleetCredentials
@@ -67,8 +66,6 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     credentials = FleetCredentials.from_settings(opts)  # a bad TLS setting stops the worker before the model loads
-    if opts.role == "stage" and len(opts.gateways) > 1:
-        raise InvalidRequestError("a stage node takes its layers from one gateway: give one --gateway", "gateway")
     if opts.role == "stage":
         from fleetserve.worker.stage_node import run_stage_node
 

@@ -99,9 +99,9 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
     host.on_head_change = worker_service.set_engine
     agent = None
     tasks: set[asyncio.Task] = set()
-    if opts.gateway:
+    if opts.gateways:  # one at most: the settings refuse a list for a stage node
         agent = WorkerAgent(
-            opts.gateway,
+            opts.gateways[0],
             stage_info(opts, host, tokenizer.fingerprint, name, address),
             stats=lambda: convert.stats_to_proto(host.engine.stats()) if host.engine else pb.WorkerStats(),
             credentials=credentials,
