@@ -38,16 +38,22 @@ async def main():
     print(json.dumps({{"status": reply.status_code, "text": reply.json()["choices"][0]["message"]["content"],
         "answer": ANSWER, "modules": sorted(m for m in ("torch", "safetensors", "fleetserve.engine",
         "fleetserve.worker.server") if m in sys.modules), "rss_kib": rss}}))
+    # Everything stops before the loop closes: a gRPC server left to the interpreter's teardown can crash it.
     task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await server.stop(None)
     gateway.cancel()
+    await asyncio.gather(gateway, return_exceptions=True)
 
 asyncio.run(main())
 """
 
 
 def test_gateway_serves_without_importing_torch():
+    from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir
     from tests.fleet import free_port
 
+    prepare_model_dir(DEFAULT_MODEL, progress=False)  # the stub reads the model's files; converting them is not ours
     script = SCRIPT.format(tests=str(Path(__file__).parents[1]), port=free_port(), control=free_port())
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
