@@ -18,12 +18,14 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 
-# The tests start a real redis-server (the response cache's shared backend) and drive the console in Debian's
-# Chromium; install what is missing when apt can (root or passwordless sudo).
+# The tests start a real redis-server (the response cache's shared backend), drive the console in Debian's
+# Chromium and make hosts out of network namespaces with iproute2's ip; install what is missing when apt can
+# (root or passwordless sudo).
 if [ -n "$kind" ] && command -v apt-get >/dev/null 2>&1; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   [ -x /usr/bin/chromium ] || missing="$missing chromium"
+  command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; else sudo="no"; fi
     if [ "$sudo" != "no" ]; then

@@ -59,11 +59,13 @@ and a compiled decode step rounds differently from the eager prefill (and compil
 PROCESS_ENV = {"FLEETSERVE_DTYPE": PROCESS_DTYPE, "FLEETSERVE_COMPILE": "false"}
 
 
-def spawn(*args: str, env: dict[str, str | None] | None = None) -> Proc:
+def spawn(*args: str, env: dict[str, str | None] | None = None, inside: tuple[str, ...] = ()) -> Proc:
     """Start ``fleetserve *args`` in its own process group, with the session's fleet secret, float32 weights and
-    eager steps (PROCESS_ENV) in its environment and ``env`` over it (a None value unsets a variable)."""
+    eager steps (PROCESS_ENV) in its environment and ``env`` over it (a None value unsets a variable); ``inside``:
+    a command that runs it (``ip netns exec NS``)."""
     env = {SECRET_ENV: FLEET_SECRET, **PROCESS_ENV, **(env or {})}
-    spec = ChildSpec(args[0] if args else "fleetserve", [sys.executable, "-m", "fleetserve", *args], env)
+    argv = [*inside, sys.executable, "-m", "fleetserve", *args]
+    spec = ChildSpec(args[0] if args else "fleetserve", argv, env)
     return Proc(Child(spec).launch())
 
 

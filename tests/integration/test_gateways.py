@@ -82,6 +82,31 @@ def test_each_worker_registers_with_both_gateways_and_either_serves(pair):
     assert complete(pair.url(0), bodies) == complete(pair.url(1), bodies)
 
 
+def test_a_session_started_through_one_gateway_is_found_by_the_other(pair):
+    history = [{"role": "user", "content": " ".join(PROMPTS) + " Which of these is hardest?"}]
+    first = httpx.post(
+        pair.url(0) + "/v1/chat/completions", json={**chat_body("", max_tokens=8), "messages": history},
+        headers={"X-Session-Id": "across"}, timeout=120,
+    )  # fmt: skip
+    assert first.status_code == 200, first.text
+    deadline = time.monotonic() + 30  # gateway 1 learns of the session from the workers' heartbeats
+    while not any(w["sessions_held"] for w in pair.workers_of(1).values()):
+        assert time.monotonic() < deadline, pair.workers_of(1)
+        time.sleep(0.2)
+    history += [first.json()["choices"][0]["message"], {"role": "user", "content": "And the easiest?"}]
+    second = httpx.post(
+        pair.url(1) + "/v1/chat/completions", json={**chat_body("", max_tokens=8), "messages": history},
+        headers={"X-Session-Id": "across"}, timeout=120,
+    )  # fmt: skip
+    assert second.status_code == 200, second.text
+    assert (
+        second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= first.json()["usage"]["prompt_tokens"] - 16
+    )
+    metrics = httpx.get(pair.url(1) + "/metrics", timeout=10).text
+    assert re.search(r'fleetserve_session_turns_total\{[^}]*placement="held"[^}]*\} 1\.0', metrics), metrics[-3000:]
+    assert httpx.delete(pair.url(1) + "/v1/sessions/across", timeout=10).status_code == 200
+
+
 def test_a_gateway_killed_mid_load_loses_nothing_a_client_retries_elsewhere(pair):
     reference = complete(pair.url(1), [chat_body(q, max_tokens=24) for q in PROMPTS])
 

@@ -38,6 +38,22 @@ def test_a_session_is_held_where_its_last_turn_finished_and_moves_when_that_work
     assert table.forget("k:s") is not None and len(table) == 0
 
 
+def test_a_session_this_gateway_never_saw_goes_to_the_worker_whose_heartbeat_lists_it():
+    reg, w = registry("a", "b", "c")
+    table = SessionTable(reg)  # another gateway served the turns; this one knows only the heartbeats
+    pinned = {"a": 9.0, "b": 0.5}
+    for name, idle in pinned.items():
+        w[name].sessions = {"k:s": pb.PinnedSession(session_id="k:s", tokens=64, blocks=4, idle_s=idle)}
+    assert table.holder("k:s", "m") is w["b"]  # the most recently used copy
+    assert table.holder("k:s", "other-model") is None and table.holder("k:other", "m") is None
+    w["b"].state = WorkerState.DRAINING
+    assert table.holder("k:s", "m") is w["a"]
+    table.record("k:s", "m", w["c"])  # a turn here moves it; the table's own entry comes first from now on
+    assert table.holder("k:s", "m") is w["c"]
+    w["c"].state = WorkerState.DEAD  # its worker gone: back to what the heartbeats say
+    assert table.holder("k:s", "m") is w["a"]
+
+
 def test_the_table_is_bounded_and_ids_are_checked():
     reg, w = registry("a")
     table = SessionTable(reg, max_sessions=2)

@@ -5,7 +5,9 @@ clients' ids never meet) and remembers the worker that finished its latest turn.
 pinned for its TTL (the engine's :mod:`~fleetserve.engine.kv_pins`), so the next turn, routed there, prefills only
 its new tokens. When the worker is gone or draining the turn goes elsewhere, prefills the whole history there, and
 the session moves (the old worker, if still up, is told to let go). What each worker actually holds comes from
-its heartbeats: a session whose TTL ran out there is no longer listed.
+its heartbeats: a session whose TTL ran out there is no longer listed. Those heartbeats go to every gateway a
+worker serves, so a gateway that never saw a session (its turns went through another gateway, since lost) still
+finds the worker that holds it.
 """
 
 from __future__ import annotations
@@ -62,12 +64,21 @@ class SessionTable:
         return key in self._entries
 
     def holder(self, key: str, model: str) -> WorkerRecord | None:
-        """The routable worker holding the session for ``model``, if any."""
+        """The routable worker holding the session for ``model``, if any: the one that finished its latest turn
+        here; else, when this gateway has no such worker (the turns went through another gateway, or this one
+        restarted), the routable worker of ``model`` whose heartbeat lists the session, the most recently used
+        first. Workers report their sessions to every gateway they serve, so a session outlives its gateway."""
         entry = self._entries.get(key)
-        if entry is None or entry.model != model:
-            return None
-        record = self.registry.workers.get(entry.worker_id)
-        return record if record is not None and record.routable else None
+        if entry is not None:
+            if entry.model != model:
+                return None
+            record = self.registry.workers.get(entry.worker_id)
+            if record is not None and record.routable:
+                return record
+        listed = [
+            w for w in self.registry.workers.values() if key in w.sessions and w.routable and w.info.model == model
+        ]
+        return min(listed, key=lambda w: w.sessions[key].idle_s, default=None)
 
     def record(self, key: str, model: str, worker: WorkerRecord) -> WorkerRecord | None:
         """A turn of the session finished on ``worker``; returns the worker that held it before when that was
