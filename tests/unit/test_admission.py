@@ -169,3 +169,67 @@ def test_a_pool_routes_among_its_role_and_a_preferred_worker_goes_first():
         assert (await adm.acquire("m", gone, 19)).worker.info.role != "prefill" and gone.pool is None
 
     run(main())
+
+
+def big_fleet(count, policy="prefix-aware"):
+    reg = WorkerRegistry(connect=lambda address: (None, object()))
+    for i in range(count):
+        reg.register(pb.WorkerInfo(name=f"w{i:03}", address=f"127.0.0.1:{i + 1}", model="m", max_num_seqs=4,
+                                   kv_blocks_total=100, block_size=16))  # fmt: skip
+    return reg, make_policy(policy)
+
+
+def test_a_large_fleet_routes_over_a_shortlist_that_keeps_the_policys_choice():
+    from fleetserve.gateway.admission import SHORTLIST_ABOVE
+
+    async def main():
+        reg, policy = big_fleet(SHORTLIST_ABOVE * 3)
+        admission = Admission(reg, lambda model: policy)
+        workers = list(reg.workers.values())
+        # Cold prompts spread over the least loaded, one each, before any worker takes a second.
+        leases = [await admission.acquire("m", RouteRequest("m", f"c{i}", list(range(i * 100, i * 100 + 32))), 40)
+                  for i in range(len(workers))]  # fmt: skip
+        assert sorted(lease.worker.worker_id for lease in leases) == sorted(w.worker_id for w in workers)
+        for lease in leases:
+            lease.release()
+        # A prompt whose first block a worker's heartbeat lists goes there, among a hundred idle workers.
+        prompt = list(range(5000, 5048))
+        holder = workers[77]
+        hashes = RouteRequest("m", "", prompt).block_hashes(16)
+        reg.heartbeat(
+            pb.HeartbeatReport(worker_id=holder.worker_id, block_hashes=pb.BlockHashDelta(reset=True, added=hashes))
+        )
+        full_scans = []
+        scan = reg.routable
+        reg.routable = lambda *a: full_scans.append(a) or scan(*a)
+        lease = await admission.acquire("m", RouteRequest("m", "p", prompt), 60)
+        assert lease.worker is holder and full_scans == []  # found without looking at every worker
+        lease.release()
+        # The policy's own routing history counts too: a new prefix sent once is sent to the same worker again.
+        fresh = list(range(9000, 9040))
+        first = await admission.acquire("m", RouteRequest("m", "f1", fresh), 50)
+        again = await admission.acquire("m", RouteRequest("m", "f2", fresh + [1]), 50)
+        assert again.worker is first.worker
+        # A session's worker is taken when it has room, wherever it sits in the load order.
+        first.worker.in_flight += 2  # busier than the rest (the buckets are rebuilt on the next membership change)
+        held = await admission.acquire("m", RouteRequest("m", "s", [1, 2, 3], prefer=workers[5].worker_id), 10)
+        assert held.worker is workers[5]
+        # A full shortlist falls back to every worker: only one worker has room left.
+        for w in workers:
+            w.in_flight = 4 if w is not workers[90] else 0
+        reg.generation += 1
+        last = await admission.acquire("m", RouteRequest("m", "l", [7, 8, 9]), 10)
+        assert last.worker is workers[90]
+
+    run(main())
+
+
+def test_decisions_are_timed():
+    async def main():
+        reg, policy = fleet(2, 2)
+        admission = Admission(reg, lambda model: policy)
+        await admission.acquire("m", route(1), 10)
+        summary = admission.decision_times.summary()
+        assert summary["count"] == 1 and 0 < summary["p50_us"] <= summary["max_us"]
+
+    run(main())

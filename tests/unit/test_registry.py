@@ -144,3 +144,23 @@ def test_a_fresh_assignment_clears_failures_of_the_old_role():
     assert record.state == WorkerState.SUSPECT
     registry.fresh_start(record)
     assert record.state == WorkerState.HEALTHY and record.consecutive_failures == 0
+
+
+def test_block_holders_follow_every_report_and_leave_with_the_worker():
+    clock = Clock()
+    reg = make(clock)
+    a, b = reg.register(info("a", "127.0.0.1:1")), reg.register(info("b", "127.0.0.1:2"))
+    beat(reg, a, block_hashes=pb.BlockHashDelta(reset=True, added=[1, 2, 3]))
+    beat(reg, b, block_hashes=pb.BlockHashDelta(reset=True, added=[3, 4]))
+    assert reg.holders_of(1) == (a.worker_id,) and sorted(reg.holders_of(3)) == sorted([a.worker_id, b.worker_id])
+    beat(reg, a, block_hashes=pb.BlockHashDelta(added=[5, 2], removed=[2, 3]))  # 2 both removed and added: kept
+    assert a.block_hashes == {1, 2, 5} and reg.holders_of(3) == (b.worker_id,) and reg.holders_of(2) == (a.worker_id,)
+    beat(reg, a, block_hashes=pb.BlockHashDelta(added=list(range(100, 110))))  # past its 10 KV blocks: ignored
+    assert a.block_hashes == {1, 2, 5} and reg.holders_of(100) == ()
+    beat(reg, b, block_hashes=pb.BlockHashDelta(reset=True, added=[1]))
+    assert sorted(reg.holders_of(1)) == sorted([a.worker_id, b.worker_id]) and reg.holders_of(4) == ()
+    reg.mark_dead(a, "test")
+    assert reg.holders_of(1) == (b.worker_id,) and reg.holders_of(5) == ()
+    generation = reg.generation
+    reg.remove(b.worker_id)
+    assert reg.holders_of(1) == () and reg.generation > generation

@@ -21,6 +21,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +55,88 @@ class Lease:
             admission._release(self)
 
 
+SHORTLIST_ABOVE = 32
+"""A model with more workers than this is routed over a shortlist when its policy allows (``Policy.narrows``)."""
+SHORTLIST_LIGHTEST = 8
+"""The least loaded workers on a shortlist, besides those holding the prompt's start and the session's worker."""
+
+
+class LoadBuckets:
+    """Each model's workers by their in-flight count, the load the policies balance: the least loaded are found
+    without looking at every worker. Admission moves a worker between buckets as its count changes; the whole is
+    rebuilt when the registry's membership changed. Within a bucket, workers keep the order they entered it, so
+    equally loaded workers take turns."""
+
+    def __init__(self, registry: WorkerRegistry):
+        self.registry = registry
+        self._generation = -1
+        self._buckets: dict[str, list[dict[str, WorkerRecord]]] = {}
+        self._at: dict[str, int] = {}
+
+    def _sync(self) -> None:
+        if self._generation == self.registry.generation:
+            return
+        self._buckets, self._at = {}, {}
+        for record in self.registry.workers.values():
+            self._put(record)
+        self._generation = self.registry.generation
+
+    def _put(self, record: WorkerRecord) -> None:
+        buckets = self._buckets.setdefault(record.info.model, [])
+        while len(buckets) <= record.in_flight:
+            buckets.append({})
+        buckets[record.in_flight][record.worker_id] = record
+        self._at[record.worker_id] = record.in_flight
+
+    def moved(self, record: WorkerRecord) -> None:
+        """``record``'s in-flight count changed."""
+        if self._generation != self.registry.generation or self.registry.workers.get(record.worker_id) is not record:
+            return  # the next look rebuilds from the registry (or the record has left it)
+        at = self._at.get(record.worker_id)
+        if at is not None:
+            self._buckets[record.info.model][at].pop(record.worker_id, None)
+        self._put(record)
+
+    def size(self, model: str) -> int:
+        self._sync()
+        return sum(len(bucket) for bucket in self._buckets.get(model, ()))
+
+    def lightest(self, model: str, count: int, accept: Callable[[WorkerRecord], bool]) -> list[WorkerRecord]:
+        """Up to ``count`` of ``model``'s workers that ``accept`` takes, the least loaded first."""
+        self._sync()
+        out: list[WorkerRecord] = []
+        for bucket in self._buckets.get(model, ()):
+            for record in bucket.values():
+                if accept(record):
+                    out.append(record)
+                    if len(out) == count:
+                        return out
+        return out
+
+
+class DecisionTimes:
+    """The durations of the latest ``keep`` routing decisions, for their percentiles."""
+
+    def __init__(self, keep: int = 10_000):
+        self._recent: deque[float] = deque(maxlen=keep)
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self._recent.append(seconds)
+        self.count += 1
+
+    def summary(self) -> dict[str, float | int]:
+        """Decisions made, and the p50, p99 and max of the latest ones in microseconds."""
+        recent = sorted(self._recent)
+        if not recent:
+            return {"count": self.count, "p50_us": 0.0, "p99_us": 0.0, "max_us": 0.0}
+
+        def at(q: float) -> float:
+            return round(recent[min(len(recent) - 1, int(q * len(recent)))] * 1e6, 1)
+
+        return {"count": self.count, "p50_us": at(0.5), "p99_us": at(0.99), "max_us": round(recent[-1] * 1e6, 1)}
+
+
 @dataclass(order=True)
 class _Ticket:
     priority: int
@@ -64,6 +147,10 @@ class _Ticket:
     avoid: frozenset[str] = field(compare=False)
     future: asyncio.Future = field(compare=False)
     enqueued: float = field(compare=False)
+
+
+def _routable(record: WorkerRecord) -> bool:
+    return record.routable
 
 
 class Admission:
@@ -92,6 +179,9 @@ class Admission:
         }
         """How a disaggregated request's prefill and decode workers are chosen: by the tokens queued before its
         prompt (less what their caches hold), and by 60% load and 40% KV use."""
+        self.loads = LoadBuckets(registry)
+        self.decision_times = DecisionTimes()
+        """How long the latest routing decisions took (finding a worker with room, or queueing)."""
         self.coming: Callable[[str], bool] = lambda model: False
         """Whether a worker for ``model`` is on its way (a pipeline being assigned): requests queue for it then,
         instead of being answered 503."""
@@ -136,6 +226,37 @@ class Admission:
         Raises NoWorkerError when no worker serves the model (and none is on its way), QueueFullError when the queue
         is full.
         """
+        started = time.perf_counter()
+        try:
+            lease, ticket = self._admit(model, route, tokens, priority, avoid, accepted)
+        finally:
+            self.decision_times.add(time.perf_counter() - started)
+        if lease is not None:
+            return lease
+        try:
+            timeout = self.queue_timeout_s if self.queue_timeout_s > 0 else None
+            lease = await asyncio.wait_for(asyncio.shield(ticket.future), timeout)
+        except asyncio.TimeoutError:
+            self._withdraw(ticket)
+            raise CapacityError(
+                f"no worker for {model!r} had room within {self.queue_timeout_s:.0f}s; retry later"
+            ) from None
+        except BaseException:  # the client left while waiting: give back a lease placed at the same moment
+            self._withdraw(ticket)
+            raise
+        lease.queued_s = time.monotonic() - ticket.enqueued
+        return lease
+
+    def _admit(
+        self,
+        model: str,
+        route: RouteRequest,
+        tokens: int,
+        priority: int,
+        avoid: set[str] | frozenset[str],
+        accepted: bool,
+    ) -> tuple[Lease | None, _Ticket | None]:
+        """The routing decision: a lease on a worker with room now, else the request's ticket in the queue."""
         queue = self._queues.setdefault(model, [])
         if route.pool is not None and not self.registry.routable(model, route.pool):
             route.pool = None  # the pool emptied since the request chose it: any worker of the model will do
@@ -145,7 +266,7 @@ class Admission:
         elif not queue:
             lease = self._place(model, route, tokens, frozenset(avoid))
             if lease is not None:
-                return lease
+                return lease, None
         if not accepted and len(queue) >= self.max_queue:
             self.rejected += 1
             raise QueueFullError(f"the queue for {model!r} is full ({self.max_queue} requests waiting); retry shortly")
@@ -161,19 +282,7 @@ class Admission:
         )
         heapq.heappush(queue, ticket)
         self.pump(model)
-        try:
-            timeout = self.queue_timeout_s if self.queue_timeout_s > 0 else None
-            lease = await asyncio.wait_for(asyncio.shield(ticket.future), timeout)
-        except asyncio.TimeoutError:
-            self._withdraw(ticket)
-            raise CapacityError(
-                f"no worker for {model!r} had room within {self.queue_timeout_s:.0f}s; retry later"
-            ) from None
-        except BaseException:  # the client left while waiting: give back a lease placed at the same moment
-            self._withdraw(ticket)
-            raise
-        lease.queued_s = time.monotonic() - ticket.enqueued
-        return lease
+        return None, ticket
 
     def _withdraw(self, ticket: _Ticket) -> None:
         queue = self._queues.get(ticket.model, [])
@@ -210,20 +319,56 @@ class Admission:
 
     def _place(self, model: str, route: RouteRequest, tokens: int, avoid: frozenset[str]) -> Lease | None:
         """A lease on a worker with room: the one ``route.prefer`` names when it has room, else the policy's pick
-        (the pool's own policy for a prefill or decode pool, the model's otherwise)."""
-        candidates = self.registry.routable(model, route.pool)
+        (the pool's own policy for a prefill or decode pool, the model's otherwise). In a large fleet whose policy
+        allows it, the policy chooses from a shortlist (:meth:`_shortlist`); when no worker on it has room, from
+        every worker."""
+        policy = self.pool_policies[route.pool] if route.pool in self.pool_policies else self.policy_for(model)
+        if route.pool is None and policy.narrows and self.loads.size(model) > SHORTLIST_ABOVE:
+            lease = self._lease(self._shortlist(model, route, policy), route, tokens, avoid, policy, exact=False)
+            if lease is not None:
+                return lease
+        return self._lease(self.registry.routable(model, route.pool), route, tokens, avoid, policy, exact=True)
+
+    def _shortlist(self, model: str, route: RouteRequest, policy: Policy) -> list[WorkerRecord]:
+        """The workers a narrowing policy would choose from: the least loaded, those holding the prompt's first
+        block (by their heartbeats, or recently sent such a prompt by the policy), and the session's worker."""
+        picked = {w.worker_id: w for w in self.loads.lightest(model, SHORTLIST_LIGHTEST, _routable)}
+        wanted: list[str] = [route.prefer] if route.prefer else []
+        for block_size in {w.info.block_size or 16 for w in picked.values()}:
+            first = route.block_hashes(block_size)[:1]
+            if first:
+                wanted += self.registry.holders_of(first[0])
+                wanted += policy.recent_holders(first[0])
+        for worker_id in wanted:
+            record = self.registry.workers.get(worker_id)
+            if record is not None and record.info.model == model and record.routable:
+                picked[worker_id] = record
+        return list(picked.values())
+
+    def _lease(
+        self,
+        candidates: list[WorkerRecord],
+        route: RouteRequest,
+        tokens: int,
+        avoid: frozenset[str],
+        policy: Policy,
+        exact: bool,
+    ) -> Lease | None:
+        """The policy's pick among ``candidates`` with room (not ``avoid``-ed while others have room); with
+        ``exact`` False (a shortlist) None also when only avoided workers have room, so that every worker is
+        tried before an avoided one."""
         need = {w.worker_id: self.reservation(w, route, tokens) for w in candidates}
         roomy = [w for w in candidates if self.has_room(w, need[w.worker_id])]
-        preferred = [w for w in roomy if w.worker_id not in avoid] or roomy
+        preferred = [w for w in roomy if w.worker_id not in avoid] or (roomy if exact else [])
         if not preferred:
             return None
-        policy = self.pool_policies[route.pool] if route.pool in self.pool_policies else self.policy_for(model)
         held = [w for w in preferred if w.worker_id == route.prefer]
         worker = held[0] if held else policy.pick(preferred, route)
         if worker is None:
             return None
         reserved = need[worker.worker_id]
         worker.in_flight += 1
+        self.loads.moved(worker)
         worker.reserved_tokens += reserved
         policy.on_dispatch(worker, route)
         return Lease(worker, reserved, _admission=self)
@@ -231,5 +376,6 @@ class Admission:
     def _release(self, lease: Lease) -> None:
         worker = lease.worker
         worker.in_flight = max(0, worker.in_flight - 1)
+        self.loads.moved(worker)
         worker.reserved_tokens = max(0, worker.reserved_tokens - lease.tokens)
         self.pump(worker.info.model)

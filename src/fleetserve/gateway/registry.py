@@ -156,6 +156,10 @@ class WorkerRegistry:
         """address -> (channel, Worker stub); the gateway's carries its credentials, tests give one that makes no
         channel."""
         self.workers: dict[str, WorkerRecord] = {}
+        self.generation = 0
+        """Counts changes of membership (a worker added, replaced or removed), for indexes built over ``workers``."""
+        self._holders: dict[int, str | set[str]] = {}
+        """Block hash -> the id of the worker whose latest report lists it, or the set of them when several do."""
         self.on_dead: list[Callable[[WorkerRecord], None]] = []
         """Called when a worker stops being usable for good (dead, deregistered or replaced)."""
         self._closing: set[asyncio.Task] = set()
@@ -170,6 +174,7 @@ class WorkerRegistry:
             record = WorkerRecord(saved.worker_id, saved.info, now, now, state=WorkerState.DEAD)
             record.serving = saved.info.role != STAGE_ROLE
             self.workers[record.worker_id] = record
+        self.generation += 1
         if self.workers:
             log.info("restored %d known worker(s); they are dead until they register again", len(self.workers))
 
@@ -190,6 +195,7 @@ class WorkerRegistry:
         record.serving = info.role != STAGE_ROLE  # a stage node serves once it heads a pipeline
         record.channel, record.stub = connection or self.connect(info.address)
         self.workers[worker_id] = record
+        self.generation += 1
         self._persist(record)
         log.info("worker %s registered: %s at %s", worker_id, info.model, info.address)
         return record
@@ -204,6 +210,8 @@ class WorkerRegistry:
 
     def _drop(self, record: WorkerRecord) -> None:
         self.workers.pop(record.worker_id, None)
+        self.generation += 1
+        self._set_hashes(record, set())
         was_live = record.state != WorkerState.DEAD
         record.state = WorkerState.DEAD
         if was_live:
@@ -243,17 +251,65 @@ class WorkerRegistry:
         """Apply a block-hash delta, unless it would hold more blocks than the worker's KV cache has: such a
         report is dropped (and logged), and what was known before stays."""
         cap = record.info.kv_blocks_total
-        held = set(delta.added) if delta.reset else (record.block_hashes - set(delta.removed)) | set(delta.added)
-        if len(held) > cap:
+        old = record.block_hashes
+        if delta.reset:
+            held = len(set(delta.added))
+        else:  # counted first, applied in place after: a heartbeat costs its delta, not the whole set
+            listed = set(delta.added)
+            gone = old.intersection(delta.removed) - listed  # a hash both removed and added stays
+            added = listed - old
+            held = len(old) - len(gone) + len(added)
+        if held > cap:
             log.warning(
                 "worker %s reported %d cached blocks, more than its %d KV blocks: block report ignored",
                 record.worker_id,
-                len(held),
+                held,
                 cap,
             )
             return
-        record.block_hashes = held
+        if delta.reset:
+            self._set_hashes(record, set(delta.added))
+        else:
+            old -= gone
+            old |= added
+            self._unindex(record.worker_id, gone)
+            self._index(record.worker_id, added)
         record.hashes_reported_at = record.last_heartbeat
+
+    def _set_hashes(self, record: WorkerRecord, hashes: set[int]) -> None:
+        if record.block_hashes:
+            self._unindex(record.worker_id, record.block_hashes)
+        record.block_hashes = hashes
+        self._index(record.worker_id, hashes)
+
+    def _index(self, worker_id: str, hashes: set[int]) -> None:
+        holders = self._holders
+        for h in hashes:
+            found = holders.get(h)
+            if found is None:
+                holders[h] = worker_id
+            elif isinstance(found, set):
+                found.add(worker_id)
+            elif found != worker_id:
+                holders[h] = {found, worker_id}
+
+    def _unindex(self, worker_id: str, hashes: set[int]) -> None:
+        holders = self._holders
+        for h in hashes:
+            found = holders.get(h)
+            if found == worker_id:
+                del holders[h]
+            elif isinstance(found, set):
+                found.discard(worker_id)
+                if len(found) == 1:
+                    holders[h] = next(iter(found))
+
+    def holders_of(self, block_hash: int) -> tuple[str, ...]:
+        """The ids of the workers whose latest report lists ``block_hash`` among their cached blocks."""
+        found = self._holders.get(block_hash)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, str) else tuple(found)
 
     def record_failure(self, record: WorkerRecord, detail: str = "") -> None:
         """A request failed on this worker; enough in a row make it suspect."""
@@ -293,7 +349,7 @@ class WorkerRegistry:
             return
         log.warning("worker %s (%s) is dead: %s", record.worker_id, record.info.address, reason)
         self._set(record, WorkerState.DEAD)
-        record.block_hashes = set()
+        self._set_hashes(record, set())
         self._notify_dead(record)
         self._close(record)
 

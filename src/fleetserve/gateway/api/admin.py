@@ -183,12 +183,13 @@ async def list_pipelines(state: StateDep):
 @router.get("/routing", responses=_OK)
 async def routing(state: StateDep):
     """Each model's policy with its counters (prefix-aware: predicted vs actual cached tokens), queue
-    lengths, retries and failovers."""
+    lengths, the time routing decisions take, retries and failovers."""
     dispatcher = state.dispatcher
     return {
         "policies": dispatcher.policies.describe(),
         "queued": {m: dispatcher.admission.queued(m) for m in state.registry.models()},
         "rejected": dispatcher.admission.rejected,
+        "decisions": dispatcher.admission.decision_times.summary(),
         "retries": dispatcher.retries,
         "failovers": dispatcher.failovers,
         "workers": [worker_json(w, None) for w in state.registry.workers.values()],

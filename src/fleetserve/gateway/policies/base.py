@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -65,6 +66,10 @@ class Policy(ABC):
     """Chooses one worker among candidates for a request."""
 
     name: ClassVar[str]
+    narrows: ClassVar[bool] = False
+    """The policy always chooses among the least loaded workers or those holding the start of the request's prompt
+    (reported by heartbeats, or in :meth:`recent_holders`): in a large fleet admission shows it only those
+    (a shortlist) instead of every worker. Policies that need every worker (turns, hashing, weights) say False."""
 
     @abstractmethod
     def pick(self, candidates: Sequence[WorkerRecord], request: RouteRequest) -> WorkerRecord | None:
@@ -77,6 +82,11 @@ class Policy(ABC):
         """The worker found ``actual`` prompt tokens in its prefix cache where the policy had predicted ``predicted``
         (``request.predicted_cached_tokens`` at pick time); policies that predict cache hits keep score here."""
 
+    def recent_holders(self, block_hash: int) -> Iterable[str]:
+        """Ids of the workers this policy recently sent a prompt starting with ``block_hash`` (its first full
+        block) to, that the workers' heartbeats may not list yet."""
+        return ()
+
     def forget(self, worker_id: str) -> None:  # noqa: B027 (optional hook)
         """The worker left the fleet: drop whatever the policy keeps about it."""
 
@@ -86,14 +96,23 @@ class Policy(ABC):
 
 
 class TieBreaker:
-    """Spreads ties: among equally good workers, each call starts from the next one in a fixed order."""
+    """Spreads ties: among equally good workers, the one this tie-breaker chose least recently (never chosen
+    first, then by id), so a fixed set of equals takes turns and a worker that joins a set of equals goes soon."""
 
-    def __init__(self) -> None:
+    def __init__(self, remember: int = 100_000) -> None:
         self._turn = itertools.count()
+        self._chosen: OrderedDict[str, int] = OrderedDict()
+        """worker id -> the turn it was last chosen at; least recent first, at most ``remember`` of them."""
+        self.remember = remember
 
     def choose(self, workers: Sequence[WorkerRecord]) -> WorkerRecord:
-        ordered = sorted(workers, key=lambda w: w.worker_id)
-        return ordered[next(self._turn) % len(ordered)]
+        chosen = self._chosen
+        pick = min(workers, key=lambda w: (chosen.get(w.worker_id, -1), w.worker_id))
+        chosen.pop(pick.worker_id, None)
+        chosen[pick.worker_id] = next(self._turn)
+        if len(chosen) > self.remember:
+            chosen.popitem(last=False)
+        return pick
 
 
 def least_loaded(candidates: Sequence[WorkerRecord], ties: TieBreaker) -> WorkerRecord:

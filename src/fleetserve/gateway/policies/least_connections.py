@@ -15,6 +15,7 @@ class LeastConnectionsPolicy(Policy):
     """Smallest :func:`~fleetserve.gateway.policies.base.load`; equally loaded workers take turns."""
 
     name = "least-connections"
+    narrows = True
 
     def __init__(self) -> None:
         self._ties = TieBreaker()

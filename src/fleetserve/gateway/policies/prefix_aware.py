@@ -38,6 +38,8 @@ DEFAULT_BLOCK_SIZE = 16
 """Used for a worker that did not report its block size."""
 DEFAULT_HISTORY_BLOCKS = 4096
 """History bound for a worker that did not report its KV cache size."""
+FIRST_SENT_LIMIT = 65536
+"""Distinct prompt starts remembered for :meth:`PrefixAwarePolicy.recent_holders` (least recently sent go first)."""
 
 
 def _block_size(worker: WorkerRecord) -> int:
@@ -48,6 +50,7 @@ class PrefixAwarePolicy(Policy):
     """Longest cached prefix wins, with fallbacks to least load for cold prefixes, overload and full caches."""
 
     name = "prefix-aware"
+    narrows = True
 
     def __init__(
         self,
@@ -77,6 +80,9 @@ class PrefixAwarePolicy(Policy):
         self._ties = TieBreaker()
         self._history: dict[str, OrderedDict[int, float]] = {}
         """worker id -> block hash -> when it was last sent there; least recently sent first."""
+        self._first_sent: OrderedDict[int, dict[str, float]] = OrderedDict()
+        """A prompt's first block hash -> worker id -> when such a prompt was last sent there (the reverse of the
+        history for first blocks: where a prefix went, without asking every worker); least recently sent first."""
         self.picks = 0
         self.cache_hits = 0
         self.load_guard_fallbacks = 0
@@ -122,6 +128,18 @@ class PrefixAwarePolicy(Policy):
         limit = worker.info.kv_blocks_total or worker.stats.kv_blocks_total or DEFAULT_HISTORY_BLOCKS
         while len(history) > limit:
             history.popitem(last=False)
+        sent = self._first_sent.pop(hashes[0], None) or {}
+        sent[worker.worker_id] = now
+        self._first_sent[hashes[0]] = sent
+        while len(self._first_sent) > FIRST_SENT_LIMIT:
+            self._first_sent.popitem(last=False)
+
+    def recent_holders(self, block_hash: int) -> list[str]:
+        sent = self._first_sent.get(block_hash)
+        if not sent:
+            return []
+        cutoff = self.clock() - self.history_ttl_s
+        return [worker_id for worker_id, at in sent.items() if at > cutoff]
 
     def forget(self, worker_id: str) -> None:
         self._history.pop(worker_id, None)
