@@ -142,14 +142,23 @@ def workers_ready(url: str, count: int, timeout_s: float) -> float:
     raise TimeoutError(f"{count} workers did not all register within {timeout_s} s")
 
 
+def pinned(argv: list[str], cpus: str) -> list[str]:
+    """``argv`` run on ``cpus`` only ("" leaves it unpinned)."""
+    return ["taskset", "-c", cpus, *argv] if cpus else argv
+
+
 def fleet_size(n: int, args: argparse.Namespace) -> dict:
     env = {SECRET_ENV: secrets.token_urlsafe(24)}
+    # On a small machine the gateway gets a core of its own and the simulation (workers, client) the rest, so
+    # that what is measured of the gateway is its own work, not its waits for a core.
+    cores = os.cpu_count() or 1
+    gateway_cpus, rest_cpus = ("0", f"1-{cores - 1}") if args.pin and cores >= 2 else ("", "")
     port, control = free_port(), free_port()
     gateway = Child(
         ChildSpec(
             "gateway",
-            [sys.executable, "-m", "fleetserve", "gateway", "--port", str(port), "--control-port", str(control),
-             "--heartbeat-timeout", "10", "--max-queue", "100000"],
+            pinned([sys.executable, "-m", "fleetserve", "gateway", "--port", str(port), "--control-port", str(control),
+                    "--heartbeat-timeout", "10", "--max-queue", "100000"], gateway_cpus),
             env, ready="fleetserve gateway ready",
         )
     ).launch()  # fmt: skip
@@ -161,7 +170,9 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
             count = min(PER_PROCESS, n - first)
             argv = [sys.executable, "-m", "fleetserve.bench.sim_workers", "--gateway", f"127.0.0.1:{control}"]
             argv += ["--count", str(count), "--first", str(first)]
-            sims.append(Child(ChildSpec(f"sim-{first}", argv, env, ready="sim workers ready")).launch())
+            sims.append(
+                Child(ChildSpec(f"sim-{first}", pinned(argv, rest_cpus), env, ready="sim workers ready")).launch()
+            )
         for sim in sims:
             sim.wait_ready(300)
         registered_s = workers_ready(url, n, 300)
@@ -180,7 +191,19 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
         client = Child(
             ChildSpec(
                 "client",
-                [sys.executable, __file__, "--client", url, "--rate", str(args.rate), "--seconds", str(args.seconds)],
+                pinned(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--client",
+                        url,
+                        "--rate",
+                        str(args.rate),
+                        "--seconds",
+                        str(args.seconds),
+                    ],
+                    rest_cpus,
+                ),
                 {},
             )
         ).launch()
@@ -261,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of heartbeats measured (default 10)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after registration before measuring")
     parser.add_argument("--decisions", type=int, default=20000, help="decisions timed per size (decide part)")
+    parser.add_argument(
+        "--pin", action=argparse.BooleanOptionalAction, default=True,
+        help="run the gateway on CPU 0 and the simulated workers and client on the others (default: on)",
+    )  # fmt: skip
     parser.add_argument("--client", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:
@@ -271,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
+        "pinned": bool(args.pin and (os.cpu_count() or 1) >= 2),
         "rate": args.rate,
         "seconds": args.seconds,
     }

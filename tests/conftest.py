@@ -65,6 +65,10 @@ REFERENCE_TOKENS = 24
 _HELPERS = pytest.StashKey[dict]()
 
 
+HELPER_NICENESS = 10
+"""Helpers run below the tests' priority: they take the CPU time the tests leave idle."""
+
+
 class Helper:
     """A process the session starts as soon as it knows it will be needed (``python -m MODULE ARGS``), its
     output in a log file, so that its work overlaps the tests before the ones that wait for it. With ``after``,
@@ -76,7 +80,7 @@ class Helper:
         self.module = module
         self.folder = folder
         self.log = folder / "output.log"
-        self.command = [sys.executable, "-m", module, *args]
+        self.command = ["nice", "-n", str(HELPER_NICENESS), sys.executable, "-m", module, *args]
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
         self._lock = threading.Lock()
@@ -97,7 +101,11 @@ class Helper:
             if not self._stopped:
                 with self.log.open("w") as log:
                     self.process = subprocess.Popen(
-                        self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                        self.command,
+                        cwd=ROOT,
+                        env=self.env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
                     )
             self._launched.set()
 
@@ -157,12 +165,20 @@ def _start_compile_warmup(config: pytest.Config) -> Helper:
     return helpers["compile"]
 
 
+def _waits_for_a_helper(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker("compiles")) or "hf_reference" in getattr(item, "fixturenames", ())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Start the helpers the selected tests will wait for, now (each takes most of a minute)."""
+    """Start the helpers the selected tests will wait for, now (each takes most of a minute of CPU), and run the
+    modules that wait for them last, so that the helpers' work fills the cores the other tests leave idle
+    instead of being waited for."""
     if any(item.get_closest_marker("compiles") for item in items):
         _start_compile_warmup(config)
     if any("hf_reference" in getattr(item, "fixturenames", ()) for item in items):
         _start_reference(config)
+    waiting = {item.module for item in items if _waits_for_a_helper(item)}
+    items[:] = [i for i in items if i.module not in waiting] + [i for i in items if i.module in waiting]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

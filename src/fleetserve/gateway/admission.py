@@ -115,26 +115,34 @@ class LoadBuckets:
 
 
 class DecisionTimes:
-    """The durations of the latest ``keep`` routing decisions, for their percentiles."""
+    """The durations of the latest ``keep`` routing decisions, for their percentiles: wall-clock time, and the CPU
+    time of the thread that made them (which leaves out waits for a core and other threads' turns)."""
 
     def __init__(self, keep: int = 10_000):
-        self._recent: deque[float] = deque(maxlen=keep)
+        self._wall: deque[float] = deque(maxlen=keep)
+        self._cpu: deque[float] = deque(maxlen=keep)
         self.count = 0
 
-    def add(self, seconds: float) -> None:
-        self._recent.append(seconds)
+    def add(self, wall_s: float, cpu_s: float | None = None) -> None:
+        self._wall.append(wall_s)
+        self._cpu.append(wall_s if cpu_s is None else cpu_s)
         self.count += 1
 
-    def summary(self) -> dict[str, float | int]:
-        """Decisions made, and the p50, p99 and max of the latest ones in microseconds."""
-        recent = sorted(self._recent)
-        if not recent:
-            return {"count": self.count, "p50_us": 0.0, "p99_us": 0.0, "max_us": 0.0}
+    @staticmethod
+    def _percentiles(values: deque[float], prefix: str) -> dict[str, float]:
+        ordered = sorted(values)
+        if not ordered:
+            return {f"{prefix}p50_us": 0.0, f"{prefix}p99_us": 0.0, f"{prefix}max_us": 0.0}
 
         def at(q: float) -> float:
-            return round(recent[min(len(recent) - 1, int(q * len(recent)))] * 1e6, 1)
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6, 1)
 
-        return {"count": self.count, "p50_us": at(0.5), "p99_us": at(0.99), "max_us": round(recent[-1] * 1e6, 1)}
+        return {f"{prefix}p50_us": at(0.5), f"{prefix}p99_us": at(0.99), f"{prefix}max_us": round(ordered[-1] * 1e6, 1)}
+
+    def summary(self) -> dict[str, float | int]:
+        """Decisions made; the p50, p99 and max of the latest ones in microseconds, of wall-clock time and (``cpu_``)
+        of the deciding thread's CPU time."""
+        return {"count": self.count, **self._percentiles(self._wall, ""), **self._percentiles(self._cpu, "cpu_")}
 
 
 @dataclass(order=True)
@@ -226,11 +234,11 @@ class Admission:
         Raises NoWorkerError when no worker serves the model (and none is on its way), QueueFullError when the queue
         is full.
         """
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             lease, ticket = self._admit(model, route, tokens, priority, avoid, accepted)
         finally:
-            self.decision_times.add(time.perf_counter() - started)
+            self.decision_times.add(time.perf_counter() - started, time.thread_time() - started_cpu)
         if lease is not None:
             return lease
         try:
@@ -258,9 +266,9 @@ class Admission:
     ) -> tuple[Lease | None, _Ticket | None]:
         """The routing decision: a lease on a worker with room now, else the request's ticket in the queue."""
         queue = self._queues.setdefault(model, [])
-        if route.pool is not None and not self.registry.routable(model, route.pool):
+        if route.pool is not None and not self.registry.any_routable(model, route.pool):
             route.pool = None  # the pool emptied since the request chose it: any worker of the model will do
-        if not any(w.info.model == model and w.routable for w in self.registry.workers.values()):
+        if not self.registry.any_routable(model):
             if not accepted and not self.coming(model):
                 raise NoWorkerError(f"no healthy worker serves {model!r} right now; retry shortly")
         elif not queue:

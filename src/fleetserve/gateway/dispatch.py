@@ -216,7 +216,7 @@ class Dispatcher:
 
     def disaggregated(self, model: str) -> bool:
         """Whether ``model`` has both a prefill and a decode worker up: its new requests are split between them."""
-        return bool(self.registry.routable(model, PREFILL_ROLE)) and bool(self.registry.routable(model, DECODE_ROLE))
+        return self.registry.any_routable(model, PREFILL_ROLE) and self.registry.any_routable(model, DECODE_ROLE)
 
     def _session_turn_done(self, session: str, model: str, worker: WorkerRecord) -> None:
         previous = self.sessions.record(session, model, worker)

@@ -58,6 +58,9 @@ def connector(credentials: FleetCredentials) -> Callable[[str], tuple[grpc.aio.C
 
     def connect(address: str) -> tuple[grpc.aio.Channel, pb_grpc.WorkerStub]:
         channel = credentials.channel(address, options=CHANNEL_OPTIONS)
+        # Connect now, at registration, not on the worker's first request (its first answer would wait for the
+        # TCP, TLS and HTTP/2 handshakes).
+        channel.get_state(try_to_connect=True)
         return channel, pb_grpc.WorkerStub(channel)
 
     return connect
@@ -157,6 +160,8 @@ class WorkerRegistry:
         channel."""
         self.workers: dict[str, WorkerRecord] = {}
         self.generation = 0
+        self._members: dict[tuple[str, str | None], list[WorkerRecord]] = {}
+        self._members_generation = -1
         """Counts changes of membership (a worker added, replaced or removed), for indexes built over ``workers``."""
         self._holders: dict[int, str | set[str]] = {}
         """Block hash -> the id of the worker whose latest report lists it, or the set of them when several do."""
@@ -404,13 +409,24 @@ class WorkerRegistry:
 
     # -- queries ----------------------------------------------------------------------------------------
 
+    def members(self, model: str, role: str | None = None) -> list[WorkerRecord]:
+        """Every registered worker of ``model`` (with ``role``, of that role), in any state; kept per model and role
+        between changes of membership, so that a request's routing looks only at its model's workers."""
+        if self._members_generation != self.generation:
+            members: dict[tuple[str, str | None], list[WorkerRecord]] = {}
+            for w in self.workers.values():
+                members.setdefault((w.info.model, None), []).append(w)
+                members.setdefault((w.info.model, w.info.role or REPLICA_ROLE), []).append(w)
+            self._members, self._members_generation = members, self.generation
+        return self._members.get((model, role), [])
+
     def routable(self, model: str, role: str | None = None) -> list[WorkerRecord]:
         """Workers that take ``model``'s requests now; with ``role``, only those of that role."""
-        return [
-            w
-            for w in self.workers.values()
-            if w.routable and w.info.model == model and (role is None or (w.info.role or REPLICA_ROLE) == role)
-        ]
+        return [w for w in self.members(model, role) if w.routable]
+
+    def any_routable(self, model: str, role: str | None = None) -> bool:
+        """Whether a worker takes ``model``'s requests now (with ``role``: one of that role)."""
+        return any(w.routable for w in self.members(model, role))
 
     def models(self) -> list[str]:
         return sorted({w.info.model for w in self.workers.values()})

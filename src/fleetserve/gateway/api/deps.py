@@ -38,8 +38,9 @@ WORKER_FAILED = "A worker failed while serving the request, and so did every ret
 # -- typed state ------------------------------------------------------------------------------------------------
 
 
-def get_state(request: Request) -> GatewayState:
-    """The app's GatewayState (``create_app`` keeps it in ``app.state.fleet``)."""
+async def get_state(request: Request) -> GatewayState:
+    """The app's GatewayState (``create_app`` keeps it in ``app.state.fleet``). A coroutine, though it awaits
+    nothing: FastAPI runs a plain function dependency in a thread pool, a thread hop on every request."""
     state = request.app.state.fleet
     if not isinstance(state, GatewayState):
         raise TypeError(f"app.state.fleet is a {type(state).__name__}, not a GatewayState")
