@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,44 @@ def compile_warmed(pytestconfig) -> None:
     """Wait for the inductor cache to hold the compiled-decode tests' graphs (a failed warm-up only costs time:
     the tests compile whatever is missing themselves)."""
     _start_compile_warmup(pytestconfig).wait()
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A redis-server of the module's own on a free loopback port, without persistence (skipped without one)."""
+    try:
+        import redis
+    except ImportError:
+        pytest.skip("the redis package is not installed (pip install redis)")
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    from fleetserve.bench.local_fleet import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.02)
+        client.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

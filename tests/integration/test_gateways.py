@@ -1,6 +1,8 @@
 """Two gateways over the same workers: each worker registers with both (`--gateway A,B`), either gateway serves
 every request, and when one is killed mid-load a client that retries against the other loses nothing; the
-workers drop the killed gateway's requests, serve on, and register again once it is back."""
+workers drop the killed gateway's requests, serve on, and register again once it is back. The gateways share a
+job store in Redis: a polling job is answered by either, and one the killed gateway was running is run again by
+the other."""
 
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ pytestmark = pytest.mark.slow
 GATEWAY_READY = re.compile("fleetserve gateway ready")
 
 
+JOB_LEASE_S = 1.5
+
+
 class Pair:
-    def __init__(self):
+    def __init__(self, job_store: str):
+        self.job_store = job_store
         self.ports = [(free_port(), free_port()) for _ in range(2)]
         self.gateways = [self.start_gateway(i) for i in range(2)]
         controls = ",".join(f"127.0.0.1:{control}" for _, control in self.ports)
@@ -41,7 +47,10 @@ class Pair:
 
     def start_gateway(self, i: int):
         port, control = self.ports[i]
-        return spawn("gateway", "--port", str(port), "--control-port", str(control), "--heartbeat-timeout", "3")
+        return spawn(
+            "gateway", "--port", str(port), "--control-port", str(control), "--heartbeat-timeout", "3",
+            "--job-store", self.job_store, "--job-lease", str(JOB_LEASE_S),
+        )  # fmt: skip
 
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i][0]}"
@@ -68,8 +77,8 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair():
-    p = Pair()
+def pair(redis_url):
+    p = Pair(redis_url)
     yield p
     p.stop()
 
@@ -107,8 +116,28 @@ def test_a_session_started_through_one_gateway_is_found_by_the_other(pair):
     assert httpx.delete(pair.url(1) + "/v1/sessions/across", timeout=10).status_code == 200
 
 
+def poll(pair, i: int, request_id: str, until: tuple[str, ...] = ("completed", "failed"), timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = httpx.get(pair.url(i) + f"/v1/requests/{request_id}", timeout=10).json()
+        if job.get("status") in until:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_a_job_one_gateway_finished_is_answered_by_the_other(pair):
+    queued = httpx.post(pair.url(0) + "/v1/requests", json=chat_body(PROMPTS[2], max_tokens=8), timeout=30)
+    assert queued.status_code == 202, queued.text
+    done = poll(pair, 0, queued.json()["request_id"])
+    assert done["status"] == "completed" and "request" not in done  # the stored request is not shown
+    assert poll(pair, 1, queued.json()["request_id"]) == done
+
+
 def test_a_gateway_killed_mid_load_loses_nothing_a_client_retries_elsewhere(pair):
     reference = complete(pair.url(1), [chat_body(q, max_tokens=24) for q in PROMPTS])
+    job_body = chat_body(PROMPTS[1], max_tokens=32, ignore_eos=True)
+    job_reference = complete(pair.url(1), [job_body])[0]
 
     async def load() -> tuple[list[str], int]:
         progress: dict[int, list] = {}
@@ -130,12 +159,26 @@ def test_a_gateway_killed_mid_load_loses_nothing_a_client_retries_elsewhere(pair
             while len(progress) < len(PROMPTS) or min(len(p) for p in progress.values()) < 4:
                 await asyncio.sleep(0.02)
                 assert not all(t.done() for t in tasks), "every stream finished before the kill"
+            job = await client.post(pair.url(0) + "/v1/requests", json=job_body)
+            assert job.status_code == 202, job.text
+            while (await client.get(pair.url(0) + f"/v1/requests/{job.json()['request_id']}")).json()[
+                "status"
+            ] != "running":
+                await asyncio.sleep(0.02)
             pair.gateways[0].popen.send_signal(signal.SIGKILL)
+            jobs.append(job.json()["request_id"])
             return await asyncio.gather(*tasks), retried
+
+    jobs: list[str] = []
 
     texts, retried = asyncio.run(load())
     assert texts == reference
     assert retried == len(PROMPTS) // 2  # every stream on the killed gateway was cut and asked again
+
+    # The job the killed gateway was running: once its lease lapses, the other gateway asked about it runs it again.
+    job = poll(pair, 1, jobs[0])
+    assert job["status"] == "completed" and job["taken_over"] == 1
+    assert job["result"]["choices"][0]["message"]["content"] == job_reference
 
     # The workers dropped the killed gateway's requests: nothing runs and no KV block stays used.
     deadline = time.monotonic() + 30

@@ -3,6 +3,7 @@ JSON shapes, the admin rules, job and trace visibility, error bodies and the Ope
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -223,7 +224,7 @@ def test_a_prompt_too_long_to_fit_is_refused_without_tokenizing(keyed):
 def test_jobs_and_traces_are_visible_only_to_their_key_and_the_admin_key(keyed):
     state: GatewayState = keyed.app.state.fleet
     key = scoped_id(key_tag(KEY), "mine")
-    state.jobs[key] = {"request_id": "mine", "status": "completed"}
+    asyncio.run(state.jobs.save(key, {"request_id": "mine", "status": "completed"}))
     state.owner_tags.add(key_tag(KEY))
     trace = state.traces.start(key, "m")
     attempt = trace.begin_attempt("worker-0", "10.0.0.7:5001", 0, 0.0)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -15,6 +12,7 @@ import uuid
 
 import pytest
 
+from fleetserve.bench.local_fleet import free_port
 from fleetserve.gateway.cache import (
     CacheBackend,
     MemoryCache,
@@ -394,50 +392,6 @@ def test_make_cache_errors(tmp_path, monkeypatch):
 
 
 # -- Redis --------------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    try:
-        import redis
-    except ImportError:
-        pytest.skip("the redis package is not installed (pip install redis)")
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.02)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

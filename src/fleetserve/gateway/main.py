@@ -24,6 +24,7 @@ from fleetserve.gateway.cache import AnswerCache, make_cache
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.controller import DEFAULT_MEMORY_MB, DeploymentController, Sizing
 from fleetserve.gateway.dispatch import Dispatcher, RetryPolicy
+from fleetserve.gateway.job_store import make_job_store
 from fleetserve.gateway.launcher import Launcher, worker_sizing
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.models import ModelRegistry
@@ -170,6 +171,7 @@ class Gateway:
             self.store.close()
         if state.answers is not None:
             state.answers.backend.close()
+        await state.jobs.close()
         state.traces.shutdown()
         if state.launcher is not None:
             await state.launcher.close()
@@ -258,6 +260,7 @@ async def build_gateway(settings: GatewaySettings) -> Gateway:
         settings=settings,
         models=models,
         answers=_answer_cache(settings, metrics),
+        jobs=make_job_store(settings.job_store, settings.job_lease),
         preprocess=Preprocessor(tokenizers, preprocess),
         traces=TraceStore(capacity=1000 if settings.telemetry else 0, exporter=_exporter(settings)),
         control=control,

@@ -12,6 +12,7 @@ from fleetserve.gateway.cache import AnswerCache
 from fleetserve.gateway.control import ControlService
 from fleetserve.gateway.controller import DeploymentController
 from fleetserve.gateway.dispatch import Dispatcher
+from fleetserve.gateway.job_store import MemoryJobStore, RedisJobStore
 from fleetserve.gateway.launcher import Launcher
 from fleetserve.gateway.models import ModelRegistry
 from fleetserve.gateway.pipelines import PipelineController
@@ -46,9 +47,9 @@ class GatewayState:
     preprocess: Preprocessor | None = None
     """Templating and tokenization off the event loop (helper processes, or a thread for large prompts); None
     makes one from ``tokenizers`` with no helper processes."""
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    jobs: MemoryJobStore | RedisJobStore = field(default_factory=MemoryJobStore)
     """Polling-mode requests by key (the request id in its caller's namespace): status, and the result or error
-    once finished."""
+    once finished; in Redis when gateways share them."""
     owner_tags: set[str] = field(default_factory=set)
     """The namespaces requests were kept under (one per API key that sent any), for the admin key's look-ups."""
     probes: dict[str, tuple[float, asyncio.Task[tuple[bool, str]]]] = field(default_factory=dict)

@@ -94,6 +94,15 @@ class GatewaySettings(Settings):
     response_cache_entries: int = option(10000, "most response-cache entries kept")
     response_cache_mb: int = option(256, "most response-cache MiB kept")
     response_cache_ttl: float = option(0.0, "seconds a response-cache entry lives (0: until evicted)")
+    # polling jobs (POST /v1/requests)
+    job_store: str = option(
+        "",
+        "where polling jobs are kept: memory (this gateway's, the default) or redis://HOST:PORT/DB, shared by "
+        "gateways: any of them answers a job, and one takes over the unfinished jobs of a gateway that died",
+    )
+    job_lease: float = option(
+        10.0, "seconds a gateway's hold on a running job lasts without renewal (a shared job store)", gt=0
+    )
     # telemetry
     telemetry: bool = option(True, "record metrics and keep request traces (--no-telemetry measures their cost)")
     otlp_endpoint: str = option(
@@ -115,6 +124,13 @@ class GatewaySettings(Settings):
             except OSError as exc:
                 raise InvalidRequestError(f"cannot read api_keys_file {self.api_keys_file}: {exc.strerror}") from None
             self.api_key = list(dict.fromkeys([*self.api_key, *keys]))
+        return self
+
+    @model_validator(mode="after")
+    def _job_store_scheme(self) -> GatewaySettings:
+        spec = self.job_store.strip()
+        if spec not in ("", "memory") and spec.split("://", 1)[0].lower() not in ("redis", "rediss"):
+            raise InvalidRequestError("job_store is memory, redis://HOST:PORT/DB or rediss://...")
         return self
 
     @model_validator(mode="after")

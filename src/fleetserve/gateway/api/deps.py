@@ -222,7 +222,8 @@ class Opening(Generic[RequestT]):
     """A generation request after its opening: the parsed request, its ids, trace, tokenizer and prompt."""
 
     state: GatewayState
-    request: Request
+    request: Request | None
+    """The HTTP request; None for a generation opened again from a stored body (:func:`reopen_generation`)."""
     req: RequestT
     answer_id: str
     """The id an answer body carries (``chatcmpl-...``, ``cmpl-...``)."""
@@ -253,6 +254,8 @@ class Opening(Generic[RequestT]):
     def session(self) -> str | None:
         """The conversation session the request names (its ``session_id`` field, else its X-Session-Id header), as
         the key workers pin it under: the id in its caller's namespace. None when it names none."""
+        if self.request is None:
+            return None
         given = getattr(self.req, "session_id", None) or self.request.headers.get("x-session-id")
         if given is None:
             return None
@@ -304,6 +307,23 @@ async def open_generation(
     return Opening(state, request, req, body_id, rid, key, trace, tok, prompt)
 
 
+async def reopen_generation(
+    state: GatewayState, model_cls: type[RequestT], body: Any, request_id: str, tag: str
+) -> Opening[RequestT]:
+    """A generation opened again from its stored body, outside any HTTP request (a polling job whose gateway died,
+    taken over): kept under ``request_id`` in the namespace ``tag`` it was made in."""
+    req = schema.parse_request(model_cls, body)
+    tok = tokenizer_for(state, req.model)
+    check_prompt_size(req, tok, state.tokenizers.max_model_len[req.model])
+    state.owner_tags.add(tag)
+    key = scoped_id(tag, request_id)
+    request_id_var.set(request_id)
+    trace = state.traces.start(key, req.model)
+    trace.add_span("receive", 0.0)
+    prompt = await _tokenize(state, req, trace)
+    return Opening(state, None, req, request_id, request_id, key, trace, tok, prompt)
+
+
 __all__ = [
     "RETRY_AFTER_S",
     "Opening",
@@ -317,6 +337,7 @@ __all__ = [
     "get_state",
     "json_body",
     "open_generation",
+    "reopen_generation",
     "scoped_id",
     "tokenizer_for",
     "visible_keys",

@@ -1,13 +1,18 @@
 """Polling mode and request traces: POST /v1/requests starts a chat in the background and answers its id at once,
 GET /v1/requests/{id} gives its status and result, GET /v1/requests/{id}/trace the timeline of a recent request.
 
-A job or trace is visible only to the key that made it, and to the admin key: each is kept under its request id in
+Jobs live in the gateway's job store (``--job-store``): its memory, or Redis shared by several gateways, where a
+gateway asked about an unfinished job whose gateway died takes it over (``job_store``). A job or trace is visible
+only to the key that made it, and to the admin key: each is kept under its request id in
 the namespace of its caller's key (``deps.scoped_id``), so clients choosing the same X-Request-Id never meet. The
 trace shown to a caller without the admin key names workers but omits their addresses and failure details.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from typing import Any
 
@@ -23,14 +28,16 @@ from fleetserve.gateway.api.deps import (
     error_payload,
     json_body,
     open_generation,
+    reopen_generation,
     visible_keys,
 )
+from fleetserve.gateway.job_store import FINISHED, JobStoreError
+from fleetserve.gateway.state import GatewayState
 
-POLL_KEEP = 1000
-"""Finished polling-mode requests kept for GET /v1/requests/{id}."""
 PRIVATE_ATTEMPT_FIELDS = ("address", "detail")
 """What a trace's dispatch attempts tell only the admin key: worker addresses and the workers' error details."""
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -47,34 +54,94 @@ async def submit(request: Request, state: StateDep):
     opening = await open_generation(request, state, schema.ChatCompletionRequest, body, responses.new_chat_id())
     params = opening.sampling()
     rid = opening.request_id
-    job = {"request_id": rid, "status": "queued", "created": int(time.time()), "model": opening.req.model}
-    state.jobs.pop(opening.key, None)  # a reused id moves to the end, as the newest
-    state.jobs[opening.key] = job
-    while len(state.jobs) > POLL_KEEP:
-        state.jobs.pop(next(iter(state.jobs)))
-    state.spawn(_run(opening, params, job))
+    job: dict[str, Any] = {
+        "request_id": rid,
+        "status": "queued",
+        "created": int(time.time()),
+        "model": opening.req.model,
+    }
+    if state.jobs.shared:  # what another gateway needs to run it again, should this one die first
+        job["request"] = {"body": body, "tag": caller(request).tag}
+    await state.jobs.save(opening.key, job)
+    await state.jobs.claim(opening.key)
+    state.spawn(_run(state, opening, params, job))
     return {"request_id": rid, "status": "queued"}
 
 
-async def _run(opening: Opening[schema.ChatCompletionRequest], params: SamplingParams, job: dict[str, Any]) -> None:
-    """Generate the job's answer, noting its progress, result or error in ``job``."""
+async def _run(
+    state: GatewayState, opening: Opening[schema.ChatCompletionRequest], params: SamplingParams, job: dict[str, Any]
+) -> None:
+    """Generate the job's answer, noting its progress, result or error in the job store (holding the job's lease
+    meanwhile, in a shared store)."""
+    store, key = state.jobs, opening.key
+    keeper = asyncio.ensure_future(_keep_lease(store, key)) if store.shared else None
     try:
         started = await opening.start(params)
         job["status"] = "running"
+        await _save(store, key, job)
         text, _, finish, usage = await started.collect()
         job["result"] = responses.chat_completion(opening.req.model, opening.request_id, text, finish, usage)
         job["status"] = "completed"
     except FleetServeError as exc:
         job["status"] = "failed"
         job["error"] = error_payload(exc)[1]["error"]
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+    await _save(store, key, job)
+    with contextlib.suppress(JobStoreError):
+        await store.release(key)
+
+
+async def _save(store, key: str, job: dict[str, Any]) -> None:
+    try:
+        await store.save(key, job)
+    except JobStoreError:
+        log.warning("job %s: its %s status could not be stored", key, job["status"])
+
+
+async def _keep_lease(store, key: str) -> None:
+    """Renew this gateway's hold on a running job until cancelled (or until another gateway holds it)."""
+    while True:
+        await asyncio.sleep(store.lease_s / 3)
+        try:
+            if not await store.renew(key):
+                log.warning("job %s: another gateway holds it now", key)
+                return
+        except JobStoreError:
+            pass  # the store is away: the lease may lapse and another gateway run the job too
+
+
+async def _take_over(state: GatewayState, key: str, job: dict[str, Any]) -> None:
+    """Run again, here, an unfinished job whose gateway is gone (this gateway holds its lease now)."""
+    spec = job.get("request") or {}
+    job["taken_over"] = int(job.get("taken_over", 0)) + 1
+    log.info("job %s: its gateway let its lease lapse; running it here", key)
+    try:
+        opening = await reopen_generation(
+            state, schema.ChatCompletionRequest, spec.get("body"), job["request_id"], str(spec.get("tag", ""))
+        )
+        params = opening.sampling()
+    except FleetServeError as exc:
+        job["status"] = "failed"
+        job["error"] = error_payload(exc)[1]["error"]
+        await _save(state.jobs, key, job)
+        await state.jobs.release(key)
+        return
+    job["status"] = "queued"
+    await _save(state.jobs, key, job)
+    state.spawn(_run(state, opening, params, job))
 
 
 @router.get("/v1/requests/{request_id}", responses=docs.answers({200: ("The job's status.", docs.JobStatus)}))
 async def poll(request_id: str, request: Request, state: StateDep):
     for key in visible_keys(state, caller(request), request_id):
-        job = state.jobs.get(key)
-        if job is not None:
-            return job
+        job = await state.jobs.load(key)
+        if job is None:
+            continue
+        if state.jobs.shared and job["status"] not in FINISHED and await state.jobs.claim(key):
+            await _take_over(state, key, job)
+        return {k: v for k, v in job.items() if k != "request"}
     raise NotFoundError(f"No request with id '{request_id}'.", "request_id")
 
 
