@@ -163,6 +163,7 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
         )
     ).launch()  # fmt: skip
     sims: list[Child] = []
+    client: Child | None = None
     try:
         gateway.wait_ready(120)
         url = f"http://127.0.0.1:{port}"
@@ -222,6 +223,8 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
         print(f"{n} workers: routing {json.dumps(row['routing'])}", flush=True)
         return row
     finally:
+        if client is not None:
+            client.stop(10)
         for sim in sims:
             sim.stop(30)
         gateway.stop(30)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -323,8 +324,15 @@ def _exporter(settings: GatewaySettings):
     return OtelExporter(settings.otlp_endpoint)
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+"""How long the event loop's thread waits, at most, for the GIL another thread holds (gRPC's poller, thread-pool
+work) before taking it back: Python's default, 5 ms, was the p99 of a routing decision in a loaded gateway with
+1,000 workers (docs/benchmarks.md); at 0.5 ms the p99 is under 0.5 ms."""
+
+
 async def run_gateway(settings: GatewaySettings) -> int:
     """Serve until SIGINT/SIGTERM."""
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     gateway = await build_gateway(settings)
     state = gateway.state
     server = uvicorn.Server(
