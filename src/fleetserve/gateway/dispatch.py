@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import logging
 import random
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -116,7 +117,9 @@ class Dispatcher:
         self.failovers = 0
         """Attempts that failed after tokens were sent and were resumed elsewhere."""
         self._calls = itertools.count(1)
-        """Makes each call's engine request id unique, even when clients reuse an X-Request-Id."""
+        self._instance = secrets.token_hex(4)
+        """With ``_calls``, makes each call's engine request id unique, even when clients reuse an X-Request-Id and
+        several gateways send to the same worker (each numbers its calls from 1)."""
         self._background: set[asyncio.Task[None]] = set()
 
     async def generate(
@@ -156,7 +159,7 @@ class Dispatcher:
                 attempt = trace.begin_attempt(worker.name, worker.info.address, len(progress.sent), lease.queued_s)
             prefill_only = progress.route.pool == PREFILL_ROLE
             request = pb.GenerateRequest(
-                request_id=f"{request_id}-{next(self._calls)}",
+                request_id=f"{request_id}-{self._instance}.{next(self._calls)}",
                 prompt_token_ids=prompt,
                 params=proto_params,
                 priority=priority,
