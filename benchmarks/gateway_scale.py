@@ -158,7 +158,8 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
         ChildSpec(
             "gateway",
             pinned([sys.executable, "-m", "fleetserve", "gateway", "--port", str(port), "--control-port", str(control),
-                    "--heartbeat-timeout", "10", "--max-queue", "100000"], gateway_cpus),
+                    "--heartbeat-timeout", "10", "--heartbeat-interval", str(args.heartbeat_interval),
+                    "--max-queue", "100000"], gateway_cpus),
             env, ready="fleetserve gateway ready",
         )
     ).launch()  # fmt: skip
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load (default 10)")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of heartbeats measured (default 10)")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds after registration before measuring")
+    parser.add_argument(
+        "--heartbeat-interval", type=float, default=1.0, help="seconds between a worker's heartbeats (default 1)"
+    )
     parser.add_argument("--decisions", type=int, default=20000, help="decisions timed per size (decide part)")
     parser.add_argument(
         "--pin", action=argparse.BooleanOptionalAction, default=True,
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "pinned": bool(args.pin and (os.cpu_count() or 1) >= 2),
+        "heartbeat_interval_s": args.heartbeat_interval,
         "rate": args.rate,
         "seconds": args.seconds,
     }
