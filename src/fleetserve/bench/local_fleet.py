@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import time
@@ -17,7 +18,29 @@ COMPILED_S = 1800.0
 with an empty inductor cache, seconds with a warm one)."""
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 where it does not say)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a process about to be started on it. It is drawn below the kernel's
+    range for outgoing connections: a port from that range (what binding port 0 gives) can be taken as the source
+    port of some connection before the process binds it."""
+    low = _ephemeral_low()
+    if low > 2048:
+        for _ in range(100):
+            port = random.randrange(1024, low)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
