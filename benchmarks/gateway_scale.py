@@ -27,18 +27,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import secrets
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
 from fleetserve.bench.local_fleet import free_port
+from fleetserve.bench.results import cpu_description, created_now
 from fleetserve.protocol.security import SECRET_ENV
 from fleetserve.supervisor import Child, ChildSpec
 
@@ -302,9 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sizes = [int(s) for s in args.sizes.split(",")]
     result: dict = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "cpu": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "date": created_now(),
+        "cpu": cpu_description(),
         "pinned": bool(args.pin and (os.cpu_count() or 1) >= 2),
         "heartbeat_interval_s": args.heartbeat_interval,
         "rate": args.rate,

@@ -19,7 +19,7 @@ import os
 import re
 import signal
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PREFIX = "fsnet"
 """Every namespace and root-side link this harness makes starts with this, then the owning process's id."""
@@ -97,7 +97,6 @@ class Host:
     switch: str
     """The switch namespace, where the far end of this host's cable (``port``) is."""
     port: str
-    procs: list[subprocess.Popen] = field(default_factory=list)
 
     @property
     def inside(self) -> tuple[str, ...]:
@@ -116,12 +115,12 @@ class Host:
 class Network:
     """A bridge in a switch namespace, hosts on it, and the tests' own namespace on it at ``.254``."""
 
-    def __init__(self, subnet: str | None = None):
+    def __init__(self):
         remove_leftovers()
         pid = os.getpid()
         self.tag = f"{PREFIX}{pid}"
         third = 16 + pid % 200  # 10.213.16.0/24 .. 10.213.215.0/24: one /24 per run, away from common ranges
-        self.subnet = subnet or f"10.213.{third}"
+        self.subnet = f"10.213.{third}"
         self.switch = f"{self.tag}sw"
         self.hosts: list[Host] = []
         self.client_link = f"{self.tag}c"  # at most 15 characters for a pid of up to 8 digits

@@ -97,10 +97,6 @@ class LoadBuckets:
             self._buckets[record.info.model][at].pop(record.worker_id, None)
         self._put(record)
 
-    def size(self, model: str) -> int:
-        self._sync()
-        return sum(len(bucket) for bucket in self._buckets.get(model, ()))
-
     def lightest(self, model: str, count: int, accept: Callable[[WorkerRecord], bool]) -> list[WorkerRecord]:
         """Up to ``count`` of ``model``'s workers that ``accept`` takes, the least loaded first."""
         self._sync()
@@ -123,9 +119,9 @@ class DecisionTimes:
         self._cpu: deque[float] = deque(maxlen=keep)
         self.count = 0
 
-    def add(self, wall_s: float, cpu_s: float | None = None) -> None:
+    def add(self, wall_s: float, cpu_s: float) -> None:
         self._wall.append(wall_s)
-        self._cpu.append(wall_s if cpu_s is None else cpu_s)
+        self._cpu.append(cpu_s)
         self.count += 1
 
     @staticmethod
@@ -331,7 +327,7 @@ class Admission:
         allows it, the policy chooses from a shortlist (:meth:`_shortlist`); when no worker on it has room, from
         every worker."""
         policy = self.pool_policies[route.pool] if route.pool in self.pool_policies else self.policy_for(model)
-        if route.pool is None and policy.narrows and self.loads.size(model) > SHORTLIST_ABOVE:
+        if route.pool is None and policy.narrows and len(self.registry.members(model)) > SHORTLIST_ABOVE:
             lease = self._lease(self._shortlist(model, route, policy), route, tokens, avoid, policy, exact=False)
             if lease is not None:
                 return lease

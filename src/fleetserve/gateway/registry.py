@@ -160,9 +160,9 @@ class WorkerRegistry:
         channel."""
         self.workers: dict[str, WorkerRecord] = {}
         self.generation = 0
+        """Counts changes of membership (a worker added, replaced or removed), for indexes built over ``workers``."""
         self._members: dict[tuple[str, str | None], list[WorkerRecord]] = {}
         self._members_generation = -1
-        """Counts changes of membership (a worker added, replaced or removed), for indexes built over ``workers``."""
         self._holders: dict[int, str | set[str]] = {}
         """Block hash -> the id of the worker whose latest report lists it, or the set of them when several do."""
         self.on_dead: list[Callable[[WorkerRecord], None]] = []

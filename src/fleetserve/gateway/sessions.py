@@ -75,9 +75,7 @@ class SessionTable:
             record = self.registry.workers.get(entry.worker_id)
             if record is not None and record.routable:
                 return record
-        listed = [
-            w for w in self.registry.workers.values() if key in w.sessions and w.routable and w.info.model == model
-        ]
+        listed = [w for w in self.registry.members(model) if key in w.sessions and w.routable]
         return min(listed, key=lambda w: w.sessions[key].idle_s, default=None)
 
     def record(self, key: str, model: str, worker: WorkerRecord) -> WorkerRecord | None:

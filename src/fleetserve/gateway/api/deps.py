@@ -151,20 +151,15 @@ def tokenizer_for(state: GatewayState, model: str) -> Tokenizer:
     return tok
 
 
-def _begin(state: GatewayState, request: Request, model: str, body_id: str) -> tuple[str, str, Trace]:
-    """The request's id (its X-Request-Id when it sent one, else ``body_id``), the key its trace and job are kept
-    under (the id in its caller's namespace), and its trace, which starts at the request's arrival with the
-    receive span (reading and parsing the body). The guard has refused X-Request-Id values that are not short
-    printable ASCII."""
-    given = request.headers.get("x-request-id", "")
-    rid = given or body_id
-    tag = caller(request).tag
+def _begin(state: GatewayState, model: str, rid: str, tag: str, arrived: float | None) -> tuple[str, Trace]:
+    """The key a request's trace and job are kept under (its id in its caller's namespace ``tag``), and its trace,
+    which starts at the request's arrival with the receive span (reading and parsing the body)."""
     state.owner_tags.add(tag)
     key = scoped_id(tag, rid)
     request_id_var.set(rid)
-    trace = state.traces.start(key, model, arrived=getattr(request.state, "arrived", None))
+    trace = state.traces.start(key, model, arrived=arrived)
     trace.add_span("receive", 0.0)
-    return rid, key, trace
+    return key, trace
 
 
 def _prompt_chars(req: schema.ChatCompletionRequest | schema.CompletionRequest) -> int:
@@ -298,13 +293,11 @@ async def open_generation(
 ) -> Opening[RequestT]:
     """Parse ``body`` as ``model_cls``, find the model's tokenizer, refuse a prompt that cannot fit before
     tokenizing it (``check_prompt_size``), assign the request id (``body_id`` unless the client sent an
-    X-Request-Id), begin the trace and tokenize the prompt."""
-    req = schema.parse_request(model_cls, body)
-    tok = tokenizer_for(state, req.model)
-    check_prompt_size(req, tok, state.tokenizers.max_model_len[req.model])
-    rid, key, trace = _begin(state, request, req.model, body_id)
-    prompt = await _tokenize(state, req, trace)
-    return Opening(state, request, req, body_id, rid, key, trace, tok, prompt)
+    X-Request-Id; the guard has refused values that are not short printable ASCII), begin the trace and tokenize
+    the prompt."""
+    rid = request.headers.get("x-request-id", "") or body_id
+    arrived = getattr(request.state, "arrived", None)
+    return await _open(state, request, model_cls, body, body_id, rid, caller(request).tag, arrived)
 
 
 async def reopen_generation(
@@ -312,16 +305,25 @@ async def reopen_generation(
 ) -> Opening[RequestT]:
     """A generation opened again from its stored body, outside any HTTP request (a polling job whose gateway died,
     taken over): kept under ``request_id`` in the namespace ``tag`` it was made in."""
+    return await _open(state, None, model_cls, body, request_id, request_id, tag, None)
+
+
+async def _open(
+    state: GatewayState,
+    request: Request | None,
+    model_cls: type[RequestT],
+    body: Any,
+    answer_id: str,
+    rid: str,
+    tag: str,
+    arrived: float | None,
+) -> Opening[RequestT]:
     req = schema.parse_request(model_cls, body)
     tok = tokenizer_for(state, req.model)
     check_prompt_size(req, tok, state.tokenizers.max_model_len[req.model])
-    state.owner_tags.add(tag)
-    key = scoped_id(tag, request_id)
-    request_id_var.set(request_id)
-    trace = state.traces.start(key, req.model)
-    trace.add_span("receive", 0.0)
+    key, trace = _begin(state, req.model, rid, tag, arrived)
     prompt = await _tokenize(state, req, trace)
-    return Opening(state, None, req, request_id, request_id, key, trace, tok, prompt)
+    return Opening(state, request, req, answer_id, rid, key, trace, tok, prompt)
 
 
 __all__ = [

@@ -83,11 +83,20 @@ async def _run(
         job["result"] = responses.chat_completion(opening.req.model, opening.request_id, text, finish, usage)
         job["status"] = "completed"
     except FleetServeError as exc:
-        job["status"] = "failed"
-        job["error"] = error_payload(exc)[1]["error"]
+        _failed(job, exc)
     finally:
         if keeper is not None:
             keeper.cancel()
+    await _finish(store, key, job)
+
+
+def _failed(job: dict[str, Any], exc: FleetServeError) -> None:
+    job["status"] = "failed"
+    job["error"] = error_payload(exc)[1]["error"]
+
+
+async def _finish(store, key: str, job: dict[str, Any]) -> None:
+    """Store the job's final state and let its lease go."""
     await _save(store, key, job)
     with contextlib.suppress(JobStoreError):
         await store.release(key)
@@ -123,10 +132,8 @@ async def _take_over(state: GatewayState, key: str, job: dict[str, Any]) -> None
         )
         params = opening.sampling()
     except FleetServeError as exc:
-        job["status"] = "failed"
-        job["error"] = error_payload(exc)[1]["error"]
-        await _save(state.jobs, key, job)
-        await state.jobs.release(key)
+        _failed(job, exc)
+        await _finish(state.jobs, key, job)
         return
     job["status"] = "queued"
     await _save(state.jobs, key, job)
