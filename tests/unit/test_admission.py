@@ -212,8 +212,9 @@ def test_a_large_fleet_routes_over_a_shortlist_that_keeps_the_policys_choice():
         assert again.worker is first.worker
         # A session's worker is taken when it has room, wherever it sits in the load order.
         first.worker.in_flight += 2  # busier than the rest (the buckets are rebuilt on the next membership change)
-        held = await admission.acquire("m", RouteRequest("m", "s", [1, 2, 3], prefer=workers[5].worker_id), 10)
-        assert held.worker is workers[5]
+        preferred = next(w for w in workers[5:] if w is not first.worker)  # ids are random: not the full one
+        held = await admission.acquire("m", RouteRequest("m", "s", [1, 2, 3], prefer=preferred.worker_id), 10)
+        assert held.worker is preferred
         # A full shortlist falls back to every worker: only one worker has room left.
         for w in workers:
             w.in_flight = 4 if w is not workers[90] else 0
