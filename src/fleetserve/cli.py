@@ -11,6 +11,7 @@ from typing import NoReturn
 from fleetserve import __version__
 from fleetserve.errors import FleetServeError
 from fleetserve.settings.base import Settings, add_flags, config_path, flags_of
+from fleetserve.settings.embed import EmbedSettings
 from fleetserve.settings.gateway import GatewaySettings
 from fleetserve.settings.generate import GenerateSettings
 from fleetserve.settings.node import NodeSettings
@@ -25,6 +26,13 @@ def cmd_generate(settings: GenerateSettings, args: argparse.Namespace) -> int:
     from fleetserve.generate import run_generate
 
     return exit_without_teardown(run_generate(settings, args.prompt))
+
+
+def cmd_embed(settings: EmbedSettings, args: argparse.Namespace) -> int:
+    """Embed texts with an in-process embedding model (or a gateway's) and print vectors or similarities."""
+    from fleetserve.embed import run_embed
+
+    return exit_without_teardown(run_embed(settings, args.texts))
 
 
 def cmd_models(settings: None, args: argparse.Namespace) -> int:
@@ -111,6 +119,11 @@ def explicit_settings(settings_cls: type[Settings], args: argparse.Namespace) ->
 # subcommand -> (settings class or None, handler, help)
 COMMANDS = {
     "generate": (GenerateSettings, cmd_generate, "generate text from a prompt with an in-process engine"),
+    "embed": (
+        EmbedSettings,
+        cmd_embed,
+        "texts to vectors (or their cosine similarities) with an in-process embedding model",
+    ),
     "models": (None, cmd_models, "list the models fleetserve can load by name"),
     "worker": (WorkerSettings, cmd_worker, "serve one engine over gRPC and register with a gateway"),
     "gateway": (GatewaySettings, cmd_gateway, "serve the OpenAI-compatible HTTP API over registered workers"),
@@ -134,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "generate":
             p.add_argument("prompt", help="the prompt (a user message; '-' reads standard input)")
+        if name == "embed":
+            p.add_argument("texts", nargs="+", help="the texts to embed ('-' reads one per line of standard input)")
         if name == "models":
             p.add_argument("--json", action="store_true", help="print JSON")
             continue

@@ -45,6 +45,8 @@ from fleetserve.settings.base import ENV_PREFIX, dial_host
 from fleetserve.settings.up import UpSettings
 from fleetserve.supervisor import ChildExited, ChildSpec, Keeper, KeeperEvent, RestartPolicy, Supervisor
 
+EMBED_ROLE = "embed"
+"""The local counts' name for an embedding worker (it registers as a replica of the embedding model)."""
 READY_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
 """How long each process has to stop on SIGTERM before it gets SIGKILL."""
@@ -88,7 +90,11 @@ def child_specs(
         env = {**worker_env, **(tls[f"worker-{i}"].env() if tls else {})}
         argv = [*exe, "worker"] + (["--role", role] if role != "replica" else [])
         argv += ["--gateway", control, "--name", name, "--threads", str(threads)]
-        model, source = served[i % len(served)] if role == "replica" else served[0]
+        if role == EMBED_ROLE:  # an embedding worker is a replica of the embedding model
+            argv = [*exe, "worker", "--gateway", control, "--name", name, "--threads", str(threads)]
+            model = source = settings.embedding_model
+        else:
+            model, source = served[i % len(served)] if role == "replica" else served[0]
         argv += ["--model", source] + (["--served-model-name", model] if model != source else [])
         argv += cap if role == "stage" else []
         specs.append(ChildSpec(name, [*argv, *config], env, WORKER_READY, sys.stderr, exit_with_parent=True))
@@ -103,20 +109,23 @@ class LocalCounts:
     prefill: int
     decode: int
     stages: int
+    embedders: int = 0
 
     @property
     def total(self) -> int:
-        return self.replicas + self.prefill + self.decode + self.stages
+        return self.replicas + self.prefill + self.decode + self.stages + self.embedders
 
     @property
     def serving(self) -> int:
         """Healthy workers /ready reports once every one has loaded: a pipeline serves through its head alone."""
-        return self.replicas + self.prefill + self.decode + (1 if self.stages else 0)
+        return self.replicas + self.prefill + self.decode + (1 if self.stages else 0) + self.embedders
 
     def workers(self) -> list[tuple[str, str]]:
-        """(name, role) of each, in the order they start: replicas, prefill, decode, then the stage nodes."""
+        """(name, role) of each, in the order they start: replicas, prefill, decode, the stage nodes, then the
+        embedding workers (role ``embed`` here; they register as replicas of the embedding model)."""
         kinds = (("worker", "replica", self.replicas), ("prefill", "prefill", self.prefill))
         kinds += (("decode", "decode", self.decode), ("stage", "stage", self.stages))
+        kinds += (("embed", EMBED_ROLE, self.embedders),)
         return [(f"{prefix}-{i}", role) for prefix, role, n in kinds for i in range(n)]
 
     def summary(self) -> str:
@@ -126,6 +135,8 @@ class LocalCounts:
             parts.append(f"{self.prefill} prefill and {self.decode} decode worker(s)")
         if self.stages:
             parts.append(f"a pipeline of {self.stages} stage node(s)")
+        if self.embedders:
+            parts.append(f"{self.embedders} embedding worker(s)")
         if len(parts) > 1 and not any(" and " in p for p in parts):
             return f"{', '.join(parts[:-1])} and {parts[-1]}"
         return ", ".join(parts)
@@ -150,7 +161,7 @@ def local_counts(settings: UpSettings, explicit: set[str]) -> LocalCounts:
     replicas = workers if not (stages or prefill or decode) or "workers" in explicit else 0
     if len(settings.model) > 1:  # the replicas go to each model in turn: at least one each
         replicas = max(replicas, len(settings.model))
-    return LocalCounts(max(0, replicas), prefill, decode, stages)
+    return LocalCounts(max(0, replicas), prefill, decode, stages, 1 if settings.embeddings else 0)
 
 
 def wait_ready(
@@ -223,7 +234,7 @@ def run_up(settings: UpSettings, explicit: set[str], config_file: str | None = N
     """Start the fleet, say where it answers, and keep it running until Ctrl-C/SIGTERM; 1 if it never got ready."""
     url = f"http://{dial_host(settings.host)}:{settings.port}"
     counts = local_counts(settings, explicit)
-    models = ", ".join(name for name, _ in settings.served)
+    models = ", ".join([name for name, _ in settings.served] + ([settings.embedding_model] * settings.embeddings))
     print(f"starting a gateway, {counts.summary()} on {models} ...", file=sys.stderr, flush=True)
     supervisor = Supervisor()
     keeper = fleet_keeper(supervisor)

@@ -194,7 +194,17 @@ def test_learn_creates_an_unconfigured_model_from_a_worker():
 
 def test_learn_tolerates_workers_that_report_little():
     spec = ModelRegistry().learn(worker("bare"))
-    assert spec == ModelSpec("bare", configured=False)
+    assert spec == ModelSpec("bare", kind="generate", configured=False)  # a worker that names no kind generates
+
+
+def test_a_model_has_one_kind():
+    reg = ModelRegistry.from_config({"embedder": {"kind": "embed"}})
+    spec = reg.learn(worker("embedder", kind="embed", embedding_dimensions=384, max_model_len=256))
+    assert (spec.kind, spec.dimensions, spec.context_length) == ("embed", 384, 256)
+    with pytest.raises(ValueError, match="kind 'generate'.*known as kind 'embed'"):
+        reg.learn(worker("embedder", name="llm"))  # an LLM worker registering under the embedding model's name
+    with pytest.raises(ValueError, match="'kind' must be one of generate, embed"):
+        ModelRegistry.from_config({"m": {"kind": "rerank"}})
 
 
 def test_quantized_dtype_names():

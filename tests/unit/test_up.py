@@ -155,6 +155,19 @@ def test_several_models_get_their_own_replicas_and_a_served_name():
     assert child_specs(settings, explicit)[1].env["FLEETSERVE_MODEL"] is None  # each worker has its model in its argv
 
 
+def test_embeddings_add_an_embedding_worker_beside_the_llm(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    specs = workers("--embeddings")
+    assert list(specs) == ["worker-0", "embed-0"]
+    assert argument(specs["embed-0"], "--model") == "all-minilm-l6-v2" and "--role" not in specs["embed-0"]
+    assert argument(specs["worker-0"], "--model") == "smollm2-135m-instruct"
+    assert {argument(a, "--threads") for a in specs.values()} == {"2"}  # the cores are split between the two
+    settings, explicit = up("--embeddings", "--embedding-model", "/models/e5")
+    counts = local_counts(settings, explicit)
+    assert counts.serving == 2 and counts.summary() == "1 worker(s) and 1 embedding worker(s)"
+    assert argument(child_specs(settings, explicit)[2].argv, "--model") == "/models/e5"
+
+
 @pytest.mark.parametrize("models", [("a", "a"), ("x=",), ("=y",)])
 def test_a_model_given_twice_or_half_named_is_refused(models):
     with pytest.raises(InvalidRequestError):

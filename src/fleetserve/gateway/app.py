@@ -22,6 +22,7 @@ from fleetserve.gateway.api import (
     console,
     deployments,
     docs,
+    embeddings,
     health,
     jobs,
     openai,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 ROUTERS = (
     health.router,
     openai.router,
+    embeddings.router,
     jobs.router,
     sessions.router,
     compat.router,

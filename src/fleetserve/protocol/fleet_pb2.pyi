@@ -226,6 +226,36 @@ class TokenizerFiles(_message.Message):
     fingerprint: str
     def __init__(self, model: _Optional[str] = ..., files: _Optional[_Mapping[str, bytes]] = ..., fingerprint: _Optional[str] = ...) -> None: ...
 
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbedRequest(_message.Message):
+    __slots__ = ("request_id", "inputs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    inputs: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, request_id: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class EmbedReply(_message.Message):
+    __slots__ = ("dimensions", "vectors", "prompt_tokens", "queue_s", "compute_s", "batches")
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    dimensions: int
+    vectors: bytes
+    prompt_tokens: int
+    queue_s: float
+    compute_s: float
+    batches: int
+    def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., batches: _Optional[int] = ...) -> None: ...
+
 class KvFetchRequest(_message.Message):
     __slots__ = ("transfer_id", "start", "chunk_tokens")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -411,7 +441,7 @@ class StageStatus(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., detail: _Optional[str] = ..., kv_blocks: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("name", "address", "model", "role", "layer_start", "layer_end", "kv_blocks_total", "block_size", "device", "memory_cap_bytes", "max_model_len", "tokenizer_fingerprint", "model_version", "max_num_seqs", "architecture", "dtype", "num_layers", "stage")
+    __slots__ = ("name", "address", "model", "role", "layer_start", "layer_end", "kv_blocks_total", "block_size", "device", "memory_cap_bytes", "max_model_len", "tokenizer_fingerprint", "model_version", "max_num_seqs", "architecture", "dtype", "num_layers", "stage", "kind", "embedding_dimensions")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +460,8 @@ class WorkerInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     model: str
@@ -448,7 +480,9 @@ class WorkerInfo(_message.Message):
     dtype: str
     num_layers: int
     stage: StageProfile
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., memory_cap_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., stage: _Optional[_Union[StageProfile, _Mapping]] = ...) -> None: ...
+    kind: str
+    embedding_dimensions: int
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., role: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., device: _Optional[str] = ..., memory_cap_bytes: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., model_version: _Optional[str] = ..., max_num_seqs: _Optional[int] = ..., architecture: _Optional[str] = ..., dtype: _Optional[str] = ..., num_layers: _Optional[int] = ..., stage: _Optional[_Union[StageProfile, _Mapping]] = ..., kind: _Optional[str] = ..., embedding_dimensions: _Optional[int] = ...) -> None: ...
 
 class StageProfile(_message.Message):
     __slots__ = ("layer_bytes", "embed_bytes", "lm_head_bytes", "lm_head_read_bytes", "kv_bytes_per_token", "layer_seconds", "weights_fingerprint")

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/fleetserve.v1.Worker/Embed',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.EmbedReply.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/fleetserve.v1.Worker/Abort',
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.AbortRequest.SerializeToString,
@@ -70,6 +75,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +124,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.FromString,
                     response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.EmbedRequest.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.EmbedReply.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -167,6 +183,33 @@ class Worker:
             '/fleetserve.v1.Worker/Generate',
             fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.SerializeToString,
             fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetserve.v1.Worker/Embed',
+            fleetserve_dot_protocol_dot_fleet__pb2.EmbedRequest.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,

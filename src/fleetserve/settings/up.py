@@ -44,6 +44,12 @@ class UpSettings(GatewaySettings, EngineSettings):
     decode: int = option(0, "local decode workers: they go on decoding from a prefill worker's KV", ge=0)
     pipeline: int = option(0, "stage nodes of one local pipeline that splits the model's layers (0: none)")
     stage_memory_mb: int | None = option(None, "each stage node's cap on weights plus KV in MiB (default: no cap)")
+    embeddings: bool = option(
+        False, "also serve an embedding model (on /v1/embeddings) from a local embedding worker of its own"
+    )
+    embedding_model: str = option(
+        "all-minilm-l6-v2", "the embedding model --embeddings serves: a name or a sentence-transformers folder"
+    )
     threads: int | None = option(None, "torch threads per worker (default: cores / local workers of every kind)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
     tls_dir: str = option(

@@ -57,6 +57,21 @@ class WorkerSettings(EngineSettings):
     kv_fetch_timeout: float = option(
         30.0, "seconds a decode worker waits for a prompt's KV before it computes the prompt itself"
     )
+    max_batch_size: int = option(
+        32, "an embedding model's batcher: most inputs one batch runs (a full batch runs at once)", ge=1
+    )
+    max_queue_delay_ms: float = option(
+        5.0, "an embedding model's batcher: longest an input waits for company before its batch runs", ge=0
+    )
+    preferred_batch_sizes: list[int] = option(
+        None,
+        "an embedding model's batcher: a batch of this many inputs runs at once, without waiting out the delay "
+        "(repeat for more; none: only full batches do)",
+        default_factory=list,
+    )
+    max_batch_tokens: int = option(
+        0, "an embedding model's batcher: most tokens one batch runs, padding included (0: no cap)", ge=0
+    )
 
     @model_validator(mode="after")
     def _one_gateway_for_a_stage(self) -> WorkerSettings:

@@ -359,11 +359,13 @@ class WorkerMetrics:
     ``time_to_first_token_seconds``; :meth:`serve` exposes ``/metrics`` over HTTP on a background thread.
     """
 
-    def __init__(self, engine_stats: Callable[[], Any], registry: CollectorRegistry | None = None):
+    def __init__(self, engine_stats: Callable[[], Any] | None, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.engine = EngineCollector(engine_stats)
-        r.register(self.engine)
+        self.engine = EngineCollector(engine_stats) if engine_stats is not None else None
+        """The engine's figures; None for a worker without a generation engine (an embedding worker)."""
+        if self.engine is not None:
+            r.register(self.engine)
         self.requests_total = Counter(
             "fleetserve_engine_requests_total",
             "Requests the worker finished, by outcome (ok, error, cancelled, ...).",
@@ -409,6 +411,59 @@ class WorkerMetrics:
             server.shutdown()
             server.server_close()
             thread.join(timeout=5)
+
+
+BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS: tuple[float, ...] = (16, 64, 256, 1024, 4096, 16384, 65536)
+SHARE_BUCKETS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+class BatchMetrics:
+    """An embedding worker's batcher, batch by batch: sizes, how long inputs waited for company, tokens per batch
+    and the share of them that was padding. :meth:`observe` takes each batch as it finishes."""
+
+    def __init__(self, registry: CollectorRegistry):
+        r = registry
+        self.batch_size = Histogram(
+            "fleetserve_embed_batch_size", "Inputs per batch the model ran.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queue_delay_seconds = Histogram(
+            "fleetserve_embed_queue_delay_seconds",
+            "How long each input waited in the batcher before its batch ran.",
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "fleetserve_embed_batch_tokens",
+            "Tokens per batch, padding included (inputs x the longest input).",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "fleetserve_embed_batch_padding_ratio",
+            "Share of a batch's tokens that were padding.",
+            buckets=SHARE_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "fleetserve_embed_batch_seconds", "The model's time for one batch.", buckets=STAGE_BUCKETS, registry=r
+        )
+        self.tokens_total = Counter("fleetserve_embed_tokens_total", "Input tokens embedded.", registry=r)
+        self.padded_tokens_total = Counter(
+            "fleetserve_embed_padded_tokens_total", "Tokens the model ran, padding included.", registry=r
+        )
+
+    def observe(self, batch: Any, seconds: float) -> None:
+        """One finished batch (``inputs``, ``waited_s``, ``tokens``, ``padded_tokens``) and its run time."""
+        self.batch_size.observe(len(batch.inputs))
+        for waited in batch.waited_s:
+            self.queue_delay_seconds.observe(waited)
+        self.batch_tokens.observe(batch.padded_tokens)
+        if batch.padded_tokens:
+            self.padding_ratio.observe(1.0 - batch.tokens / batch.padded_tokens)
+        self.batch_seconds.observe(seconds)
+        self.tokens_total.inc(batch.tokens)
+        self.padded_tokens_total.inc(batch.padded_tokens)
 
 
 class _NoOp:

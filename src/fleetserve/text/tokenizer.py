@@ -173,7 +173,11 @@ class Tokenizer:
         add_bos_token: bool = False,
         model_max_length: int | None = None,
     ) -> None:
-        """Wrap ``backend``; ``eos_token_ids`` are extra stop ids (from generation_config.json or the GGUF)."""
+        """Wrap ``backend``; ``eos_token_ids`` are extra stop ids (from generation_config.json or the GGUF).
+        Padding and truncation a tokenizer.json may carry are turned off: ids are exact, and length limits are the
+        caller's to check (with an error, not a silent cut)."""
+        backend.no_padding()
+        backend.no_truncation()
         self._backend = backend
         self._chat_template = chat_template
         self._compiled: jinja2.Template | None = None
@@ -298,6 +302,14 @@ class Tokenizer:
             batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # _fast: no offsets
             return batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_inputs(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each text, the post-processor's special tokens included (an encoder's ``[CLS] ... [SEP]``);
+        one batch call, which releases the GIL while it works."""
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidRequestError("inputs to encode must be strings", param="input")
+        batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)  # _fast: no offsets
+        return [e.ids for e in batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special tokens are dropped when ``skip_special_tokens``."""

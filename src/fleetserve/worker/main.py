@@ -8,10 +8,14 @@ import logging
 import signal
 import socket
 import sys
+from pathlib import Path
 
 from fleetserve.engine.async_engine import AsyncEngine
 from fleetserve.engine.engine import LLMEngine
 from fleetserve.engine.kv_pins import SESSION
+from fleetserve.engine.torch_threads import run_on_own_thread
+from fleetserve.errors import InvalidRequestError
+from fleetserve.model_files import model_kind, prepare_model_dir
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol.security import FleetCredentials
@@ -70,6 +74,10 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         from fleetserve.worker.stage_node import run_stage_node
 
         return await run_stage_node(opts, stop, credentials)
+
+    model_dir = await run_on_own_thread(lambda: prepare_model_dir(opts.model, progress=sys.stderr.isatty()))
+    if model_kind(model_dir) == "embed":
+        return await _serve_embeddings(opts, model_dir, stop, credentials)
 
     engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty())
     core = engine.engine
@@ -135,6 +143,17 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         service.metrics.close()
     await engine.close()
     return code
+
+
+async def _serve_embeddings(
+    opts: WorkerSettings, model_dir: Path, stop: asyncio.Event, credentials: FleetCredentials
+) -> int:
+    """Serve an embedding model (``worker.embed_worker``): whole, as a replica."""
+    if opts.role != "replica":
+        raise InvalidRequestError(f"an embedding model is served whole: --role {opts.role} is for LLMs", "role")
+    from fleetserve.worker.embed_worker import run_embed_worker
+
+    return await run_embed_worker(opts, model_dir, stop, credentials)
 
 
 def _say(line: str) -> None:

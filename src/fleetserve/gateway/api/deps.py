@@ -21,6 +21,7 @@ from fleetserve.gateway.api import responses, schema
 from fleetserve.gateway.api.guard import Caller, caller_of
 from fleetserve.gateway.api.schema import RequestT
 from fleetserve.gateway.generation import Started, generate_text
+from fleetserve.gateway.models import GENERATE_KIND, ROUTES_OF_KIND
 from fleetserve.gateway.sessions import check_session_id
 from fleetserve.gateway.state import GatewayState
 from fleetserve.gateway.streaming import SlowClientStreamingResponse
@@ -151,7 +152,19 @@ def tokenizer_for(state: GatewayState, model: str) -> Tokenizer:
     return tok
 
 
-def _begin(state: GatewayState, model: str, rid: str, tag: str, arrived: float | None) -> tuple[str, Trace]:
+def check_kind(state: GatewayState, model: str, kind: str) -> None:
+    """Refuse a request on a route its model does not serve (a chat for an embedding model, or the reverse), with a
+    400 that names the model's route."""
+    spec = state.models.get(model)
+    served = (spec.kind if spec is not None else "") or GENERATE_KIND
+    if served != kind:
+        raise InvalidRequestError(
+            f"The model '{model}' is a model of kind '{served}': it is served on {ROUTES_OF_KIND[served]}, not here.",
+            "model",
+        )
+
+
+def begin_trace(state: GatewayState, model: str, rid: str, tag: str, arrived: float | None) -> tuple[str, Trace]:
     """The key a request's trace and job are kept under (its id in its caller's namespace ``tag``), and its trace,
     which starts at the request's arrival with the receive span (reading and parsing the body)."""
     state.owner_tags.add(tag)
@@ -320,8 +333,9 @@ async def _open(
 ) -> Opening[RequestT]:
     req = schema.parse_request(model_cls, body)
     tok = tokenizer_for(state, req.model)
+    check_kind(state, req.model, GENERATE_KIND)
     check_prompt_size(req, tok, state.tokenizers.max_model_len[req.model])
-    key, trace = _begin(state, req.model, rid, tag, arrived)
+    key, trace = begin_trace(state, req.model, rid, tag, arrived)
     prompt = await _tokenize(state, req, trace)
     return Opening(state, request, req, answer_id, rid, key, trace, tok, prompt)
 
@@ -332,6 +346,8 @@ __all__ = [
     "StateDep",
     "caller",
     "check_json_shape",
+    "check_kind",
+    "begin_trace",
     "check_prompt_size",
     "error_payload",
     "error_response",

@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from fleetserve.gateway.api import schema
+from fleetserve.gateway.api.embedding_schema import MAX_INPUTS, EmbeddingRequest
 
 _REF = "#/components/schemas/{model}"
 MAX_TOKEN_ID = 2**32 - 1
@@ -72,6 +73,7 @@ class JoinRequest(BaseModel):
 COMPONENT_MODELS: tuple[type[BaseModel], ...] = (
     schema.ChatCompletionRequest,
     schema.CompletionRequest,
+    EmbeddingRequest,
     InferRequest,
     JoinRequest,
     JobQueued,
@@ -152,6 +154,17 @@ def _widen(schemas: dict[str, Any]) -> None:
             ids,
             {"type": "array", "minItems": 1, "maxItems": 1, "items": {"anyOf": [{"type": "string"}, ids]}},
         ]
+    }
+    schemas["EmbeddingRequest"]["properties"]["input"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "string", "minLength": 1}},
+            ids,
+            {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": ids},
+        ]
+    }
+    schemas["EmbeddingRequest"]["properties"]["encoding_format"] = {
+        "anyOf": [{"enum": ["float", "base64"]}, {"type": "null"}]
     }
     stop = {
         "anyOf": [

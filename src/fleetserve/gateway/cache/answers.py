@@ -6,6 +6,10 @@ the kind of route (chat or completion). A hit goes through the same response cod
 (streamed when the request asked for a stream) without touching a worker. ``Cache-Control: no-cache`` (or
 ``no-store``) on a request skips the lookup and the store. The store is blocking (SQLite or Redis), so it is
 used from a thread.
+
+Embeddings are kept per input, not per request: an input's vector is keyed by the model, its version and the
+input's token ids, so a sentence seen in any earlier request is a hit, and a request whose inputs all hit never
+reaches a worker.
 """
 
 from __future__ import annotations
@@ -66,6 +70,36 @@ class AnswerCache:
             trace.add_span("finish", now, now, finish_reason=events[-1].finish_reason, cached=True)
             trace.close()
         return events
+
+    def vector_key(self, model: str, version: str, input_ids: list[int]) -> str:
+        """The cache key of one embedding input's vector."""
+        return cache_key(model, version, input_ids, {"kind": "embedding"})
+
+    async def lookup_vectors(self, keys: list[str], model: str) -> list[bytes | None]:
+        """The stored vector (float32 bytes) of each key, None where there is none."""
+        try:
+            found = await asyncio.to_thread(lambda: [self.backend.get(k) for k in keys])
+        except Exception as exc:  # a broken cache must not fail the request: embed instead
+            log.warning("response cache lookup failed: %s", exc)
+            found = [None] * len(keys)
+        hits = sum(v is not None for v in found)
+        if hits:
+            self.metrics.response_cache_hits_total.labels(model=model).inc(hits)
+        if hits < len(keys):
+            self.metrics.response_cache_misses_total.labels(model=model).inc(len(keys) - hits)
+        return found
+
+    async def store_vectors(self, entries: list[tuple[str, bytes]]) -> None:
+        """Keep each (key, vector bytes)."""
+
+        def store() -> None:
+            for key, value in entries:
+                self.backend.set(key, value, self.ttl_s)
+
+        try:
+            await asyncio.to_thread(store)
+        except Exception as exc:  # the answer was delivered; failing to keep it is only a warning
+            log.warning("response cache store failed: %s", exc)
 
     async def replay(self, events: list[TextEvent]) -> AsyncIterator[TextEvent]:
         for event in events:
