@@ -47,7 +47,9 @@ def cmd_models(settings: None, args: argparse.Namespace) -> int:
     print(f"{'NAME'.ljust(width)}  INSTALLED  SOURCE")
     for r in rows:
         print(f"{r['name'].ljust(width)}  {r['installed'].ljust(9)}  {r['source']}")
-    print("\nAlso accepted by --model: a Hugging Face folder (config.json + *.safetensors) or a .gguf file.")
+    print(
+        "\nAlso accepted by --model: a Hugging Face folder (config.json + *.safetensors), a .gguf file or a .zip of a folder."
+    )
     return 0
 
 

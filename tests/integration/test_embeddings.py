@@ -51,7 +51,7 @@ def fleet(model_dir, embed_dir):
     try:
         proc, _ = f.add_worker(
             "embedder", "--model", EMBED, "--max-batch-size", "8", "--max-queue-delay-ms", str(DELAY_MS),
-            "--metrics-port", "0",
+            "--no-adaptive-queue-delay", "--metrics-port", "0",  # a fixed delay: a lone input always waits it
         )  # fmt: skip
         f.wait_workers(2)
         f.embed_metrics = re.search(r"metrics (http://\S+/metrics)", proc.wait_for(READY_WORKER).string).group(1)

@@ -59,6 +59,24 @@ def test_a_partial_batch_waits_for_the_delay():
     assert len(q) == 0 and q.next_due() is None
 
 
+def test_an_adaptive_delay_waits_only_while_requests_come_closer_together_than_it():
+    q = BatchQueue(BatchPolicy(max_batch_size=8, max_queue_delay_s=0.01, adaptive_delay=True))
+    q.add("m", [[1]], now=0.0)
+    assert q.take(0.0) is None  # nothing known of the gaps yet: the delay applies
+    assert q.take(0.01).inputs == [[1]]
+    for t in (0.5, 1.0):  # requests half a second apart: waiting would only add latency
+        q.add("m", [[2]], now=t)
+        assert q.take(t).inputs == [[2]] and q.next_due() is None
+    for i in range(7):  # a burst, 2 ms apart: the average gap falls under the delay, and it applies again
+        q.add("m", [[3]], now=1.5 + 0.002 * i)
+    assert q.take(1.509) is None and q.next_due() == pytest.approx(1.5 + 0.01)
+    plain = BatchQueue(BatchPolicy(max_batch_size=8, max_queue_delay_s=0.01))
+    for t in (0.0, 0.5, 1.0):
+        plain.add("m", [[1]], now=t)
+        assert plain.take(t) is None  # without it, every lone input waits the delay
+        plain.take(t + 0.01)
+
+
 def test_preferred_sizes_run_without_waiting():
     q = BatchQueue(BatchPolicy(max_batch_size=8, max_queue_delay_s=1.0, preferred_batch_sizes=(2, 4)))
     q.add("m", [[1]], now=0.0)

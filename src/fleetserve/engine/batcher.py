@@ -42,6 +42,10 @@ class BatchPolicy:
     max_batch_tokens: int = 0
     """Padded tokens (batch size x longest input) per batch, at most; 0: no cap beyond ``max_batch_size``.
     An input longer than the cap runs alone."""
+    adaptive_delay: bool = False
+    """Wait for company only when it is likely to come: while a model's requests arrive further apart than
+    ``max_queue_delay_s`` (a moving average of the gaps), its inputs run as soon as they can, so a lightly loaded
+    batcher answers as fast as one that never waits; closer together, the delay applies."""
 
     def __post_init__(self) -> None:
         sizes_ok = all(1 <= s <= self.max_batch_size for s in self.preferred_batch_sizes)
@@ -101,6 +105,10 @@ class Batch:
     owners: list[tuple[Ticket, int]] = field(repr=False)
 
 
+GAP_WEIGHT = 0.5
+"""The newest gap's weight in the moving average of the gaps between a model's requests."""
+
+
 class BatchQueue:
     """The queued inputs of every key and the decision when and what to run; times are passed in.
 
@@ -116,6 +124,8 @@ class BatchQueue:
         self._queues: dict[str, list[_Queued]] = {}  # key -> inputs in (arrival, seq) order, never empty
         self._seq = itertools.count()
         self._count = 0
+        self._last_arrival: dict[str, float] = {}  # key -> when its latest request came
+        self._gap: dict[str, float] = {}  # key -> moving average of the gaps between its requests
         # the fewest inputs that can be due before the delay without a token cap
         self._min_fill = min((*policy.preferred_batch_sizes, policy.max_batch_size))
 
@@ -126,6 +136,11 @@ class BatchQueue:
         """Queue a request's inputs for ``key``, arrived at ``now``."""
         ticket = Ticket(key, len(inputs))
         if inputs:
+            last = self._last_arrival.get(key)
+            if last is not None:
+                gap = max(0.0, now - last)
+                self._gap[key] = gap if key not in self._gap else (1 - GAP_WEIGHT) * self._gap[key] + GAP_WEIGHT * gap
+            self._last_arrival[key] = now
             entries = self._queues.setdefault(key, [])
             for index, ids in enumerate(inputs):
                 bisect.insort(entries, _Queued(ids, now, next(self._seq), ticket, index), key=_order)
@@ -148,7 +163,14 @@ class BatchQueue:
         """When the next batch falls due on delay (None when nothing is queued); one may be due earlier on size."""
         if not self._queues:
             return None
-        return min(entries[0].arrival for entries in self._queues.values()) + self.policy.max_queue_delay_s
+        return min(entries[0].arrival + self._delay(key) for key, entries in self._queues.items())
+
+    def _delay(self, key: str) -> float:
+        """How long ``key``'s oldest input may wait: the policy's delay, or none while company is unlikely."""
+        delay = self.policy.max_queue_delay_s
+        if self.policy.adaptive_delay and self._gap.get(key, 0.0) > delay:
+            return 0.0
+        return delay
 
     def take(self, now: float) -> Batch | None:
         """Remove and return a batch that is due at ``now``, or None."""
@@ -156,7 +178,7 @@ class BatchQueue:
         for key in sorted(self._queues, key=lambda k: _order(self._queues[k][0])):
             entries = self._queues[key]
             # the same sum as next_due, so a wake-up at next_due() finds the batch due
-            delayed = now >= entries[0].arrival + policy.max_queue_delay_s
+            delayed = now >= entries[0].arrival + self._delay(key)
             if not delayed and not policy.max_batch_tokens and len(entries) < self._min_fill:
                 continue
             chosen, full = self._select(entries)

@@ -63,6 +63,11 @@ class WorkerSettings(EngineSettings):
     max_queue_delay_ms: float = option(
         5.0, "an embedding model's batcher: longest an input waits for company before its batch runs", ge=0
     )
+    adaptive_queue_delay: bool = option(
+        True,
+        "an embedding model's batcher: wait out the delay only while requests come closer together than it (a "
+        "lightly loaded worker runs a lone input at once)",
+    )
     preferred_batch_sizes: list[int] = option(
         None,
         "an embedding model's batcher: a batch of this many inputs runs at once, without waiting out the delay "

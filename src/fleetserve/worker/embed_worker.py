@@ -139,6 +139,7 @@ def batch_policy(opts: WorkerSettings) -> BatchPolicy:
         max_queue_delay_s=opts.max_queue_delay_ms / 1000.0,
         preferred_batch_sizes=tuple(opts.preferred_batch_sizes),
         max_batch_tokens=opts.max_batch_tokens,
+        adaptive_delay=opts.adaptive_queue_delay,
     )
 
 

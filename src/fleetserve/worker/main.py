@@ -51,6 +51,7 @@ def worker_info(opts: WorkerSettings, engine: AsyncEngine, fingerprint: str, nam
         architecture=core.arch.architecture,
         dtype=core.runner.weight_format.name,  # the weights' form: float32, bfloat16, float16 or int4
         num_layers=core.arch.num_layers,
+        kind="generate",
     )
 
 

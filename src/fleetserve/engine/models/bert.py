@@ -47,6 +47,9 @@ class BertConfig:
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> BertConfig:
         """Validate a config.json dict; refuse what this encoder does not implement."""
+        family = cfg.get("model_type", "bert")
+        if family != "bert":  # RoBERTa, XLM-R, MPNet ... differ in positions or layers: refused, not run wrong
+            raise UnsupportedModelError(f"model_type {family!r} is not supported by the BERT encoder; only 'bert'")
         act = cfg.get("hidden_act", "gelu")
         if act not in ACTIVATIONS:
             raise UnsupportedModelError(

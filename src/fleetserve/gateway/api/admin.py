@@ -37,6 +37,7 @@ def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
         "state": w.state.value,
         "model": w.info.model,
         "role": w.info.role,
+        "kind": w.info.kind or "generate",
         "layer_start": w.info.layer_start,
         "layer_end": w.info.layer_end,
         "serving": w.serving,

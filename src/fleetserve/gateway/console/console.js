@@ -175,7 +175,9 @@ async function refreshModels() {
   try {
     const body = await getJson("/v1/models");
     clearError("models");
-    setModels((body.data || []).map((m) => m.id).filter(Boolean));
+    // The prompt box chats: models of kind "embed" (vectors, on /v1/embeddings) are left out of it.
+    const chat = (body.data || []).filter((m) => (m.fleetserve || {}).kind !== "embed");
+    setModels(chat.map((m) => m.id).filter(Boolean));
   } catch (exc) {
     showError("models", `Could not list the models: ${exc.message}`);
   }

@@ -1,0 +1,246 @@
+"""Embeddings: the dynamic batcher's trade between throughput and latency, against sentence-transformers.
+
+Inputs are the sentences of ``benchmarks/data/heldout.txt`` (mixed lengths, one input per request). Parts:
+
+* **reference** (in this process): sentence-transformers' own ``encode`` on the inputs at batch sizes 1 to 128
+  (its best is the figure to beat), and our ``Embedder`` on the same inputs at the same batch sizes, sorted by
+  length as sentence-transformers sorts them;
+* **server**: for each max batch size (1, 8, 32) and max queue delay (0, 5, 20 ms), a real gateway and one
+  embedding worker (``--threads`` torch threads); an open-loop load of one-input requests at each ``--rates``
+  rate for ``--seconds``, then a closed loop of ``--saturation`` concurrent clients: inputs/s answered and the
+  client's latency p50/p99 (base64 vectors, as the openai client asks for them).
+
+    python benchmarks/embeddings.py                     # everything (about 10 minutes on 2 cores)
+    python benchmarks/embeddings.py --part reference
+    python benchmarks/embeddings.py --batch-sizes 1 32 --delays 0 --rates 5 50
+
+Writes ``benchmarks/results/embeddings.json`` and the chart ``docs/img/embeddings-batching.png``.
+sentence-transformers is not a dependency: ``pip install sentence-transformers`` for its rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from fleetserve.bench.local_fleet import Fleet
+from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "embeddings.json"
+CHART = ROOT.parent / "docs" / "img" / "embeddings-batching.png"
+MODEL = "all-minilm-l6-v2"
+REFERENCE_BATCHES = (1, 8, 16, 32, 64, 128)
+
+
+def sentences() -> list[str]:
+    """The held-out text's sentences (and headings), in order."""
+    text = (ROOT / "data" / "heldout.txt").read_text()
+    parts = [p.strip() for line in text.splitlines() for p in re.split(r"(?<=[.!?])\s+", line)]
+    return [p for p in parts if p]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+def reference(texts: list[str], threads: int) -> dict:
+    """Inputs/s of sentence-transformers' encode and of our Embedder, per batch size, on the same inputs."""
+    import torch
+
+    from fleetserve.engine.embedder import Embedder
+    from fleetserve.model_files import prepare_model_dir
+    from fleetserve.text.tokenizer import Tokenizer
+
+    torch.set_num_threads(threads)
+    model_dir = prepare_model_dir(MODEL, progress=False)
+    ours, tok = Embedder.load(model_dir), Tokenizer.from_dir(model_dir)
+    ids = sorted(tok.encode_inputs(texts), key=len)  # sentence-transformers sorts by length too
+    rows: dict = {"inputs": len(texts), "tokens": sum(map(len, ids)), "fleetserve": {}, "sentence_transformers": {}}
+
+    def timed(run) -> float:
+        run()  # warm
+        started = time.perf_counter()
+        run()
+        return round(len(texts) / (time.perf_counter() - started), 1)
+
+    for size in REFERENCE_BATCHES:
+        rows["fleetserve"][size] = timed(lambda s=size: [ours.embed(ids[i : i + s]) for i in range(0, len(ids), s)])
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        rows["sentence_transformers"] = "not installed (pip install sentence-transformers)"
+        return rows
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    for size in REFERENCE_BATCHES:
+        rows["sentence_transformers"][size] = timed(lambda s=size: st.encode(texts, batch_size=s))
+    rows["sentence_transformers_version"] = package_version("sentence-transformers")
+    return rows
+
+
+async def _post(client: httpx.AsyncClient, text: str) -> float:
+    started = time.perf_counter()
+    reply = await client.post("/v1/embeddings", json={"model": MODEL, "input": text, "encoding_format": "base64"})
+    reply.raise_for_status()
+    return time.perf_counter() - started
+
+
+def _summary(latencies: list[float], took: float, offered: float | None, errors: int) -> dict:
+    return {
+        "offered_per_s": offered,
+        "answered": len(latencies),
+        "inputs_per_s": round(len(latencies) / took, 1),
+        "errors": errors,
+        "p50_ms": round(percentile(latencies, 0.5) * 1e3, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 2) if latencies else 0.0,
+    }
+
+
+async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> dict:
+    """One-input requests at ``rate`` a second, whatever the answers do."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one(text: str) -> None:
+            nonlocal errors
+            try:
+                latencies.append(await _post(client, text))
+            except httpx.HTTPError:
+                errors += 1
+
+        tasks = []
+        started = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(texts[i % len(texts)])))
+        await asyncio.gather(*tasks)
+        took = time.perf_counter() - started
+    return _summary(latencies, took, rate, errors)
+
+
+async def closed_loop(url: str, texts: list[str], clients: int, seconds: float) -> dict:
+    """``clients`` callers, each sending its next request when the last is answered: the server's saturation."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def caller(k: int) -> None:
+            nonlocal errors
+            i = k
+            while time.perf_counter() < deadline:
+                try:
+                    latencies.append(await _post(client, texts[i % len(texts)]))
+                except httpx.HTTPError:
+                    errors += 1
+                i += clients
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(k) for k in range(clients)))
+        took = time.perf_counter() - started
+    return _summary(latencies, took, None, errors) | {"clients": clients}
+
+
+def server_settings(args: argparse.Namespace) -> list[tuple[int, float, bool]]:
+    """(max batch size, max delay ms, adaptive) of each server: the grid with fixed delays, then the largest
+    batch size with the adaptive delay (the default) at each delay above 0."""
+    grid = [(size, delay, False) for size in args.batch_sizes for delay in args.delays]
+    if args.adaptive:
+        grid += [(max(args.batch_sizes), delay, True) for delay in args.delays if delay > 0]
+    return grid
+
+
+def server(texts: list[str], args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for size, delay, adaptive in server_settings(args):
+        worker = ("--model", MODEL, "--max-batch-size", str(size), "--max-queue-delay-ms", str(delay))
+        worker += ("--adaptive-queue-delay",) if adaptive else ("--no-adaptive-queue-delay",)
+        fleet = Fleet(1, args.threads, worker_args=worker)
+        try:
+            asyncio.run(closed_loop(fleet.url, texts, 4, 2.0))  # warm: connections, the model's first runs
+            levels = [asyncio.run(open_loop(fleet.url, texts, rate, args.seconds)) for rate in args.rates]
+            levels.append(asyncio.run(closed_loop(fleet.url, texts, args.saturation, args.seconds)))
+        finally:
+            fleet.close()
+        row = {"max_batch_size": size, "max_queue_delay_ms": delay, "adaptive": adaptive, "levels": levels}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def chart(rows: list[dict], path: Path) -> None:
+    """p50 latency against inputs/s answered, one line per batcher setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row in rows:
+        levels = row["levels"]
+        label = f"batch {row['max_batch_size']}, delay {row['max_queue_delay_ms']:g} ms"
+        label += " (adaptive)" if row["adaptive"] else ""
+        ax.plot([x["inputs_per_s"] for x in levels], [x["p50_ms"] for x in levels], marker="o", label=label)
+    ax.set_xlabel("inputs answered per second (one input per request)")
+    ax.set_ylabel("latency p50 (ms)")
+    ax.set_yscale("log")
+    ax.set_title("Embeddings: the batcher's trade between throughput and latency")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "reference", "server"), default="all")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the reference")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--delays", type=float, nargs="+", default=[0, 5, 20], help="max queue delays in ms")
+    parser.add_argument(
+        "--adaptive", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure the largest batch size with the adaptive delay",
+    )  # fmt: skip
+    parser.add_argument("--rates", type=float, nargs="+", default=[5, 25, 50, 100, 150], help="requests/s offered")
+    parser.add_argument("--seconds", type=float, default=6.0, help="seconds per load level")
+    parser.add_argument("--saturation", type=int, default=64, help="concurrent clients of the closed loop")
+    args = parser.parse_args(argv)
+    texts = sentences()
+    result: dict = {
+        "benchmark": "embeddings",
+        "created": created_now(),
+        "cpu": cpu_description(),
+        "host": host_environment(torch=package_version("torch")),
+        "model": MODEL,
+        "settings": vars(args),
+    }
+    if args.part in ("all", "reference"):
+        result["reference"] = reference(texts, args.threads)
+        print(json.dumps(result["reference"]), flush=True)
+    if args.part in ("all", "server"):
+        result["server"] = server(texts, args)
+        chart(result["server"], CHART)
+    write_json(RESULTS, result)
+    print(f"wrote {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
