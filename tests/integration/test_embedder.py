@@ -135,6 +135,20 @@ def test_a_shuffled_batch_gives_each_input_the_same_vector(embedder, inputs, ref
     torch.testing.assert_close(ours, embedder.embed(inputs)[order], atol=1e-5, rtol=0)
 
 
+def test_batches_of_similar_lengths_run_padded_and_match_transformers(embedder, inputs, reference):
+    from fleetserve.engine.models.bert import PACK_BELOW
+
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    padded = 0
+    for start in range(0, len(order), 4):  # neighbours in length: little padding, so most run padded
+        group = order[start : start + 4]
+        lengths = [len(inputs[i]) for i in group]
+        padded += len(set(lengths)) > 1 and sum(lengths) >= PACK_BELOW * len(lengths) * max(lengths)
+        got = embedder.embed([inputs[i] for i in group])
+        assert min(cosines(got, reference[group])) >= 0.9999
+    assert padded >= 3  # the padded path (an attention mask, no packing) was taken
+
+
 def test_bad_inputs_are_refused_naming_the_input(embedder, inputs):
     too_long = [101] + [1996] * 255 + [102]
     for bad, words in (

@@ -99,6 +99,10 @@ class BertEmbeddings(nn.Module):
         return self.norm(x + self.position[: ids.shape[1]])
 
 
+PACK_BELOW = 0.85
+"""A batch whose real tokens are fewer than this share of its padded size runs on its real tokens alone."""
+
+
 @dataclass(frozen=True)
 class Padding:
     """Where a padded batch's real tokens sit, so that all but attention runs on the real tokens alone.
@@ -107,23 +111,30 @@ class Padding:
 
     rows: int
     width: int
-    index: torch.Tensor  # [T]: the flat positions (row * width + column) of the real tokens, in order
+    index: torch.Tensor | None
+    """[T]: the flat positions (row * width + column) of the real tokens, in order; None when the batch is run
+    padded (little padding: gathering the real tokens would cost more than the padding does)."""
     attn_mask: torch.Tensor  # [B, 1, 1, S] additive: 0 for a real key, -inf for padding
 
     @classmethod
     def of(cls, mask: torch.Tensor) -> Padding:
         """mask: [B, S] bool, True for real tokens."""
         additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(~mask, float("-inf"))
-        return cls(mask.shape[0], mask.shape[1], mask.reshape(-1).nonzero().squeeze(1), additive[:, None, None, :])
+        real = int(mask.sum())
+        index = mask.reshape(-1).nonzero().squeeze(1) if real < PACK_BELOW * mask.numel() else None
+        return cls(mask.shape[0], mask.shape[1], index, additive[:, None, None, :])
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, D] -> [B, S, D], zeros at the padding."""
+        """[T, D] -> [B, S, D], zeros at the padding (when packed; as computed otherwise)."""
+        if self.index is None:
+            return x.view(self.rows, self.width, -1)
         out = x.new_zeros(self.rows * self.width, x.shape[-1])
         return out.index_copy_(0, self.index, x).view(self.rows, self.width, -1)
 
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, D] -> [T, D]."""
-        return x.reshape(self.rows * self.width, -1).index_select(0, self.index)
+        x = x.reshape(self.rows * self.width, -1)
+        return x if self.index is None else x.index_select(0, self.index)
 
 
 class BertLayer(nn.Module):
@@ -172,7 +183,10 @@ class BertEncoder(nn.Module):
         x = padding.unpad(x) if padding is not None else x.reshape(-1, x.shape[-1])  # [T, H]
         for layer in self.layers:
             x = layer(x, padding, ids.shape[0])
-        return padding.pad(x) if padding is not None else x.view(*ids.shape, -1)
+        if padding is None:
+            return x.view(*ids.shape, -1)
+        out = padding.pad(x)
+        return out if padding.index is not None else out * mask[..., None]  # run padded: zero the padding's states
 
 
 def _hf_names(cfg: BertConfig) -> dict[str, list[str]]:
