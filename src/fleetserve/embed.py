@@ -7,7 +7,6 @@ pair instead, as a matrix with the texts' numbers.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import math
 import sys
@@ -61,6 +60,8 @@ def _remote(s: EmbedSettings, texts: list[str]) -> list[list[float]]:
     import urllib.error
     import urllib.request
 
+    from fleetserve.generate import gateway_failure
+
     headers = {"Content-Type": "application/json"}
     if s.api_key:
         headers["Authorization"] = f"Bearer {s.api_key}"
@@ -69,13 +70,8 @@ def _remote(s: EmbedSettings, texts: list[str]) -> list[list[float]]:
     try:
         with urllib.request.urlopen(request, timeout=600) as resp:
             answer = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # not an OpenAI error body: show it raw
-            detail = json.loads(detail)["error"]["message"]
-        raise InvalidRequestError(f"the gateway answered {exc.code}: {detail}") from None
-    except urllib.error.URLError as exc:
-        raise InvalidRequestError(f"cannot reach {s.url}: {exc.reason}") from None
+    except urllib.error.URLError as exc:  # HTTPError included
+        raise gateway_failure(exc, s.url) from None
     vectors = []
     for item in sorted(answer["data"], key=lambda d: d["index"]):
         values = array("f")

@@ -68,8 +68,6 @@ def _generate_remote(s: GenerateSettings, prompt: str) -> int:
     import urllib.error
     import urllib.request
 
-    from fleetserve.errors import InvalidRequestError
-
     messages = [{"role": "system", "content": s.system}] if s.system else []
     body = {
         "model": s.model,
@@ -109,13 +107,8 @@ def _generate_remote(s: GenerateSettings, prompt: str) -> int:
                         sys.stdout.write(text)
                         sys.stdout.flush()
                     finish = choice.get("finish_reason") or finish
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # not an OpenAI error body: show it raw
-            detail = json.loads(detail)["error"]["message"]
-        raise InvalidRequestError(f"the gateway answered {exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
-        raise InvalidRequestError(f"cannot reach {s.url}: {exc.reason}") from None
+        raise gateway_failure(exc, s.url) from None
     sys.stdout.write("\n")
     if not s.quiet and usage:
         print(
@@ -124,3 +117,18 @@ def _generate_remote(s: GenerateSettings, prompt: str) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def gateway_failure(exc: Exception, url: str) -> Exception:
+    """A failed call to a gateway (urllib's HTTPError or URLError) as an error that says what happened: the
+    gateway's own message for an HTTP error, else why it could not be reached."""
+    import urllib.error
+
+    from fleetserve.errors import InvalidRequestError
+
+    if isinstance(exc, urllib.error.HTTPError):
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # not an OpenAI error body: show it raw
+            detail = json.loads(detail)["error"]["message"]
+        return InvalidRequestError(f"the gateway answered {exc.code}: {detail}")
+    return InvalidRequestError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}")

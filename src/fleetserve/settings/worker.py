@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import ClassVar, Literal
 
 from pydantic import model_validator
@@ -88,6 +89,11 @@ class WorkerSettings(EngineSettings):
     def gateways(self) -> list[str]:
         """Every gateway this worker registers with (none: standalone)."""
         return [g.strip() for g in (self.gateway or "").split(",") if g.strip()]
+
+    def identity(self, port: int) -> tuple[str, str]:
+        """The address the gateway dials (``advertise``, else host:port) and the worker's name (``name``, else
+        hostname-port), once it listens on ``port``."""
+        return self.advertise or f"{self.host}:{port}", self.name or f"{socket.gethostname()}-{port}"
 
     @property
     def served_name(self) -> str:

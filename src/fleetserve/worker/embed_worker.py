@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import sys
 import time
 import uuid
@@ -192,8 +191,7 @@ async def run_embed_worker(
     if metrics is not None:
         _, metrics_port = metrics.serve(opts.host, opts.metrics_port)
         metrics_note = f", metrics http://{opts.host}:{metrics_port}/metrics"
-    address = opts.advertise or f"{opts.host}:{port}"
-    name = opts.name or f"{socket.gethostname()}-{port}"
+    address, name = opts.identity(port)
     info = embed_worker_info(opts, embedder, tokenizer.fingerprint, name, address)
     agents = [
         WorkerAgent(

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -91,8 +90,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
         service.metrics = WorkerMetrics(engine.stats)
         _, metrics_port = service.metrics.serve(opts.host, opts.metrics_port)
         metrics_note = f", metrics http://{opts.host}:{metrics_port}/metrics"
-    address = opts.advertise or f"{opts.host}:{port}"
-    name = opts.name or f"{socket.gethostname()}-{port}"
+    address, name = opts.identity(port)
     info = worker_info(opts, engine, tokenizer.fingerprint, name, address)
     # One agent per gateway: each registers, heartbeats and takes commands on its own; gateways that share the
     # worker see its whole load in every heartbeat. A drain or stop from any one of them applies to the worker.
