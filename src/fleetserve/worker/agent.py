@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -192,3 +193,17 @@ class WorkerAgent:
 
     async def close(self) -> None:
         await self._channel.close()
+
+
+async def until_stopped(stop: asyncio.Event, agent_tasks: set[asyncio.Task]) -> int:
+    """Wait until ``stop`` is set or an agent's task ends; the worker's exit code: 0 when stopped, 3 when a gateway
+    refused it (said on stderr), 1 when an agent failed otherwise."""
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({waiter, *agent_tasks}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    for task in done & agent_tasks:
+        exc = task.exception()
+        if exc is not None:
+            print(f"fleetserve worker: registration refused: {exc}", file=sys.stderr, flush=True)
+            return 3 if isinstance(exc, RegistrationRefused) else 1
+    return 0

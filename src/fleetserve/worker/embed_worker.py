@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -30,7 +29,7 @@ from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.metrics import BatchMetrics, WorkerMetrics
 from fleetserve.telemetry.tracing import request_id_var
 from fleetserve.text.tokenizer import Tokenizer, tokenizer_files
-from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
+from fleetserve.worker.agent import WorkerAgent, until_stopped
 from fleetserve.worker.server import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -211,15 +210,7 @@ async def run_embed_worker(
         f"{embedder.dimensions} dimensions){metrics_note}",
         flush=True,
     )
-    code = 0
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({waiter, *agent_tasks}, return_when=asyncio.FIRST_COMPLETED)
-    failed = next((t for t in done if t is not waiter and t.exception() is not None), None)
-    if failed is not None:
-        exc = failed.exception()
-        code = 3 if isinstance(exc, RegistrationRefused) else 1
-        print(f"fleetserve worker: registration refused: {exc}", file=sys.stderr, flush=True)
-    waiter.cancel()
+    code = await until_stopped(stop, agent_tasks)
     await _drain(service, agents, agent_tasks, opts.drain_timeout)
     await server.stop(grace=1.0)
     await batcher.close()

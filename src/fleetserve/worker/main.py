@@ -21,7 +21,7 @@ from fleetserve.protocol.security import FleetCredentials
 from fleetserve.settings.worker import WorkerSettings
 from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.text.tokenizer import Tokenizer
-from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
+from fleetserve.worker.agent import WorkerAgent, until_stopped
 from fleetserve.worker.kv_transfer import KvFetcher
 from fleetserve.worker.server import WorkerService, serve_worker, wait_idle
 
@@ -111,14 +111,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     agent_tasks = {asyncio.create_task(agent.run()) for agent in agents}
     print(f"fleetserve worker ready: {name} at {address}, model {opts.served_name}{metrics_note}", flush=True)
 
-    code = 0
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({waiter, *agent_tasks}, return_when=asyncio.FIRST_COMPLETED)
-    failed = next((t for t in done if t is not waiter and t.exception() is not None), None)
-    if failed is not None:
-        exc = failed.exception()
-        code = 3 if isinstance(exc, RegistrationRefused) else 1
-        print(f"fleetserve worker: registration refused: {exc}", file=sys.stderr, flush=True)
+    code = await until_stopped(stop, agent_tasks)
     # Drain: take no new requests, finish the ones we have, then leave.
     service.draining = True
     for agent in agents:
@@ -135,7 +128,6 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     await asyncio.gather(*agent_tasks, return_exceptions=True)
     await asyncio.gather(*(agent.deregister() for agent in agents), return_exceptions=True)
     await asyncio.gather(*(agent.close() for agent in agents), return_exceptions=True)
-    waiter.cancel()
     await server.stop(grace=1.0)
     await service.kv_fetcher.close()
     if service.metrics is not None:

@@ -17,7 +17,7 @@ from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import FleetCredentials
 from fleetserve.settings.worker import WorkerSettings
 from fleetserve.text.tokenizer import Tokenizer
-from fleetserve.worker.agent import RegistrationRefused, WorkerAgent
+from fleetserve.worker.agent import WorkerAgent, until_stopped
 from fleetserve.worker.server import MAX_MESSAGE_BYTES, wait_idle
 from fleetserve.worker.stage_host import StageHost
 from fleetserve.worker.stage_service import StageService, StageWorkerService
@@ -116,7 +116,7 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
         f"{host.memory_cap // 2**20} MiB",
         flush=True,
     )
-    code = await _until_stopped(stop, tasks)
+    code = await until_stopped(stop, tasks)
     worker_service.draining(True)
     if agent is not None:
         agent.draining = True
@@ -134,15 +134,3 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
     await host.close()
     await server.stop(grace=1.0)
     return code
-
-
-async def _until_stopped(stop: asyncio.Event, tasks: set[asyncio.Task]) -> int:
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({waiter, *tasks}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    for task in done & tasks:
-        exc = task.exception()
-        if exc is not None:
-            print(f"fleetserve worker: registration refused: {exc}", flush=True)
-            return 3 if isinstance(exc, RegistrationRefused) else 1
-    return 0
