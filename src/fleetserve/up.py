@@ -88,10 +88,10 @@ def child_specs(
     served = settings.served
     for i, (name, role) in enumerate(counts.workers()):
         env = {**worker_env, **(tls[f"worker-{i}"].env() if tls else {})}
-        argv = [*exe, "worker"] + (["--role", role] if role != "replica" else [])
+        # an embedding worker is a replica of the embedding model: it is given no role
+        argv = [*exe, "worker"] + (["--role", role] if role not in ("replica", EMBED_ROLE) else [])
         argv += ["--gateway", control, "--name", name, "--threads", str(threads)]
-        if role == EMBED_ROLE:  # an embedding worker is a replica of the embedding model
-            argv = [*exe, "worker", "--gateway", control, "--name", name, "--threads", str(threads)]
+        if role == EMBED_ROLE:
             model = source = settings.embedding_model
         else:
             model, source = served[i % len(served)] if role == "replica" else served[0]

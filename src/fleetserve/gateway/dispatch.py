@@ -27,7 +27,7 @@ import grpc
 
 from fleetserve.contract import SamplingParams
 from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
-from fleetserve.gateway.admission import Admission
+from fleetserve.gateway.admission import Admission, Lease
 from fleetserve.gateway.model_policies import ModelPolicies
 from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.gateway.policies.base import RouteRequest
@@ -146,17 +146,8 @@ class Dispatcher:
         attempt_no = 0
         while True:
             handoff = self._route(progress, session)
-            queue_start = trace.elapsed() if trace else 0.0
-            lease = await self.admission.acquire(
-                model, progress.route, tokens, priority, avoid, accepted=attempt_no > 0
-            )
+            lease, attempt = await self._admit(progress, tokens, priority, avoid, attempt_no)
             worker = lease.worker
-            if attempt_no == 0:
-                self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
-            attempt = None
-            if trace:
-                trace.add_span("queue", queue_start, attempt=attempt_no + 1)
-                attempt = trace.begin_attempt(worker.name, worker.info.address, len(progress.sent), lease.queued_s)
             prefill_only = progress.route.pool == PREFILL_ROLE
             request = pb.GenerateRequest(
                 request_id=f"{request_id}-{self._instance}.{next(self._calls)}",
@@ -198,6 +189,23 @@ class Dispatcher:
             finally:
                 lease.release()
 
+    async def _admit(
+        self, progress: _Progress, tokens: int, priority: int, avoid: set[str], attempt_no: int
+    ) -> tuple[Lease, Attempt | None]:
+        """A lease for attempt ``attempt_no`` (0: the first) of a request, its queue time in the metrics (the first
+        attempt's) and the trace (a queue span, and the attempt begun on the leased worker)."""
+        trace, model = progress.trace, progress.route.model
+        queue_start = trace.elapsed() if trace else 0.0
+        lease = await self.admission.acquire(model, progress.route, tokens, priority, avoid, accepted=attempt_no > 0)
+        if attempt_no == 0:
+            self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
+        attempt = None
+        if trace:
+            worker = lease.worker
+            trace.add_span("queue", queue_start, attempt=attempt_no + 1)
+            attempt = trace.begin_attempt(worker.name, worker.info.address, len(progress.sent), lease.queued_s)
+        return lease, attempt
+
     async def embed(
         self, model: str, request_id: str, inputs: list[list[int]], trace: Trace | None = None
     ) -> tuple[WorkerRecord, pb.EmbedReply]:
@@ -208,15 +216,8 @@ class Dispatcher:
         avoid: set[str] = set()
         attempt_no = 0
         while True:
-            queue_start = trace.elapsed() if trace else 0.0
-            lease = await self.admission.acquire(model, progress.route, tokens, 0, avoid, accepted=attempt_no > 0)
+            lease, attempt = await self._admit(progress, tokens, 0, avoid, attempt_no)
             worker = lease.worker
-            if attempt_no == 0:
-                self.metrics.queue_time_seconds.labels(model=model).observe(lease.queued_s)
-            attempt = None
-            if trace:
-                trace.add_span("queue", queue_start, attempt=attempt_no + 1)
-                attempt = trace.begin_attempt(worker.name, worker.info.address, 0, lease.queued_s)
             request = pb.EmbedRequest(
                 request_id=f"{request_id}-{self._instance}.{next(self._calls)}",
                 inputs=[pb.TokenIds(ids=ids) for ids in inputs],

@@ -7,11 +7,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from fleetserve.gateway.api.schema import MAX_MODEL_NAME_CHARS, _FieldError, _Model
+from fleetserve.gateway.api.schema import _UINT32, MAX_MODEL_NAME_CHARS, _FieldError, _Model
 
 MAX_INPUTS = 2048
 """The most inputs one request may carry (OpenAI's limit)."""
-_UINT32 = 2**32
 
 
 def _normalize_input(value: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from fleetserve.errors import CapacityError, InvalidRequestError
+from fleetserve.errors import CapacityError, InvalidRequestError, UpstreamError
 from fleetserve.gateway.api import docs
 from fleetserve.gateway.api.deps import (
     CHARS_PER_TOKEN_BOUND,
@@ -140,7 +140,7 @@ async def embed_inputs(
             )
             size = reply.dimensions * 4
             if len(reply.vectors) != size * len(missing):
-                raise InvalidRequestError(f"worker {worker.name} sent vectors of the wrong size")  # never expected
+                raise UpstreamError(f"worker {worker.name} sent vectors of the wrong size")  # a worker's fault: 502
             fresh = [reply.vectors[n * size : (n + 1) * size] for n in range(len(missing))]
             for i, raw in zip(missing, fresh):
                 vectors[i] = raw
