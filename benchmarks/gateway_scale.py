@@ -3,7 +3,8 @@
 For each fleet size, one real gateway (``fleetserve gateway``, a process of its own) and that many simulated
 workers (``fleetserve.bench.sim_workers``: 250 to a process, each registered through the real WorkerAgent, with a
 heartbeat a second carrying its load and a delta of 4 prefix-cache block hashes out of 256, and answering
-generations with fixed tokens over the real Worker gRPC service). Then:
+generations with fixed tokens over the real Worker gRPC service). With ``--per-relay K`` every K of them
+heartbeat through one heartbeat relay, as the workers of one machine do through their node agent. Then:
 
 * **heartbeats**: the gateway's CPU (user + system, from /proc) over ``--idle`` seconds with no requests, as a
   share of one core, and its resident memory;
@@ -17,6 +18,7 @@ generations with fixed tokens over the real Worker gRPC service). Then:
 
     python benchmarks/gateway_scale.py                       # 10, 100, 1000 workers, both parts
     python benchmarks/gateway_scale.py --sizes 1000 --part fleet
+    python benchmarks/gateway_scale.py --sizes 1000 --part fleet --per-relay 8 --output /tmp/relayed.json
 
 Writes ``benchmarks/results/gateway-scale.json``. Linux only (reads /proc).
 """
@@ -171,6 +173,7 @@ def fleet_size(n: int, args: argparse.Namespace) -> dict:
             count = min(PER_PROCESS, n - first)
             argv = [sys.executable, "-m", "fleetserve.bench.sim_workers", "--gateway", f"127.0.0.1:{control}"]
             argv += ["--count", str(count), "--first", str(first)]
+            argv += ["--per-relay", str(args.per_relay), "--relay-flush", str(args.heartbeat_interval)]
             sims.append(
                 Child(ChildSpec(f"sim-{first}", pinned(argv, rest_cpus), env, ready="sim workers ready")).launch()
             )
@@ -289,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heartbeat-interval", type=float, default=1.0, help="seconds between a worker's heartbeats (default 1)"
     )
+    parser.add_argument(
+        "--per-relay", type=int, default=0,
+        help="workers per heartbeat relay, as behind one node agent (default 0: every worker heartbeats directly)",
+    )  # fmt: skip
+    parser.add_argument("--output", type=Path, default=RESULTS, help=f"JSON result (default {RESULTS})")
     parser.add_argument("--decisions", type=int, default=20000, help="decisions timed per size (decide part)")
     parser.add_argument(
         "--pin", action=argparse.BooleanOptionalAction, default=True,
@@ -305,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_description(),
         "pinned": bool(args.pin and (os.cpu_count() or 1) >= 2),
         "heartbeat_interval_s": args.heartbeat_interval,
+        "workers_per_relay": args.per_relay,
         "rate": args.rate,
         "seconds": args.seconds,
     }
@@ -314,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"decide alone: {json.dumps(row)}", flush=True)
     if args.part in ("both", "fleet"):
         result["fleet"] = [fleet_size(n, args) for n in sizes]
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
     return 0
 
 

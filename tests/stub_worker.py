@@ -26,10 +26,11 @@ async def start_stub_worker(
     model: str = DEFAULT_MODEL,
     max_model_len: int = 2048,
     kv_blocks: int = 64,
+    heartbeat_relay: str | None = None,
 ) -> tuple[grpc.aio.Server, WorkerAgent, asyncio.Task]:
     """Serve a stub worker on a free loopback port and register it with ``gateway`` (with ``credentials``: the
     fleet secret, and mutual TLS when it has certificates) as a worker of ``model`` with the context and KV
-    blocks it claims."""
+    blocks it claims; ``heartbeat_relay``: heartbeat through the relay at that address."""
     credentials = credentials or FleetCredentials()
     model_dir = prepare_model_dir(DEFAULT_MODEL, progress=False)
     service = FixedAnswerWorker(model_dir, DEFAULT_MODEL, ANSWER)
@@ -39,5 +40,5 @@ async def start_stub_worker(
     await server.start()
     info = worker_info(service, model_dir, name, f"127.0.0.1:{port}", model, max_model_len, kv_blocks)
     stats = pb.WorkerStats(kv_blocks_total=kv_blocks, kv_blocks_free=kv_blocks)
-    agent = WorkerAgent(gateway, info, stats=lambda: stats, credentials=credentials)
+    agent = WorkerAgent(gateway, info, stats=lambda: stats, credentials=credentials, heartbeat_relay=heartbeat_relay)
     return server, agent, asyncio.create_task(agent.run())

@@ -6,6 +6,8 @@ hash deltas, commands) and is served by the real Worker gRPC service, answering 
 few tokens (:class:`FixedAnswerWorker`). The workers of one process share one gRPC server: each advertises its own
 address in 127.0.0.0/8 (every one of which reaches this machine's loopback) on that server's port, so the gateway
 sees, dials and keeps a connection to each as to a separate machine. No model runs and torch is never imported.
+With ``--per-relay K`` the workers heartbeat through real heartbeat relays (``worker.heartbeat_relay``), one for
+every K of them, each with its own server and its own stream to the gateway, as K workers behind one node agent.
 
     python -m fleetserve.bench.sim_workers --gateway 127.0.0.1:50050 --count 250 --first 0
 
@@ -24,12 +26,15 @@ import sys
 from collections import deque
 from pathlib import Path
 
+import grpc
+
 from fleetserve.model_files import DEFAULT_MODEL, load_arch, prepare_model_dir
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import SECRET_ENV, FleetCredentials
 from fleetserve.text.tokenizer import Tokenizer, tokenizer_files
 from fleetserve.worker.agent import WorkerAgent
+from fleetserve.worker.heartbeat_relay import HeartbeatRelay, serve_relay
 
 ANSWER = " simulated answer"
 
@@ -133,14 +138,30 @@ async def serve(args: argparse.Namespace) -> int:
     port = credentials.server_port(server, f"0.0.0.0:{args.port}")
     await server.start()
     rng = random.Random(args.seed + args.first)
+    relays: list[tuple[HeartbeatRelay, grpc.aio.Server, str]] = []
     agents = []
     for i in range(args.first, args.first + args.count):
+        relay_address = None
+        if args.per_relay:
+            if (i - args.first) % args.per_relay == 0:
+                relay = HeartbeatRelay(args.gateway, credentials, flush_s=args.relay_flush)
+                relay_server, relay_port = await serve_relay(relay, "127.0.0.1:0")
+                relays.append((relay, relay_server, f"127.0.0.1:{relay_port}"))
+            relay_address = relays[-1][2]
         info = worker_info(service, model_dir, f"sim-{i}", sim_address(i, port), args.model, kv_blocks=1024)
         stats = pb.WorkerStats(kv_blocks_total=info.kv_blocks_total, kv_blocks_free=info.kv_blocks_total)
         blocks = ChurningBlocks(args.blocks, args.churn, rng)
         agents.append(
-            WorkerAgent(args.gateway, info, stats=lambda s=stats: s, credentials=credentials, block_hashes=blocks)
+            WorkerAgent(
+                args.gateway,
+                info,
+                stats=lambda s=stats: s,
+                credentials=credentials,
+                block_hashes=blocks,
+                heartbeat_relay=relay_address,
+            )
         )
+    relay_tasks = [asyncio.create_task(relay.run()) for relay, _, _ in relays]
     tasks = [asyncio.create_task(a.run()) for a in agents]
     await asyncio.gather(*(a.registered.wait() for a in agents))
     print(f"sim workers ready: {len(agents)} on port {port}", flush=True)
@@ -150,9 +171,11 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await asyncio.gather(*(a.deregister() for a in agents))
-    for task in tasks:
+    for task in tasks + relay_tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, *relay_tasks, return_exceptions=True)
+    for _, relay_server, _ in relays:
+        await relay_server.stop(None)
     await asyncio.gather(*(a.close() for a in agents))
     await server.stop(None)
     return 0
@@ -168,14 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-source", default=DEFAULT_MODEL, help="whose tokenizer they serve")
     parser.add_argument("--blocks", type=int, default=256, help="prefix-cache block hashes each reports")
     parser.add_argument("--churn", type=int, default=4, help="of those, replaced at each heartbeat")
+    parser.add_argument("--per-relay", type=int, default=0, help="workers per heartbeat relay (0: no relays)")
+    parser.add_argument("--relay-flush", type=float, default=1.0, help="a relay's longest wait, in seconds")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.count < 1 or args.first < 0 or args.blocks < args.churn or args.churn < 0:
-        print("--count must be >= 1, --first >= 0, 0 <= --churn <= --blocks", file=sys.stderr)
+    if args.count < 1 or args.first < 0 or args.blocks < args.churn or args.churn < 0 or args.per_relay < 0:
+        print("--count must be >= 1, --first >= 0, --per-relay >= 0, 0 <= --churn <= --blocks", file=sys.stderr)
         return 2
     return asyncio.run(serve(args))
 

@@ -100,19 +100,47 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Heartbeat(self, request_iterator, context: grpc.aio.ServicerContext):
         async for report in request_iterator:
-            record = self.registry.workers.get(report.worker_id)
-            if record is None or record.state == WorkerState.DEAD:
-                yield pb.Command(kind=pb.Command.REREGISTER, detail="unknown worker id")
-                return
-            if not self.registry.authenticate(report.worker_id, report.session_secret):
-                log.warning("heartbeat for %s from %s refused: wrong session secret", report.worker_id, context.peer())
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "wrong session secret for this worker id")
-            self.registry.heartbeat(report)
-            if self.on_stage_report is not None and _stage_news(record, report):
-                self.on_stage_report(record, report)
-            queue = self.pending_commands.get(report.worker_id)
-            while queue is not None and not queue.empty():
-                yield queue.get_nowait()
+            for command in self._take(report, "direct"):
+                if command.kind == pb.Command.REFUSED:
+                    log.warning(
+                        "heartbeat for %s from %s refused: %s", report.worker_id, context.peer(), command.detail
+                    )
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, command.detail)
+                yield command
+                if command.kind == pb.Command.REREGISTER:
+                    return
+
+    async def RelayHeartbeats(self, request_iterator, context: grpc.aio.ServicerContext):
+        """A heartbeat relay's stream (``worker.heartbeat_relay``): batches of workers' reports, each taken as that
+        worker's own heartbeat; the commands for them go back in batches."""
+        async for batch in request_iterator:
+            commands = []
+            for report in batch.reports:
+                for command in self._take(report, "relay"):
+                    if command.kind == pb.Command.REFUSED:
+                        log.warning("heartbeat for %s relayed by %s refused: %s", report.worker_id, context.peer(),
+                                    command.detail)  # fmt: skip
+                    commands.append(pb.WorkerCommand(worker_id=report.worker_id, command=command))
+            if commands:
+                yield pb.CommandBatch(commands=commands)
+
+    def _take(self, report: pb.HeartbeatReport, via: str) -> list[pb.Command]:
+        """Apply one worker's report; the commands that answer it: REREGISTER for a worker the gateway does not know
+        (its stream ends), REFUSED for a wrong session secret, else whatever is queued for the worker."""
+        record = self.registry.workers.get(report.worker_id)
+        if record is None or record.state == WorkerState.DEAD:
+            return [pb.Command(kind=pb.Command.REREGISTER, detail="unknown worker id")]
+        if not self.registry.authenticate(report.worker_id, report.session_secret):
+            return [pb.Command(kind=pb.Command.REFUSED, detail="wrong session secret for this worker id")]
+        self.registry.heartbeat(report)
+        record.heartbeats_via = via
+        if self.on_stage_report is not None and _stage_news(record, report):
+            self.on_stage_report(record, report)
+        queue = self.pending_commands.get(report.worker_id)
+        commands = []
+        while queue is not None and not queue.empty():
+            commands.append(queue.get_nowait())
+        return commands
 
     async def Deregister(self, request: pb.DeregisterRequest, context) -> pb.DeregisterReply:
         if request.worker_id not in self.registry.workers:

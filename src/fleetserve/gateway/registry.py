@@ -108,6 +108,8 @@ class WorkerRecord:
     """Given to the worker when it registered; empty (a record restored from the store): nothing matches it."""
     sessions: dict[str, pb.PinnedSession] = field(default_factory=dict)
     """Conversation sessions whose KV the worker keeps pinned, by id, as its last heartbeat listed them."""
+    heartbeats_via: str = ""
+    """How its last heartbeat came: "direct" or "relay" (a heartbeat relay's batch)."""
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
 

@@ -592,15 +592,37 @@ class Command(_message.Message):
         DRAIN: _ClassVar[Command.Kind]
         REREGISTER: _ClassVar[Command.Kind]
         STOP: _ClassVar[Command.Kind]
+        REFUSED: _ClassVar[Command.Kind]
     NONE: Command.Kind
     DRAIN: Command.Kind
     REREGISTER: Command.Kind
     STOP: Command.Kind
+    REFUSED: Command.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     kind: Command.Kind
     detail: str
     def __init__(self, kind: _Optional[_Union[Command.Kind, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class HeartbeatBatch(_message.Message):
+    __slots__ = ("reports",)
+    REPORTS_FIELD_NUMBER: _ClassVar[int]
+    reports: _containers.RepeatedCompositeFieldContainer[HeartbeatReport]
+    def __init__(self, reports: _Optional[_Iterable[_Union[HeartbeatReport, _Mapping]]] = ...) -> None: ...
+
+class WorkerCommand(_message.Message):
+    __slots__ = ("worker_id", "command")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    command: Command
+    def __init__(self, worker_id: _Optional[str] = ..., command: _Optional[_Union[Command, _Mapping]] = ...) -> None: ...
+
+class CommandBatch(_message.Message):
+    __slots__ = ("commands",)
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    commands: _containers.RepeatedCompositeFieldContainer[WorkerCommand]
+    def __init__(self, commands: _Optional[_Iterable[_Union[WorkerCommand, _Mapping]]] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("worker_id", "token", "session_secret")

@@ -562,6 +562,11 @@ class ControlStub:
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatReport.SerializeToString,
                 response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.Command.FromString,
                 _registered_method=True)
+        self.RelayHeartbeats = channel.stream_stream(
+                '/fleetserve.v1.Control/RelayHeartbeats',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatBatch.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.CommandBatch.FromString,
+                _registered_method=True)
         self.Deregister = channel.unary_unary(
                 '/fleetserve.v1.Control/Deregister',
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.DeregisterRequest.SerializeToString,
@@ -584,6 +589,12 @@ class ControlServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RelayHeartbeats(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -613,6 +624,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatReport.FromString,
                     response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.Command.SerializeToString,
+            ),
+            'RelayHeartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.RelayHeartbeats,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatBatch.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.CommandBatch.SerializeToString,
             ),
             'Deregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Deregister,
@@ -679,6 +695,33 @@ class Control:
             '/fleetserve.v1.Control/Heartbeat',
             fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatReport.SerializeToString,
             fleetserve_dot_protocol_dot_fleet__pb2.Command.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelayHeartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetserve.v1.Control/RelayHeartbeats',
+            fleetserve_dot_protocol_dot_fleet__pb2.HeartbeatBatch.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.CommandBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,11 @@ class NodeSettings(Settings):
     labels: list[str] = option(
         None, "KEY=VALUE labels a deployment's placement can ask for (repeat for more)", default_factory=list
     )
+    relay_heartbeats: bool = option(
+        True,
+        "relay this node's workers' heartbeats to the gateway, batched: one message per interval for all of them "
+        "(off: each worker heartbeats the gateway itself)",
+    )
     log_dir: str = option("logs", "folder of the workers' logs (worker-NAME.log, rotated)")
     log_max_mb: float = option(10.0, "size at which a worker's log is rotated, in MiB", gt=0)
     restart_backoff: float = option(1.0, "seconds before the first restart of a crashed worker (doubling)", gt=0)

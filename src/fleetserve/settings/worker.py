@@ -23,6 +23,11 @@ class WorkerSettings(EngineSettings):
         "the gateway's control address HOST:PORT, or several comma-separated (HOST:PORT,HOST:PORT): the worker "
         "registers with each and serves them all (none: standalone)",
     )
+    heartbeat_relay: str | None = option(
+        None,
+        "HOST:PORT of a heartbeat relay on this machine (a node agent's) to send heartbeats through, batched with "
+        "the machine's other workers' (default: straight to the gateway; needs a single --gateway)",
+    )
     host: str = option("127.0.0.1", "address to listen on")
     port: int = option(0, "gRPC port (0: a free one)")
     advertise: str | None = option(None, "HOST:PORT the gateway should dial (default: host:port)")
@@ -80,9 +85,11 @@ class WorkerSettings(EngineSettings):
     )
 
     @model_validator(mode="after")
-    def _one_gateway_for_a_stage(self) -> WorkerSettings:
+    def _gateways_fit(self) -> WorkerSettings:
         if self.role == "stage" and len(self.gateways) > 1:
             raise InvalidRequestError("a stage node takes its layers from one gateway: give one --gateway", "gateway")
+        if self.heartbeat_relay and len(self.gateways) != 1:
+            raise InvalidRequestError("a heartbeat relay serves one gateway: give exactly one --gateway", "gateway")
         return self
 
     @property

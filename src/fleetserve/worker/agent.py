@@ -1,5 +1,9 @@
 """A worker's link to its gateway: register, heartbeat every interval with load reports, obey commands.
 
+Heartbeats go to the gateway itself, or through a heartbeat relay on the worker's machine when one is given
+(``worker.heartbeat_relay``: a node agent's, which sends its workers' reports up together); registering and
+deregistering always go to the gateway.
+
 If the gateway goes away or forgets the worker (it restarted), the agent registers again, with backoff, for
 as long as the worker lives. Draining is reported in every heartbeat until the worker deregisters. The channel
 carries the fleet secret on every call (and runs over mutual TLS when certificates are configured); the session
@@ -57,6 +61,7 @@ class WorkerAgent:
         on_stop: Callable[[], None] | None = None,
         pipeline: Callable[[], pb.PipelineReport | None] | None = None,
         sessions: Callable[[], Awaitable[list[pb.PinnedSession]]] | None = None,
+        heartbeat_relay: str | None = None,
     ):
         self.gateway = gateway
         self.info = info
@@ -75,8 +80,12 @@ class WorkerAgent:
         self._session = ""  # the session secret of the current registration
         self.draining = False
         self.registered = asyncio.Event()
-        self._channel = (credentials or FleetCredentials()).channel(gateway)
+        credentials = credentials or FleetCredentials()
+        self._channel = credentials.channel(gateway)
         self._stub = pb_grpc.ControlStub(self._channel)
+        # Heartbeats go to a relay when there is one (it sends them on to this gateway with its machine's others).
+        self._relay_channel = credentials.channel(heartbeat_relay) if heartbeat_relay else None
+        self._heartbeat_stub = pb_grpc.ControlStub(self._relay_channel) if self._relay_channel else self._stub
 
     async def run(self) -> None:
         """Register and heartbeat until cancelled; a refused registration raises RegistrationRefused."""
@@ -140,7 +149,7 @@ class WorkerAgent:
                 self._stage_fault = ""
                 await self._wait(reregister, interval)
 
-        call = self._stub.Heartbeat(reports())
+        call = self._heartbeat_stub.Heartbeat(reports())
         async for command in call:
             if command.kind == pb.Command.DRAIN:
                 log.info("gateway asks this worker to drain")
@@ -193,6 +202,8 @@ class WorkerAgent:
 
     async def close(self) -> None:
         await self._channel.close()
+        if self._relay_channel is not None:
+            await self._relay_channel.close()
 
 
 async def until_stopped(stop: asyncio.Event, agent_tasks: set[asyncio.Task]) -> int:

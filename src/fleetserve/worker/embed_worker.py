@@ -201,6 +201,7 @@ async def run_embed_worker(
             on_drain=lambda: setattr(service, "draining", True),
             latency=service.recent_latency,
             on_stop=stop.set,
+            heartbeat_relay=opts.heartbeat_relay,
         )
         for gateway in opts.gateways
     ]

@@ -105,6 +105,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
             block_hashes=lambda: engine.call(core.kv.cached_hashes),
             on_stop=stop.set,
             sessions=lambda: engine.call(lambda: pinned_sessions(core)),
+            heartbeat_relay=opts.heartbeat_relay,
         )
         for gateway in opts.gateways
     ]

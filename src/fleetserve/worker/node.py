@@ -8,7 +8,9 @@ plan, the whole set of workers it should run. The agent starts each planned work
 :class:`~fleetserve.supervisor.Keeper` (a crashed worker comes back after an exponential backoff; too many
 crashes in the window and it is left *crash-looping*, reported with its last lines, until the plan changes), and
 stops with SIGTERM the workers the plan no longer names: they drain and exit. Each worker's output goes to
-``LOG_DIR/worker-NAME.log``, rotated by size.
+``LOG_DIR/worker-NAME.log``, rotated by size. The agent also runs a heartbeat relay on the node's address
+(``worker.heartbeat_relay``; ``--no-relay-heartbeats`` turns it off): its workers heartbeat to it, and it sends
+their reports to the gateway together, one message per interval for the whole machine.
 
 When the gateway goes away the workers go on (they register again by themselves) and the agent reconnects with
 backoff; on reconnecting it reports what it runs and the gateway adopts it. When the agent stops (SIGTERM,
@@ -39,6 +41,7 @@ from fleetserve.protocol.security import FleetCredentials
 from fleetserve.settings.base import ENV_PREFIX
 from fleetserve.settings.node import NodeSettings
 from fleetserve.supervisor import ChildSpec, Keeper, RestartPolicy
+from fleetserve.worker.heartbeat_relay import HeartbeatRelay, serve_relay
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,8 @@ class NodeAgent:
         self._wake = asyncio.Event()
         self._stopping: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.relay = HeartbeatRelay(settings.gateway, self.credentials) if settings.relay_heartbeats else None
+        self.relay_address = ""  # HOST:PORT, once the relay listens
 
     # -- the plan ---------------------------------------------------------------------------------------
 
@@ -95,6 +100,8 @@ class NodeAgent:
         """Start the planned workers this node lacks and stop those it no longer plans."""
         if plan.report_interval_s > 0:
             self.report_interval_s = plan.report_interval_s
+            if self.relay is not None:
+                self.relay.flush_s = plan.report_interval_s
         wanted = {w.name: w for w in plan.workers}  # the gateway names a changed worker anew: names suffice
         for name in list(self.plan):
             if name not in wanted:
@@ -133,6 +140,8 @@ class NodeAgent:
             argv += ["--kv-cache-mb", str(launch.kv_cache_mb)]
         if launch.role and launch.role != "replica":
             argv += ["--role", launch.role]
+        if self.relay_address:
+            argv += ["--heartbeat-relay", self.relay_address]
         # This agent's own settings variables must not become the worker's (FLEETSERVE_NAME is the node's name).
         env: dict[str, str | None] = {ENV_PREFIX + field.upper(): None for field in NodeSettings.model_fields}
         env.update(self.credentials.child_env())
@@ -192,6 +201,11 @@ class NodeAgent:
     async def run(self) -> None:
         """Hold the session with the gateway for as long as the agent runs, reconnecting with backoff."""
         self._loop = asyncio.get_running_loop()
+        relay_server = relay_task = None
+        if self.relay is not None:
+            relay_server, port = await serve_relay(self.relay, f"{self.settings.host}:0")
+            self.relay_address = f"{self.settings.host}:{port}"
+            relay_task = asyncio.ensure_future(self.relay.run())
         self.keeper.start_thread()
         channel = self.credentials.channel(self.settings.gateway)
         stub = pb_grpc.ControlStub(channel)
@@ -212,6 +226,9 @@ class NodeAgent:
                 backoff = min(backoff * 2, 5.0)
         finally:
             await channel.close()
+            if relay_task is not None:
+                relay_task.cancel()
+                await relay_server.stop(None)
 
     async def close(self) -> None:
         """Stop every worker (each drains first) and the keeper."""

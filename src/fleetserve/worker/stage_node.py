@@ -108,6 +108,7 @@ async def run_stage_node(opts: WorkerSettings, stop: asyncio.Event, credentials:
             on_drain=lambda: worker_service.draining(True),
             on_stop=stop.set,
             pipeline=lambda: pipeline_report(host),
+            heartbeat_relay=opts.heartbeat_relay,
         )
         host.on_fault = agent.report_fault
         tasks.add(asyncio.create_task(agent.run()))

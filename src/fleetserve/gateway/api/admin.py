@@ -54,6 +54,7 @@ def worker_json(w: WorkerRecord, local: dict[str, Any] | None) -> dict:
         "recent_itl_s": w.recent_inter_token_s,
         "cached_blocks_reported": len(w.block_hashes),
         "sessions_held": len(w.sessions),
+        "heartbeats_via": w.heartbeats_via,
         "consecutive_failures": w.consecutive_failures,
         "reserved_tokens": w.reserved_tokens,
         "decode_graphs_ready": w.stats.decode_graphs_ready,
