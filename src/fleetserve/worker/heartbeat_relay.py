@@ -91,7 +91,7 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
             async for report in request_iterator:
                 if report.worker_id not in ids:
                     ids.append(report.worker_id)
-                    self._streams[report.worker_id] = down
+                self._streams[report.worker_id] = down  # commands go to the stream that reported it last
                 self._add(report)
         except grpc.aio.AioRpcError:
             pass  # the worker went: its stream is over
