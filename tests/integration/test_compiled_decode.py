@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fleetserve.contract import SamplingParams
+from fleetserve.engine import decode_kernel
 from fleetserve.engine.compiled_decode import batch_buckets
 from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.request import Request
@@ -62,6 +63,7 @@ def test_compiled_steps_equal_eager_ones_without_recompiling(runners):
     decode = compiled.compiled
     assert sorted(decode.ready) == [1, 2, 4, 8]
     assert decode.compiles == 4  # one graph per bucket, the warm-up's second (wider) call included
+    assert decode_kernel.ready()  # so buckets 1, 2 and 4 attend with our kernel, bucket 8 with the general one
     # Five sequences on blocks of their own, prompts of different lengths; each "decodes" the rest of its
     # prompt one token per step (teacher forcing), so contexts grow across block boundaries.
     prompts = [list(range(1000 + 50 * i, 1000 + 50 * i + n)) for i, n in enumerate((80, 45, 90, 30, 40))]

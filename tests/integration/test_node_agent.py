@@ -153,7 +153,12 @@ def test_a_killed_replica_is_restarted_by_its_node_and_every_stream_completes_un
     nodes.wait_serving(2)
     workers = [w for w in nodes.get("/admin/workers")["workers"] if w["name"] == victim["name"]]
     assert [w["state"] for w in workers] == ["healthy"]  # its dead record was cleaned up
-    assert [w["heartbeats_via"] for w in workers] == ["relay"]  # through its node agent's heartbeat relay
+
+    def relayed():  # its heartbeats come through its node agent's heartbeat relay (from its first one on)
+        listed = [w for w in nodes.get("/admin/workers")["workers"] if w["name"] == victim["name"]]
+        return [w["heartbeats_via"] for w in listed] == ["relay"]
+
+    nodes.wait(relayed, "the restarted replica's heartbeats through its node agent")
     assert complete(url, [chat_body(q) for q in QUESTIONS[:2]])
     log = (nodes.logs / f"worker-{victim['name']}.log").read_text()
     assert log.count("--- started") == 2 and log.count("fleetserve worker ready") == 2

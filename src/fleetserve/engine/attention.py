@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fleetserve.engine import decode_kernel
+
 
 @dataclass
 class PrefillSpan:
@@ -131,6 +133,10 @@ _ops.impl("write_kv", _write_kv, "CUDA")
 _ops.impl("write_kv", lambda kv_cache, slots, kv: None, "Meta")
 
 
+def _use_kernel(batch: AttentionBatch) -> bool:
+    return batch.decode_slots.shape[0] <= decode_kernel.MAX_BATCH and decode_kernel.ready()
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
@@ -144,7 +150,15 @@ def paged_attention(
     write_kv(kv_cache, batch.slot_mapping, torch.stack((k, v), dim=1))
     out = q.new_empty(t, num_heads, head_dim)
 
-    if batch.decode_rows is not None:
+    if batch.decode_rows is not None and torch.compiler.is_compiling() and _use_kernel(batch):
+        # A compiled step of a few sequences: our kernel reads the paged cache in place (engine/decode_kernel.py).
+        qd = (q if batch.decode_all else q[batch.decode_rows]).view(-1, num_kv, group, head_dim)
+        o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
+        o = o.reshape(-1, num_heads * head_dim)
+        if batch.decode_all:
+            return o
+        out[batch.decode_rows] = o.view(-1, num_heads, head_dim)
+    elif batch.decode_rows is not None:
         bd, width = batch.decode_slots.shape
         # index_select on a 2-D view is several times faster than advanced indexing of the 4-D cache
         ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, batch.decode_slots.view(-1))

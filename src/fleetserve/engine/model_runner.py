@@ -9,6 +9,7 @@ import torch
 
 from fleetserve.config import EngineConfig
 from fleetserve.contract import KVTransfer
+from fleetserve.engine import decode_kernel
 from fleetserve.engine.attention import build_attention_batch
 from fleetserve.engine.compiled_decode import CompiledDecode, use_inductor_cache
 from fleetserve.engine.models.linear import choose_kernels
@@ -75,6 +76,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             self.threads_for,
+            prepare=lambda: decode_kernel.ensure_loaded(cache_root() / "kernels"),
         )
         self.compiled.warm_up()
 
