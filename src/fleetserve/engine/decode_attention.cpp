@@ -27,64 +27,97 @@ inline float to_float(at::BFloat16 x) {
   return f;
 }
 
+constexpr int64_t kChunk = 64;  // context tokens per task: a task reads whole slots, every head of each
+
+// One task: the tokens [t0, t1) of sequence b, every KV head. Leaves, per (head, query head), the chunk's score
+// maximum, its sum of exp(score - maximum) and the values weighted by those (softmax merged across chunks after).
+template <typename T>
+void attend_chunk(const float* qb, const T* cache, const int64_t* sl, int64_t t0, int64_t t1, int64_t heads,
+                  int64_t group, int64_t dim, float scale, float* scores, float* row, float* top, float* total,
+                  float* acc) {
+  const int64_t slot_stride = 2 * heads * dim;  // one slot: the keys of every KV head, then the values
+  const int64_t rows = heads * group, n = t1 - t0;
+  for (int64_t t = 0; t < n; ++t) {
+    const T* k = cache + sl[t0 + t] * slot_stride;
+    for (int64_t d = 0; d < heads * dim; ++d) row[d] = to_float(k[d]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = qb + r * dim;
+      const float* kr = row + (r / group) * dim;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < dim; ++d) s += qr[d] * kr[d];
+      scores[r * kChunk + t] = s * scale;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = scores + r * kChunk;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      sr[t] = std::exp(sr[t] - m);
+      sum += sr[t];
+    }
+    top[r] = m;
+    total[r] = sum;
+  }
+  std::fill(acc, acc + rows * dim, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const T* v = cache + sl[t0 + t] * slot_stride + heads * dim;
+    for (int64_t d = 0; d < heads * dim; ++d) row[d] = to_float(v[d]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float p = scores[r * kChunk + t];
+      const float* vr = row + (r / group) * dim;
+      float* a = acc + r * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += p * vr[d];
+    }
+  }
+}
+
 template <typename T>
 void attend(const float* q, const T* cache, const int64_t* slots, const bool* mask, float* out, int64_t batch,
             int64_t heads, int64_t group, int64_t dim, int64_t width, float scale) {
-  const int64_t slot_stride = 2 * heads * dim;  // one slot: the keys of every KV head, then the values
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * width);
-    std::vector<float> row(dim);
-    std::vector<float> acc(group * dim);
+  const int64_t rows = heads * group;
+  const int64_t chunks = (width + kChunk - 1) / kChunk;
+  std::vector<int64_t> lengths(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool* valid = mask + b * width;
+    int64_t n = 0;
+    while (n < width && valid[n]) ++n;  // the context is a prefix of the row
+    lengths[b] = n;
+  }
+  std::vector<float> top(batch * chunks * rows), total(batch * chunks * rows), acc(batch * chunks * rows * dim);
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(rows * kChunk), row(heads * dim);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads;
-      const int64_t h = task % heads;
-      const float* qb = q + task * group * dim;
-      const int64_t* sl = slots + b * width;
-      const bool* valid = mask + b * width;
-      int64_t n = 0;
-      while (n < width && valid[n]) ++n;
-      float* o = out + task * group * dim;
-      if (n == 0) {
-        std::fill(o, o + group * dim, 0.f);
-        continue;
-      }
-      for (int64_t t = 0; t < n; ++t) {
-        const T* k = cache + sl[t] * slot_stride + h * dim;
-        for (int64_t d = 0; d < dim; ++d) row[d] = to_float(k[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qb + g * dim;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t d = 0; d < dim; ++d) s += qg[d] * row[d];
-          scores[g * width + t] = s * scale;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * width;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < n; ++t) top = std::max(top, sg[t]);
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; ++t) {
-          sg[t] = std::exp(sg[t] - top);
-          sum += sg[t];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* v = cache + sl[t] * slot_stride + heads * dim + h * dim;
-        for (int64_t d = 0; d < dim; ++d) row[d] = to_float(v[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * width + t];
-          float* a = acc.data() + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += p * row[d];
-        }
-      }
-      std::memcpy(o, acc.data(), group * dim * sizeof(float));
+      const int64_t b = task / chunks, t0 = (task % chunks) * kChunk;
+      const int64_t t1 = std::min(lengths[b], t0 + kChunk);
+      if (t0 >= t1) continue;
+      attend_chunk(q + b * rows * dim, cache, slots + b * width, t0, t1, heads, group, dim, scale, scores.data(),
+                   row.data(), top.data() + task * rows, total.data() + task * rows, acc.data() + task * rows * dim);
     }
   });
+  for (int64_t b = 0; b < batch; ++b) {  // merge the chunks' softmax pieces
+    const int64_t used = (lengths[b] + kChunk - 1) / kChunk;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* o = out + (b * rows + r) * dim;
+      std::fill(o, o + dim, 0.f);
+      if (used == 0) continue;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < used; ++c) m = std::max(m, top[(b * chunks + c) * rows + r]);
+      float sum = 0.f;
+      for (int64_t c = 0; c < used; ++c) {
+        const int64_t i = (b * chunks + c) * rows + r;
+        const float w = std::exp(top[i] - m);
+        sum += w * total[i];
+        const float* a = acc.data() + i * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * a[d];
+      }
+      const float inv = 1.f / sum;
+      for (int64_t d = 0; d < dim; ++d) o[d] *= inv;
+    }
+  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& slots,
