@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 INTERVAL_S = 0.3
 TIMEOUT_S = 1.5
+LIMIT_S = 180  # a test that hangs fails instead
 
 
 def start_gateway(port: int, control: int):
@@ -67,21 +68,20 @@ class Relayed:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for server, agent, task in self.workers:
+        tasks = [task for _, _, task in self.workers] + [self.relay_task]
+        for task in tasks:
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await agent.close()
-            await server.stop(None)
-        self.relay_task.cancel()
-        await asyncio.gather(self.relay_task, return_exceptions=True)
-        await self.server.stop(None)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        closing = [agent.close() for _, agent, _ in self.workers]
+        closing += [server.stop(None) for server, _, _ in self.workers] + [self.server.stop(None)]
+        await asyncio.wait_for(asyncio.gather(*closing, return_exceptions=True), 30)
 
 
 def test_relayed_heartbeats_keep_workers_healthy_and_carry_commands(model_dir):
     port, control = free_port(), free_port()
     gateway = start_gateway(port, control)
     try:
-        asyncio.run(relayed_fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control}"))
+        asyncio.run(asyncio.wait_for(relayed_fleet(f"http://127.0.0.1:{port}", f"127.0.0.1:{control}"), LIMIT_S))
     finally:
         gateway.stop()
 
@@ -120,7 +120,8 @@ def test_workers_behind_a_relay_come_back_with_their_gateway(model_dir):
     port, control = free_port(), free_port()
     gateway = start_gateway(port, control)
     try:
-        asyncio.run(gateway_comes_back(f"http://127.0.0.1:{port}", f"127.0.0.1:{control}", port, control, gateway))
+        comes_back = gateway_comes_back(f"http://127.0.0.1:{port}", f"127.0.0.1:{control}", port, control, gateway)
+        asyncio.run(asyncio.wait_for(comes_back, LIMIT_S))
     finally:
         gateway.stop()
 
