@@ -137,6 +137,20 @@ def _use_kernel(batch: AttentionBatch) -> bool:
     return batch.decode_slots.shape[0] <= decode_kernel.MAX_BATCH and decode_kernel.ready()
 
 
+def _gathered_decode_attention(
+    qd: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
+) -> torch.Tensor:
+    """The general kernel on each decode row's context, gathered from the cache into a contiguous copy."""
+    bd, width = batch.decode_slots.shape
+    _, _, num_kv, head_dim = kv_cache.shape
+    # index_select on a 2-D view is several times faster than advanced indexing of the 4-D cache
+    ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, batch.decode_slots.view(-1))
+    ctx = ctx.view(bd, width, 2, num_kv, head_dim)  # [Bd, L, 2, Hkv, D]
+    keys = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
+    values = ctx[:, :, 1].transpose(1, 2)
+    return F.scaled_dot_product_attention(qd.to(ctx.dtype), keys, values, attn_mask=batch.decode_mask, scale=scale)
+
+
 def paged_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
@@ -150,25 +164,14 @@ def paged_attention(
     write_kv(kv_cache, batch.slot_mapping, torch.stack((k, v), dim=1))
     out = q.new_empty(t, num_heads, head_dim)
 
-    if batch.decode_rows is not None and torch.compiler.is_compiling() and _use_kernel(batch):
-        # A compiled step of a few sequences: our kernel reads the paged cache in place (engine/decode_kernel.py).
-        qd = (q if batch.decode_all else q[batch.decode_rows]).view(-1, num_kv, group, head_dim)
-        o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
-        o = o.reshape(-1, num_heads * head_dim)
-        if batch.decode_all:
-            return o
-        out[batch.decode_rows] = o.view(-1, num_heads, head_dim)
-    elif batch.decode_rows is not None:
-        bd, width = batch.decode_slots.shape
-        # index_select on a 2-D view is several times faster than advanced indexing of the 4-D cache
-        ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, batch.decode_slots.view(-1))
-        ctx = ctx.view(bd, width, 2, num_kv, head_dim)  # [Bd, L, 2, Hkv, D]
-        keys = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
-        values = ctx[:, :, 1].transpose(1, 2)
+    if batch.decode_rows is not None:
         qd = q if batch.decode_all else q[batch.decode_rows]
         # Grouped-query attention without copying K/V: a kv head's `group` query heads act as `group` query rows.
-        qd = qd.view(-1, num_kv, group, head_dim).to(ctx.dtype)  # [Bd, Hkv, G, D]
-        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, scale=scale)
+        qd = qd.view(-1, num_kv, group, head_dim)  # [Bd, Hkv, G, D]
+        if torch.compiler.is_compiling() and _use_kernel(batch):  # reads the paged cache in place (decode_kernel)
+            o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
+        else:
+            o = _gathered_decode_attention(qd, kv_cache, batch, scale)
         o = o.reshape(-1, num_heads, head_dim).to(q.dtype)
         if batch.decode_all:
             return o.reshape(t, num_heads * head_dim)

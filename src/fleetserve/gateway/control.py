@@ -100,11 +100,8 @@ class ControlService(pb_grpc.ControlServicer):
 
     async def Heartbeat(self, request_iterator, context: grpc.aio.ServicerContext):
         async for report in request_iterator:
-            for command in self._take(report, "direct"):
+            for command in self._take(report, "direct", context.peer()):
                 if command.kind == pb.Command.REFUSED:
-                    log.warning(
-                        "heartbeat for %s from %s refused: %s", report.worker_id, context.peer(), command.detail
-                    )
                     await context.abort(grpc.StatusCode.UNAUTHENTICATED, command.detail)
                 yield command
                 if command.kind == pb.Command.REREGISTER:
@@ -114,23 +111,23 @@ class ControlService(pb_grpc.ControlServicer):
         """A heartbeat relay's stream (``worker.heartbeat_relay``): batches of workers' reports, each taken as that
         worker's own heartbeat; the commands for them go back in batches."""
         async for batch in request_iterator:
-            commands = []
-            for report in batch.reports:
-                for command in self._take(report, "relay"):
-                    if command.kind == pb.Command.REFUSED:
-                        log.warning("heartbeat for %s relayed by %s refused: %s", report.worker_id, context.peer(),
-                                    command.detail)  # fmt: skip
-                    commands.append(pb.WorkerCommand(worker_id=report.worker_id, command=command))
+            commands = [
+                pb.WorkerCommand(worker_id=report.worker_id, command=command)
+                for report in batch.reports
+                for command in self._take(report, "relay", context.peer())
+            ]
             if commands:
                 yield pb.CommandBatch(commands=commands)
 
-    def _take(self, report: pb.HeartbeatReport, via: str) -> list[pb.Command]:
-        """Apply one worker's report; the commands that answer it: REREGISTER for a worker the gateway does not know
-        (its stream ends), REFUSED for a wrong session secret, else whatever is queued for the worker."""
+    def _take(self, report: pb.HeartbeatReport, via: str, peer: str) -> list[pb.Command]:
+        """Apply one worker's report, which came ``via`` "direct" or "relay" from ``peer``; the commands that answer
+        it: REREGISTER for a worker the gateway does not know (its stream ends), REFUSED for a wrong session secret
+        (logged), else whatever is queued for the worker."""
         record = self.registry.workers.get(report.worker_id)
         if record is None or record.state == WorkerState.DEAD:
             return [pb.Command(kind=pb.Command.REREGISTER, detail="unknown worker id")]
         if not self.registry.authenticate(report.worker_id, report.session_secret):
+            log.warning("heartbeat for %s (%s, from %s) refused: wrong session secret", report.worker_id, via, peer)
             return [pb.Command(kind=pb.Command.REFUSED, detail="wrong session secret for this worker id")]
         self.registry.heartbeat(report)
         record.heartbeats_via = via

@@ -175,19 +175,17 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
         for down in self._streams.values():
             down.put_nowait(_BROKEN)
         self._streams.clear()
+        self._draining.clear()
         self._pending = []
         self._reported = set()
         self._urgent = False
 
 
-async def serve_relay(
-    relay: HeartbeatRelay, address: str, credentials: FleetCredentials | None = None
-) -> tuple[grpc.aio.Server, int]:
-    """Start ``relay`` on a server of its own at ``address`` (HOST:PORT, port 0: a free one); the server and its
-    port. The relay's upstream stream is started by ``relay.run()``."""
-    credentials = credentials or relay.credentials
-    server = credentials.server()
+async def serve_relay(relay: HeartbeatRelay, address: str) -> tuple[grpc.aio.Server, int]:
+    """Start ``relay`` on a server of its own at ``address`` (HOST:PORT, port 0: a free one), behind the relay's
+    credentials; the server and its port. The relay's upstream stream is started by ``relay.run()``."""
+    server = relay.credentials.server()
     pb_grpc.add_ControlServicer_to_server(relay, server)
-    port = credentials.server_port(server, address)
+    port = relay.credentials.server_port(server, address)
     await server.start()
     return server, port
