@@ -4,8 +4,8 @@
   scattered over a 728-block cache): the kernel against the gather of each row's context plus
   ``scaled_dot_product_attention``, for batch x context shapes, bfloat16 and float32 caches.
 * **step**: one ``LLMEngine`` (``--dtype auto``, compiled decode steps, 2 threads) decoding ``--seqs`` sequences
-  with prompts of ``--prompt`` tokens: the p50 of a step's time over ``--steps`` steps, with the kernel and with
-  ``FLEETSERVE_DECODE_KERNEL=off``, each in a process of its own, alternating ``--rounds`` times.
+  with prompts of ``--prompt`` tokens: the p50 of a step's time over ``--steps`` steps, with the kernel
+  (``FLEETSERVE_DECODE_KERNEL=on``) and without, each in a process of its own, alternating ``--rounds`` times.
 
     python benchmarks/decode_attention.py --part alone
     python benchmarks/decode_attention.py --part step --prompt 250 --rounds 2

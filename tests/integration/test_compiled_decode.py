@@ -17,6 +17,7 @@ from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.request import Request
 from fleetserve.engine.scheduler import ScheduledSeq, SchedulerOutput
 from fleetserve.model_files import load_arch
+from fleetserve.model_files.catalog import cache_root
 from tests.helpers import engine_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.compiles]
@@ -41,6 +42,8 @@ def runner(model_dir, compile: bool) -> ModelRunner:
 
 @pytest.fixture(scope="module")
 def runners(model_dir, compile_warmed):
+    # Our decode-attention kernel, loaded before the graphs are traced: buckets of up to 4 rows attend with it.
+    assert decode_kernel.ensure_loaded(cache_root() / "kernels")
     compiled = runner(model_dir, compile=True)
     assert compiled.compiled is not None
     assert compiled.compiled.wait(timeout=900), "the decode buckets did not compile in 15 minutes"

@@ -18,8 +18,8 @@ fused kernels, called with a single Python call.
   (``threads_for``; the count is per thread under OpenMP, so the warm-up thread sets its own). Should a
   check still fail at serving time, the compile it would start is refused, the bucket goes back to eager
   steps, and a warning says so.
-- Steps of a few sequences attend with our decode-attention kernel (``decode_kernel``), built on the warm-up
-  thread before the first graph is traced.
+- With ``FLEETSERVE_DECODE_KERNEL=on``, steps of a few sequences attend with our decode-attention kernel
+  (``decode_kernel``), built on the warm-up thread before the first graph is traced.
 - Mixed steps, prefills, draft verification and layer ranges that take hidden states from another stage run
   eagerly. The compiled graph rounds like the eager step only to within float noise (fusion reorders
   arithmetic), so the paths whose promise is bit-exactness (float32 parity with transformers) run eagerly:
@@ -77,7 +77,7 @@ class CompiledDecode:
     ):
         self.model = model
         self._prepare = prepare
-        """Run on the warm-up thread before the first graph is traced (builds the decode-attention kernel)."""
+        """Run on the warm-up thread before the first graph is traced (builds the decode-attention kernel if asked)."""
         self._threads_for = threads_for
         self._kv_caches = kv_caches
         self._spare_block = spare_block

@@ -1,18 +1,19 @@
-"""Our decode-attention kernel (``decode_attention.cpp``): built on first use, used by compiled decode steps of a
-few sequences.
+"""Our decode-attention kernel (``decode_attention.cpp``): reads keys and values straight from the paged cache for
+compiled decode steps of a few sequences. Off unless ``FLEETSERVE_DECODE_KERNEL=on``.
 
-For one query token per sequence, the general CPU attention kernel spends most of its time on fixed costs (the
-gather of the context into a contiguous copy, buffers, work splitting), not on the arithmetic: about 80-100 µs
-per layer for one sequence of 256 tokens, where this kernel, reading keys and values straight from the paged
-cache, takes 35-45 µs (docs/benchmarks.md, "Decode attention"). From about 8 sequences up the two are even,
-and the general kernel stays in use.
+Called alone it is 1.3-3.5x faster than the general path (gather each sequence's context into a contiguous copy,
+then ``scaled_dot_product_attention``) at 1-4 sequences; but inside a compiled step, in alternating runs, a
+step took as long with it as without (1 sequence at 250-450 tokens of context: 13.8 and 13.1 ms against 12.5
+and 13.2; at 700-850: 14.9 and 14.7 against 14.4 and 14.2; ``benchmarks/decode_attention.py``,
+docs/benchmarks.md). So it is not on by default: building it costs start-up time and it needs a compiler. It is
+the base for a faster one (several keys to a vector's lanes, a vectorized exp).
 
 The kernel is C++, compiled once per machine by torch's extension builder (a C++ compiler and ninja, which
 compiled decode steps need anyway) into ``$FLEETSERVE_CACHE/kernels``, keyed by the source, torch's version and
-the CPU's instruction sets (it is built for this CPU). Building takes about 30 s and runs on the compile
-warm-up thread before any graph is traced, so a graph either always or never uses it. Where it cannot be built,
-a warning says why and the general kernel serves; the eager path never uses it (float32 parity with
-transformers rests on that path's rounding). ``FLEETSERVE_DECODE_KERNEL=off`` keeps it out (for comparisons).
+the CPU's instruction sets (it is built for this CPU). When asked for, it is built on the compile warm-up thread
+before any graph is traced, so a graph either always or never uses it. Where it cannot be built, a warning says
+why and the general path serves; the eager path never uses it (float32 parity with transformers rests on that
+path's rounding).
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ MAX_BATCH = 4
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "ready": built and registered; "tried": a build was attempted
+
+
+ENV = "FLEETSERVE_DECODE_KERNEL"
+
+
+def wanted() -> bool:
+    """Whether this process is asked to use the kernel (``FLEETSERVE_DECODE_KERNEL=on``)."""
+    return os.environ.get(ENV, "").lower() in ("on", "1", "true")
 
 
 def ready() -> bool:
@@ -64,9 +73,6 @@ def ensure_loaded(cache_dir: Path) -> bool:
         if _state.get("tried"):
             return ready()
         _state["tried"] = True
-        if os.environ.get("FLEETSERVE_DECODE_KERNEL", "").lower() in ("off", "0", "false"):
-            log.info("decode-attention kernel off (FLEETSERVE_DECODE_KERNEL)")
-            return False
         try:
             _load(cache_dir)
         except Exception as exc:  # no compiler, no ninja, a failed build: the general kernel serves

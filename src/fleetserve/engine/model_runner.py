@@ -76,7 +76,7 @@ class ModelRunner:
             self.block_size,
             self.device,
             self.threads_for,
-            prepare=lambda: decode_kernel.ensure_loaded(cache_root() / "kernels"),
+            prepare=lambda: decode_kernel.wanted() and decode_kernel.ensure_loaded(cache_root() / "kernels"),
         )
         self.compiled.warm_up()
 
