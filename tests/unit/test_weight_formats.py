@@ -122,3 +122,11 @@ def test_a_layer_with_a_dense_copy_runs_big_steps_on_it():
     small, big = torch.randn(4, 64, generator=g), torch.randn(5, 64, generator=g)
     assert torch.allclose(layer(big), big @ weight.t(), atol=1e-5)  # float32 arithmetic: no bfloat16 rounding
     assert not torch.allclose(layer(small), small @ weight.t(), atol=1e-5)  # the int4 kernel's bfloat16 inputs
+
+
+def test_a_wide_path_takes_over_from_the_first_row_count_where_it_wins():
+    from fleetserve.engine.weight_format import narrow_wins_up_to
+
+    assert narrow_wins_up_to({4: (1.0, 3.0), 16: (5.0, 6.0), 64: (9.0, 7.0), 256: (40.0, 20.0)}) == 16
+    assert narrow_wins_up_to({4: (1.0, 3.0), 16: (5.0, 6.0)}) is None
+    assert narrow_wins_up_to({4: (4.0, 3.0), 16: (5.0, 6.0)}) == 0

@@ -52,7 +52,17 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         wf = self.weight_format
         self.model = load_model(
-            model_dir, arch, mc.layer_start, mc.layer_end, self.dtype, self.device, mc.lm_head, wf.name, wf.dense_above
+            model_dir,
+            arch,
+            mc.layer_start,
+            mc.layer_end,
+            self.dtype,
+            self.device,
+            mc.lm_head,
+            wf.name,
+            wf.dense_above,
+            wf.wide_above,
+            wf.head_dense_above,
         )
         self.linear_kernel = choose_kernels(self.model)
         self.threads = torch.get_num_threads()

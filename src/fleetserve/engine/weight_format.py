@@ -9,11 +9,16 @@
 - a bfloat16 or float16 checkpoint runs bfloat16 where the CPU has bfloat16 units (AVX512-BF16 or AMX);
 - float32 elsewhere. float32 is also the form that equals transformers token for token.
 
+int4 on a CPU with bfloat16 units also measures, once per machine, the row counts from which a step is faster
+with its layers de-quantized to bfloat16 (``int4_dequant``) and with a bfloat16 copy of the LM head than on the
+int4 and int8 kernels, and takes those paths above them (``wide_above``, ``head_dense_above``).
+
 Activations and the KV cache are float32 for int4 (the layers cast to bfloat16 inside their kernel only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,9 +29,10 @@ from pathlib import Path
 
 import torch
 
+from fleetserve.engine import int4_dequant
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
 from fleetserve.engine.models.loader import has_four_bit_layers
-from fleetserve.engine.models.quantized import Int4Linear, int4_kernels_work
+from fleetserve.engine.models.quantized import Int4Linear, Int8Linear, dense_linear, int4_kernels_work
 from fleetserve.errors import InvalidRequestError
 from fleetserve.model_files.arch import ModelArch
 from fleetserve.model_files.catalog import cache_root
@@ -48,6 +54,10 @@ class WeightFormat:
     reason: str
     dense_above: int | None = None
     """int4 only: steps of more rows than this run its layers on float32 copies (None: never)."""
+    wide_above: int | None = None
+    """int4 only: steps of more rows than this de-quantize the layers to bfloat16 (None: never)."""
+    head_dense_above: int | None = None
+    """int4 only: steps of more rows than this run the LM head on a bfloat16 copy (None: never)."""
 
 
 def choose_weight_format(requested: str, device: torch.device, model_dir: Path, arch: ModelArch) -> WeightFormat:
@@ -57,13 +67,13 @@ def choose_weight_format(requested: str, device: torch.device, model_dir: Path, 
         problem = _int4_unavailable(device, model_dir)
         if problem:
             raise InvalidRequestError(f"dtype int4 is not available: {problem}", "dtype")
-        return WeightFormat("int4", torch.float32, "asked for")
+        return _wide_steps(WeightFormat("int4", torch.float32, "asked for"), arch)
     if requested != "auto":
         raise InvalidRequestError(f"dtype must be one of {', '.join(FORMATS)}, got {requested!r}", "dtype")
     if device.type == "cuda":
         return WeightFormat("bfloat16", torch.bfloat16, "auto on CUDA")
     if not _int4_unavailable(device, model_dir):
-        return _int4_or_float32(measured_linears_ms(arch))
+        return _wide_steps(_int4_or_float32(measured_linears_ms(arch)), arch)
     if _checkpoint_dtype(model_dir) in ("bfloat16", "float16") and cpu_has_bf16():
         return WeightFormat("bfloat16", torch.bfloat16, "auto: a 16-bit checkpoint on a CPU with bfloat16 units")
     return WeightFormat("float32", torch.float32, "auto on CPU")
@@ -72,19 +82,45 @@ def choose_weight_format(requested: str, device: torch.device, model_dir: Path, 
 def _int4_or_float32(measured: dict[int, tuple[float, float]]) -> WeightFormat:
     """auto's pick from the measurement: int4 where it wins at every measured row count; int4 with float32 copies
     for steps of more rows than it wins at when it wins only at few; float32 when it loses even at one row."""
-    figures = ", ".join(f"{rows} rows {i4:.1f}/{f32:.1f} ms" for rows, (i4, f32) in measured.items())
-    figures = f"int4/float32 linears per step: {figures}"
-    wins = 0
-    for rows, (int4_ms, float_ms) in measured.items():
-        if int4_ms >= float_ms:
-            break
-        wins = rows
+    figures = f"int4/float32 linears per step: {_figures(measured)}"
+    wins = narrow_wins_up_to(measured)
     if wins == 0:
         return WeightFormat("float32", torch.float32, f"auto: float32 beats the 4-bit codes here; {figures}")
-    if wins == max(measured):
+    if wins is None:
         return WeightFormat("int4", torch.float32, f"auto: the checkpoint's 4-bit codes; {figures}")
     reason = f"auto: the checkpoint's 4-bit codes up to {wins} rows a step, float32 copies above; {figures}"
     return WeightFormat("int4", torch.float32, reason, dense_above=wins)
+
+
+def narrow_wins_up_to(measured: dict[int, tuple[float, float]]) -> int | None:
+    """From (narrow path, wide path) milliseconds per row count, ascending: the last row count before the narrow
+    path first loses (0 when it loses at the first), None when it wins at every one."""
+    wins = 0
+    for rows, (narrow_ms, wide_ms) in measured.items():
+        if narrow_ms >= wide_ms:
+            return wins
+        wins = rows
+    return None
+
+
+def _figures(measured: dict[int, tuple[float, float]]) -> str:
+    return ", ".join(f"{rows} rows {a:.1f}/{b:.1f} ms" for rows, (a, b) in measured.items())
+
+
+def _wide_steps(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
+    """int4 on a CPU with bfloat16 units: the row counts above which its layers de-quantize to bfloat16 and its
+    LM head runs on a bfloat16 copy, where a measurement says those beat the int4 and int8 kernels."""
+    if wf.name != "int4" or wf.dense_above is not None or not cpu_has_bf16():
+        return wf
+    if not int4_dequant.available(cache_root() / "kernels"):
+        return wf
+    layers, head = measured_wide_ms(arch)
+    wide, head_dense = narrow_wins_up_to(layers), narrow_wins_up_to(head)
+    reason = (
+        f"{wf.reason}; layers de-quantized to bfloat16 above {wide} rows, LM head in bfloat16 above {head_dense}"
+        f" (int4/de-quantized layers: {_figures(layers)}; int8/bfloat16 LM head: {_figures(head)})"
+    )
+    return dataclasses.replace(wf, reason=reason, wide_above=wide, head_dense_above=head_dense)
 
 
 def activation_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -124,29 +160,56 @@ MEASURED_ROWS = (1, 4, 16, 64)
 """Rows of the measured steps: decodes of one to a batch of sequences, and a slice of a prompt."""
 
 
-def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
-    """Per row count of MEASURED_ROWS, (int4, float32) milliseconds of a step's linears over weights of the
-    model's layer shapes; measured once per machine, torch version and thread count."""
-    shapes = [
+WIDE_ROWS = (4, 16, 64, 256)
+"""Rows of the steps measured for the wide paths: a decode batch to a prompt chunk."""
+
+
+def _layer_shapes(arch: ModelArch) -> list[tuple[int, int]]:
+    """(out, in) of a decoder layer's four linears (q/k/v and gate/up fused)."""
+    return [
         (arch.num_heads * arch.head_dim + 2 * arch.num_kv_heads * arch.head_dim, arch.hidden_size),
         (arch.hidden_size, arch.num_heads * arch.head_dim),
         (2 * arch.intermediate_size, arch.hidden_size),
         (arch.hidden_size, arch.intermediate_size),
     ]
-    key = "|".join(
+
+
+def _machine_key(shapes: list[tuple[int, int]], rows: tuple[int, ...]) -> list[str]:
+    return (
         [platform.processor() or platform.machine(), _cpu_name(), torch.__version__, str(torch.get_num_threads())]
         + [f"{n}x{k}" for n, k in shapes]
-        + [f"rows {','.join(map(str, MEASURED_ROWS))}"]
+        + [f"rows {','.join(map(str, rows))}"]
     )
+
+
+def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
+    """Per row count of MEASURED_ROWS, (int4, float32) milliseconds of a step's linears over weights of the
+    model's layer shapes; measured once per machine, torch version and thread count."""
+    shapes = _layer_shapes(arch)
+    known = _remembered("|".join(_machine_key(shapes, MEASURED_ROWS)), lambda: _measure(shapes))
+    return {int(rows): tuple(ms) for rows, ms in known.items()}
+
+
+def measured_wide_ms(arch: ModelArch) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+    """Per row count of WIDE_ROWS, (int4 kernel, de-quantized to bfloat16) milliseconds of a step's linears, and
+    (int8, bfloat16 copy) milliseconds of its LM head; measured once per machine like ``measured_linears_ms``."""
+    shapes = _layer_shapes(arch)
+    head = (arch.vocab_size, arch.hidden_size)
+    key = "|".join(["wide", *_machine_key(shapes, WIDE_ROWS), f"head {head[0]}x{head[1]}"])
+    known = _remembered(key, lambda: _measure_wide(shapes, head))
+    return tuple({int(rows): tuple(ms) for rows, ms in known[part].items()} for part in ("layers", "head"))
+
+
+def _remembered(key: str, measure) -> dict:
+    """The measurement kept under ``key`` in the cache folder, or ``measure()``'s, kept there for next time."""
     path = cache_root() / "weight-format-measurements.json"
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
     if key in known:
-        return {int(rows): tuple(ms) for rows, ms in known[key].items()}
-    result = _measure(shapes)
-    known[key] = {str(rows): ms for rows, ms in result.items()}
+        return known[key]
+    known[key] = json.loads(json.dumps(measure()))  # as it reads back: string keys, lists
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{time.monotonic_ns()}")
@@ -154,7 +217,7 @@ def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
         tmp.replace(path)
     except OSError as exc:
         log.warning("cannot keep the weight-format measurement in %s: %s", path, exc)
-    return result
+    return known[key]
 
 
 def _cpu_name() -> str:
@@ -167,10 +230,42 @@ def _cpu_name() -> str:
     return "unknown cpu"
 
 
+def _int4_layers(shapes: list[tuple[int, int]], layers: int, g: torch.Generator) -> list[Int4Linear]:
+    """``layers`` sets of int4 linears of ``shapes`` (random codes; one set of codes per shape, repacked for each
+    layer: distinct codes would only cost start-up time)."""
+    codes = []
+    for n, k in shapes:
+        scales, mins = torch.rand(n, k // 32, generator=g) / 64, -torch.rand(n, k // 32, generator=g) / 8
+        codes.append((torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8), scales, mins))
+    return [Int4Linear(*c, None) for _ in range(layers) for c in codes]
+
+
+def _best_ms(step, calls: list[tuple[torch.Tensor, int]]) -> float:
+    """The quickest of two timed passes of ``step(x, i)`` over ``calls``, after one that warms up."""
+    best = math.inf
+    for attempt in range(3):
+        started = time.perf_counter()
+        for x, i in calls:
+            step(x, i)
+        if attempt:
+            best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
+def _layer_calls(shapes: list[tuple[int, int]], layers: int, rows: int, g: torch.Generator) -> list:
+    inputs = {k: torch.randn(rows, k, generator=g) for _, k in shapes}
+    return [(inputs[k], i) for i, (_, k) in enumerate(shapes * layers)]
+
+
+def _layer_count(shapes: list[tuple[int, int]]) -> int:
+    """Layers whose float32 weights exceed MEASURE_BYTES."""
+    return max(2, math.ceil(MEASURE_BYTES / 4 / sum(n * k for n, k in shapes)))
+
+
 @torch.inference_mode()
 def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    layers = _layer_count(shapes)
     layer_elems = sum(n * k for n, k in shapes)
-    layers = max(2, math.ceil(MEASURE_BYTES / 4 / layer_elems))
     # one allocation for all float weights, so it goes back to the system as a whole when freed
     flat = torch.zeros(layers * layer_elems)
     floats, offset = [], 0
@@ -179,12 +274,7 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
             floats.append(flat[offset : offset + n * k].view(n, k))
             offset += n * k
     g = torch.Generator().manual_seed(0)
-    int4 = []
-    for n, k in shapes:  # distinct codes per layer would only cost start-up time: reuse one set, repacked each time
-        codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
-        scales, mins = torch.rand(n, k // 32, generator=g) / 64, -torch.rand(n, k // 32, generator=g) / 8
-        int4.append((codes, scales, mins))
-    int4_layers = [Int4Linear(*w, None) for _ in range(layers) for w in int4]
+    int4_layers = _int4_layers(shapes, layers, g)
     float_linear = onednn_linear if onednn_linear_works() else (lambda x, w, b: torch.nn.functional.linear(x, w, b))
 
     def int4_step(x: torch.Tensor, i: int) -> torch.Tensor:
@@ -193,16 +283,34 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     def float_step(x: torch.Tensor, i: int) -> torch.Tensor:
         return float_linear(x, floats[i], None)
 
-    def best_ms(step, rows: int) -> float:
-        inputs = {k: torch.randn(rows, k, generator=g) for _, k in shapes}
-        order = [(inputs[k], i) for i, (_, k) in enumerate(shapes * layers)]
-        best = math.inf
-        for attempt in range(3):  # the first pass warms up
-            started = time.perf_counter()
-            for x, i in order:
-                step(x, i)
-            if attempt:
-                best = min(best, time.perf_counter() - started)
-        return best * 1e3
+    result = {}
+    for rows in MEASURED_ROWS:
+        calls = _layer_calls(shapes, layers, rows, g)
+        result[rows] = (_best_ms(int4_step, calls), _best_ms(float_step, calls))
+    return result
 
-    return {rows: (best_ms(int4_step, rows), best_ms(float_step, rows)) for rows in MEASURED_ROWS}
+
+@torch.inference_mode()
+def _measure_wide(shapes: list[tuple[int, int]], head: tuple[int, int]) -> dict[str, dict[int, tuple[float, float]]]:
+    """WIDE_ROWS steps: int4 layers on their kernel and de-quantized; an LM head on int8 and on a bfloat16 copy."""
+    g = torch.Generator().manual_seed(0)
+    layers = _layer_count(shapes)
+    int4_layers = _int4_layers(shapes, layers, g)
+    int8_head = Int8Linear(torch.randn(*head, generator=g) / 32)
+    bf16_head = int8_head.codes.to(torch.bfloat16)
+
+    def int4_step(x: torch.Tensor, i: int, wide: int | None) -> torch.Tensor:
+        int4_layers[i].wide_rows = wide
+        return int4_layers[i](x)
+
+    out: dict[str, dict[int, tuple[float, float]]] = {"layers": {}, "head": {}}
+    for rows in WIDE_ROWS:
+        calls = _layer_calls(shapes, layers, rows, g)
+        narrow = _best_ms(lambda x, i: int4_step(x, i, None), calls)
+        out["layers"][rows] = (narrow, _best_ms(lambda x, i: int4_step(x, i, 0), calls))
+        x = [(torch.randn(rows, head[1], generator=g), 0)]
+        out["head"][rows] = (
+            _best_ms(lambda x, i: int8_head(x), x),
+            _best_ms(lambda x, i: dense_linear(x, bf16_head, None, onednn_linear_works()), x),
+        )
+    return out

@@ -9,9 +9,11 @@ layer casts its input in and its output back, so the rest of the model keeps its
 8-bit codes (Q8_0, which GGUF files use for the token table) serve the embedding exactly (a lookup de-quantizes
 only the rows it reads) and, re-quantized to one scale per output row, an LM head on the int8 kernel.
 
-On CPUs without bfloat16 units these kernels win while a step has few rows (decodes) and lose to float32's GEMM
-on many (prefill chunks, large batches). A layer given a ``dense`` float32 copy of its weight (``keep_dense``)
-runs steps of more than ``max_rows`` rows on that copy instead.
+These kernels win while a step has few rows (decodes) and lose to a GEMM on many (prefill chunks, large
+batches). A layer given a ``dense`` copy of its weight (``keep_dense``: float32 on CPUs without bfloat16 units,
+bfloat16 for the LM head on CPUs with them) runs steps of more than ``max_rows`` rows on that copy instead; an
+int4 layer with ``wide_rows`` set de-quantizes its codes to bfloat16 for steps of more rows than that
+(``int4_dequant``), which needs no copy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import functools
 import torch
 from torch import nn
 
+from fleetserve.engine.int4_dequant import dequantized_weight_t
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
 
 GROUP = 32
@@ -53,11 +56,17 @@ class Int4Linear(nn.Module):
         self.dense: torch.Tensor | None = None
         self.dense_onednn = False
         self.max_rows = 0
+        self.wide_rows: int | None = None
+        """Steps of more rows than this de-quantize the codes to bfloat16 and run one GEMM (None: never)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
             return dense_linear(x, self.dense, self.bias, self.dense_onednn)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
+        if self.wide_rows is not None and x.shape[0] > self.wide_rows:
+            w_t = dequantized_weight_t(self.packed, self.scales_and_zeros, self.out_features, self.in_features)
+            y = torch.mm(x.bfloat16(), w_t)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
@@ -82,14 +91,19 @@ class Int8Linear(nn.Module):
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """x W^T (+ b) in float32, through oneDNN's kernel when ``onednn`` (onednn_linear_works(), asked once)."""
-    y = onednn_linear(x, weight, None) if onednn else torch.nn.functional.linear(x, weight)
-    return y if bias is None else y + bias
+    """x W^T (+ b) in the weight's dtype (x cast to it and the result back), through oneDNN's kernel when
+    ``onednn`` (onednn_linear_works(), asked once)."""
+    xw = x.to(weight.dtype)
+    y = onednn_linear(xw, weight, None) if onednn else torch.nn.functional.linear(xw, weight)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
 
 
-def keep_dense(layer: Int4Linear | Int8Linear, weight: torch.Tensor, max_rows: int) -> None:
-    """Give ``layer`` a float32 copy of its weight for steps of more than ``max_rows`` rows."""
-    layer.dense = weight.float().contiguous()
+def keep_dense(
+    layer: Int4Linear | Int8Linear, weight: torch.Tensor, max_rows: int, dtype: torch.dtype = torch.float32
+) -> None:
+    """Give ``layer`` a copy of its weight in ``dtype`` for steps of more than ``max_rows`` rows."""
+    layer.dense = weight.to(dtype).contiguous()
     layer.dense_onednn = onednn_linear_works()
     layer.max_rows = max_rows
 

@@ -1,0 +1,116 @@
+"""Wide int4 steps: our de-quantizing kernel gives exactly the int4 kernel's weight rounded to bfloat16, a layer
+switches to it only above its row count, an LM head on codes runs wide steps on a bfloat16 copy, and an engine
+whose prompt chunks take the wide path computes the logits the int4 kernel does to bfloat16 precision. Built on
+this machine as the engine builds it (a C++ compiler is what compiled decode steps need too)."""
+
+import pytest
+import torch
+
+from fleetserve.engine import int4_dequant
+from fleetserve.engine.models.quantized import Int4Linear, Int8Linear, int4_kernels_work, int4_weight, keep_dense
+from fleetserve.engine.weight_format import cpu_has_bf16
+from fleetserve.model_files.catalog import cache_root
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.compiles,
+    pytest.mark.skipif(not int4_kernels_work(), reason="this PyTorch has no CPU int4/int8 kernels"),
+]
+
+
+@pytest.fixture(scope="module")
+def dequant():
+    assert int4_dequant.KERNEL.ensure_loaded(cache_root() / "kernels"), "the int4 de-quantizing kernel did not build"
+    return int4_dequant.dequantized_weight_t
+
+
+def random_layer(n, k, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales, mins = torch.rand(n, k // 32, generator=g) / 16, -torch.rand(n, k // 32, generator=g) / 2
+    b = torch.randn(n, generator=g) if bias else None
+    return Int4Linear(codes, scales, mins, b), codes, g
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (128, 96), (960, 576), (576, 1536)])
+def test_the_kernel_gives_the_int4_kernels_weight_in_bfloat16(dequant, shape):
+    n, k = shape
+    layer, codes, _ = random_layer(n, k, seed=n + k)
+    scale = layer.scales_and_zeros[..., 0].float().repeat_interleave(32, 0)  # [K, N], as the int4 kernel holds them
+    zero = layer.scales_and_zeros[..., 1].float().repeat_interleave(32, 0)
+    expected = ((codes.t().float() - 8) * scale + zero).bfloat16()
+    got = dequant(layer.packed, layer.scales_and_zeros, n, k)
+    assert got.dtype == torch.bfloat16 and got.shape == (k, n)
+    assert torch.equal(got, expected)
+
+
+def test_a_layer_de_quantizes_only_above_its_row_count(dequant):
+    layer, codes, g = random_layer(128, 96, seed=5, bias=True)
+    narrow_only, _, _ = random_layer(128, 96, seed=5, bias=True)
+    layer.wide_rows = 8
+    weight = int4_weight(codes, *(t.float() for t in _scales_mins(layer)))
+    for rows in (1, 8, 9, 200):
+        x = torch.randn(rows, 96, generator=g)
+        got = layer(x)
+        if rows <= 8:
+            assert torch.equal(got, narrow_only(x))  # the int4 kernel itself
+        reference = x @ weight.t() + layer.bias
+        assert got.dtype == torch.float32 and (got - reference).abs().max() < 0.03 * reference.abs().max()
+
+
+def _scales_mins(layer):
+    """The layer's scales and mins back from its (bfloat16) scales and zeros, [N, K / 32] each."""
+    scales, zeros = layer.scales_and_zeros[..., 0].t(), layer.scales_and_zeros[..., 1].t()
+    return scales, zeros - 8 * scales
+
+
+def test_an_lm_head_runs_wide_steps_on_its_bfloat16_copy():
+    g = torch.Generator().manual_seed(9)
+    weight = torch.randn(300, 64, generator=g) / 8
+    head = Int8Linear(weight)
+    keep_dense(head, weight, max_rows=4, dtype=torch.bfloat16)
+    assert head.dense.dtype == torch.bfloat16
+    narrow, wide = torch.randn(4, 64, generator=g), torch.randn(5, 64, generator=g)
+    expected = (wide.bfloat16() @ weight.bfloat16().t()).float()
+    assert torch.allclose(head(wide), expected, rtol=1e-2, atol=1e-2)
+    assert torch.equal(
+        head(narrow), torch.ops.aten._weight_int8pack_mm(narrow.bfloat16(), head.codes, head.scales).float()
+    )
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="wide int4 steps are for CPUs with bfloat16 units")
+def test_an_engine_prefills_wide_to_the_int4_kernels_logits(dequant):
+    from fleetserve.config import CacheConfig, EngineConfig, ModelConfig
+    from fleetserve.contract import SamplingParams
+    from fleetserve.engine.engine import LLMEngine
+
+    def engine():
+        config = EngineConfig(
+            model=ModelConfig(dtype="int4", num_threads=2, compile=False), cache=CacheConfig(kv_cache_bytes=16 * 2**20)
+        )
+        return LLMEngine(config, progress=False)
+
+    wide, narrow = engine(), engine()
+    assert wide.runner.weight_format.wide_above is not None, wide.runner.weight_format.reason
+    for module in narrow.runner.model.modules():
+        if isinstance(module, Int4Linear):
+            module.wide_rows = None
+        if isinstance(module, Int8Linear):
+            module.dense = None
+    prompt = list(range(1000, 1120))  # one step of 120 rows
+    assert wide.runner.weight_format.wide_above < len(prompt)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    w, n = (_first_logprob(e, prompt, params) for e in (wide, narrow))
+    assert w.token_id == n.token_id
+    # both round to bfloat16 in different places (benchmarks/quality.py: the wide path's perplexity is as close to
+    # float32's as the int4 kernel's); a wrong layout or scale would move these by whole units
+    assert max(abs(a[1] - b[1]) for a, b in zip(w.top, n.top, strict=True)) < 0.3
+
+
+def _first_logprob(engine, prompt, params):
+    engine.add_request(prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.logprobs:
+                return out.logprobs[0]
+    raise AssertionError("no logprobs came back")
