@@ -130,3 +130,36 @@ def test_a_wide_path_takes_over_from_the_first_row_count_where_it_wins():
     assert narrow_wins_up_to({4: (1.0, 3.0), 16: (5.0, 6.0), 64: (9.0, 7.0), 256: (40.0, 20.0)}) == 16
     assert narrow_wins_up_to({4: (1.0, 3.0), 16: (5.0, 6.0)}) is None
     assert narrow_wins_up_to({4: (4.0, 3.0), 16: (5.0, 6.0)}) == 0
+
+
+@needs_kernels
+def test_an_int8_head_from_q8_codes_equals_one_from_their_float_weight():
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (Int8Linear.SLICE + 100, 64), generator=g, dtype=torch.int8)  # two slices
+    scales = torch.rand(codes.shape[0], 2, generator=g) / 64
+    from_codes, from_float = Int8Linear.from_q8(codes, scales), Int8Linear(int8_weight(codes, scales))
+    assert torch.equal(from_codes.codes, from_float.codes) and torch.equal(from_codes.scales, from_float.scales)
+    x = torch.randn(3, 64, generator=g)
+    assert torch.equal(from_codes(x), from_float(x))
+
+
+def _resident_mib() -> float:
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_kv_tensor_takes_memory_as_it_is_written():
+    from fleetserve.engine.model_runner import zeros_on_first_touch
+
+    before = _resident_mib()
+    kv = zeros_on_first_touch((4096, 2, 4, 2048), torch.float32, torch.device("cpu"))  # 256 MiB
+    assert kv.shape == (4096, 2, 4, 2048) and kv.dtype == torch.float32 and kv.is_contiguous()
+    assert _resident_mib() - before < 32
+    assert float(kv[::512].abs().sum()) == 0.0  # zeros where never written
+    kv[:2048] = 1.0
+    assert _resident_mib() - before > 100  # half of it written: resident now
+    assert float(kv[2047, 1, 3, 2047]) == 1.0 and float(kv[2048, 0, 0, 0]) == 0.0

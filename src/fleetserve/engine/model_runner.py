@@ -5,6 +5,9 @@ Owns everything on the device (weights, the KV cache tensors, the sampler) and n
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from fleetserve.config import EngineConfig
@@ -32,6 +35,19 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequestError("device cuda was asked for but torch sees no CUDA device", "device")
     return torch.device(name)
+
+
+def zeros_on_first_touch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On CPU its memory is an anonymous mapping of its own, whose pages the kernel gives (zeroed)
+    when first written, so a KV cache takes resident memory as its blocks come into use, not all at start (as
+    llama.cpp's does). One mapping per tensor: tensors of one mapping would alias, which a compiled step that
+    writes them would have to copy around."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = math.prod(shape)
+    size = max(1, numel * torch.empty((), dtype=dtype).element_size())
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buffer, dtype=dtype, count=numel).view(shape)  # the tensor keeps the mapping alive
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -125,11 +141,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         slots = num_blocks * self.block_size
         # One spare block past the pool's: the padding rows of a compiled step write there.
+        shape = (slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
-            torch.zeros(
-                slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim, dtype=self.dtype, device=self.device
-            )
-            for _ in range(self.model.num_local_layers)
+            zeros_on_first_touch(shape, self.dtype, self.device) for _ in range(self.model.num_local_layers)
         ]
         self.kv_cache_bytes = per_token * slots
         if self.compiled is not None:  # graphs built for the old tensors' shape would not serve these

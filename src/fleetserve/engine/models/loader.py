@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from fleetserve.engine.models.linear import Linear
 from fleetserve.engine.models.llama import LlamaModel, rope_inv_freq
-from fleetserve.engine.models.quantized import Int4Linear, Int8Embedding, Int8Linear, int8_weight, keep_dense
+from fleetserve.engine.models.quantized import Int4Linear, Int8Embedding, Int8Linear, keep_dense
 from fleetserve.errors import UnsupportedModelError
 from fleetserve.model_files.arch import ModelArch
 from fleetserve.model_files.gguf_convert import QUANTIZED_FILE
@@ -180,7 +180,7 @@ def _use_codes(
             setattr(layer, attr, codes.int4_linear(names, bias))
     if model.has_lm_head:
         if codes.kinds.get(head) == "Q8_0":
-            model.lm_head = Int8Linear(int8_weight(codes.part([head], "codes"), codes.part([head], "scales")))
+            model.lm_head = Int8Linear.from_q8(codes.part([head], "codes"), codes.part([head], "scales"))
         elif codes.four_bit(head):
             model.lm_head = codes.int4_linear([head], None)
 

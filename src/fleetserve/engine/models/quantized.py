@@ -74,11 +74,30 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """y = x W^T with W re-quantized to int8 with one scale per output row, on PyTorch's int8 kernel."""
 
+    SLICE = 4096
+    """Rows re-quantized at a time: float temporaries of a whole LM head would be hundreds of MiB."""
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        self.register_buffer("codes", torch.round(weight / scales.unsqueeze(1)).clamp(-127, 127).to(torch.int8))
+        self._requantize(lambda rows: weight[rows].float(), *weight.shape)
+
+    @classmethod
+    def from_q8(cls, codes: torch.Tensor, scales: torch.Tensor) -> Int8Linear:
+        """From 8-bit ``codes`` [N, K] with ``scales`` [N, K / 32] (Q8_0), never holding the whole float weight."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._requantize(lambda rows: int8_weight(codes[rows], scales[rows]), *codes.shape)
+        return layer
+
+    def _requantize(self, rows_of, n: int, k: int) -> None:
+        self.out_features, self.in_features = n, k
+        codes, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
+        for start in range(0, n, self.SLICE):
+            rows = slice(start, start + self.SLICE)
+            w = rows_of(rows)
+            scales[rows] = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+            codes[rows] = torch.round(w / scales[rows].unsqueeze(1)).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("codes", codes)
         self.register_buffer("scales", scales.bfloat16())
         self.dense: torch.Tensor | None = None
         self.dense_onednn = False
