@@ -13,6 +13,8 @@ fused kernels, called with a single Python call.
 - Compiling takes seconds to a minute per bucket; it runs in a background thread, smallest bucket first, while
   the eager path serves. A bucket serves once its graph is built. Inductor's cache lives under the model cache
   ($FLEETSERVE_CACHE/inductor), so a later start takes a few seconds per bucket.
+- The graphs carry no guards on the model's modules (weights, layer attributes), which never change once loaded:
+  checking them cost 0.7 ms of a 10 ms one-sequence step. Inputs keep theirs.
 - Serving never compiles. A graph is valid for the torch thread count it was built under (part of what
   torch.compile checks before each call), so each bucket is built under the count its steps run with
   (``threads_for``; the count is per thread under OpenMP, so the warm-up thread sets its own). Should a
@@ -99,7 +101,11 @@ class CompiledDecode:
         # shared between buckets), and one bucket is compiled while another one serves.
         code = _decode_step.__code__.replace(co_name=f"decode_step_{bucket}")
         fn = types.FunctionType(code, _decode_step.__globals__, code.co_name)
-        return torch.compile(fn, backend=self._backend, dynamic=False)
+        # No guards on the model's modules (their weights and attributes): they never change once loaded (a
+        # runner whose layers or KV change builds a new CompiledDecode), and checking ~300 of them cost 0.7 ms
+        # of a 10 ms step. The step's own inputs (ids, positions, KV tensors, index tensors) keep theirs.
+        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        return torch.compile(fn, backend=self._backend, dynamic=False, options=options)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         from torch._inductor.compile_fx import compile_fx
