@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 _impl = torch.library.Library("fleetserve", "IMPL")
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's flags line from /proc/cpuinfo ('' where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -53,7 +54,7 @@ class CppKernel:
         """What the built kernel depends on: its source, torch's version and this CPU's instruction sets."""
         digest = hashlib.sha256(self.source.read_bytes())
         digest.update(torch.__version__.encode())
-        digest.update(_cpu_flags().encode())
+        digest.update(cpu_flags().encode())
         return digest.hexdigest()[:16]
 
     def ensure_loaded(self, cache_dir: Path) -> bool:

@@ -79,6 +79,7 @@ class ModelRunner:
             wf.dense_above,
             wf.wide_above,
             wf.head_dense_above,
+            wf.head_gemv,
         )
         self.linear_kernel = choose_kernels(self.model)
         self.threads = torch.get_num_threads()

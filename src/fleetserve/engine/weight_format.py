@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fleetserve.engine import int4_dequant
+from fleetserve.engine import quantized_kernels
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
 from fleetserve.engine.models.loader import has_four_bit_layers
 from fleetserve.engine.models.quantized import Int4Linear, Int8Linear, dense_linear, int4_kernels_work
@@ -58,6 +58,8 @@ class WeightFormat:
     """int4 only: steps of more rows than this de-quantize the layers to bfloat16 (None: never)."""
     head_dense_above: int | None = None
     """int4 only: steps of more rows than this run the LM head on a bfloat16 copy (None: never)."""
+    head_gemv: bool = False
+    """int4 only: the int8 LM head's other steps run on our AVX-512 kernel (``quantized_kernels.int8_gemv``)."""
 
 
 def choose_weight_format(requested: str, device: torch.device, model_dir: Path, arch: ModelArch) -> WeightFormat:
@@ -108,11 +110,15 @@ def _figures(measured: dict[int, tuple[float, float]]) -> str:
 
 
 def _wide_steps(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
-    """int4 on a CPU with bfloat16 units: the row counts above which its layers de-quantize to bfloat16 and its
-    LM head runs on a bfloat16 copy, where a measurement says those beat the int4 and int8 kernels."""
-    if wf.name != "int4" or wf.dense_above is not None or not cpu_has_bf16():
+    """int4 on an AVX-512 CPU: the LM head's narrow steps on our int8 kernel; with bfloat16 units too, the row
+    counts above which its layers de-quantize to bfloat16 and its LM head runs on a bfloat16 copy, where a
+    measurement says those beat the int4 and int8 kernels."""
+    if wf.name != "int4":
         return wf
-    if not int4_dequant.available(cache_root() / "kernels"):
+    kernels = cache_root() / "kernels"
+    if quantized_kernels.int8_gemv_available(kernels):
+        wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on our AVX-512 kernel", head_gemv=True)
+    if wf.dense_above is not None or not cpu_has_bf16() or not quantized_kernels.wide_steps_available(kernels):
         return wf
     layers, head = measured_wide_ms(arch)
     wide, head_dense = narrow_wins_up_to(layers), narrow_wins_up_to(head)

@@ -71,6 +71,7 @@ def load_model(
     dense_above: int | None = None,
     wide_above: int | None = None,
     head_dense_above: int | None = None,
+    head_gemv: bool = False,
 ) -> LlamaModel:
     """Build the decoder for layers [layer_start, layer_end) (with the LM head when ``lm_head``, or when None and the
     range ends at the last layer) and fill it from the folder's safetensors.
@@ -78,7 +79,8 @@ def load_model(
     ``dtype`` is the model's activations and float weights; ``weights="int4"`` runs the layers on the checkpoint's
     4-bit codes where it has them (see the module's doc); with ``dense_above`` those layers also keep float32
     copies for steps of more rows than that; with ``wide_above`` they de-quantize to bfloat16 for steps of more
-    rows than that, and with ``head_dense_above`` an LM head on codes keeps a bfloat16 copy for those."""
+    rows than that, and with ``head_dense_above`` an LM head on codes keeps a bfloat16 copy for those; with
+    ``head_gemv`` an int8 LM head runs its other steps on our kernel."""
     index = _tensor_index(model_dir)
     handles: dict[Path, object] = {}
 
@@ -132,16 +134,22 @@ def load_model(
                 model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
             else:
                 fill(model.lm_head, [head])
-        _take_wide_paths(model, lambda: get(head), wide_above, head_dense_above)
+        _take_wide_paths(model, lambda: get(head), wide_above, head_dense_above, head_gemv)
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
 
 
 def _take_wide_paths(
-    model: LlamaModel, head_weight: Callable[[], torch.Tensor], wide_above: int | None, head_dense_above: int | None
+    model: LlamaModel,
+    head_weight: Callable[[], torch.Tensor],
+    wide_above: int | None,
+    head_dense_above: int | None,
+    head_gemv: bool,
 ) -> None:
     """Int4 layers de-quantize for steps of more than ``wide_above`` rows; an LM head on codes keeps a bfloat16
-    copy for steps of more than ``head_dense_above``."""
+    copy for steps of more than ``head_dense_above``, and an int8 one runs the others on our kernel."""
+    if head_gemv and model.has_lm_head and isinstance(model.lm_head, Int8Linear):
+        model.lm_head.use_gemv()
     if head_dense_above is not None and model.has_lm_head and isinstance(model.lm_head, (Int4Linear, Int8Linear)):
         keep_dense(model.lm_head, head_weight(), head_dense_above, torch.bfloat16)
     if wide_above is not None:

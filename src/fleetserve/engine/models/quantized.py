@@ -13,7 +13,8 @@ These kernels win while a step has few rows (decodes) and lose to a GEMM on many
 batches). A layer given a ``dense`` copy of its weight (``keep_dense``: float32 on CPUs without bfloat16 units,
 bfloat16 for the LM head on CPUs with them) runs steps of more than ``max_rows`` rows on that copy instead; an
 int4 layer with ``wide_rows`` set de-quantizes its codes to bfloat16 for steps of more rows than that
-(``int4_dequant``), which needs no copy.
+(``quantized_kernels``), which needs no copy; an int8 LM head switched to ``use_gemv`` runs its other steps
+on our AVX-512 kernel.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import functools
 import torch
 from torch import nn
 
-from fleetserve.engine.int4_dequant import dequantized_weight_t
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
+from fleetserve.engine.quantized_kernels import dequantized_weight_t, int8_gemv, interleave16
 
 GROUP = 32
 """Columns per scale in the GGUF formats kept as codes."""
@@ -99,13 +100,22 @@ class Int8Linear(nn.Module):
             codes[rows] = torch.round(w / scales[rows].unsqueeze(1)).clamp(-127, 127).to(torch.int8)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales.bfloat16())
+        self.codes16: torch.Tensor | None = None
+        """The codes interleaved for ``int8_gemv`` (``use_gemv``), which then replace ``codes``."""
         self.dense: torch.Tensor | None = None
         self.dense_onednn = False
         self.max_rows = 0
 
+    def use_gemv(self) -> None:
+        """Run the steps that take no dense copy on our int8 kernel (``quantized_kernels.int8_gemv``)."""
+        self.codes16 = interleave16(self.codes)
+        self.codes = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
             return dense_linear(x, self.dense, None, self.dense_onednn)
+        if self.codes16 is not None:
+            return int8_gemv(x, self.codes16, self.scales).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scales).to(x.dtype)
 
 

@@ -1,12 +1,14 @@
-"""Wide int4 steps: our de-quantizing kernel gives exactly the int4 kernel's weight rounded to bfloat16, a layer
-switches to it only above its row count, an LM head on codes runs wide steps on a bfloat16 copy, and an engine
-whose prompt chunks take the wide path computes the logits the int4 kernel does to bfloat16 precision. Built on
-this machine as the engine builds it (a C++ compiler is what compiled decode steps need too)."""
+"""Our kernels for integer codes. Wide int4 steps: the de-quantizing kernel gives exactly the int4 kernel's weight
+rounded to bfloat16, a layer switches to it only above its row count, an LM head on codes runs wide steps on a
+bfloat16 copy, and an engine whose prompt chunks take the wide path computes the logits the int4 kernel does to
+bfloat16 precision. The int8 GEMV computes what the head's codes stand for, in float32. Built on this machine as
+the engine builds it (a C++ compiler is what compiled decode steps need too)."""
 
 import pytest
 import torch
 
-from fleetserve.engine import int4_dequant
+from fleetserve.engine import quantized_kernels
+from fleetserve.engine.cpp_kernel import cpu_flags
 from fleetserve.engine.models.quantized import Int4Linear, Int8Linear, int4_kernels_work, int4_weight, keep_dense
 from fleetserve.engine.weight_format import cpu_has_bf16
 from fleetserve.model_files.catalog import cache_root
@@ -20,8 +22,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def dequant():
-    assert int4_dequant.KERNEL.ensure_loaded(cache_root() / "kernels"), "the int4 de-quantizing kernel did not build"
-    return int4_dequant.dequantized_weight_t
+    assert quantized_kernels.KERNEL.ensure_loaded(cache_root() / "kernels"), "our quantized kernels did not build"
+    return quantized_kernels.dequantized_weight_t
 
 
 def random_layer(n, k, seed, bias=False):
@@ -114,3 +116,34 @@ def _first_logprob(engine, prompt, params):
             if out.logprobs:
                 return out.logprobs[0]
     raise AssertionError("no logprobs came back")
+
+
+needs_avx512 = pytest.mark.skipif(" avx512f" not in cpu_flags(), reason="the int8 GEMV is an AVX-512 kernel")
+
+
+@needs_avx512
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_the_int8_gemv_computes_the_heads_codes_weight_in_float32(dequant, rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(320, 96, generator=g) / 8
+    head = Int8Linear(weight)
+    x = torch.randn(rows, 96, generator=g)
+    exact = (x.double() @ (head.codes.double() * head.scales.double().unsqueeze(1)).t()).float()
+    got = quantized_kernels.int8_gemv(x, quantized_kernels.interleave16(head.codes), head.scales)
+    assert got.shape == (rows, 320) and got.dtype == torch.float32
+    assert torch.allclose(got, exact, rtol=1e-5, atol=1e-5)  # float32 sums of the exact products
+
+
+@needs_avx512
+def test_an_lm_head_on_the_gemv_keeps_its_bfloat16_copy_for_wide_steps(dequant):
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(160, 64, generator=g) / 8
+    head = Int8Linear(weight)
+    keep_dense(head, weight, max_rows=4, dtype=torch.bfloat16)
+    codes, scales = head.codes.clone(), head.scales
+    head.use_gemv()
+    assert head.codes is None and head.codes16.shape == (10, 64, 16)
+    narrow, wide = torch.randn(4, 64, generator=g), torch.randn(5, 64, generator=g)
+    exact = (narrow.double() @ (codes.double() * scales.double().unsqueeze(1)).t()).float()
+    assert torch.allclose(head(narrow), exact, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(head(wide), (wide.bfloat16() @ weight.bfloat16().t()).float(), rtol=1e-2, atol=1e-2)

@@ -1,0 +1,73 @@
+"""Kernels of ours for layers kept as integer codes (``quantized_kernels.cpp``), built by ``cpp_kernel``.
+
+**Wide int4 steps** (``int4_dequant``): PyTorch's CPU int4 kernel reads a quarter of bfloat16's bytes, which is
+what a decode step of a few rows is bound by, but its time grows with the rows: on a 2-core AVX-512 EPYC a
+30-layer step's linears took 24 ms at 16 rows and 682 ms at 512, where bfloat16 GEMMs over the same shapes took
+26 and 290 ms. De-quantizing a layer costs about 0.7 ms (a pass that writes its bfloat16 weight once), so from a
+few dozen rows on a step is faster de-quantized, and it needs no second copy of the weights in memory. Used only
+where the CPU has bfloat16 units (without them a bfloat16 GEMM is slower than float32); where it pays is
+measured at start-up (``weight_format``). The weight is the int4 kernel's own arithmetic, (code - 8) * scale +
+zero in float32, rounded once to bfloat16.
+
+**The int8 LM head's narrow steps** (``int8_gemv``): PyTorch's int8 kernel took 1.5-1.8 ms for one row of a
+49,152 x 576 head, ours 0.5 ms alone and 0.8-1.0 ms less per one-sequence step in place. It reads the codes
+interleaved by 16 output rows, so sixteen outputs accumulate in one AVX-512 register; activations stay float32
+(PyTorch's kernel rounds them to bfloat16). AVX-512 only.
+
+``FLEETSERVE_INT4_DEQUANT=off`` and ``FLEETSERVE_INT8_GEMV=off`` turn each path off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from fleetserve.engine.cpp_kernel import CppKernel, cpu_flags
+
+
+def _dequant_shape(packed, scales_and_zeros, n_out, k_in):
+    return packed.new_empty((k_in, n_out), dtype=torch.bfloat16)
+
+
+def _gemv_shape(x, codes16, scales):
+    return x.new_empty((x.shape[0], codes16.shape[0] * 16), dtype=torch.float32)
+
+
+KERNEL = CppKernel(
+    "quantized",
+    Path(__file__).with_name("quantized_kernels.cpp"),
+    {"int4_dequant": _dequant_shape, "int8_gemv": _gemv_shape},
+    "int4 and int8 layers run PyTorch's kernels at every width",
+)
+
+
+def _on(name: str) -> bool:
+    return os.environ.get(name, "").lower() not in ("off", "0", "false")
+
+
+def wide_steps_available(cache_dir: Path) -> bool:
+    """Whether wide int4 steps can de-quantize here: not turned off, and the kernels built (or found built)."""
+    return _on("FLEETSERVE_INT4_DEQUANT") and KERNEL.ensure_loaded(cache_dir)
+
+
+def int8_gemv_available(cache_dir: Path) -> bool:
+    """Whether an int8 LM head can run its narrow steps on ``int8_gemv``: an AVX-512 CPU, not turned off, built."""
+    return " avx512f" in cpu_flags() and _on("FLEETSERVE_INT8_GEMV") and KERNEL.ensure_loaded(cache_dir)
+
+
+def dequantized_weight_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int, k_in: int) -> torch.Tensor:
+    """The layer's weight, transposed ([K, N]) and in bfloat16."""
+    return torch.ops.fleetserve.int4_dequant(packed, scales_and_zeros, n_out, k_in)
+
+
+def interleave16(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] (N a multiple of 16) as ``int8_gemv`` reads them: [N / 16, K, 16]."""
+    n, k = codes.shape
+    return codes.view(n // 16, 16, k).transpose(1, 2).contiguous()
+
+
+def int8_gemv(x: torch.Tensor, codes16: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times the int8 weight that ``codes16`` (``interleave16``) and per-row ``scales`` stand for."""
+    return torch.ops.fleetserve.int8_gemv(x, codes16, scales)
