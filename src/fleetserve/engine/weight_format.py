@@ -10,8 +10,9 @@
 - float32 elsewhere. float32 is also the form that equals transformers token for token.
 
 int4 on a CPU with bfloat16 units also measures, once per machine, the row counts from which a step is faster
-with its layers de-quantized to bfloat16 (``int4_dequant``) and with a bfloat16 copy of the LM head than on the
-int4 and int8 kernels, and takes those paths above them (``wide_above``, ``head_dense_above``).
+with its layers de-quantized to bfloat16 (``quantized_kernels``) and with a bfloat16 copy of the LM head than on
+the int4 and int8 kernels, and takes those paths above them (``wide_above``, ``head_dense_above``); on AVX-512
+the int8 LM head's other steps run on our GEMV (``head_gemv``).
 
 Activations and the KV cache are float32 for int4 (the layers cast to bfloat16 inside their kernel only).
 """
