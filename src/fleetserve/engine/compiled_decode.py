@@ -102,9 +102,8 @@ class CompiledDecode:
         # shared between buckets), and one bucket is compiled while another one serves.
         code = _decode_step.__code__.replace(co_name=f"decode_step_{bucket}")
         fn = types.FunctionType(code, _decode_step.__globals__, code.co_name)
-        # No guards on the model's modules (their weights and attributes): they never change once loaded (a
-        # runner whose layers or KV change builds a new CompiledDecode), and checking ~300 of them cost 0.7 ms
-        # of a 10 ms step. The step's own inputs (ids, positions, KV tensors, index tensors) keep theirs.
+        # No guards on the model's modules (see the module's doc): a runner whose layers or KV change builds a
+        # new CompiledDecode, so they never change under a graph.
         options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         return torch.compile(fn, backend=self._backend, dynamic=False, options=options)
 
@@ -116,9 +115,8 @@ class CompiledDecode:
         self.compiles += 1
         from torch._inductor import config
 
-        # Without the generated code's checks of each kernel's output sizes and strides (600 a one-sequence step:
-        # 0.35 ms of 10). What they check is the graph's own shape arithmetic, which the compiled-against-eager
-        # tests hold.
+        # Without the generated code's size and stride asserts (see the module's doc): they check the graph's own
+        # shape arithmetic, which the compiled-against-eager tests hold.
         with config.patch(size_asserts=False, alignment_asserts=False, scalar_asserts=False):
             return compile_fx(gm, example_inputs)
 

@@ -75,11 +75,11 @@ class ModelRunner:
             self.dtype,
             self.device,
             mc.lm_head,
-            wf.name,
-            wf.dense_above,
-            wf.wide_above,
-            wf.head_dense_above,
-            wf.head_gemv,
+            weights=wf.name,
+            dense_above=wf.dense_above,
+            wide_above=wf.wide_above,
+            head_dense_above=wf.head_dense_above,
+            head_gemv=wf.head_gemv,
         )
         self.linear_kernel = choose_kernels(self.model)
         self.threads = torch.get_num_threads()

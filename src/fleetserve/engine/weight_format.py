@@ -25,6 +25,7 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,13 +71,13 @@ def choose_weight_format(requested: str, device: torch.device, model_dir: Path, 
         problem = _int4_unavailable(device, model_dir)
         if problem:
             raise InvalidRequestError(f"dtype int4 is not available: {problem}", "dtype")
-        return _wide_steps(WeightFormat("int4", torch.float32, "asked for"), arch)
+        return _kernel_paths(WeightFormat("int4", torch.float32, "asked for"), arch)
     if requested != "auto":
         raise InvalidRequestError(f"dtype must be one of {', '.join(FORMATS)}, got {requested!r}", "dtype")
     if device.type == "cuda":
         return WeightFormat("bfloat16", torch.bfloat16, "auto on CUDA")
     if not _int4_unavailable(device, model_dir):
-        return _wide_steps(_int4_or_float32(measured_linears_ms(arch)), arch)
+        return _kernel_paths(_int4_or_float32(measured_linears_ms(arch)), arch)
     if _checkpoint_dtype(model_dir) in ("bfloat16", "float16") and cpu_has_bf16():
         return WeightFormat("bfloat16", torch.bfloat16, "auto: a 16-bit checkpoint on a CPU with bfloat16 units")
     return WeightFormat("float32", torch.float32, "auto on CPU")
@@ -110,7 +111,7 @@ def _figures(measured: dict[int, tuple[float, float]]) -> str:
     return ", ".join(f"{rows} rows {a:.1f}/{b:.1f} ms" for rows, (a, b) in measured.items())
 
 
-def _wide_steps(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
+def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
     """int4 on an AVX-512 CPU: the LM head's narrow steps on our int8 kernel; with bfloat16 units too, the row
     counts above which its layers de-quantize to bfloat16 and its LM head runs on a bfloat16 copy, where a
     measurement says those beat the int4 and int8 kernels."""
@@ -121,11 +122,12 @@ def _wide_steps(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
         wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on our AVX-512 kernel", head_gemv=True)
     if wf.dense_above is not None or not cpu_has_bf16() or not quantized_kernels.wide_steps_available(kernels):
         return wf
-    layers, head = measured_wide_ms(arch)
+    layers, head = measured_wide_ms(arch, wf.head_gemv)
     wide, head_dense = narrow_wins_up_to(layers), narrow_wins_up_to(head)
+    int8 = "int8 (our kernel)" if wf.head_gemv else "int8"
     reason = (
         f"{wf.reason}; layers de-quantized to bfloat16 above {wide} rows, LM head in bfloat16 above {head_dense}"
-        f" (int4/de-quantized layers: {_figures(layers)}; int8/bfloat16 LM head: {_figures(head)})"
+        f" (int4/de-quantized layers: {_figures(layers)}; {int8}/bfloat16 LM head: {_figures(head)})"
     )
     return dataclasses.replace(wf, reason=reason, wide_above=wide, head_dense_above=head_dense)
 
@@ -197,17 +199,22 @@ def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
     return {int(rows): tuple(ms) for rows, ms in known.items()}
 
 
-def measured_wide_ms(arch: ModelArch) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
+def measured_wide_ms(
+    arch: ModelArch, head_gemv: bool
+) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
     """Per row count of WIDE_ROWS, (int4 kernel, de-quantized to bfloat16) milliseconds of a step's linears, and
-    (int8, bfloat16 copy) milliseconds of its LM head; measured once per machine like ``measured_linears_ms``."""
+    (int8, bfloat16 copy) milliseconds of its LM head, the int8 one on our GEMV with ``head_gemv`` (as it will
+    run); measured once per machine like ``measured_linears_ms``."""
     shapes = _layer_shapes(arch)
     head = (arch.vocab_size, arch.hidden_size)
-    key = "|".join(["wide", *_machine_key(shapes, WIDE_ROWS), f"head {head[0]}x{head[1]}"])
-    known = _remembered(key, lambda: _measure_wide(shapes, head))
+    key = "|".join(
+        ["wide", *_machine_key(shapes, WIDE_ROWS), f"head {head[0]}x{head[1]}{' gemv' if head_gemv else ''}"]
+    )
+    known = _remembered(key, lambda: _measure_wide(shapes, head, head_gemv))
     return tuple({int(rows): tuple(ms) for rows, ms in known[part].items()} for part in ("layers", "head"))
 
 
-def _remembered(key: str, measure) -> dict:
+def _remembered(key: str, measure: Callable[[], dict]) -> dict:
     """The measurement kept under ``key`` in the cache folder, or ``measure()``'s, kept there for next time."""
     path = cache_root() / "weight-format-measurements.json"
     try:
@@ -247,16 +254,19 @@ def _int4_layers(shapes: list[tuple[int, int]], layers: int, g: torch.Generator)
     return [Int4Linear(*c, None) for _ in range(layers) for c in codes]
 
 
-def _best_ms(step, calls: list[tuple[torch.Tensor, int]]) -> float:
-    """The quickest of two timed passes of ``step(x, i)`` over ``calls``, after one that warms up."""
-    best = math.inf
-    for attempt in range(3):
-        started = time.perf_counter()
-        for x, i in calls:
-            step(x, i)
-        if attempt:
-            best = min(best, time.perf_counter() - started)
-    return best * 1e3
+def _best_ms(steps: list[Callable], calls: list[tuple[torch.Tensor, int]], timed: int = 3) -> list[float]:
+    """Per step, the quickest of ``timed`` passes of ``step(x, i)`` over ``calls``, after one that warms up. The
+    steps take turns pass by pass, so a burst of another process's work slows both sides of a comparison alike
+    (one-sided bursts had flipped a decision that is kept for good)."""
+    best = [math.inf] * len(steps)
+    for attempt in range(timed + 1):
+        for j, step in enumerate(steps):
+            started = time.perf_counter()
+            for x, i in calls:
+                step(x, i)
+            if attempt:
+                best[j] = min(best[j], time.perf_counter() - started)
+    return [b * 1e3 for b in best]
 
 
 def _layer_calls(shapes: list[tuple[int, int]], layers: int, rows: int, g: torch.Generator) -> list:
@@ -293,18 +303,23 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     result = {}
     for rows in MEASURED_ROWS:
         calls = _layer_calls(shapes, layers, rows, g)
-        result[rows] = (_best_ms(int4_step, calls), _best_ms(float_step, calls))
+        result[rows] = tuple(_best_ms([int4_step, float_step], calls))
     return result
 
 
 @torch.inference_mode()
-def _measure_wide(shapes: list[tuple[int, int]], head: tuple[int, int]) -> dict[str, dict[int, tuple[float, float]]]:
-    """WIDE_ROWS steps: int4 layers on their kernel and de-quantized; an LM head on int8 and on a bfloat16 copy."""
+def _measure_wide(
+    shapes: list[tuple[int, int]], head: tuple[int, int], head_gemv: bool
+) -> dict[str, dict[int, tuple[float, float]]]:
+    """WIDE_ROWS steps: int4 layers on their kernel and de-quantized; an LM head on int8 (our GEMV with
+    ``head_gemv``) and on a bfloat16 copy."""
     g = torch.Generator().manual_seed(0)
     layers = _layer_count(shapes)
     int4_layers = _int4_layers(shapes, layers, g)
     int8_head = Int8Linear(torch.randn(*head, generator=g) / 32)
     bf16_head = int8_head.codes.to(torch.bfloat16)
+    if head_gemv:
+        int8_head.use_gemv()
 
     def int4_step(x: torch.Tensor, i: int, wide: int | None) -> torch.Tensor:
         int4_layers[i].wide_rows = wide
@@ -313,11 +328,10 @@ def _measure_wide(shapes: list[tuple[int, int]], head: tuple[int, int]) -> dict[
     out: dict[str, dict[int, tuple[float, float]]] = {"layers": {}, "head": {}}
     for rows in WIDE_ROWS:
         calls = _layer_calls(shapes, layers, rows, g)
-        narrow = _best_ms(lambda x, i: int4_step(x, i, None), calls)
-        out["layers"][rows] = (narrow, _best_ms(lambda x, i: int4_step(x, i, 0), calls))
-        x = [(torch.randn(rows, head[1], generator=g), 0)]
-        out["head"][rows] = (
-            _best_ms(lambda x, i: int8_head(x), x),
-            _best_ms(lambda x, i: dense_linear(x, bf16_head, None, onednn_linear_works()), x),
+        out["layers"][rows] = tuple(
+            _best_ms([lambda x, i: int4_step(x, i, None), lambda x, i: int4_step(x, i, 0)], calls)
         )
+        x = [(torch.randn(rows, head[1], generator=g), 0)]
+        bf16 = lambda x, i: dense_linear(x, bf16_head, None, onednn_linear_works())  # noqa: E731
+        out["head"][rows] = tuple(_best_ms([lambda x, i: int8_head(x), bf16], x))
     return out

@@ -134,12 +134,12 @@ def load_model(
                 model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
             else:
                 fill(model.lm_head, [head])
-        _take_wide_paths(model, lambda: get(head), wide_above, head_dense_above, head_gemv)
+        _take_kernel_paths(model, lambda: get(head), wide_above, head_dense_above, head_gemv)
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
 
 
-def _take_wide_paths(
+def _take_kernel_paths(
     model: LlamaModel,
     head_weight: Callable[[], torch.Tensor],
     wide_above: int | None,
