@@ -1,7 +1,9 @@
 """Our kernels for integer codes. Wide int4 steps: the de-quantizing kernel gives exactly the int4 kernel's weight
 rounded to bfloat16, a layer switches to it only above its row count, an LM head on codes runs wide steps on a
 bfloat16 copy, and an engine whose prompt chunks take the wide path computes the logits the int4 kernel does to
-bfloat16 precision. The int8 GEMV computes what the head's codes stand for, in float32. Built on this machine as
+bfloat16 precision. The int8 GEMV computes what the head's codes stand for, in float32. The int8 dot-product
+kernel computes int8-quantized activations times the codes (checked against float64), a layer takes it only
+between its row counts, and an engine on it gives the int4 kernel's logits to int8-activation precision. Built on this machine as
 the engine builds it (a C++ compiler is what compiled decode steps need too)."""
 
 import pytest
@@ -93,20 +95,26 @@ def test_an_engine_prefills_wide_to_the_int4_kernels_logits(dequant):
         return LLMEngine(config, progress=False)
 
     wide, narrow = engine(), engine()
-    assert wide.runner.weight_format.wide_above is not None, wide.runner.weight_format.reason
-    for module in narrow.runner.model.modules():
-        if isinstance(module, Int4Linear):
-            module.wide_rows = None
-        if isinstance(module, Int8Linear):
-            module.dense = None
+    for module in wide.runner.model.modules():
+        if isinstance(module, Int4Linear):  # wide whatever this machine chose
+            module.wide_rows, module.vnni_rows = 16, None
+    _int4_kernel_only(narrow)
     prompt = list(range(1000, 1120))  # one step of 120 rows
-    assert wide.runner.weight_format.wide_above < len(prompt)
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
     w, n = (_first_logprob(e, prompt, params) for e in (wide, narrow))
     assert w.token_id == n.token_id
     # both round to bfloat16 in different places (benchmarks/quality.py: the wide path's perplexity is as close to
     # float32's as the int4 kernel's); a wrong layout or scale would move these by whole units
     assert max(abs(a[1] - b[1]) for a, b in zip(w.top, n.top, strict=True)) < 0.3
+
+
+def _int4_kernel_only(engine):
+    """Every int4 layer on PyTorch's int4 kernel and the LM head on its codes, at every width."""
+    for module in engine.runner.model.modules():
+        if isinstance(module, Int4Linear):
+            module.wide_rows = module.vnni_rows = None
+        if isinstance(module, Int8Linear):
+            module.dense = None
 
 
 def _first_logprob(engine, prompt, params):
@@ -147,3 +155,86 @@ def test_an_lm_head_on_the_gemv_keeps_its_bfloat16_copy_for_wide_steps(dequant):
     exact = (narrow.double() @ (codes.double() * scales.double().unsqueeze(1)).t()).float()
     assert torch.allclose(head(narrow), exact, rtol=1e-5, atol=1e-5)
     assert torch.allclose(head(wide), (wide.bfloat16() @ weight.bfloat16().t()).float(), rtol=1e-2, atol=1e-2)
+
+
+needs_vnni = pytest.mark.skipif(
+    not quantized_kernels.int4_vnni_available(cache_root() / "kernels"),
+    reason="the int8 dot-product kernel needs AVX-512 VNNI and VBMI",
+)
+
+
+def vnni_reference(x, layer):
+    """What int4_vnni_mm computes, in float64: each row's activations quantized to int8 per group of 32 as the
+    kernel does (float32 arithmetic, rounded to nearest even), times the codes' exact integers, scaled; the group's
+    zero term on the sum of its quantized activations."""
+    m, k = x.shape
+    xf = x.float().view(m, k // 32, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    xq = (xf * inv).round().clamp(-127, 127).double()
+    a = (amax / 127).double()
+    scales, zeros = layer.scales_and_zeros[..., 0].double(), layer.scales_and_zeros[..., 1].double()  # [K / 32, N]
+    codes = _codes(layer).double().view(layer.out_features, k // 32, 32)  # [N, K / 32, 32]
+    dots = torch.einsum("mgj,ngj->mgn", xq, codes)  # exact integers
+    zero_term = (a * xq.sum(-1, keepdim=True)) * (zeros - 8 * scales).unsqueeze(0)
+    return (a * dots * scales.unsqueeze(0) + zero_term).sum(1)
+
+
+def _codes(layer):
+    """The layer's 4-bit codes [N, K] back from the int4 kernel's packing (see quantized_kernels.cpp)."""
+    n, k = layer.out_features, layer.in_features
+    packed = layer.packed.view(n // 64, k, 32)
+    low, high = packed & 15, packed >> 4
+    return torch.cat((low, high), -1).permute(0, 2, 1).reshape(n, k)
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(64, 32), (128, 96), (960, 576)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+def test_the_vnni_kernel_computes_int8_activations_times_the_codes(dequant, shape, rows):
+    n, k = shape
+    layer, codes, g = random_layer(n, k, seed=rows * 7 + n)
+    assert torch.equal(_codes(layer), codes)
+    x = torch.randn(rows, k, generator=g)
+    x[0, :32] = 0  # a group of zeros has no scale to divide by
+    for xs in (x, x.bfloat16()):
+        got = quantized_kernels.int4_vnni_mm(xs, layer.packed, layer.scales_and_zeros, n)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        expected = vnni_reference(xs, layer)
+        assert torch.allclose(got.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+@needs_vnni
+def test_a_layer_runs_the_vnni_kernel_only_above_its_row_count(dequant):
+    layer, _, g = random_layer(128, 96, seed=21, bias=True)
+    kernel_only, _, _ = random_layer(128, 96, seed=21, bias=True)
+    layer.vnni_rows, layer.wide_rows = 2, 40
+    for rows in (1, 2, 3, 40, 41):
+        x = torch.randn(rows, 96, generator=g)
+        got = layer(x)
+        if rows <= 2:
+            assert torch.equal(got, kernel_only(x))
+        elif rows <= 40:
+            expected = quantized_kernels.int4_vnni_mm(x, layer.packed, layer.scales_and_zeros, 128) + layer.bias
+            assert torch.equal(got, expected)
+        else:
+            assert not torch.equal(got, quantized_kernels.int4_vnni_mm(x, layer.packed, layer.scales_and_zeros, 128))
+        assert (got - kernel_only(x)).abs().max() < 0.03 * kernel_only(x).abs().max()
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [8, 96])
+def test_an_engine_on_the_vnni_kernel_scores_text_as_the_int4_kernel_does(make_engine, tokenizer, dequant, rows):
+    from fleetserve.bench.quality import DEFAULT_TEXT, negative_log_likelihood
+
+    vnni, kernel = make_engine(dtype="int4", budget=rows), make_engine(dtype="int4", budget=rows)
+    for module in vnni.runner.model.modules():
+        if isinstance(module, Int4Linear):
+            module.wide_rows, module.vnni_rows = None, 0
+    _int4_kernel_only(kernel)
+    ids = tokenizer.encode(DEFAULT_TEXT.read_text(encoding="utf-8"))[:96]  # prompt chunks of ``rows`` rows
+    (nll_v, n_v), (nll_k, n_k) = (negative_log_likelihood(e, ids, 96) for e in (vnni, kernel))
+    assert n_v == n_k == 95
+    # int8 activations against the int4 kernel's bfloat16 ones: within 1% of its perplexity (benchmarks/quality.py
+    # measures both on the whole text); a wrong layout or scale would cost whole nats
+    assert abs(nll_v / n_v - nll_k / n_k) < 0.01

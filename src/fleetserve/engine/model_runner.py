@@ -80,6 +80,7 @@ class ModelRunner:
             wide_above=wf.wide_above,
             head_dense_above=wf.head_dense_above,
             head_gemv=wf.head_gemv,
+            vnni_above=wf.vnni_above,
         )
         self.linear_kernel = choose_kernels(self.model)
         self.threads = torch.get_num_threads()

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -62,22 +63,45 @@ void dequant_row(const uint8_t* packed, const uint16_t* sz, uint16_t* out, int64
   }
 }
 
-at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t n_out,
-                        int64_t k_in) {
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
-  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous(),
-              "scales_and_zeros must be contiguous bfloat16");
+void check_int4(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t n_out, int64_t k_in) {
   TORCH_CHECK(n_out % 64 == 0 && k_in % 32 == 0, "N must be a multiple of 64 and K of 32");
-  TORCH_CHECK(packed.numel() == n_out * k_in / 2, "packed holds ", packed.numel(), " bytes, not N * K / 2");
-  TORCH_CHECK(scales_and_zeros.numel() == (k_in / 32) * n_out * 2, "scales_and_zeros must be [K / 32, N, 2]");
-  at::Tensor out = at::empty({k_in, n_out}, packed.options().dtype(at::kBFloat16));
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == n_out * k_in / 2,
+              "packed must be the int4 kernel's contiguous uint8 codes of an [N, K] weight");
+  TORCH_CHECK(scales_and_zeros.scalar_type() == at::kBFloat16 && scales_and_zeros.is_contiguous() &&
+                  scales_and_zeros.numel() == (k_in / 32) * n_out * 2,
+              "scales_and_zeros must be contiguous bfloat16 [K / 32, N, 2]");
+}
+
+void dequant_into(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t n_out, int64_t k_in,
+                  uint16_t* out) {
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   at::parallel_for(0, k_in, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) dequant_row(p, sz, o, k, n_out, k_in);
+    for (int64_t k = begin; k < end; ++k) dequant_row(p, sz, out, k, n_out, k_in);
   });
+}
+
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t n_out,
+                        int64_t k_in) {
+  check_int4(packed, scales_and_zeros, n_out, k_in);
+  at::Tensor out = at::empty({k_in, n_out}, packed.options().dtype(at::kBFloat16));
+  dequant_into(packed, scales_and_zeros, n_out, k_in, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   return out;
+}
+
+// x [M, K] (cast to bfloat16) times the de-quantized weight, which lives in a buffer the calling thread keeps:
+// a fresh allocation of a layer's size each call came back from the system as new pages (the allocator returns
+// large freed blocks to it), and faulting them in cost as much as the GEMM.
+at::Tensor int4_dequant_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                           int64_t n_out) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t k_in = x.size(1);
+  check_int4(packed, scales_and_zeros, n_out, k_in);
+  thread_local std::vector<uint16_t> weight;
+  if (weight.size() < static_cast<size_t>(k_in * n_out)) weight.resize(k_in * n_out);
+  dequant_into(packed, scales_and_zeros, n_out, k_in, weight.data());
+  at::Tensor w_t = at::from_blob(weight.data(), {k_in, n_out}, x.options().dtype(at::kBFloat16));
+  return at::mm(x.to(at::kBFloat16), w_t);
 }
 
 #ifdef __AVX512F__
@@ -128,14 +152,145 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes16, const at::T
   return y;
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// int4_vnni_mm: a few to a few dozen rows against an int4 layer in the int4 kernel's own packing, with integer
+// dot products: each row's activations are quantized to int8 per group of 32 (one float scale per group, as
+// the group's weights have), so a group's dot product is exact in int32 (vpdpbusd: unsigned 4-bit codes times
+// signed 8-bit activations, four products a lane) and one multiply by both scales makes it float. The group's
+// zero term needs no integer work: zero' = zero - 8 * scale multiplies the exact float sum of the group's
+// activations. Every weight register serves all the rows.
+
+inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
+inline __m512 load16(const uint16_t* v) {  // bfloat16 to float32: the bits moved to the high half
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
+}
+
+// Per row and group of 32: int8 codes, their scale, and the sum of the values the codes stand for. The zero term
+// takes that sum, not the exact one, so that each activation's rounding error meets the weight it has (code * scale
+// + zero') rather than the codes' offset (code * scale, codes 0..15): with the exact sum the error was 14 times
+// bfloat16's on the model's layers, with this one it is what int8 rounding gives.
+template <typename T>
+void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* scale, float* sum) {
+  const int64_t groups = k / 32;
+  for (int64_t i = 0; i < m * groups; ++i) {
+    const __m512 v0 = load16(x + i * 32), v1 = load16(x + i * 32 + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    scale[i] = amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    sum[i] = scale[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+  }
+}
+
+// R rows' int32 dot products with one group's 16 outputs (w: 8 registers of 4 columns each), folded into
+// their float sums y (row stride n).
+template <int R>
+inline void vnni_rows(const __m512i* w, const int8_t* xq, int64_t k, const float* a, const float* xs,
+                      int64_t groups, __m512 s, __m512 zero, float* y, int64_t n) {
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (int c = 0; c < 8; ++c) {
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * k + c * 4, sizeof(four));
+      acc[r] = _mm512_dpbusd_epi32(acc[r], w[c], _mm512_set1_epi32(four));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 prior = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs[r * groups]), _mm512_loadu_ps(y + r * n));
+    const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(a[r * groups]));
+    _mm512_storeu_ps(y + r * n, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), scale, prior));
+  }
+}
+
+// The 16 outputs u * 16 .. u * 16 + 15 (a quarter of a packed block of 64) for every row.
+void vnni_outputs(const uint8_t* packed, const uint16_t* sz, const int8_t* xq, const float* a, const float* xs,
+                  float* y, int64_t u, int64_t m, int64_t n, int64_t k) {
+  const int64_t block = u / 4, quarter = u % 4, groups = k / 32, n0 = u * 16;
+  const bool high = quarter >= 2;  // outputs 32..63 of a block sit in the high nibbles
+  alignas(64) uint8_t order[64];
+  for (int o = 0; o < 16; ++o) {
+    for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + (quarter % 2) * 16 + o);
+  }
+  const __m512i idx = _mm512_load_si512(order), nibble = _mm512_set1_epi8(15);
+  const __m512i hi_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  for (int64_t r = 0; r < m; ++r) std::memset(y + r * n + n0, 0, 16 * sizeof(float));
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* src = packed + (block * k + g * 32) * 32;
+    __m512i w[8];
+    for (int c = 0; c < 8; ++c) {  // columns 4c..4c+3: 128 bytes, 64 outputs' codes each
+      const __m512i z0 = _mm512_loadu_si512(src + c * 128), z1 = _mm512_loadu_si512(src + c * 128 + 64);
+      __m512i four = _mm512_permutex2var_epi8(z0, idx, z1);
+      if (high) four = _mm512_srli_epi16(four, 4);
+      w[c] = _mm512_and_si512(four, nibble);
+    }
+    // scale and zero of each of the 16 outputs: bfloat16 pairs, one per 32-bit lane
+    const __m512i pairs = _mm512_loadu_si512(sz + (g * n + n0) * 2);
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    const __m512 zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
+    int64_t r = 0;
+    for (; r + 8 <= m; r += 8)
+      vnni_rows<8>(w, xq + r * k + g * 32, k, a + r * groups + g, xs + r * groups + g, groups, s, zero, y + r * n + n0, n);
+    switch (m - r) {
+#define FLEETSERVE_ROWS(R) \
+  case R: vnni_rows<R>(w, xq + r * k + g * 32, k, a + r * groups + g, xs + r * groups + g, groups, s, zero, y + r * n + n0, n); break;
+      FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
+      FLEETSERVE_ROWS(5) FLEETSERVE_ROWS(6) FLEETSERVE_ROWS(7)
+#undef FLEETSERVE_ROWS
+      default: break;
+    }
+  }
+}
+#endif
+
+at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                        int64_t n_out) {
+  TORCH_CHECK(x.dim() == 2, "x must be [M, K]");
+  const int64_t m = x.size(0), k = x.size(1);
+  check_int4(packed, scales_and_zeros, n_out, k);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({m, n_out}, xc.options().dtype(at::kFloat));
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  // one scratch allocation: int8 activations [M, K], then float scales and sums [M, K / 32] each
+  const int64_t groups = k / 32;
+  at::Tensor scratch = at::empty({m * k + 8 * m * groups}, xc.options().dtype(at::kChar));
+  int8_t* xq = scratch.data_ptr<int8_t>();
+  float* a = reinterpret_cast<float*>(xq + m * k);
+  float* xs = a + m * groups;
+  if (xc.scalar_type() == at::kFloat) {
+    quantize_activations(xc.data_ptr<float>(), m, k, xq, a, xs);
+  } else {
+    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, xq, a, xs);
+  }
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n_out / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k);
+  });
+#else
+  TORCH_CHECK(false, "int4_vnni_mm was built without AVX-512 VNNI and VBMI");
+#endif
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fleetserve, m) {
   m.def("int4_dequant(Tensor packed, Tensor scales_and_zeros, int n_out, int k_in) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor codes16, Tensor scales) -> Tensor");
+  m.def("int4_dequant_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int n_out) -> Tensor");
+  m.def("int4_vnni_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int n_out) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fleetserve, CPU, m) {
   m.impl("int4_dequant", &int4_dequant);
   m.impl("int8_gemv", &int8_gemv);
+  m.impl("int4_dequant_mm", &int4_dequant_mm);
+  m.impl("int4_vnni_mm", &int4_vnni_mm);
 }

@@ -35,10 +35,23 @@ def _gemv_shape(x, codes16, scales):
     return x.new_empty((x.shape[0], codes16.shape[0] * 16), dtype=torch.float32)
 
 
+def _vnni_shape(x, packed, scales_and_zeros, n_out):
+    return x.new_empty((x.shape[0], n_out), dtype=torch.float32)
+
+
+def _dequant_mm_shape(x, packed, scales_and_zeros, n_out):
+    return x.new_empty((x.shape[0], n_out), dtype=torch.bfloat16)
+
+
 KERNEL = CppKernel(
     "quantized",
     Path(__file__).with_name("quantized_kernels.cpp"),
-    {"int4_dequant": _dequant_shape, "int8_gemv": _gemv_shape},
+    {
+        "int4_dequant": _dequant_shape,
+        "int4_dequant_mm": _dequant_mm_shape,
+        "int8_gemv": _gemv_shape,
+        "int4_vnni_mm": _vnni_shape,
+    },
     "int4 and int8 layers run PyTorch's kernels at every width",
 )
 
@@ -55,6 +68,24 @@ def wide_steps_available(cache_dir: Path) -> bool:
 def int8_gemv_available(cache_dir: Path) -> bool:
     """Whether an int8 LM head can run its narrow steps on ``int8_gemv``: an AVX-512 CPU, not turned off, built."""
     return " avx512f" in cpu_flags() and _on("FLEETSERVE_INT8_GEMV") and KERNEL.ensure_loaded(cache_dir)
+
+
+def int4_vnni_available(cache_dir: Path) -> bool:
+    """Whether int4 layers can run on ``int4_vnni_mm``: a CPU with AVX-512 VNNI and VBMI, not turned off, built."""
+    flags = cpu_flags()
+    wanted = " avx512_vnni" in flags and " avx512vbmi" in flags and _on("FLEETSERVE_INT4_VNNI")
+    return wanted and KERNEL.ensure_loaded(cache_dir)
+
+
+def int4_vnni_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16) times an int4 layer in the int4 kernel's packing, on integer dot products
+    (float32 result)."""
+    return torch.ops.fleetserve.int4_vnni_mm(x, packed, scales_and_zeros, n_out)
+
+
+def int4_dequant_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int) -> torch.Tensor:
+    """x [M, K] times an int4 layer de-quantized to bfloat16 (into a buffer the thread keeps), bfloat16 result."""
+    return torch.ops.fleetserve.int4_dequant_mm(x, packed, scales_and_zeros, n_out)
 
 
 def dequantized_weight_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int, k_in: int) -> torch.Tensor:

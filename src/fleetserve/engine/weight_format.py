@@ -12,7 +12,9 @@
 int4 on a CPU with bfloat16 units also measures, once per machine, the row counts from which a step is faster
 with its layers de-quantized to bfloat16 (``quantized_kernels``) and with a bfloat16 copy of the LM head than on
 the int4 and int8 kernels, and takes those paths above them (``wide_above``, ``head_dense_above``); on AVX-512
-the int8 LM head's other steps run on our GEMV (``head_gemv``).
+the int8 LM head's other steps run on our GEMV (``head_gemv``). Where the CPU has AVX-512 VNNI and VBMI it also
+measures from which row count the layers run faster on our int8 dot-product kernel than on the int4 kernel
+(``vnni_above``); the wide paths are then measured against that.
 
 Activations and the KV cache are float32 for int4 (the layers cast to bfloat16 inside their kernel only).
 """
@@ -62,6 +64,9 @@ class WeightFormat:
     """int4 only: steps of more rows than this run the LM head on a bfloat16 copy (None: never)."""
     head_gemv: bool = False
     """int4 only: the int8 LM head's other steps run on our AVX-512 kernel (``quantized_kernels.int8_gemv``)."""
+    vnni_above: int | None = None
+    """int4 only: steps of more rows than this (up to ``wide_above``) run the layers on our integer dot-product
+    kernel (``quantized_kernels.int4_vnni_mm``; None: never)."""
 
 
 def choose_weight_format(requested: str, device: torch.device, model_dir: Path, arch: ModelArch) -> WeightFormat:
@@ -112,22 +117,31 @@ def _figures(measured: dict[int, tuple[float, float]]) -> str:
 
 
 def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
-    """int4 on an AVX-512 CPU: the LM head's narrow steps on our int8 kernel; with bfloat16 units too, the row
-    counts above which its layers de-quantize to bfloat16 and its LM head runs on a bfloat16 copy, where a
-    measurement says those beat the int4 and int8 kernels."""
+    """int4 on an AVX-512 CPU: the LM head's narrow steps on our int8 kernel; with VNNI and VBMI, the row count
+    above which the layers run on our integer dot-product kernel; with bfloat16 units too, the row counts above
+    which the layers de-quantize to bfloat16 and the LM head runs on a bfloat16 copy; each where a measurement
+    says it beats the path below it."""
     if wf.name != "int4":
         return wf
     kernels = cache_root() / "kernels"
     if quantized_kernels.int8_gemv_available(kernels):
         wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on our AVX-512 kernel", head_gemv=True)
+    if quantized_kernels.int4_vnni_available(kernels):
+        measured = measured_vnni_ms(arch)
+        vnni = narrow_wins_up_to(measured)
+        if vnni is not None:
+            reason = (
+                f"{wf.reason}; layers on int8 dot products above {vnni} rows (int4 kernel/ours: {_figures(measured)})"
+            )
+            wf = dataclasses.replace(wf, reason=reason, vnni_above=vnni)
     if wf.dense_above is not None or not cpu_has_bf16() or not quantized_kernels.wide_steps_available(kernels):
         return wf
-    layers, head = measured_wide_ms(arch, wf.head_gemv)
+    layers, head = measured_wide_ms(arch, wf.head_gemv, wf.vnni_above)
     wide, head_dense = narrow_wins_up_to(layers), narrow_wins_up_to(head)
     int8 = "int8 (our kernel)" if wf.head_gemv else "int8"
     reason = (
         f"{wf.reason}; layers de-quantized to bfloat16 above {wide} rows, LM head in bfloat16 above {head_dense}"
-        f" (int4/de-quantized layers: {_figures(layers)}; {int8}/bfloat16 LM head: {_figures(head)})"
+        f" (narrow/de-quantized layers: {_figures(layers)}; {int8}/bfloat16 LM head: {_figures(head)})"
     )
     return dataclasses.replace(wf, reason=reason, wide_above=wide, head_dense_above=head_dense)
 
@@ -172,6 +186,9 @@ MEASURED_ROWS = (1, 4, 16, 64)
 WIDE_ROWS = (4, 16, 64, 256)
 """Rows of the steps measured for the wide paths: a decode batch to a prompt chunk."""
 
+VNNI_ROWS = (1, 2, 4, 8, 16)
+"""Rows of the steps measured for the int8 dot-product kernel against the int4 kernel."""
+
 
 def _layer_shapes(arch: ModelArch) -> list[tuple[int, int]]:
     """(out, in) of a decoder layer's four linears (q/k/v and gate/up fused)."""
@@ -199,18 +216,32 @@ def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
     return {int(rows): tuple(ms) for rows, ms in known.items()}
 
 
+def measured_vnni_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
+    """Per row count of VNNI_ROWS, (int4 kernel, int8 dot products) milliseconds of a step's linears; measured
+    once per machine like ``measured_linears_ms``."""
+    shapes = _layer_shapes(arch)
+    known = _remembered("|".join(["vnni", *_machine_key(shapes, VNNI_ROWS)]), lambda: _measure_vnni(shapes))
+    return {int(rows): tuple(ms) for rows, ms in known.items()}
+
+
 def measured_wide_ms(
-    arch: ModelArch, head_gemv: bool
+    arch: ModelArch, head_gemv: bool, vnni_above: int | None = None
 ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
-    """Per row count of WIDE_ROWS, (int4 kernel, de-quantized to bfloat16) milliseconds of a step's linears, and
-    (int8, bfloat16 copy) milliseconds of its LM head, the int8 one on our GEMV with ``head_gemv`` (as it will
-    run); measured once per machine like ``measured_linears_ms``."""
+    """Per row count of WIDE_ROWS, (narrow path, de-quantized to bfloat16) milliseconds of a step's linears, the
+    narrow path the int4 kernel or, above ``vnni_above`` rows, our int8 dot products; and (int8, bfloat16 copy)
+    milliseconds of its LM head, the int8 one on our GEMV with ``head_gemv``: each side as it will run. Measured
+    once per machine like ``measured_linears_ms``."""
     shapes = _layer_shapes(arch)
     head = (arch.vocab_size, arch.hidden_size)
     key = "|".join(
-        ["wide", *_machine_key(shapes, WIDE_ROWS), f"head {head[0]}x{head[1]}{' gemv' if head_gemv else ''}"]
+        [
+            "wide",
+            *_machine_key(shapes, WIDE_ROWS),
+            f"head {head[0]}x{head[1]}{' gemv' if head_gemv else ''}",
+            f"vnni above {vnni_above}",
+        ]
     )
-    known = _remembered(key, lambda: _measure_wide(shapes, head, head_gemv))
+    known = _remembered(key, lambda: _measure_wide(shapes, head, head_gemv, vnni_above))
     return tuple({int(rows): tuple(ms) for rows, ms in known[part].items()} for part in ("layers", "head"))
 
 
@@ -308,14 +339,30 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
 
 
 @torch.inference_mode()
+def _measure_vnni(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+    g = torch.Generator().manual_seed(0)
+    int4_layers = _int4_layers(shapes, _layer_count(shapes), g)
+
+    def step(x: torch.Tensor, i: int, vnni: int | None) -> torch.Tensor:
+        int4_layers[i].vnni_rows = vnni
+        return int4_layers[i](x)
+
+    calls = {rows: _layer_calls(shapes, len(int4_layers) // len(shapes), rows, g) for rows in VNNI_ROWS}
+    sides = [lambda x, i: step(x, i, None), lambda x, i: step(x, i, 0)]
+    return {rows: tuple(_best_ms(sides, calls[rows])) for rows in VNNI_ROWS}
+
+
+@torch.inference_mode()
 def _measure_wide(
-    shapes: list[tuple[int, int]], head: tuple[int, int], head_gemv: bool
+    shapes: list[tuple[int, int]], head: tuple[int, int], head_gemv: bool, vnni_above: int | None
 ) -> dict[str, dict[int, tuple[float, float]]]:
-    """WIDE_ROWS steps: int4 layers on their kernel and de-quantized; an LM head on int8 (our GEMV with
+    """WIDE_ROWS steps: int4 layers on their narrow path and de-quantized; an LM head on int8 (our GEMV with
     ``head_gemv``) and on a bfloat16 copy."""
     g = torch.Generator().manual_seed(0)
     layers = _layer_count(shapes)
     int4_layers = _int4_layers(shapes, layers, g)
+    for layer in int4_layers:
+        layer.vnni_rows = vnni_above
     int8_head = Int8Linear(torch.randn(*head, generator=g) / 32)
     bf16_head = int8_head.codes.to(torch.bfloat16)
     if head_gemv:

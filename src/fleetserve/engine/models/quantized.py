@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
-from fleetserve.engine.quantized_kernels import dequantized_weight_t, int8_gemv, interleave16
+from fleetserve.engine.quantized_kernels import int4_dequant_mm, int4_vnni_mm, int8_gemv, interleave16
 
 GROUP = 32
 """Columns per scale in the GGUF formats kept as codes."""
@@ -59,13 +59,16 @@ class Int4Linear(nn.Module):
         self.max_rows = 0
         self.wide_rows: int | None = None
         """Steps of more rows than this de-quantize the codes to bfloat16 and run one GEMM (None: never)."""
+        self.vnni_rows: int | None = None
+        """Steps of more rows than this (and no more than ``wide_rows``) run on our int8 dot-product kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
             return dense_linear(x, self.dense, self.bias, self.dense_onednn)
         if self.wide_rows is not None and x.shape[0] > self.wide_rows:
-            w_t = dequantized_weight_t(self.packed, self.scales_and_zeros, self.out_features, self.in_features)
-            y = torch.mm(x.bfloat16(), w_t)
+            y = int4_dequant_mm(x, self.packed, self.scales_and_zeros, self.out_features)
+        elif self.vnni_rows is not None and x.shape[0] > self.vnni_rows:
+            y = int4_vnni_mm(x, self.packed, self.scales_and_zeros, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, GROUP, self.scales_and_zeros)
         y = y.to(x.dtype)
