@@ -7,14 +7,22 @@ what a decode step of a few rows is bound by, but its time grows with the rows: 
 few dozen rows on a step is faster de-quantized, and it needs no second copy of the weights in memory. Used only
 where the CPU has bfloat16 units (without them a bfloat16 GEMM is slower than float32); where it pays is
 measured at start-up (``weight_format``). The weight is the int4 kernel's own arithmetic, (code - 8) * scale +
-zero in float32, rounded once to bfloat16.
+zero in float32, rounded once to bfloat16. ``int4_dequant_mm`` de-quantizes into a buffer the calling thread
+keeps, so a step does not fault in a layer's worth of fresh pages.
+
+**int4 layers on int8 dot products** (``int4_vnni_mm``, AVX-512 VNNI and VBMI): each row's activations are
+quantized to int8 per group of 32, so a group's dot product with the unsigned 4-bit codes is exact in int32
+(``vpdpbusd``) and one multiply by both scales makes it float. Its time grows far more slowly with the rows than
+the int4 kernel's (30 layers' linears: 8.2 against 14.8 ms at 16 rows, 110 against 217 ms at 256) and it
+reads the int4 kernel's packing, so no second copy. Perplexity 1.0010 x float32's on the held-out text.
 
 **The int8 LM head's narrow steps** (``int8_gemv``): PyTorch's int8 kernel took 1.5-1.8 ms for one row of a
 49,152 x 576 head, ours 0.5 ms alone and 0.8-1.0 ms less per one-sequence step in place. It reads the codes
 interleaved by 16 output rows, so sixteen outputs accumulate in one AVX-512 register; activations stay float32
 (PyTorch's kernel rounds them to bfloat16). AVX-512 only.
 
-``FLEETSERVE_INT4_DEQUANT=off`` and ``FLEETSERVE_INT8_GEMV=off`` turn each path off (for comparisons).
+``FLEETSERVE_INT4_DEQUANT=off``, ``FLEETSERVE_INT4_VNNI=off`` and ``FLEETSERVE_INT8_GEMV=off`` turn each path
+off (for comparisons).
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ These kernels win while a step has few rows (decodes) and lose to a GEMM on many
 batches). A layer given a ``dense`` copy of its weight (``keep_dense``: float32 on CPUs without bfloat16 units,
 bfloat16 for the LM head on CPUs with them) runs steps of more than ``max_rows`` rows on that copy instead; an
 int4 layer with ``wide_rows`` set de-quantizes its codes to bfloat16 for steps of more rows than that
-(``quantized_kernels``), which needs no copy; an int8 LM head switched to ``use_gemv`` runs its other steps
-on our AVX-512 kernel.
+(``quantized_kernels``), which needs no copy, and with ``vnni_rows`` set runs steps of more rows than that
+(up to ``wide_rows``) on our int8 dot-product kernel; an int8 LM head switched to ``use_gemv`` runs its other
+steps on our AVX-512 kernel.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def int8_weight(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W held as 4-bit codes in groups of 32, on PyTorch's CPU int4 kernel."""
+    """y = x W^T (+ b) with W held as 4-bit codes in groups of 32, on PyTorch's CPU int4 kernel or, for the row
+    counts set, on ours (module doc)."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
