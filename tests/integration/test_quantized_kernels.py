@@ -238,3 +238,24 @@ def test_an_engine_on_the_vnni_kernel_scores_text_as_the_int4_kernel_does(make_e
     # int8 activations against the int4 kernel's bfloat16 ones: within 1% of its perplexity (benchmarks/quality.py
     # measures both on the whole text); a wrong layout or scale would cost whole nats
     assert abs(nll_v / n_v - nll_k / n_k) < 0.01
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 5, 8, 19])
+def test_the_heads_vnni_kernel_computes_int8_activations_times_its_codes(dequant, rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(160, 96, generator=g) / 8
+    head, plain = Int8Linear(weight), Int8Linear(weight)
+    codes, scales = head.codes.clone(), head.scales.float()
+    head.use_kernel("vnni")
+    assert head.codes is None and head.codes4.shape == (10, 24, 16, 4)
+    x = torch.randn(rows, 96, generator=g)
+    xf = x.view(rows, 3, 32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    xq = (xf * (torch.tensor(127.0) / amax)).round().double()
+    dots = torch.einsum("mgj,ngj->mgn", xq, codes.double().view(160, 3, 32))  # exact integers
+    expected = ((amax / 127).double() * dots).sum(1) * scales.double()
+    got = head(x)
+    assert got.shape == (rows, 160) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    assert (got - plain(x)).abs().max() < 0.03 * plain(x).abs().max()  # PyTorch's int8 kernel, bfloat16 inputs

@@ -79,7 +79,7 @@ class ModelRunner:
             dense_above=wf.dense_above,
             wide_above=wf.wide_above,
             head_dense_above=wf.head_dense_above,
-            head_gemv=wf.head_gemv,
+            head_kernel=wf.head_kernel,
             vnni_above=wf.vnni_above,
         )
         self.linear_kernel = choose_kernels(self.model)

@@ -279,12 +279,105 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   return y;
 }
 
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// int8_vnni_mm: rows against an int8 weight with one scale per output row (the LM head), on integer dot products
+// like int4_vnni_mm. The codes are stored offset to unsigned (code + 128), four columns by 16 outputs to a
+// register ([N / 16, K / 4, 16, 4]), so they are vpdpbusd's unsigned side and the quantized activations its
+// signed side; the offset adds 128 * (sum of a group's activation codes) to every output of the row, which is
+// one number per row and group, taken off before the group's scale applies.
+template <int R>
+inline void head_rows(const __m512i* w, const int8_t* xq, int64_t k, const float* a, int64_t groups,
+                      const int32_t* offset, __m512* y) {
+  __m512i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(-offset[r * groups]);
+  for (int c = 0; c < 8; ++c) {
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * k + c * 4, sizeof(four));
+      acc[r] = _mm512_dpbusd_epi32(acc[r], w[c], _mm512_set1_epi32(four));
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(a[r * groups]), y[r]);
+}
+
+// Rows [r0, r0 + R) against the 16 outputs of block u.
+template <int R>
+void head_block(const uint8_t* codes, const float* scales, const int8_t* xq, const float* a, const int32_t* offset,
+                float* y, int64_t u, int64_t r0, int64_t n, int64_t k) {
+  const int64_t groups = k / 32;
+  __m512 out[R];
+  for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  const uint8_t* block = codes + u * 16 * k;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i w[8];
+    for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(block + (g * 8 + c) * 64);
+    const int64_t at = r0 * groups + g;
+    head_rows<R>(w, xq + r0 * k + g * 32, k, a + at, groups, offset + at, out);
+  }
+  const __m512 s = _mm512_loadu_ps(scales + u * 16);
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + (r0 + r) * n + u * 16, _mm512_mul_ps(out[r], s));
+}
+#endif
+
+at::Tensor int8_vnni_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 4 && codes.size(2) == 16 && codes.size(3) == 4,
+              "x [M, K] and codes [N / 16, K / 4, 16, 4]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes must be contiguous uint8");
+  const int64_t m = x.size(0), k = x.size(1), n = codes.size(0) * 16;
+  TORCH_CHECK(codes.size(1) * 4 == k && k % 32 == 0, "codes must be [N / 16, K / 4, 16, 4], K a multiple of 32");
+  TORCH_CHECK(scales.numel() == n && scales.scalar_type() == at::kFloat && scales.is_contiguous(),
+              "one float32 scale per output row");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({m, n}, xc.options().dtype(at::kFloat));
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  const int64_t groups = k / 32;
+  at::Tensor scratch = at::empty({m * k + 12 * m * groups}, xc.options().dtype(at::kChar));
+  int8_t* xq = scratch.data_ptr<int8_t>();
+  float* a = reinterpret_cast<float*>(xq + m * k);
+  float* sums = a + m * groups;
+  int32_t* offset = reinterpret_cast<int32_t*>(sums + m * groups);
+  if (xc.scalar_type() == at::kFloat) {
+    quantize_activations(xc.data_ptr<float>(), m, k, xq, a, sums);
+  } else {
+    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, xq, a, sums);
+  }
+  for (int64_t i = 0; i < m * groups; ++i) {  // 128 * the group's code sum (sums[i] is that sum times a[i])
+    int32_t total = 0;
+    for (int j = 0; j < 32; ++j) total += xq[i * 32 + j];
+    offset[i] = 128 * total;
+  }
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      int64_t r = 0;
+      for (; r + 8 <= m; r += 8) head_block<8>(cp, sp, xq, a, offset, yp, u, r, n, k);
+      switch (m - r) {
+#define FLEETSERVE_ROWS(R) \
+  case R: head_block<R>(cp, sp, xq, a, offset, yp, u, r, n, k); break;
+        FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
+        FLEETSERVE_ROWS(5) FLEETSERVE_ROWS(6) FLEETSERVE_ROWS(7)
+#undef FLEETSERVE_ROWS
+        default: break;
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "int8_vnni_mm was built without AVX-512 VNNI and VBMI");
+#endif
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fleetserve, m) {
   m.def("int4_dequant(Tensor packed, Tensor scales_and_zeros, int n_out, int k_in) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor codes16, Tensor scales) -> Tensor");
   m.def("int4_dequant_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int n_out) -> Tensor");
+  m.def("int8_vnni_mm(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("int4_vnni_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int n_out) -> Tensor");
 }
 
@@ -292,5 +385,6 @@ TORCH_LIBRARY_IMPL(fleetserve, CPU, m) {
   m.impl("int4_dequant", &int4_dequant);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_dequant_mm", &int4_dequant_mm);
+  m.impl("int8_vnni_mm", &int8_vnni_mm);
   m.impl("int4_vnni_mm", &int4_vnni_mm);
 }

@@ -12,7 +12,7 @@
 int4 on a CPU with bfloat16 units also measures, once per machine, the row counts from which a step is faster
 with its layers de-quantized to bfloat16 (``quantized_kernels``) and with a bfloat16 copy of the LM head than on
 the int4 and int8 kernels, and takes those paths above them (``wide_above``, ``head_dense_above``); on AVX-512
-the int8 LM head's other steps run on our GEMV (``head_gemv``). Where the CPU has AVX-512 VNNI and VBMI it also
+the int8 LM head's other steps run on our GEMV (``head_kernel``). Where the CPU has AVX-512 VNNI and VBMI it also
 measures from which row count the layers run faster on our int8 dot-product kernel than on the int4 kernel
 (``vnni_above``); the wide paths are then measured against that.
 
@@ -49,6 +49,14 @@ MEASURE_BYTES = 256 * 2**20
 """float32 weight bytes the measurement streams through: more than a server's last-level cache holds."""
 
 
+HEAD_KERNELS = {
+    "int8": "PyTorch's int8 kernel",
+    "gemv": "our AVX-512 GEMV (quantized_kernels.int8_gemv)",
+    "vnni": "int8 dot products (quantized_kernels.int8_vnni_mm)",
+}
+"""What an int8 LM head can run on (``Int8Linear.use_kernel``)."""
+
+
 @dataclass(frozen=True)
 class WeightFormat:
     """The chosen form: its name, the dtype of activations and KV, and why it was chosen."""
@@ -62,8 +70,8 @@ class WeightFormat:
     """int4 only: steps of more rows than this de-quantize the layers to bfloat16 (None: never)."""
     head_dense_above: int | None = None
     """int4 only: steps of more rows than this run the LM head on a bfloat16 copy (None: never)."""
-    head_gemv: bool = False
-    """int4 only: the int8 LM head's other steps run on our AVX-512 kernel (``quantized_kernels.int8_gemv``)."""
+    head_kernel: str = "int8"
+    """int4 only: what the int8 LM head's steps without a bfloat16 copy run on, a key of HEAD_KERNELS."""
     vnni_above: int | None = None
     """int4 only: steps of more rows than this (up to ``wide_above``) run the layers on our integer dot-product
     kernel (``quantized_kernels.int4_vnni_mm``; None: never)."""
@@ -112,6 +120,10 @@ def narrow_wins_up_to(measured: dict[int, tuple[float, float]]) -> int | None:
     return None
 
 
+def _above(rows: int | None) -> str:
+    return "never" if rows is None else f"above {rows} rows"
+
+
 def _figures(measured: dict[int, tuple[float, float]]) -> str:
     return ", ".join(f"{rows} rows {a:.1f}/{b:.1f} ms" for rows, (a, b) in measured.items())
 
@@ -124,9 +136,11 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
     if wf.name != "int4":
         return wf
     kernels = cache_root() / "kernels"
-    if quantized_kernels.int8_gemv_available(kernels):
-        wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on our AVX-512 kernel", head_gemv=True)
-    if quantized_kernels.int4_vnni_available(kernels):
+    vnni_here = quantized_kernels.int4_vnni_available(kernels)
+    head = "vnni" if vnni_here else "gemv" if quantized_kernels.int8_gemv_available(kernels) else "int8"
+    if head != "int8":
+        wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on {HEAD_KERNELS[head]}", head_kernel=head)
+    if vnni_here:
         measured = measured_vnni_ms(arch)
         vnni = narrow_wins_up_to(measured)
         if vnni is not None:
@@ -136,11 +150,11 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
             wf = dataclasses.replace(wf, reason=reason, vnni_above=vnni)
     if wf.dense_above is not None or not cpu_has_bf16() or not quantized_kernels.wide_steps_available(kernels):
         return wf
-    layers, head = measured_wide_ms(arch, wf.head_gemv, wf.vnni_above)
+    layers, head = measured_wide_ms(arch, wf.head_kernel, wf.vnni_above)
     wide, head_dense = narrow_wins_up_to(layers), narrow_wins_up_to(head)
-    int8 = "int8 (our kernel)" if wf.head_gemv else "int8"
+    int8 = f"int8 ({wf.head_kernel})"
     reason = (
-        f"{wf.reason}; layers de-quantized to bfloat16 above {wide} rows, LM head in bfloat16 above {head_dense}"
+        f"{wf.reason}; layers de-quantized to bfloat16 {_above(wide)}, LM head in bfloat16 {_above(head_dense)}"
         f" (narrow/de-quantized layers: {_figures(layers)}; {int8}/bfloat16 LM head: {_figures(head)})"
     )
     return dataclasses.replace(wf, reason=reason, wide_above=wide, head_dense_above=head_dense)
@@ -225,23 +239,23 @@ def measured_vnni_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
 
 
 def measured_wide_ms(
-    arch: ModelArch, head_gemv: bool, vnni_above: int | None = None
+    arch: ModelArch, head_kernel: str, vnni_above: int | None = None
 ) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[float, float]]]:
     """Per row count of WIDE_ROWS, (narrow path, de-quantized to bfloat16) milliseconds of a step's linears, the
     narrow path the int4 kernel or, above ``vnni_above`` rows, our int8 dot products; and (int8, bfloat16 copy)
-    milliseconds of its LM head, the int8 one on our GEMV with ``head_gemv``: each side as it will run. Measured
-    once per machine like ``measured_linears_ms``."""
+    milliseconds of its LM head, the int8 one on ``head_kernel`` (a key of HEAD_KERNELS): each side as it will
+    run. Measured once per machine like ``measured_linears_ms``."""
     shapes = _layer_shapes(arch)
     head = (arch.vocab_size, arch.hidden_size)
     key = "|".join(
         [
             "wide",
             *_machine_key(shapes, WIDE_ROWS),
-            f"head {head[0]}x{head[1]}{' gemv' if head_gemv else ''}",
+            f"head {head[0]}x{head[1]} on {head_kernel}",
             f"vnni above {vnni_above}",
         ]
     )
-    known = _remembered(key, lambda: _measure_wide(shapes, head, head_gemv, vnni_above))
+    known = _remembered(key, lambda: _measure_wide(shapes, head, head_kernel, vnni_above))
     return tuple({int(rows): tuple(ms) for rows, ms in known[part].items()} for part in ("layers", "head"))
 
 
@@ -354,10 +368,10 @@ def _measure_vnni(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float
 
 @torch.inference_mode()
 def _measure_wide(
-    shapes: list[tuple[int, int]], head: tuple[int, int], head_gemv: bool, vnni_above: int | None
+    shapes: list[tuple[int, int]], head: tuple[int, int], head_kernel: str, vnni_above: int | None
 ) -> dict[str, dict[int, tuple[float, float]]]:
-    """WIDE_ROWS steps: int4 layers on their narrow path and de-quantized; an LM head on int8 (our GEMV with
-    ``head_gemv``) and on a bfloat16 copy."""
+    """WIDE_ROWS steps: int4 layers on their narrow path and de-quantized; an LM head on int8 (on
+    ``head_kernel``) and on a bfloat16 copy."""
     g = torch.Generator().manual_seed(0)
     layers = _layer_count(shapes)
     int4_layers = _int4_layers(shapes, layers, g)
@@ -365,8 +379,7 @@ def _measure_wide(
         layer.vnni_rows = vnni_above
     int8_head = Int8Linear(torch.randn(*head, generator=g) / 32)
     bf16_head = int8_head.codes.to(torch.bfloat16)
-    if head_gemv:
-        int8_head.use_gemv()
+    int8_head.use_kernel(head_kernel)
 
     def int4_step(x: torch.Tensor, i: int, wide: int | None) -> torch.Tensor:
         int4_layers[i].wide_rows = wide

@@ -71,7 +71,7 @@ def load_model(
     dense_above: int | None = None,
     wide_above: int | None = None,
     head_dense_above: int | None = None,
-    head_gemv: bool = False,
+    head_kernel: str = "int8",
     vnni_above: int | None = None,
 ) -> LlamaModel:
     """Build the decoder for layers [layer_start, layer_end) (with the LM head when ``lm_head``, or when None and the
@@ -81,7 +81,7 @@ def load_model(
     4-bit codes where it has them (see the module's doc); with ``dense_above`` those layers also keep float32
     copies for steps of more rows than that; with ``wide_above`` they de-quantize to bfloat16 for steps of more
     rows than that, and with ``head_dense_above`` an LM head on codes keeps a bfloat16 copy for those; with
-    ``head_gemv`` an int8 LM head runs its other steps on our kernel; with ``vnni_above`` int4 layers run steps of
+    ``head_kernel`` an int8 LM head runs its other steps on that kernel (``Int8Linear.use_kernel``); with ``vnni_above`` int4 layers run steps of
     more rows than that (up to ``wide_above``) on our int8 dot-product kernel."""
     index = _tensor_index(model_dir)
     handles: dict[Path, object] = {}
@@ -136,7 +136,7 @@ def load_model(
                 model.lm_head.weight = model.embed.weight  # one tensor, as in the checkpoint
             else:
                 fill(model.lm_head, [head])
-        _take_kernel_paths(model, lambda: get(head), wide_above, head_dense_above, head_gemv, vnni_above)
+        _take_kernel_paths(model, lambda: get(head), wide_above, head_dense_above, head_kernel, vnni_above)
     model.inv_freq = rope_inv_freq(arch).to(device)  # to_empty left the buffer uninitialised
     return model.eval()
 
@@ -146,14 +146,14 @@ def _take_kernel_paths(
     head_weight: Callable[[], torch.Tensor],
     wide_above: int | None,
     head_dense_above: int | None,
-    head_gemv: bool,
+    head_kernel: str,
     vnni_above: int | None,
 ) -> None:
     """Int4 layers de-quantize for steps of more than ``wide_above`` rows and run steps of more than
     ``vnni_above`` (up to that) on int8 dot products; an LM head on codes keeps a bfloat16 copy for steps of more
-    than ``head_dense_above``, and an int8 one runs the others on our kernel."""
-    if head_gemv and model.has_lm_head and isinstance(model.lm_head, Int8Linear):
-        model.lm_head.use_gemv()
+    than ``head_dense_above``, and an int8 one runs the others on ``head_kernel``."""
+    if model.has_lm_head and isinstance(model.lm_head, Int8Linear):
+        model.lm_head.use_kernel(head_kernel)
     if head_dense_above is not None and model.has_lm_head and isinstance(model.lm_head, (Int4Linear, Int8Linear)):
         keep_dense(model.lm_head, head_weight(), head_dense_above, torch.bfloat16)
     for module in model.layers.modules():

@@ -15,7 +15,7 @@ bfloat16 for the LM head on CPUs with them) runs steps of more than ``max_rows``
 int4 layer with ``wide_rows`` set de-quantizes its codes to bfloat16 for steps of more rows than that
 (``quantized_kernels``), which needs no copy, and with ``vnni_rows`` set runs steps of more rows than that
 (up to ``wide_rows``) on our int8 dot-product kernel; an int8 LM head switched to ``use_gemv`` runs its other
-steps on our AVX-512 kernel.
+steps on our AVX-512 kernel, one switched to ``use_vnni`` on our int8 dot-product kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ import torch
 from torch import nn
 
 from fleetserve.engine.models.linear import onednn_linear, onednn_linear_works
-from fleetserve.engine.quantized_kernels import int4_dequant_mm, int4_vnni_mm, int8_gemv, interleave16
+from fleetserve.engine.quantized_kernels import (
+    int4_dequant_mm,
+    int4_vnni_mm,
+    int8_gemv,
+    int8_vnni_mm,
+    interleave16,
+    vnni_codes,
+)
 
 GROUP = 32
 """Columns per scale in the GGUF formats kept as codes."""
@@ -107,18 +114,37 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.bfloat16())
         self.codes16: torch.Tensor | None = None
         """The codes interleaved for ``int8_gemv`` (``use_gemv``), which then replace ``codes``."""
+        self.codes4: torch.Tensor | None = None
+        """The codes laid out for ``int8_vnni_mm`` (``use_vnni``), which then replace ``codes``."""
         self.dense: torch.Tensor | None = None
         self.dense_onednn = False
         self.max_rows = 0
+
+    def use_kernel(self, name: str) -> None:
+        """Run the steps that take no dense copy on ``name``: "int8" (PyTorch's), "gemv" or "vnni" (ours)."""
+        if name == "gemv":
+            self.use_gemv()
+        elif name == "vnni":
+            self.use_vnni()
+        elif name != "int8":
+            raise ValueError(f"no int8 kernel {name!r}")
 
     def use_gemv(self) -> None:
         """Run the steps that take no dense copy on our int8 kernel (``quantized_kernels.int8_gemv``)."""
         self.codes16 = interleave16(self.codes)
         self.codes = None
 
+    def use_vnni(self) -> None:
+        """Run the steps that take no dense copy on our int8 dot-product kernel (``quantized_kernels``)."""
+        self.codes4 = vnni_codes(self.codes)
+        self.codes = None
+        self.scales = self.scales.float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] > self.max_rows:
             return dense_linear(x, self.dense, None, self.dense_onednn)
+        if self.codes4 is not None:
+            return int8_vnni_mm(x, self.codes4, self.scales).to(x.dtype)
         if self.codes16 is not None:
             return int8_gemv(x, self.codes16, self.scales).to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x.bfloat16(), self.codes, self.scales).to(x.dtype)
