@@ -133,10 +133,6 @@ _ops.impl("write_kv", _write_kv, "CUDA")
 _ops.impl("write_kv", lambda kv_cache, slots, kv: None, "Meta")
 
 
-def _use_kernel(batch: AttentionBatch) -> bool:
-    return batch.decode_slots.shape[0] <= decode_kernel.MAX_BATCH and decode_kernel.ready()
-
-
 def _gathered_decode_attention(
     qd: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, scale: float
 ) -> torch.Tensor:
@@ -168,7 +164,7 @@ def paged_attention(
         qd = q if batch.decode_all else q[batch.decode_rows]
         # Grouped-query attention without copying K/V: a kv head's `group` query heads act as `group` query rows.
         qd = qd.view(-1, num_kv, group, head_dim)  # [Bd, Hkv, G, D]
-        if torch.compiler.is_compiling() and _use_kernel(batch):  # reads the paged cache in place (decode_kernel)
+        if torch.compiler.is_compiling() and decode_kernel.ready():  # reads the paged cache in place (decode_kernel)
             o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
         else:
             o = _gathered_decode_attention(qd, kv_cache, batch, scale)

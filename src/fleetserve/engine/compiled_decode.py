@@ -21,8 +21,8 @@ fused kernels, called with a single Python call.
   (``threads_for``; the count is per thread under OpenMP, so the warm-up thread sets its own). Should a
   check still fail at serving time, the compile it would start is refused, the bucket goes back to eager
   steps, and a warning says so.
-- With ``FLEETSERVE_DECODE_KERNEL=on``, steps of a few sequences attend with our decode-attention kernel
-  (``decode_kernel``), built on the warm-up thread before the first graph is traced.
+- Steps attend with our decode-attention kernel (``decode_kernel``; ``FLEETSERVE_DECODE_KERNEL=off`` turns it
+  off), built on the warm-up thread before the first graph is traced.
 - Mixed steps, prefills, draft verification and layer ranges that take hidden states from another stage run
   eagerly. The compiled graph rounds like the eager step only to within float noise (fusion reorders
   arithmetic), so the paths whose promise is bit-exactness (float32 parity with transformers) run eagerly:
