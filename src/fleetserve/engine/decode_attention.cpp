@@ -1,6 +1,6 @@
 // Decode attention over the paged KV cache: one query token per sequence, its keys and values read from the
 // cache slots its block table names. Built at run time by engine/decode_kernel.py and used by compiled decode
-// steps of a few sequences, where the general attention kernel's fixed costs outweigh the arithmetic.
+// steps, where the general path would first gather every sequence's context into a contiguous copy.
 //
 // q [B, Hkv, G, D] (G query heads share each KV head); kv_cache [S, 2, Hkv, D], float or bfloat16;
 // slots [B, L] int64; mask [B, 1, 1, L] or [B, L] bool, true on a prefix of each row (the context), false after.
