@@ -5,8 +5,9 @@ then calls ``scaled_dot_product_attention``. On by default; ``FLEETSERVE_DECODE_
 Work is split by sequence and 64-token piece of context; on AVX-512 the dot products and the softmax's exp are
 vectorized (exp as 2^n times a polynomial). Called alone on a 2-core AVX-512 EPYC (float32 cache, 9 query heads
 over 3 KV heads of 64): 27 against 123 µs at 1 sequence of 256 tokens, 158 against 411 at 16 of 128, 594
-against 2,005 at 64 of 128. In a compiled 16-sequence step: 29.2 and 31.3 ms against 39.9 and 39.3 without, in
-alternating processes (docs/benchmarks.md).
+against 2,005 at 64 of 128. In compiled steps it made no difference in one benchmark (16 sequences: 30.6 and
+28.2 ms against 29.9 and 28.5) and shortened a profiled 16-sequence engine step in another (29.2 and 31.3 ms
+against 39.9 and 39.3); no run was slower with it (docs/benchmarks.md).
 
 The kernel is C++, built by ``cpp_kernel``. It is built on the compile warm-up thread before any graph is
 traced, so a graph either always or never uses it. Where it cannot be built, the general path serves; the

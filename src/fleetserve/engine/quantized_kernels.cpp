@@ -154,12 +154,12 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes16, const at::T
 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
-// int4_vnni_mm: a few to a few dozen rows against an int4 layer in the int4 kernel's own packing, with integer
-// dot products: each row's activations are quantized to int8 per group of 32 (one float scale per group, as
-// the group's weights have), so a group's dot product is exact in int32 (vpdpbusd: unsigned 4-bit codes times
-// signed 8-bit activations, four products a lane) and one multiply by both scales makes it float. The group's
-// zero term needs no integer work: zero' = zero - 8 * scale multiplies the exact float sum of the group's
-// activations. Every weight register serves all the rows.
+// int4_vnni_mm: rows against an int4 layer in the int4 kernel's own packing, with integer dot products: each
+// row's activations are quantized to int8 per group of 32 (one float scale per group, as the group's weights
+// have), so a group's dot product is exact in int32 (vpdpbusd: unsigned 4-bit codes times signed 8-bit
+// activations, four products a lane) and one multiply by both scales makes it float. The group's zero term needs
+// no integer work: zero' = zero - 8 * scale multiplies the sum of the group's quantized activations. Every
+// weight register serves all the rows.
 
 inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
 inline __m512 load16(const uint16_t* v) {  // bfloat16 to float32: the bits moved to the high half
