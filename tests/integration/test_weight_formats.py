@@ -3,10 +3,12 @@ on the shipped held-out text, serves prefix-cache hits and chunked prefills, and
 alone as in a batch (the int4 and int8 kernels compute each row on its own)."""
 
 import pytest
+import torch
 
 from fleetserve.bench.quality import DEFAULT_TEXT, negative_log_likelihood
 from fleetserve.contract import SamplingParams
 from fleetserve.engine.models.quantized import Int4Linear, Int8Embedding, Int8Linear, int4_kernels_work
+from fleetserve.engine.weight_format import cpu_has_bf16
 
 pytestmark = pytest.mark.skipif(not int4_kernels_work(), reason="this PyTorch has no CPU int4/int8 kernels")
 
@@ -23,6 +25,9 @@ def test_int4_engine_runs_on_the_files_codes(int4_engine):
     assert int4_engine.runner.weight_format.name == "int4"
     assert all(isinstance(layer.gate_up, Int4Linear) and isinstance(layer.qkv, Int4Linear) for layer in model.layers)
     assert isinstance(model.embed, Int8Embedding) and isinstance(model.lm_head, Int8Linear)
+    # the KV cache in bfloat16 where the CPU has bfloat16 units (half the bytes a decode step reads)
+    assert int4_engine.runner.kv_dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+    assert int4_engine.runner.kv_caches[0].dtype == int4_engine.runner.kv_dtype
     weight_bytes = sum(b.numel() * b.element_size() for b in model.buffers()) + sum(
         p.numel() * p.element_size() for p in model.parameters()
     )

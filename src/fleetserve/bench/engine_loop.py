@@ -55,7 +55,7 @@ def kv_bytes_per_token(engine) -> int:
     """Theoretical KV bytes of one token: 2 (key, value) x layers x kv heads x head dim x element size."""
     import torch
 
-    elem = torch.empty((), dtype=engine.runner.dtype).element_size()
+    elem = torch.empty((), dtype=engine.runner.kv_dtype).element_size()
     return 2 * engine.arch.num_layers * engine.arch.num_kv_heads * engine.arch.head_dim * elem
 
 

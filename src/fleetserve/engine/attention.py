@@ -141,10 +141,10 @@ def _gathered_decode_attention(
     _, _, num_kv, head_dim = kv_cache.shape
     # index_select on a 2-D view is several times faster than advanced indexing of the 4-D cache
     ctx = kv_cache.view(kv_cache.shape[0], -1).index_select(0, batch.decode_slots.view(-1))
-    ctx = ctx.view(bd, width, 2, num_kv, head_dim)  # [Bd, L, 2, Hkv, D]
+    ctx = ctx.view(bd, width, 2, num_kv, head_dim).to(qd.dtype)  # [Bd, L, 2, Hkv, D], in the query's dtype
     keys = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D]
     values = ctx[:, :, 1].transpose(1, 2)
-    return F.scaled_dot_product_attention(qd.to(ctx.dtype), keys, values, attn_mask=batch.decode_mask, scale=scale)
+    return F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, scale=scale)
 
 
 def paged_attention(

@@ -72,13 +72,14 @@ class LLMEngine:
         self.last_step_error: str | None = None
         wf = self.runner.weight_format
         log.info(
-            "engine ready: %s on %s, %s weights (%s), %s activations, %d KV blocks of %d tokens (%.0f MiB), %.1fs",
+            "engine ready: %s on %s, %s weights (%s), %s activations, %d %s KV blocks of %d tokens (%.0f MiB), %.1fs",
             mc.model,
             self.runner.device,
             wf.name,
             wf.reason,
             str(self.runner.dtype).removeprefix("torch."),
             self.runner.num_blocks,
+            str(self.runner.kv_dtype).removeprefix("torch."),
             self.config.cache.block_size,
             self.runner.kv_cache_bytes / 2**20,
             time.monotonic() - started,

@@ -63,7 +63,9 @@ class ModelRunner:
         self.device = resolve_device(mc.device)
         self.weight_format = choose_weight_format(mc.dtype, self.device, model_dir, arch)
         self.dtype = self.weight_format.activations
-        """The dtype of activations and of the KV cache."""
+        """The dtype of activations."""
+        self.kv_dtype = self.weight_format.kv_dtype
+        """The dtype of the KV cache."""
         self.arch = arch
         self.block_size = config.cache.block_size
         wf = self.weight_format
@@ -127,7 +129,7 @@ class ModelRunner:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes of one token over this runner's layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         return self.model.num_local_layers * 2 * self.arch.num_kv_heads * self.arch.head_dim * elem
 
     def resize_kv(self, kv_cache_bytes: int) -> None:
@@ -145,7 +147,7 @@ class ModelRunner:
         # One spare block past the pool's: the padding rows of a compiled step write there.
         shape = (slots + self.block_size, 2, arch.num_kv_heads, arch.head_dim)
         self.kv_caches = [
-            zeros_on_first_touch(shape, self.dtype, self.device) for _ in range(self.model.num_local_layers)
+            zeros_on_first_touch(shape, self.kv_dtype, self.device) for _ in range(self.model.num_local_layers)
         ]
         self.kv_cache_bytes = per_token * slots
         if self.compiled is not None:  # graphs built for the old tensors' shape would not serve these
@@ -258,7 +260,7 @@ class ModelRunner:
         tokens from ``first`` on."""
         slots = self._slots(block_table, first + data.shape[1])[first:]
         for layer, cache in enumerate(self.kv_caches):
-            cache.index_copy_(0, slots, data[layer].to(device=self.device, dtype=self.dtype))
+            cache.index_copy_(0, slots, data[layer].to(device=self.device, dtype=self.kv_dtype))
 
     def kv_transfer(self, token_ids: list[int], block_table: list[int], start: int, end: int) -> KVTransfer:
         """Tokens [start, end) of a sequence's KV; ``token_ids``: its tokens up to ``end`` at least."""

@@ -16,7 +16,9 @@ the int8 LM head's other steps run on our GEMV (``head_kernel``). Where the CPU 
 measures from which row count the layers run faster on our int8 dot-product kernel than on the int4 kernel
 (``vnni_above``); the wide paths are then measured against that.
 
-Activations and the KV cache are float32 for int4 (the layers cast to bfloat16 inside their kernel only).
+Activations are float32 for int4 (the layers cast to bfloat16 or quantize inside their kernels only); the KV
+cache is bfloat16 where the CPU has bfloat16 units (``kv_dtype``: a decode step reads all of its context, so half
+the bytes is a shorter step and half the memory), float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -72,9 +74,16 @@ class WeightFormat:
     """int4 only: steps of more rows than this run the LM head on a bfloat16 copy (None: never)."""
     head_kernel: str = "int8"
     """int4 only: what the int8 LM head's steps without a bfloat16 copy run on, a key of HEAD_KERNELS."""
+    kv: torch.dtype | None = None
+    """The KV cache's dtype where it is not the activations' (``kv_dtype``)."""
     vnni_above: int | None = None
     """int4 only: steps of more rows than this (up to ``wide_above``) run the layers on our integer dot-product
     kernel (``quantized_kernels.int4_vnni_mm``; None: never)."""
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The dtype of the KV cache."""
+        return self.kv or self.activations
 
 
 def choose_weight_format(requested: str, device: torch.device, model_dir: Path, arch: ModelArch) -> WeightFormat:
@@ -135,6 +144,8 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
     says it beats the path below it."""
     if wf.name != "int4":
         return wf
+    if cpu_has_bf16():  # half the bytes every decode step reads, and half the memory
+        wf = dataclasses.replace(wf, reason=f"{wf.reason}; KV cache in bfloat16", kv=torch.bfloat16)
     kernels = cache_root() / "kernels"
     vnni_here = quantized_kernels.int4_vnni_available(kernels)
     head = "vnni" if vnni_here else "gemv" if quantized_kernels.int8_gemv_available(kernels) else "int8"
