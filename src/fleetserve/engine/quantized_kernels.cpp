@@ -186,6 +186,37 @@ void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* s
   }
 }
 
+// A step's activations, quantized: int8 codes [M, K], then per row and group of 32 their scale, the sum of the
+// values the codes stand for, and 128 times the codes' sum (for a weight offset to unsigned), in one allocation.
+struct QuantizedRows {
+  at::Tensor storage;
+  int8_t* codes;
+  float* scale;
+  float* sum;
+  int32_t* offset;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& xc) {
+  const int64_t m = xc.size(0), k = xc.size(1), groups = k / 32;
+  QuantizedRows q;
+  q.storage = at::empty({m * k + 12 * m * groups}, xc.options().dtype(at::kChar));
+  q.codes = q.storage.data_ptr<int8_t>();
+  q.scale = reinterpret_cast<float*>(q.codes + m * k);
+  q.sum = q.scale + m * groups;
+  q.offset = reinterpret_cast<int32_t*>(q.sum + m * groups);
+  if (xc.scalar_type() == at::kFloat) {
+    quantize_activations(xc.data_ptr<float>(), m, k, q.codes, q.scale, q.sum);
+  } else {
+    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, q.codes, q.scale, q.sum);
+  }
+  for (int64_t i = 0; i < m * groups; ++i) {
+    int32_t total = 0;
+    for (int j = 0; j < 32; ++j) total += q.codes[i * 32 + j];
+    q.offset[i] = 128 * total;
+  }
+  return q;
+}
+
 // R rows' int32 dot products with one group's 16 outputs (w: 8 registers of 4 columns each), folded into
 // their float sums y (row stride n).
 template <int R>
@@ -256,17 +287,10 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({m, n_out}, xc.options().dtype(at::kFloat));
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
-  // one scratch allocation: int8 activations [M, K], then float scales and sums [M, K / 32] each
-  const int64_t groups = k / 32;
-  at::Tensor scratch = at::empty({m * k + 8 * m * groups}, xc.options().dtype(at::kChar));
-  int8_t* xq = scratch.data_ptr<int8_t>();
-  float* a = reinterpret_cast<float*>(xq + m * k);
-  float* xs = a + m * groups;
-  if (xc.scalar_type() == at::kFloat) {
-    quantize_activations(xc.data_ptr<float>(), m, k, xq, a, xs);
-  } else {
-    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, xq, a, xs);
-  }
+  const QuantizedRows q = quantize_rows(xc);
+  int8_t* xq = q.codes;
+  float* a = q.scale;
+  float* xs = q.sum;
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
@@ -332,22 +356,10 @@ at::Tensor int8_vnni_mm(const at::Tensor& x, const at::Tensor& codes, const at::
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({m, n}, xc.options().dtype(at::kFloat));
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
-  const int64_t groups = k / 32;
-  at::Tensor scratch = at::empty({m * k + 12 * m * groups}, xc.options().dtype(at::kChar));
-  int8_t* xq = scratch.data_ptr<int8_t>();
-  float* a = reinterpret_cast<float*>(xq + m * k);
-  float* sums = a + m * groups;
-  int32_t* offset = reinterpret_cast<int32_t*>(sums + m * groups);
-  if (xc.scalar_type() == at::kFloat) {
-    quantize_activations(xc.data_ptr<float>(), m, k, xq, a, sums);
-  } else {
-    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, xq, a, sums);
-  }
-  for (int64_t i = 0; i < m * groups; ++i) {  // 128 * the group's code sum (sums[i] is that sum times a[i])
-    int32_t total = 0;
-    for (int j = 0; j < 32; ++j) total += xq[i * 32 + j];
-    offset[i] = 128 * total;
-  }
+  const QuantizedRows q = quantize_rows(xc);
+  const int8_t* xq = q.codes;
+  const float* a = q.scale;
+  const int32_t* offset = q.offset;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
