@@ -163,3 +163,27 @@ def test_a_kv_tensor_takes_memory_as_it_is_written():
     kv[:2048] = 1.0
     assert _resident_mib() - before > 100  # half of it written: resident now
     assert float(kv[2047, 1, 3, 2047]) == 1.0 and float(kv[2048, 0, 0, 0]) == 0.0
+
+
+def test_processes_that_ask_together_share_one_measurement(tmp_path, monkeypatch):
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fleetserve.engine.weight_format import _remembered
+
+    monkeypatch.setenv("FLEETSERVE_CACHE", str(tmp_path))
+    calls, measuring = [], threading.Event()
+
+    def measure():
+        calls.append(1)
+        measuring.set()
+        time.sleep(0.3)
+        return {1: (1.0, 2.0)}
+
+    with ThreadPoolExecutor(2) as pool:  # separate opens of the lock file exclude each other as processes do
+        first = pool.submit(_remembered, "key", measure)
+        assert measuring.wait(5)
+        second = pool.submit(_remembered, "key", measure)
+        assert first.result() == second.result() == {"1": [1.0, 2.0]}
+    assert len(calls) == 1  # the second waited for the first's result instead of measuring beside it

@@ -24,6 +24,7 @@ the bytes is a shorter step and half the memory), float32 elsewhere.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import math
@@ -271,23 +272,43 @@ def measured_wide_ms(
 
 
 def _remembered(key: str, measure: Callable[[], dict]) -> dict:
-    """The measurement kept under ``key`` in the cache folder, or ``measure()``'s, kept there for next time."""
+    """The measurement kept under ``key`` in the cache folder, or ``measure()``'s, kept there for next time. A
+    process that finds another measuring waits for its result (a lock file beside the measurements): processes
+    started together on one machine must choose alike, and measuring side by side would disturb both."""
     path = cache_root() / "weight-format-measurements.json"
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _read_measurements(path)
     if key in known:
         return known[key]
-    known[key] = json.loads(json.dumps(measure()))  # as it reads back: string keys, lists
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{time.monotonic_ns()}")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)
+        lock = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 - held until the measurement is kept
     except OSError as exc:
-        log.warning("cannot keep the weight-format measurement in %s: %s", path, exc)
-    return known[key]
+        log.warning("cannot lock the weight-format measurement in %s: %s", path.parent, exc)
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        known = _read_measurements(path)
+        if key in known:  # another process measured while this one waited
+            return known[key]
+        known[key] = json.loads(json.dumps(measure()))  # as it reads back: string keys, lists
+        try:
+            tmp = path.with_suffix(f".{time.monotonic_ns()}")
+            tmp.write_text(json.dumps(known, indent=1))
+            tmp.replace(path)
+        except OSError as exc:
+            log.warning("cannot keep the weight-format measurement in %s: %s", path, exc)
+        return known[key]
+    finally:
+        if lock is not None:
+            lock.close()  # releases the lock
+
+
+def _read_measurements(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _cpu_name() -> str:
