@@ -25,7 +25,13 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def dequant():
     assert quantized_kernels.KERNEL.ensure_loaded(cache_root() / "kernels"), "our quantized kernels did not build"
-    return quantized_kernels.dequantized_weight_t
+    return _dequantized_weight_t
+
+
+def _dequantized_weight_t(packed, scales_and_zeros, n, k):
+    """The weight ``int4_dequant_mm`` multiplies by, [K, N] in bfloat16: the identity times it (exact: one product
+    of 1 and the weight per output, the rest zeros)."""
+    return quantized_kernels.int4_dequant_mm(torch.eye(k, dtype=torch.bfloat16), packed, scales_and_zeros, n)
 
 
 def random_layer(n, k, seed, bias=False):

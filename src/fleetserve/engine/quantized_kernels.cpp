@@ -1,11 +1,11 @@
 // Kernels for layers kept as integer codes, built at run time by engine/quantized_kernels.py.
 //
-// int4_dequant de-quantizes a layer's 4-bit codes, packed for PyTorch's CPU int4 kernel, into a bfloat16 weight,
-// so that a step of many rows (a prompt chunk, a wide batch) can run a bfloat16 GEMM instead of that kernel,
-// which slows in proportion to the rows.
+// int4_dequant_mm de-quantizes a layer's 4-bit codes, packed for PyTorch's CPU int4 kernel, into a bfloat16
+// weight, so that a step of many rows (a prompt chunk, a wide batch) can run a bfloat16 GEMM instead of that
+// kernel, which slows in proportion to the rows.
 // packed: uint8 [N / 64, K, 32] (as _convert_weight_to_int4pack_for_cpu lays out [N, K] codes: byte j of row k
 // in block b holds row b*64 + j's code in its low nibble and row b*64 + 32 + j's in its high nibble);
-// scales_and_zeros: bfloat16 [K / 32, N, 2]. Returns W transposed, [K, N] bfloat16, where
+// scales_and_zeros: bfloat16 [K / 32, N, 2]. The weight, W transposed ([K, N] bfloat16), is
 // W[n, k] = (code - 8) * scale + zero, computed in float32 and rounded to nearest even, the arithmetic of the
 // int4 kernel.
 //
@@ -79,14 +79,6 @@ void dequant_into(const at::Tensor& packed, const at::Tensor& scales_and_zeros, 
   at::parallel_for(0, k_in, 16, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) dequant_row(p, sz, out, k, n_out, k_in);
   });
-}
-
-at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales_and_zeros, int64_t n_out,
-                        int64_t k_in) {
-  check_int4(packed, scales_and_zeros, n_out, k_in);
-  at::Tensor out = at::empty({k_in, n_out}, packed.options().dtype(at::kBFloat16));
-  dequant_into(packed, scales_and_zeros, n_out, k_in, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
-  return out;
 }
 
 // x [M, K] (cast to bfloat16) times the de-quantized weight, which lives in a buffer the calling thread keeps:
@@ -172,7 +164,7 @@ inline __m512 load16(const uint16_t* v) {  // bfloat16 to float32: the bits move
 // + zero') rather than the codes' offset (code * scale, codes 0..15): with the exact sum the error was 14 times
 // bfloat16's on the model's layers, with this one it is what int8 rounding gives.
 template <typename T>
-void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* scale, float* sum) {
+void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* scale, float* sum, int32_t* offset) {
   const int64_t groups = k / 32;
   for (int64_t i = 0; i < m * groups; ++i) {
     const __m512 v0 = load16(x + i * 32), v1 = load16(x + i * 32 + 16);
@@ -180,7 +172,9 @@ void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* s
     scale[i] = amax / 127.f;
     const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    sum[i] = scale[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    sum[i] = scale[i] * static_cast<float>(total);
+    offset[i] = 128 * total;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32), _mm512_cvtsepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
   }
@@ -205,14 +199,10 @@ QuantizedRows quantize_rows(const at::Tensor& xc) {
   q.sum = q.scale + m * groups;
   q.offset = reinterpret_cast<int32_t*>(q.sum + m * groups);
   if (xc.scalar_type() == at::kFloat) {
-    quantize_activations(xc.data_ptr<float>(), m, k, q.codes, q.scale, q.sum);
+    quantize_activations(xc.data_ptr<float>(), m, k, q.codes, q.scale, q.sum, q.offset);
   } else {
-    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, q.codes, q.scale, q.sum);
-  }
-  for (int64_t i = 0; i < m * groups; ++i) {
-    int32_t total = 0;
-    for (int j = 0; j < 32; ++j) total += q.codes[i * 32 + j];
-    q.offset[i] = 128 * total;
+    quantize_activations(reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>()), m, k, q.codes, q.scale,
+                         q.sum, q.offset);
   }
   return q;
 }
@@ -386,7 +376,6 @@ at::Tensor int8_vnni_mm(const at::Tensor& x, const at::Tensor& codes, const at::
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fleetserve, m) {
-  m.def("int4_dequant(Tensor packed, Tensor scales_and_zeros, int n_out, int k_in) -> Tensor");
   m.def("int8_gemv(Tensor x, Tensor codes16, Tensor scales) -> Tensor");
   m.def("int4_dequant_mm(Tensor x, Tensor packed, Tensor scales_and_zeros, int n_out) -> Tensor");
   m.def("int8_vnni_mm(Tensor x, Tensor codes, Tensor scales) -> Tensor");
@@ -394,7 +383,6 @@ TORCH_LIBRARY_FRAGMENT(fleetserve, m) {
 }
 
 TORCH_LIBRARY_IMPL(fleetserve, CPU, m) {
-  m.impl("int4_dequant", &int4_dequant);
   m.impl("int8_gemv", &int8_gemv);
   m.impl("int4_dequant_mm", &int4_dequant_mm);
   m.impl("int8_vnni_mm", &int8_vnni_mm);

@@ -1,14 +1,14 @@
 """Kernels of ours for layers kept as integer codes (``quantized_kernels.cpp``), built by ``cpp_kernel``.
 
-**Wide int4 steps** (``int4_dequant``): PyTorch's CPU int4 kernel reads a quarter of bfloat16's bytes, which is
+**Wide int4 steps** (``int4_dequant_mm``): PyTorch's CPU int4 kernel reads a quarter of bfloat16's bytes, which is
 what a decode step of a few rows is bound by, but its time grows with the rows: on a 2-core AVX-512 EPYC a
 30-layer step's linears took 24 ms at 16 rows and 682 ms at 512, where bfloat16 GEMMs over the same shapes took
 26 and 290 ms. De-quantizing a layer costs about 0.7 ms (a pass that writes its bfloat16 weight once), so from a
 few dozen rows on a step is faster de-quantized, and it needs no second copy of the weights in memory. Used only
 where the CPU has bfloat16 units (without them a bfloat16 GEMM is slower than float32); where it pays is
 measured at start-up (``weight_format``). The weight is the int4 kernel's own arithmetic, (code - 8) * scale +
-zero in float32, rounded once to bfloat16. ``int4_dequant_mm`` de-quantizes into a buffer the calling thread
-keeps, so a step does not fault in a layer's worth of fresh pages.
+zero in float32, rounded once to bfloat16, into a buffer the calling thread keeps, so a step does not fault in a
+layer's worth of fresh pages.
 
 **int4 layers on int8 dot products** (``int4_vnni_mm``, AVX-512 VNNI and VBMI): each row's activations are
 quantized to int8 per group of 32, so a group's dot product with the unsigned 4-bit codes is exact in int32
@@ -40,35 +40,19 @@ import torch
 from fleetserve.engine.cpp_kernel import CppKernel, cpu_flags
 
 
-def _dequant_shape(packed, scales_and_zeros, n_out, k_in):
-    return packed.new_empty((k_in, n_out), dtype=torch.bfloat16)
-
-
-def _gemv_shape(x, codes16, scales):
-    return x.new_empty((x.shape[0], codes16.shape[0] * 16), dtype=torch.float32)
-
-
-def _vnni_shape(x, packed, scales_and_zeros, n_out):
-    return x.new_empty((x.shape[0], n_out), dtype=torch.float32)
-
-
-def _head_vnni_shape(x, codes, scales):
-    return x.new_empty((x.shape[0], codes.shape[0] * 16), dtype=torch.float32)
-
-
-def _dequant_mm_shape(x, packed, scales_and_zeros, n_out):
-    return x.new_empty((x.shape[0], n_out), dtype=torch.bfloat16)
+def _rows_by(n_out, dtype):
+    """The shape function of an op whose output is [x's rows, n_out(args)] in ``dtype``."""
+    return lambda x, *rest: x.new_empty((x.shape[0], n_out(*rest)), dtype=dtype)
 
 
 KERNEL = CppKernel(
     "quantized",
     Path(__file__).with_name("quantized_kernels.cpp"),
     {
-        "int4_dequant": _dequant_shape,
-        "int4_dequant_mm": _dequant_mm_shape,
-        "int8_gemv": _gemv_shape,
-        "int4_vnni_mm": _vnni_shape,
-        "int8_vnni_mm": _head_vnni_shape,
+        "int4_dequant_mm": _rows_by(lambda packed, scales_and_zeros, n_out: n_out, torch.bfloat16),
+        "int4_vnni_mm": _rows_by(lambda packed, scales_and_zeros, n_out: n_out, torch.float32),
+        "int8_gemv": _rows_by(lambda codes16, scales: codes16.shape[0] * 16, torch.float32),
+        "int8_vnni_mm": _rows_by(lambda codes4, scales: codes4.shape[0] * 16, torch.float32),
     },
     "int4 and int8 layers run PyTorch's kernels at every width",
 )
@@ -118,11 +102,6 @@ def int8_vnni_mm(x: torch.Tensor, codes4: torch.Tensor, scales: torch.Tensor) ->
 def int4_dequant_mm(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int) -> torch.Tensor:
     """x [M, K] times an int4 layer de-quantized to bfloat16 (into a buffer the thread keeps), bfloat16 result."""
     return torch.ops.fleetserve.int4_dequant_mm(x, packed, scales_and_zeros, n_out)
-
-
-def dequantized_weight_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, n_out: int, k_in: int) -> torch.Tensor:
-    """The layer's weight, transposed ([K, N]) and in bfloat16."""
-    return torch.ops.fleetserve.int4_dequant(packed, scales_and_zeros, n_out, k_in)
 
 
 def interleave16(codes: torch.Tensor) -> torch.Tensor:

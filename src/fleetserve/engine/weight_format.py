@@ -387,13 +387,14 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
 @torch.inference_mode()
 def _measure_vnni(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
     g = torch.Generator().manual_seed(0)
-    int4_layers = _int4_layers(shapes, _layer_count(shapes), g)
+    layers = _layer_count(shapes)
+    int4_layers = _int4_layers(shapes, layers, g)
 
     def step(x: torch.Tensor, i: int, vnni: int | None) -> torch.Tensor:
         int4_layers[i].vnni_rows = vnni
         return int4_layers[i](x)
 
-    calls = {rows: _layer_calls(shapes, len(int4_layers) // len(shapes), rows, g) for rows in VNNI_ROWS}
+    calls = {rows: _layer_calls(shapes, layers, rows, g) for rows in VNNI_ROWS}
     sides = [lambda x, i: step(x, i, None), lambda x, i: step(x, i, 0)]
     return {rows: tuple(_best_ms(sides, calls[rows])) for rows in VNNI_ROWS}
 
