@@ -4,8 +4,8 @@ then calls ``scaled_dot_product_attention``. On by default; ``FLEETSERVE_DECODE_
 
 Work is split by sequence and 64-token piece of context; on AVX-512 the dot products and the softmax's exp are
 vectorized (exp as 2^n times a polynomial). Called alone on a 2-core AVX-512 EPYC (float32 cache, 9 query heads
-over 3 KV heads of 64): 27 against 123 µs at 1 sequence of 256 tokens, 158 against 411 at 16 of 128, 594
-against 2,005 at 64 of 128. In compiled steps it made no difference in one benchmark (16 sequences: 30.6 and
+over 3 KV heads of 64): 18 against 91 µs at 1 sequence of 256 tokens, 64 against 150 at 4, 273 against 537
+at 16 (``benchmarks/decode_attention.py --part alone``). In compiled steps it made no difference in one benchmark (16 sequences: 30.6 and
 28.2 ms against 29.9 and 28.5) and shortened a profiled 16-sequence engine step in another (29.2 and 31.3 ms
 against 39.9 and 39.3); no run was slower with it (docs/benchmarks.md).
 
