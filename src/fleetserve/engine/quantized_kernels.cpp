@@ -164,20 +164,25 @@ inline __m512 load16(const uint16_t* v) {  // bfloat16 to float32: the bits move
 // + zero') rather than the codes' offset (code * scale, codes 0..15): with the exact sum the error was 14 times
 // bfloat16's on the model's layers, with this one it is what int8 rounding gives.
 template <typename T>
+inline void quantize_group(const T* x, int64_t i, int8_t* xq, float* scale, float* sum, int32_t* offset) {
+  const __m512 v0 = load16(x + i * 32), v1 = load16(x + i * 32 + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  scale[i] = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+  const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  sum[i] = scale[i] * static_cast<float>(total);
+  offset[i] = 128 * total;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32), _mm512_cvtsepi32_epi8(q0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+}
+
+template <typename T>
 void quantize_activations(const T* x, int64_t m, int64_t k, int8_t* xq, float* scale, float* sum, int32_t* offset) {
   const int64_t groups = k / 32;
-  for (int64_t i = 0; i < m * groups; ++i) {
-    const __m512 v0 = load16(x + i * 32), v1 = load16(x + i * 32 + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-    scale[i] = amax / 127.f;
-    const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
-    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-    const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-    sum[i] = scale[i] * static_cast<float>(total);
-    offset[i] = 128 * total;
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i * 32 + 16), _mm512_cvtsepi32_epi8(q1));
-  }
+  at::parallel_for(0, m * groups, 64 * groups, [&](int64_t begin, int64_t end) {  // one thread below 64 rows
+    for (int64_t i = begin; i < end; ++i) quantize_group(x, i, xq, scale, sum, offset);
+  });
 }
 
 // A step's activations, quantized: int8 codes [M, K], then per row and group of 32 their scale, the sum of the
@@ -207,42 +212,61 @@ QuantizedRows quantize_rows(const at::Tensor& xc) {
   return q;
 }
 
-// R rows' int32 dot products with one group's 16 outputs (w: 8 registers of 4 columns each), folded into
-// their float sums y (row stride n).
+// One tile of R rows against one block of 16 outputs, summed over the groups in float registers: per group, the
+// rows' int32 dot products with the group's codes (w: 8 registers of 4 columns each), times both scales, plus
+// the zero term. The results are stored once, at the end.
 template <int R>
-inline void vnni_rows(const __m512i* w, const int8_t* xq, int64_t k, const float* a, const float* xs,
-                      int64_t groups, __m512 s, __m512 zero, float* y, int64_t n) {
-  __m512i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-  for (int c = 0; c < 8; ++c) {
+struct RowTile {
+  __m512 out[R];
+
+  RowTile() {
+    for (int r = 0; r < R; ++r) out[r] = _mm512_setzero_ps();
+  }
+
+  // xq, a and xs point at the tile's first row and this group.
+  inline void add_group(const __m512i* w, __m512 s, __m512 zero, const int8_t* xq, int64_t k, const float* a,
+                        const float* xs, int64_t groups) {
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, xq + r * k + c * 4, sizeof(four));
+        acc[r] = _mm512_dpbusd_epi32(acc[r], w[c], _mm512_set1_epi32(four));
+      }
+    }
     for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, xq + r * k + c * 4, sizeof(four));
-      acc[r] = _mm512_dpbusd_epi32(acc[r], w[c], _mm512_set1_epi32(four));
+      const __m512 prior = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs[r * groups]), out[r]);
+      out[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_mul_ps(s, _mm512_set1_ps(a[r * groups])), prior);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    const __m512 prior = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs[r * groups]), _mm512_loadu_ps(y + r * n));
-    const __m512 scale = _mm512_mul_ps(s, _mm512_set1_ps(a[r * groups]));
-    _mm512_storeu_ps(y + r * n, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), scale, prior));
-  }
-}
 
-// The 16 outputs u * 16 .. u * 16 + 15 (a quarter of a packed block of 64) for every row.
-void vnni_outputs(const uint8_t* packed, const uint16_t* sz, const int8_t* xq, const float* a, const float* xs,
-                  float* y, int64_t u, int64_t m, int64_t n, int64_t k) {
-  const int64_t block = u / 4, quarter = u % 4, groups = k / 32, n0 = u * 16;
-  const bool high = quarter >= 2;  // outputs 32..63 of a block sit in the high nibbles
-  alignas(64) uint8_t order[64];
-  for (int o = 0; o < 16; ++o) {
-    for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + (quarter % 2) * 16 + o);
+  inline void store(float* y, int64_t n) const {
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * n, out[r]);
   }
-  const __m512i idx = _mm512_load_si512(order), nibble = _mm512_set1_epi8(15);
-  const __m512i hi_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-  for (int64_t r = 0; r < m; ++r) std::memset(y + r * n + n0, 0, 16 * sizeof(float));
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* src = packed + (block * k + g * 32) * 32;
-    __m512i w[8];
+};
+
+// The codes of 16 outputs (a quarter of a packed block of 64) in one group, as 8 registers of 4 columns each,
+// and the group's scales and zeros' (zero - 8 * scale) of those outputs.
+struct BlockCodes {
+  __m512i idx;
+  bool high;  // outputs 32..63 of a block sit in the high nibbles
+  const uint8_t* packed;
+  const uint16_t* sz;
+  int64_t n0, n;
+
+  BlockCodes(const uint8_t* p, const uint16_t* scales_and_zeros, int64_t u, int64_t n_out, int64_t k)
+      : high(u % 4 >= 2), packed(p + (u / 4) * k * 32), sz(scales_and_zeros), n0(u * 16), n(n_out) {
+    alignas(64) uint8_t order[64];
+    for (int o = 0; o < 16; ++o) {
+      for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + (u % 2) * 16 + o);
+    }
+    idx = _mm512_load_si512(order);
+  }
+
+  inline void unpack(int64_t g, __m512i* w, __m512* s, __m512* zero) const {
+    const __m512i nibble = _mm512_set1_epi8(15);
+    const uint8_t* src = packed + g * 32 * 32;
     for (int c = 0; c < 8; ++c) {  // columns 4c..4c+3: 128 bytes, 64 outputs' codes each
       const __m512i z0 = _mm512_loadu_si512(src + c * 128), z1 = _mm512_loadu_si512(src + c * 128 + 64);
       __m512i four = _mm512_permutex2var_epi8(z0, idx, z1);
@@ -251,19 +275,74 @@ void vnni_outputs(const uint8_t* packed, const uint16_t* sz, const int8_t* xq, c
     }
     // scale and zero of each of the 16 outputs: bfloat16 pairs, one per 32-bit lane
     const __m512i pairs = _mm512_loadu_si512(sz + (g * n + n0) * 2);
-    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-    const __m512 zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
-    int64_t r = 0;
-    for (; r + 8 <= m; r += 8)
-      vnni_rows<8>(w, xq + r * k + g * 32, k, a + r * groups + g, xs + r * groups + g, groups, s, zero, y + r * n + n0, n);
-    switch (m - r) {
-#define FLEETSERVE_ROWS(R) \
-  case R: vnni_rows<R>(w, xq + r * k + g * 32, k, a + r * groups + g, xs + r * groups + g, groups, s, zero, y + r * n + n0, n); break;
-      FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
-      FLEETSERVE_ROWS(5) FLEETSERVE_ROWS(6) FLEETSERVE_ROWS(7)
-#undef FLEETSERVE_ROWS
-      default: break;
-    }
+    *s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+    const __m512i hi_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    *zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), *s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
+  }
+};
+
+// R rows (R <= one tile) against 16 outputs, unpacking each group's codes into registers as it goes.
+template <int R>
+inline void vnni_few_rows(const BlockCodes& codes, const int8_t* xq, const float* a, const float* xs, float* y,
+                          int64_t groups, int64_t k) {
+  RowTile<R> tile;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i w[8];
+    __m512 s, zero;
+    codes.unpack(g, w, &s, &zero);
+    tile.add_group(w, s, zero, xq + g * 32, k, a + g, xs + g, groups);
+  }
+  tile.store(y + codes.n0, codes.n);
+}
+
+// R rows against 16 outputs whose codes, scales and zeros were unpacked for every group into ``w``.
+template <int R>
+inline void vnni_tile(const __m512i* w, const int8_t* xq, const float* a, const float* xs, float* y, int64_t groups,
+                      int64_t k, int64_t n) {
+  RowTile<R> tile;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m512i* wg = w + g * 10;
+    tile.add_group(wg, _mm512_castsi512_ps(wg[8]), _mm512_castsi512_ps(wg[9]), xq + g * 32, k, a + g, xs + g, groups);
+  }
+  tile.store(y, n);
+}
+
+constexpr int kTileRows = 8;
+
+// The 16 outputs u * 16 .. u * 16 + 15 for every row. A step of one tile's rows or fewer unpacks the codes as it
+// goes; a wider one unpacks them once into a buffer the thread keeps (10 registers a group: codes, scales,
+// zeros) and runs every tile of rows over it, each tile's sums staying in registers across the groups.
+void vnni_outputs(const uint8_t* packed, const uint16_t* sz, const int8_t* xq, const float* a, const float* xs,
+                  float* y, int64_t u, int64_t m, int64_t n, int64_t k) {
+  const int64_t groups = k / 32;
+  const BlockCodes codes(packed, sz, u, n, k);
+  switch (m) {
+#define FLEETSERVE_FEW(R) \
+  case R: vnni_few_rows<R>(codes, xq, a, xs, y, groups, k); return;
+    FLEETSERVE_FEW(1) FLEETSERVE_FEW(2) FLEETSERVE_FEW(3) FLEETSERVE_FEW(4)
+#undef FLEETSERVE_FEW
+    default: break;
+  }
+  thread_local std::vector<__m512i> buffer;
+  if (buffer.size() < static_cast<size_t>(groups * 10)) buffer.resize(groups * 10);
+  __m512i* w = buffer.data();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 s, zero;
+    codes.unpack(g, w + g * 10, &s, &zero);
+    w[g * 10 + 8] = _mm512_castps_si512(s);
+    w[g * 10 + 9] = _mm512_castps_si512(zero);
+  }
+  y += codes.n0;
+  int64_t r = 0;
+  for (; r + kTileRows <= m; r += kTileRows)
+    vnni_tile<kTileRows>(w, xq + r * k, a + r * groups, xs + r * groups, y + r * n, groups, k, n);
+  switch (m - r) {
+#define FLEETSERVE_TAIL(R) \
+  case R: vnni_tile<R>(w, xq + r * k, a + r * groups, xs + r * groups, y + r * n, groups, k, n); break;
+    FLEETSERVE_TAIL(1) FLEETSERVE_TAIL(2) FLEETSERVE_TAIL(3) FLEETSERVE_TAIL(4)
+    FLEETSERVE_TAIL(5) FLEETSERVE_TAIL(6) FLEETSERVE_TAIL(7)
+#undef FLEETSERVE_TAIL
+    default: break;
   }
 }
 #endif
