@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine-concurrency", type=concurrency_list, default=[1, 16], help="engine-alone levels (default 1,16)"
     )
     parser.add_argument("--requests", type=positive_int, default=32, help="requests per level, at least c (32)")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="times to take each format's up and engine-alone levels, in turn (1); ratios are per round, and medians",
+    )
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="output tokens per request (64)")
     parser.add_argument("--hf-requests", type=non_negative_int, default=8, help="transformers prompts (8; 0 skips)")
     parser.add_argument("--threads", type=positive_int, default=None, help="worker threads (default: up's)")
@@ -72,7 +80,9 @@ def _worker_peak_rss(up_pid: int) -> int | None:
     return None
 
 
-def _http_levels(url: str, args: argparse.Namespace, label: str, model: str) -> list[dict[str, Any]]:
+def _http_levels(
+    url: str, args: argparse.Namespace, label: str, model: str, turn: int | None = None
+) -> list[dict[str, Any]]:
     from fleetserve.bench.http_bench import run
     from fleetserve.bench.http_options import build_parser
 
@@ -84,12 +94,22 @@ def _http_levels(url: str, args: argparse.Namespace, label: str, model: str) -> 
             + ["--requests", str(max(args.requests, c)), "--concurrency", str(c), "--output", str(out)]
         )
         row = run(bench_args)["rows"][0]
-        row.update(name=f"{label} c={c}", kind=label, concurrency=c)
+        row.update(name=_row_name(label, c, turn, args), kind=label, concurrency=c)
+        if turn is not None:
+            row["round"] = turn
         rows.append(row)
     return rows
 
 
-def _up_rows(fmt: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _row_name(label: str, c: int, turn: int | None, args: argparse.Namespace) -> str:
+    """A row's name; with several rounds, its round's number."""
+    return f"{label} c={c}" + (f" #{turn + 1}" if turn is not None and args.rounds > 1 else "")
+
+
+@contextmanager
+def _up_fleet(fmt: str, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``up`` with one worker in ``fmt``, ready and its decode steps compiled; yields its URL and what is known of
+    it, to which the worker's peak RSS is added when the caller is done with it."""
     port, control = free_port(), free_port()
     up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
     up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -101,20 +121,15 @@ def _up_rows(fmt: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], 
         )
         child.wait_ready(READY_S)
         url = f"http://127.0.0.1:{port}"
-        compile_wait_s = wait_compiled(url)
-        rows = _http_levels(url, args, f"up {fmt}", args.model)
-        info = {
-            "worker_peak_rss_bytes": _worker_peak_rss(child.pid),
-            "ready": httpx.get(url + "/ready").json(),
-            "compile_wait_s": compile_wait_s,
-        }
-        return rows, info
+        info: dict[str, Any] = {"compile_wait_s": wait_compiled(url)}
+        yield url, info
+        info.update(worker_peak_rss_bytes=_worker_peak_rss(child.pid), ready=httpx.get(url + "/ready").json())
     finally:
         supervisor.stop_all()
 
 
-def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) -> list[dict[str, Any]]:
-    from fleetserve.bench.engine_loop import run_engine_closed_loop
+def _warm_engine(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) -> tuple[Any, list[list[int]]]:
+    """The engine alone in ``fmt``, in this process, warmed up and compiled; and the prompts' token ids."""
     from fleetserve.config import CacheConfig, EngineConfig, ModelConfig
     from fleetserve.contract import SamplingParams
     from fleetserve.engine.engine import LLMEngine
@@ -129,15 +144,34 @@ def _engine_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) 
     ids = [tokenizer.encode_chat(m) for m in prompts]
     engine.generate([tokenizer.encode(WARM_UP_TEXT)], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     engine.wait_compiled()
+    return engine, ids
+
+
+def _engine_levels(engine, ids: list[list[int]], fmt: str, args: argparse.Namespace, turn: int) -> list[dict]:
+    from fleetserve.bench.engine_loop import run_engine_closed_loop
+
     rows = []
     for c in args.engine_concurrency:
-        row = {"name": f"engine {fmt} c={c}", "kind": f"engine {fmt}", "concurrency": c}
+        row: dict[str, Any] = {"name": _row_name(f"engine {fmt}", c, turn, args), "kind": f"engine {fmt}"}
+        row.update(concurrency=c, round=turn)
         row.update(run_engine_closed_loop(engine, take(ids, max(args.requests, c)), c, args.max_tokens))
-        print(f"engine {fmt} c={c}: {row['output_tokens_per_s']:.1f} tok/s", flush=True)
+        print(f"{row['name']}: {row['output_tokens_per_s']:.1f} tok/s", flush=True)
         rows.append(row)
-    del engine
-    gc.collect()
     return rows
+
+
+def _format_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) -> tuple[list[dict], dict[str, Any]]:
+    """One format: ``up`` and the engine alone side by side (the engine idle while ``up`` is measured, and the
+    other way round), their levels taken in turn ``--rounds`` times, so that both see the machine alike."""
+    rows: list[dict[str, Any]] = []
+    with _up_fleet(fmt, args) as (url, info):
+        engine, ids = _warm_engine(fmt, args, prompts)
+        for turn in range(args.rounds):
+            rows += _http_levels(url, args, f"up {fmt}", args.model, turn)
+            rows += _engine_levels(engine, ids, fmt, args, turn)
+        del engine
+        gc.collect()
+    return rows, info
 
 
 def _llama_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -189,20 +223,40 @@ def _hf_row(args: argparse.Namespace, prompts: list[list[dict]]) -> dict[str, An
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Throughput ratios at equal concurrency: each up row against llama-server, transformers and its engine."""
-    by = {(r["kind"], r["concurrency"]): r["output_tokens_per_s"] for r in rows if r.get("output_tokens_per_s")}
-    hf = by.get(("transformers", 1))
+    """Throughput ratios at equal concurrency: each up row against llama-server and transformers (the medians of
+    its rounds), and against its engine alone (the median of the rounds' ratios, each within one round)."""
+    tps: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        if r.get("output_tokens_per_s"):
+            tps.setdefault((r["kind"], r["concurrency"]), []).append(r["output_tokens_per_s"])
+    hf = tps.get(("transformers", 1))
+    by_round = end_to_end_by_round(rows)
     out: dict[str, float] = {}
-    for (kind, c), tps in by.items():
+    for (kind, c), values in tps.items():
         if not kind.startswith("up "):
             continue
-        fmt = kind.removeprefix("up ")
-        if ("llama-server", c) in by:
-            out[f"{fmt} c={c} / llama-server"] = tps / by[("llama-server", c)]
+        fmt, up = kind.removeprefix("up "), statistics.median(values)
+        if ("llama-server", c) in tps:
+            out[f"{fmt} c={c} / llama-server"] = up / statistics.median(tps[("llama-server", c)])
         if hf:
-            out[f"{fmt} c={c} / transformers sequential"] = tps / hf
-        if (f"engine {fmt}", c) in by:
-            out[f"{fmt} c={c} end to end / engine alone"] = tps / by[(f"engine {fmt}", c)]
+            out[f"{fmt} c={c} / transformers sequential"] = up / hf[0]
+        if by_round.get(f"{fmt} c={c}"):
+            out[f"{fmt} c={c} end to end / engine alone"] = statistics.median(by_round[f"{fmt} c={c}"])
+    return out
+
+
+def end_to_end_by_round(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per format and concurrency (``"int4 c=16"``), ``up`` against the engine alone, one ratio per round."""
+    one_round = {
+        (r["kind"], r["concurrency"], r.get("round") or 0): r["output_tokens_per_s"]
+        for r in rows
+        if r.get("output_tokens_per_s")
+    }
+    out: dict[str, list[float]] = {}
+    for (kind, c, turn), up in sorted(one_round.items()):
+        engine = one_round.get((f"engine {kind.removeprefix('up ')}", c, turn))
+        if kind.startswith("up ") and engine:
+            out.setdefault(f"{kind.removeprefix('up ')} c={c}", []).append(up / engine)
     return out
 
 
@@ -213,10 +267,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     workers: dict[str, Any] = {}
     for fmt in args.formats.split(","):
-        up_rows, info = _up_rows(fmt, args)
-        rows += up_rows
-        workers[fmt] = info
-        rows += _engine_rows(fmt, args, prompts)
+        format_rows, workers[fmt] = _format_rows(fmt, args, prompts)
+        rows += format_rows
     llama = None
     if args.llama_server:
         llama_rows, llama = _llama_rows(args)
@@ -235,6 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "llama_server": llama,
         "rows": rows,
         "ratios": ratios(rows),
+        "end_to_end_by_round": end_to_end_by_round(rows),
     }
     write_json(Path(args.output), result)
     print()
@@ -250,6 +303,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"worker peak RSS, {fmt}: {rss / 2**20:.0f} MiB" if rss else f"worker peak RSS, {fmt}: unknown")
     for name, value in result["ratios"].items():
         print(f"{name}: {value:.2f}x")
+    if args.rounds > 1:
+        for name, values in result["end_to_end_by_round"].items():
+            print(f"{name} end to end / engine alone, by round: " + ", ".join(f"{v:.2f}x" for v in values))
     print(f"results: {args.output}", flush=True)
     return result
 

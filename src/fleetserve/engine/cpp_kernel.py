@@ -51,8 +51,11 @@ class CppKernel:
         return self._ready
 
     def build_key(self) -> str:
-        """What the built kernel depends on: its source, torch's version and this CPU's instruction sets."""
+        """What the built kernel depends on: its source and the headers beside it, torch's version and this CPU's
+        instruction sets."""
         digest = hashlib.sha256(self.source.read_bytes())
+        for header in sorted(self.source.parent.glob("*.h")):
+            digest.update(header.read_bytes())
         digest.update(torch.__version__.encode())
         digest.update(cpu_flags().encode())
         return digest.hexdigest()[:16]

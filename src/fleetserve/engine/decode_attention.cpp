@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "shared_work.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -134,15 +136,15 @@ void attend(const float* q, const T* cache, const int64_t* slots, const bool* ma
     lengths[b] = n;
   }
   std::vector<float> top(batch * chunks * rows), total(batch * chunks * rows), acc(batch * chunks * rows * dim);
-  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(rows * kChunk), row(heads * dim);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, t0 = (task % chunks) * kChunk;
-      const int64_t t1 = std::min(lengths[b], t0 + kChunk);
-      if (t0 >= t1) continue;
-      attend_chunk(q + b * rows * dim, cache, slots + b * width, t0, t1, heads, group, dim, scale, scores.data(),
-                   row.data(), top.data() + task * rows, total.data() + task * rows, acc.data() + task * rows * dim);
-    }
+  fleetserve::share_work(batch * chunks, 1, [&](int64_t task) {
+    thread_local std::vector<float> scores, row;
+    scores.resize(rows * kChunk);
+    row.resize(heads * dim);
+    const int64_t b = task / chunks, t0 = (task % chunks) * kChunk;
+    const int64_t t1 = std::min(lengths[b], t0 + kChunk);
+    if (t0 >= t1) return;
+    attend_chunk(q + b * rows * dim, cache, slots + b * width, t0, t1, heads, group, dim, scale, scores.data(),
+                 row.data(), top.data() + task * rows, total.data() + task * rows, acc.data() + task * rows * dim);
   });
   for (int64_t b = 0; b < batch; ++b) {  // merge the chunks' softmax pieces
     const int64_t used = (lengths[b] + kChunk - 1) / kChunk;

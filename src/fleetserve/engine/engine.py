@@ -52,7 +52,9 @@ class LLMEngine:
         self.kv = KVCacheManager(
             self.runner.num_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.config.scheduler, self.kv, self.max_model_len, self.eos_token_ids)
+        sc = self.config.scheduler
+        sc.max_num_batched_tokens = sc.token_budget(self.runner.device.type)  # resolved once, for all who read it
+        self.scheduler = Scheduler(sc, self.kv, self.max_model_len, self.eos_token_ids)
         self.pins = KVPins(self.scheduler.release, lambda: self.kv.num_blocks, self.config.retention)
         """Finished requests' KV kept by name: sessions (for their next turn) and prefills (for a decode worker)."""
         self.pipeline: PipelineHead | None = None

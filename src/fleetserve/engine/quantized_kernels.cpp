@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "shared_work.h"
+
 #include <cstdint>
 #include <immintrin.h>
 
@@ -363,9 +365,8 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n_out / 16, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k);
-  });
+  fleetserve::share_work(n_out / 16, 1,
+                         [&](int64_t u) { vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k); });
 #else
   TORCH_CHECK(false, "int4_vnni_mm was built without AVX-512 VNNI and VBMI");
 #endif
@@ -432,18 +433,16 @@ at::Tensor int8_vnni_mm(const at::Tensor& x, const at::Tensor& codes, const at::
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, n / 16, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      int64_t r = 0;
-      for (; r + 8 <= m; r += 8) head_block<8>(cp, sp, xq, a, offset, yp, u, r, n, k);
-      switch (m - r) {
+  fleetserve::share_work(n / 16, 1, [&](int64_t u) {
+    int64_t r = 0;
+    for (; r + 8 <= m; r += 8) head_block<8>(cp, sp, xq, a, offset, yp, u, r, n, k);
+    switch (m - r) {
 #define FLEETSERVE_ROWS(R) \
   case R: head_block<R>(cp, sp, xq, a, offset, yp, u, r, n, k); break;
-        FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
-        FLEETSERVE_ROWS(5) FLEETSERVE_ROWS(6) FLEETSERVE_ROWS(7)
+      FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
+      FLEETSERVE_ROWS(5) FLEETSERVE_ROWS(6) FLEETSERVE_ROWS(7)
 #undef FLEETSERVE_ROWS
-        default: break;
-      }
+      default: break;
     }
   });
 #else

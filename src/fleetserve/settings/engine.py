@@ -30,7 +30,9 @@ class EngineSettings(Settings):
     block_size: int = option(16, "tokens per KV block")
     prefix_caching: bool = option(True, "reuse cached prompt prefixes")
     max_num_seqs: int = option(64, "most sequences running at once")
-    max_num_batched_tokens: int = option(512, "token budget of one engine step")
+    max_num_batched_tokens: int | None = option(
+        None, "token budget of one engine step (default: 128 on CPU, or --max-num-seqs if more; 512 on CUDA)"
+    )
     speculative_tokens: int = option(
         0,
         "draft tokens a decode verifies per step, guessed by n-gram lookup in its own context (speculative "
