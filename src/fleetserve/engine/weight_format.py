@@ -100,7 +100,7 @@ def choose_weight_format(requested: str, device: torch.device, model_dir: Path, 
     if device.type == "cuda":
         return WeightFormat("bfloat16", torch.bfloat16, "auto on CUDA")
     if not _int4_unavailable(device, model_dir):
-        return _kernel_paths(_int4_or_float32(measured_linears_ms(arch)), arch)
+        return _kernel_paths(_int4_or_float32(measured_linears_ms(arch, _vnni_above(arch)[0])), arch)
     if _checkpoint_dtype(model_dir) in ("bfloat16", "float16") and cpu_has_bf16():
         return WeightFormat("bfloat16", torch.bfloat16, "auto: a 16-bit checkpoint on a CPU with bfloat16 units")
     return WeightFormat("float32", torch.float32, "auto on CPU")
@@ -153,8 +153,7 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
     if head != "int8":
         wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on {HEAD_KERNELS[head]}", head_kernel=head)
     if vnni_here:
-        measured = measured_vnni_ms(arch)
-        vnni = narrow_wins_up_to(measured)
+        vnni, measured = _vnni_above(arch)
         if vnni is not None:
             reason = (
                 f"{wf.reason}; layers on int8 dot products above {vnni} rows (int4 kernel/ours: {_figures(measured)})"
@@ -170,6 +169,15 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
         f" (narrow/de-quantized layers: {_figures(layers)}; {int8}/bfloat16 LM head: {_figures(head)})"
     )
     return dataclasses.replace(wf, reason=reason, wide_above=wide, head_dense_above=head_dense)
+
+
+def _vnni_above(arch: ModelArch) -> tuple[int | None, dict[int, tuple[float, float]]]:
+    """The row count above which int4 layers run on our int8 dot products (None: never, or not on this CPU), and
+    the measurement it comes from."""
+    if not quantized_kernels.int4_vnni_available(cache_root() / "kernels"):
+        return None, {}
+    measured = measured_vnni_ms(arch)
+    return narrow_wins_up_to(measured), measured
 
 
 def activation_dtype(requested: str, device: torch.device) -> torch.dtype:
@@ -234,11 +242,13 @@ def _machine_key(shapes: list[tuple[int, int]], rows: tuple[int, ...]) -> list[s
     )
 
 
-def measured_linears_ms(arch: ModelArch) -> dict[int, tuple[float, float]]:
+def measured_linears_ms(arch: ModelArch, vnni_above: int | None = None) -> dict[int, tuple[float, float]]:
     """Per row count of MEASURED_ROWS, (int4, float32) milliseconds of a step's linears over weights of the
-    model's layer shapes; measured once per machine, torch version and thread count."""
+    model's layer shapes, int4 as it will run (above ``vnni_above`` rows on our int8 dot products); measured once
+    per machine, torch version and thread count."""
     shapes = _layer_shapes(arch)
-    known = _remembered("|".join(_machine_key(shapes, MEASURED_ROWS)), lambda: _measure(shapes))
+    key = _machine_key(shapes, MEASURED_ROWS) + ([] if vnni_above is None else [f"vnni above {vnni_above}"])
+    known = _remembered("|".join(key), lambda: _measure(shapes, vnni_above))
     return {int(rows): tuple(ms) for rows, ms in known.items()}
 
 
@@ -357,7 +367,7 @@ def _layer_count(shapes: list[tuple[int, int]]) -> int:
 
 
 @torch.inference_mode()
-def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
+def _measure(shapes: list[tuple[int, int]], vnni_above: int | None) -> dict[int, tuple[float, float]]:
     layers = _layer_count(shapes)
     layer_elems = sum(n * k for n, k in shapes)
     # one allocation for all float weights, so it goes back to the system as a whole when freed
@@ -369,6 +379,8 @@ def _measure(shapes: list[tuple[int, int]]) -> dict[int, tuple[float, float]]:
             offset += n * k
     g = torch.Generator().manual_seed(0)
     int4_layers = _int4_layers(shapes, layers, g)
+    for layer in int4_layers:
+        layer.vnni_rows = vnni_above
     float_linear = onednn_linear if onednn_linear_works() else (lambda x, w, b: torch.nn.functional.linear(x, w, b))
 
     def int4_step(x: torch.Tensor, i: int) -> torch.Tensor:
