@@ -52,8 +52,8 @@ class SchedulerConfig:
         """The step budget on a device of this type: the one set, else the default. On CPU a step's time grows in
         proportion to its rows from a few dozen on, so steps of 128 tokens prefill as fast as steps of 512 and a
         burst of prompts gets its first tokens in turn rather than all after one long step; never fewer tokens
-        than sequences, so that every running sequence can decode in one step. On CUDA a step of a few hundred
-        rows costs about what one row does: 512."""
+        than sequences, so that every running sequence can decode in one step. On CUDA: 512, the default before
+        (a GPU's step time grows far more slowly with its rows)."""
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 512 if device_type == "cuda" else max(CPU_TOKEN_BUDGET, self.max_num_seqs)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from fleetserve.cli import build_parser, explicit_settings, load_settings
+from fleetserve.config import SchedulerConfig
 from fleetserve.errors import InvalidRequestError
 from fleetserve.gateway.main import model_registry
 from fleetserve.settings.gateway import GatewaySettings
@@ -133,3 +134,12 @@ def test_small_steps_use_every_thread_unless_told(monkeypatch):
     for flags in ({}, {"threads": 4}):
         assert WorkerSettings.load(flags).engine_config().model.small_step_threads is None
     assert WorkerSettings.load({"threads": 4, "small_step_threads": 3}).engine_config().model.small_step_threads == 3
+
+
+def test_the_step_budget_defaults_by_device_and_never_below_the_sequences():
+    assert SchedulerConfig().token_budget("cpu") == 128
+    assert SchedulerConfig(max_num_seqs=200).token_budget("cpu") == 200
+    assert SchedulerConfig().token_budget("cuda") == 512
+    assert SchedulerConfig(max_num_batched_tokens=48).token_budget("cpu") == 48
+    with pytest.raises(InvalidRequestError):
+        SchedulerConfig(max_num_batched_tokens=0).validate()
