@@ -136,7 +136,7 @@ void attend(const float* q, const T* cache, const int64_t* slots, const bool* ma
     lengths[b] = n;
   }
   std::vector<float> top(batch * chunks * rows), total(batch * chunks * rows), acc(batch * chunks * rows * dim);
-  fleetserve::share_work(batch * chunks, 1, [&](int64_t task) {
+  fleetserve::share_work(batch * chunks, [&](int64_t task) {
     thread_local std::vector<float> scores, row;
     scores.resize(rows * kChunk);
     row.resize(heads * dim);

@@ -365,7 +365,7 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  fleetserve::share_work(n_out / 16, 1,
+  fleetserve::share_work(n_out / 16,
                          [&](int64_t u) { vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k); });
 #else
   TORCH_CHECK(false, "int4_vnni_mm was built without AVX-512 VNNI and VBMI");
@@ -433,7 +433,7 @@ at::Tensor int8_vnni_mm(const at::Tensor& x, const at::Tensor& codes, const at::
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  fleetserve::share_work(n / 16, 1, [&](int64_t u) {
+  fleetserve::share_work(n / 16, [&](int64_t u) {
     int64_t r = 0;
     for (; r + 8 <= m; r += 8) head_block<8>(cp, sp, xq, a, offset, yp, u, r, n, k);
     switch (m - r) {

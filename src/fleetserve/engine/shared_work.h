@@ -16,13 +16,12 @@
 
 namespace fleetserve {
 
-// body(i) for every i in [0, total). Each thread starts on its own equal share, taking `piece` indices at a time
-// from its own counter (no other thread touches it while all run); a thread that has finished its share goes on
-// with the others' in the same way, so a share whose thread was set aside is finished by the rest.
+// body(i) for every i in [0, total). Each thread starts on its own equal share, taking one index at a time from
+// its own counter (no other thread touches it while all run); a thread that has finished its share goes on with
+// the others' in the same way, so a share whose thread was set aside is finished by the rest.
 template <typename F>
-void share_work(int64_t total, int64_t piece, const F& body) {
-  piece = std::max<int64_t>(piece, 1);
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (total + piece - 1) / piece);
+void share_work(int64_t total, const F& body) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), total);
   if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t i = 0; i < total; ++i) body(i);
     return;
@@ -39,10 +38,7 @@ void share_work(int64_t total, int64_t piece, const F& body) {
   at::parallel_for(0, threads, 1, [&](int64_t own, int64_t) {
     for (int64_t turn = 0; turn < threads; ++turn) {
       Share& share = shares[(own + turn) % threads];
-      for (int64_t begin = share.next.fetch_add(piece); begin < share.end; begin = share.next.fetch_add(piece)) {
-        const int64_t end = std::min(share.end, begin + piece);
-        for (int64_t i = begin; i < end; ++i) body(i);
-      }
+      for (int64_t i = share.next.fetch_add(1); i < share.end; i = share.next.fetch_add(1)) body(i);
     }
   });
 }

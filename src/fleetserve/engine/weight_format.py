@@ -148,17 +148,13 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
     if cpu_has_bf16():  # half the bytes every decode step reads, and half the memory
         wf = dataclasses.replace(wf, reason=f"{wf.reason}; KV cache in bfloat16", kv=torch.bfloat16)
     kernels = cache_root() / "kernels"
-    vnni_here = quantized_kernels.int4_vnni_available(kernels)
-    head = "vnni" if vnni_here else "gemv" if quantized_kernels.int8_gemv_available(kernels) else "int8"
+    vnni, measured = _vnni_above(arch)
+    head = "vnni" if measured else "gemv" if quantized_kernels.int8_gemv_available(kernels) else "int8"
     if head != "int8":
         wf = dataclasses.replace(wf, reason=f"{wf.reason}; the int8 LM head on {HEAD_KERNELS[head]}", head_kernel=head)
-    if vnni_here:
-        vnni, measured = _vnni_above(arch)
-        if vnni is not None:
-            reason = (
-                f"{wf.reason}; layers on int8 dot products above {vnni} rows (int4 kernel/ours: {_figures(measured)})"
-            )
-            wf = dataclasses.replace(wf, reason=reason, vnni_above=vnni)
+    if vnni is not None:
+        reason = f"{wf.reason}; layers on int8 dot products above {vnni} rows (int4 kernel/ours: {_figures(measured)})"
+        wf = dataclasses.replace(wf, reason=reason, vnni_above=vnni)
     if wf.dense_above is not None or not cpu_has_bf16() or not quantized_kernels.wide_steps_available(kernels):
         return wf
     layers, head = measured_wide_ms(arch, wf.head_kernel, wf.vnni_above)
@@ -173,7 +169,7 @@ def _kernel_paths(wf: WeightFormat, arch: ModelArch) -> WeightFormat:
 
 def _vnni_above(arch: ModelArch) -> tuple[int | None, dict[int, tuple[float, float]]]:
     """The row count above which int4 layers run on our int8 dot products (None: never, or not on this CPU), and
-    the measurement it comes from."""
+    the measurement it comes from ({} where the kernel is not available here)."""
     if not quantized_kernels.int4_vnni_available(cache_root() / "kernels"):
         return None, {}
     measured = measured_vnni_ms(arch)
