@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fleetserve.contract import SamplingParams
-from fleetserve.engine import decode_kernel
+from fleetserve.engine import attention, decode_kernel
 from fleetserve.engine.compiled_decode import batch_buckets
 from fleetserve.engine.model_runner import ModelRunner
 from fleetserve.engine.request import Request
@@ -119,3 +119,24 @@ def test_a_step_of_more_sequences_than_any_bucket_runs_eagerly(runners):
     decode = runners[0].compiled
     assert decode.bucket(MAX_SEQS + 1) is None
     assert decode.run([1] * (MAX_SEQS + 1), [0] * (MAX_SEQS + 1), [[0]] * (MAX_SEQS + 1)) is None
+
+
+def test_a_compiling_runners_mixed_step_attends_its_decodes_with_our_kernel(runners, monkeypatch):
+    compiled, eager = runners
+    requests = [Request(f"m{i}", list(range(2000 + 40 * i, 2040 + 40 * i)), SamplingParams()) for i in range(3)]
+    tables = [list(range(100 + 4 * i, 104 + 4 * i)) for i in range(3)]
+    for r in (compiled, eager):  # two sequences' prompts, then a step of their decodes beside the third's prompt
+        r.forward(SchedulerOutput([ScheduledSeq(requests[i], 0, 21 + 8 * i, tables[i]) for i in range(2)]))
+    mixed = SchedulerOutput(
+        [ScheduledSeq(requests[0], 21, 1, tables[0]), ScheduledSeq(requests[1], 29, 1, tables[1])]
+        + [ScheduledSeq(requests[2], 0, 18, tables[2])]
+    )
+    general = []
+    gathered = attention._gathered_decode_attention
+    monkeypatch.setattr(attention, "_gathered_decode_attention", lambda *a: general.append(1) or gathered(*a))
+    got = compiled.forward(mixed)
+    assert general == []  # the eager step of a compiling runner: our kernel
+    want = eager.forward(mixed)
+    assert general == [1]  # --no-compile: the general path, whose rounding float32 parity rests on
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+    assert torch.equal(compiled.model.compute_logits(got).argmax(-1), eager.model.compute_logits(want).argmax(-1))

@@ -43,6 +43,9 @@ class AttentionBatch:
     decode_mask: torch.Tensor | None
     """[Bd, 1, 1, L] boolean mask: True for real context, False for padding."""
     prefills: list[PrefillSpan]
+    decode_kernel: bool = False
+    """Outside compiled steps too, attend the decode rows with our kernel where it is built (``decode_kernel``): set
+    by a runner that compiles, whose steps are not held to the general path's rounding."""
 
 
 def build_attention_batch(
@@ -164,7 +167,9 @@ def paged_attention(
         qd = q if batch.decode_all else q[batch.decode_rows]
         # Grouped-query attention without copying K/V: a kv head's `group` query heads act as `group` query rows.
         qd = qd.view(-1, num_kv, group, head_dim)  # [Bd, Hkv, G, D]
-        if torch.compiler.is_compiling() and decode_kernel.ready():  # reads the paged cache in place (decode_kernel)
+        # Our kernel reads the paged cache in place (decode_kernel); compiled steps use it, and so do a compiling
+        # runner's eager ones (mixed steps), whose decode rows then attend as in the compiled steps.
+        if (torch.compiler.is_compiling() or batch.decode_kernel) and decode_kernel.ready():
             o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
         else:
             o = _gathered_decode_attention(qd, kv_cache, batch, scale)

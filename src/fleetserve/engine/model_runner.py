@@ -184,6 +184,7 @@ class ModelRunner:
             self.block_size,
             self.device,
         )
+        batch.decode_kernel = self.compiled is not None and self.device.type == "cpu"
         if self.model.is_first:
             ids = [t for seq in plan.seqs for t in seq.token_ids]
             inputs = torch.tensor(ids, dtype=torch.long, device=self.device)
