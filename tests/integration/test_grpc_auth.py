@@ -27,6 +27,9 @@ MODEL = "smollm2-135m-instruct"
 TWO_TOKENS = convert.sampling_to_proto(SamplingParams(max_tokens=2, ignore_eos=True))
 WORKER_RPCS = {
     "Generate": pb.GenerateRequest(request_id="x", prompt_token_ids=[1, 2, 3], params=TWO_TOKENS),
+    "GenerateStreams": pb.StreamedRequest(
+        start=pb.GenerateRequest(request_id="x", prompt_token_ids=[1, 2, 3], params=TWO_TOKENS)
+    ),
     "Abort": pb.AbortRequest(request_id="x"),
     "Stats": pb.StatsRequest(),
     "Health": pb.HealthRequest(generate=True),
@@ -53,6 +56,12 @@ async def _call(creds: FleetCredentials, address: str, rpc: str, request, option
         method = getattr(pb_grpc.WorkerStub(channel), rpc)
         if rpc == "Generate":
             return [chunk async for chunk in method(request, timeout=60)]
+        if rpc == "GenerateStreams":
+
+            async def messages():
+                yield request
+
+            return [batch async for batch in method(messages(), timeout=60)]
         return await method(request, timeout=60)
 
 

@@ -33,6 +33,7 @@ from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.gateway.policies.base import RouteRequest
 from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.gateway.sessions import SessionTable
+from fleetserve.gateway.token_streams import TokenStreams
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.telemetry.metrics import GatewayMetrics
@@ -302,9 +303,11 @@ class Dispatcher:
         if stub is None:  # declared dead between admission and now
             raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
         trace = progress.trace
-        call = stub.Generate(request, metadata=(("x-request-id", progress.route.request_id),))
+        if worker.token_streams is None or worker.token_streams.stub is not stub:
+            worker.token_streams = TokenStreams(stub)
+        chunks = worker.token_streams.chunks(request, progress.route.request_id)
         try:
-            async for chunk in call:
+            async for chunk in chunks:
                 if progress.produced == 0:
                     self._first_chunk(progress, worker, chunk, attempt)
                 progress.produced += len(chunk.token_ids)
@@ -327,7 +330,7 @@ class Dispatcher:
             # The call was cut off under us: the worker was declared dead and its channel closed.
             raise _AttemptFailed("the call was cut off (the worker left)", counts_against_worker=False) from None
         finally:
-            call.cancel()  # no-op when the call is done; aborts the request on the worker otherwise
+            await chunks.aclose()  # aborts the request on the worker when it has not finished
 
     def _first_chunk(
         self, progress: _Progress, worker: WorkerRecord, chunk: pb.GenerateChunk, attempt: Attempt | None

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from fleetserve.gateway.registry_store import RegistryStore
+from fleetserve.gateway.token_streams import TokenStreams
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
 from fleetserve.protocol.security import FleetCredentials
@@ -112,6 +113,8 @@ class WorkerRecord:
     """How its last heartbeat came: "direct" or "relay" (a heartbeat relay's batch)."""
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
+    token_streams: TokenStreams | None = None
+    """The generations sent to it (one call carries them all where the worker can), made with the first."""
 
     @property
     def routable(self) -> bool:
@@ -403,6 +406,7 @@ class WorkerRegistry:
 
     def _close(self, record: WorkerRecord) -> None:
         channel, record.channel, record.stub = record.channel, None, None
+        record.token_streams = None
         if channel is not None:
             # Closing cancels the calls still open on it, which makes their streams fail over elsewhere.
             task = asyncio.get_running_loop().create_task(channel.close(grace=None))

@@ -256,6 +256,34 @@ class EmbedReply(_message.Message):
     batches: int
     def __init__(self, dimensions: _Optional[int] = ..., vectors: _Optional[bytes] = ..., prompt_tokens: _Optional[int] = ..., queue_s: _Optional[float] = ..., compute_s: _Optional[float] = ..., batches: _Optional[int] = ...) -> None: ...
 
+class StreamedRequest(_message.Message):
+    __slots__ = ("start", "cancel", "log_id")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    start: GenerateRequest
+    cancel: str
+    log_id: str
+    def __init__(self, start: _Optional[_Union[GenerateRequest, _Mapping]] = ..., cancel: _Optional[str] = ..., log_id: _Optional[str] = ...) -> None: ...
+
+class StreamedChunk(_message.Message):
+    __slots__ = ("request_id", "chunk", "error_code", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    chunk: GenerateChunk
+    error_code: int
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., chunk: _Optional[_Union[GenerateChunk, _Mapping]] = ..., error_code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class StreamedChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[StreamedChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[StreamedChunk, _Mapping]]] = ...) -> None: ...
+
 class KvFetchRequest(_message.Message):
     __slots__ = ("transfer_id", "start", "chunk_tokens")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]

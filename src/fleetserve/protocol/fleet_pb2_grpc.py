@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.GenerateStreams = channel.stream_stream(
+                '/fleetserve.v1.Worker/GenerateStreams',
+                request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StreamedRequest.SerializeToString,
+                response_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StreamedChunks.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/fleetserve.v1.Worker/Embed',
                 request_serializer=fleetserve_dot_protocol_dot_fleet__pb2.EmbedRequest.SerializeToString,
@@ -75,6 +80,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStreams(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +135,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.FromString,
                     response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.SerializeToString,
+            ),
+            'GenerateStreams': grpc.stream_stream_rpc_method_handler(
+                    servicer.GenerateStreams,
+                    request_deserializer=fleetserve_dot_protocol_dot_fleet__pb2.StreamedRequest.FromString,
+                    response_serializer=fleetserve_dot_protocol_dot_fleet__pb2.StreamedChunks.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -183,6 +199,33 @@ class Worker:
             '/fleetserve.v1.Worker/Generate',
             fleetserve_dot_protocol_dot_fleet__pb2.GenerateRequest.SerializeToString,
             fleetserve_dot_protocol_dot_fleet__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStreams(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleetserve.v1.Worker/GenerateStreams',
+            fleetserve_dot_protocol_dot_fleet__pb2.StreamedRequest.SerializeToString,
+            fleetserve_dot_protocol_dot_fleet__pb2.StreamedChunks.FromString,
             options,
             channel_credentials,
             insecure,

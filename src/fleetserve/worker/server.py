@@ -3,16 +3,19 @@
 Errors become gRPC statuses here and only here: bad input INVALID_ARGUMENT (a priority outside
 PRIORITY_MIN..PRIORITY_MAX included: the health probe's place ahead of every request is the worker's own), no
 room RESOURCE_EXHAUSTED, a draining or stopped engine UNAVAILABLE, a failed engine step INTERNAL (the gateway
-retries it elsewhere). A cancelled call (the gateway's client went
-away) aborts the request. With a fleet secret, every RPC is refused without it (``protocol.security``).
+retries it elsewhere). A cancelled call (the gateway's client went away) aborts the request. ``Generate`` runs
+one generation a call; ``GenerateStreams`` many on one call (``worker.streamed``), each ending with the status its
+own ``Generate`` call would have had. With a fleet secret, every RPC is refused without it (``protocol.security``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -28,6 +31,7 @@ from fleetserve.telemetry.metrics import WorkerMetrics
 from fleetserve.telemetry.tracing import request_id_var
 from fleetserve.text.tokenizer import tokenizer_files
 from fleetserve.worker.kv_transfer import KvFetcher, KvTransferService
+from fleetserve.worker.streamed import Refusal, StreamedGenerations
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +64,38 @@ class WorkerService(pb_grpc.WorkerServicer):
             self._inter_token_s = seconds if not self._inter_token_s else 0.9 * self._inter_token_s + 0.1 * seconds
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
+        try:
+            async with contextlib.aclosing(self._chunks(request, metadata.get("x-request-id", ""))) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except Refusal as refusal:
+            await context.abort(refusal.code, refusal.message)
+
+    async def GenerateStreams(self, requests: AsyncIterator[pb.StreamedRequest], context: grpc.aio.ServicerContext):
+        """Generations started and cancelled by the call's messages; each reply carries every chunk produced
+        since the last one, of any of them (one message a step for all, not one per generation)."""
+        streams = StreamedGenerations(self._chunks)
+        reader = asyncio.get_running_loop().create_task(streams.read(requests))
+        try:
+            async for batch in streams.batches(reader):
+                yield batch
+        finally:
+            await streams.close(reader)
+
+    async def _chunks(self, request: pb.GenerateRequest, log_id: str) -> AsyncIterator[pb.GenerateChunk]:
+        """One generation's chunks; Refusal (a gRPC status and its message) when it is refused or fails."""
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
         if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
-            await context.abort(
+            raise Refusal(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"priority must be between {PRIORITY_MIN} and {PRIORITY_MAX}, got {request.priority}",
             )
         arrived = time.monotonic()
         rid = request.request_id or uuid.uuid4().hex
         # The gateway's request id (several calls of one request share it), for this worker's log lines.
-        metadata = {m.key: m.value for m in context.invocation_metadata() or ()}
-        request_id_var.set(metadata.get("x-request-id") or rid)
+        request_id_var.set(log_id or rid)
         prompt = list(request.prompt_token_ids)
         received, kv_import = None, None
         if request.HasField("kv_source"):
@@ -107,15 +131,15 @@ class WorkerService(pb_grpc.WorkerServicer):
                 yield chunk
                 first = False
         except InvalidRequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         except CapacityError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
         except EngineDeadError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         except EngineStepError as exc:  # only this request's step failed; the engine serves on
             if self.metrics is not None:
                 self.metrics.requests_total.labels(outcome="error").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            raise Refusal(grpc.StatusCode.INTERNAL, str(exc)) from exc
         finally:
             await stream.aclose()  # a cancelled call lands here: the engine aborts the request
 

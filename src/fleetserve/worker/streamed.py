@@ -1,0 +1,114 @@
+"""Many generations over one call: the worker's side of ``GenerateStreams``.
+
+The gateway starts and cancels generations with the call's messages; each runs as a task of its own, as a
+``Generate`` call would, and puts its chunks in one outbox. The reply stream sends the outbox whole whenever it
+has something: the tokens one engine step gave all of the call's generations reach the event loop together,
+so they leave together, as one message. Per message, gRPC costs the worker's event loop about as much as it
+costs to stream one token, and that loop shares the interpreter lock with the engine's thread: a message a step
+instead of a message a step and generation leaves the engine that much less to wait for.
+
+A generation that is refused or fails ends with an error entry (the status Generate's call would have ended
+with); the other generations of the call go on. When the gateway closes its side, the call ends once its
+generations have; when the call is cancelled (the gateway left), every generation it started is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from fleetserve.protocol import fleet_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Refusal(Exception):
+    """A generation refused or failed, with the gRPC status its call ends with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+Chunks = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateChunk]]
+
+
+class StreamedGenerations:
+    """The generations of one ``GenerateStreams`` call; ``chunks`` runs one of them (request, log id)."""
+
+    def __init__(self, chunks: Chunks):
+        self._chunks = chunks
+        self._outbox: list[pb.StreamedChunk] = []
+        self._ready = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def read(self, requests: AsyncIterator[pb.StreamedRequest]) -> None:
+        """Start and cancel generations as the call's messages say, until the gateway closes its side."""
+        try:
+            async for message in requests:
+                if message.HasField("start"):
+                    self._start(message.start, message.log_id)
+                elif message.cancel:
+                    task = self._tasks.get(message.cancel)
+                    if task is not None:
+                        task.cancel()
+        finally:
+            self._ready.set()  # the reply stream looks whether it is done
+
+    def _start(self, request: pb.GenerateRequest, log_id: str) -> None:
+        rid = request.request_id
+        if not rid or rid in self._tasks:
+            why = "a streamed generation needs a request_id of its own on the call"
+            self._send(
+                pb.StreamedChunk(request_id=rid, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=why)
+            )
+            return
+        task = asyncio.get_running_loop().create_task(self._run(request, log_id))
+        self._tasks[rid] = task
+        task.add_done_callback(lambda _: self._ended(rid))
+
+    def _ended(self, rid: str) -> None:
+        self._tasks.pop(rid, None)
+        self._ready.set()  # the last one's end may be what the reply stream waits for
+
+    async def _run(self, request: pb.GenerateRequest, log_id: str) -> None:
+        rid = request.request_id
+        try:
+            async with contextlib.aclosing(self._chunks(request, log_id)) as chunks:
+                async for chunk in chunks:
+                    self._send(pb.StreamedChunk(request_id=rid, chunk=chunk))
+        except Refusal as refusal:
+            self._send(pb.StreamedChunk(request_id=rid, error_code=refusal.code.value[0], error=refusal.message))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a fault outside the engine's own errors: this generation's alone
+            log.exception("streamed generation %s failed", rid)
+            self._send(pb.StreamedChunk(request_id=rid, error_code=grpc.StatusCode.INTERNAL.value[0], error=str(exc)))
+
+    def _send(self, entry: pb.StreamedChunk) -> None:
+        self._outbox.append(entry)
+        self._ready.set()
+
+    async def batches(self, reader: asyncio.Task) -> AsyncIterator[pb.StreamedChunks]:
+        """Everything sent since the last batch, whenever there is something; ends once the gateway has closed
+        its side and every generation has ended."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._outbox:
+                batch, self._outbox = self._outbox, []
+                yield pb.StreamedChunks(chunks=batch)
+            if reader.done() and not self._tasks and not self._outbox:
+                return
+
+    async def close(self, reader: asyncio.Task) -> None:
+        """Stop reading and abort every generation still running (the call ended or was cancelled)."""
+        tasks = [reader, *self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
