@@ -6,6 +6,10 @@ gRPC costs about as much per message as per token at these sizes, on both ends, 
 message rather than one message per generation saves the worker's event loop and the gateway most of their
 per-token work. A worker without it (an older one) gets one ``Generate`` call per generation, as before.
 
+The worker answers a new call with an empty reply, and the gateway sends nothing before it: a worker without the
+RPC then refuses the call cleanly (UNIMPLEMENTED), where a message still in flight would have made it fail as
+INTERNAL.
+
 Every generation reads the same chunks and meets the same gRPC statuses either way, so the dispatcher's retries
 and failover do not know which way it went: a refusal or failure of one generation comes back as its status; a
 call that breaks (the worker died, or was declared dead and its channel closed) ends all of its generations with
@@ -38,21 +42,24 @@ class _Call:
     """One GenerateStreams call and the generations waiting on it."""
 
     def __init__(self, stub: pb_grpc.WorkerStub):
-        self.outgoing: asyncio.Queue[pb.StreamedRequest] = asyncio.Queue()
+        self.outgoing: asyncio.Queue[pb.StreamedRequest | None] = asyncio.Queue()
         self.waiting: dict[str, asyncio.Queue[pb.StreamedChunk | tuple[grpc.StatusCode, str]]] = {}
         self.ended: tuple[grpc.StatusCode, str] | None = None
         """Why the call ended (a status and its details); None while it runs."""
+        self.answered = asyncio.Event()
+        """Set by the worker's first reply (empty), or when the call ends without one."""
         self._call = stub.GenerateStreams(self._messages())
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _messages(self) -> AsyncIterator[pb.StreamedRequest]:
-        while True:
-            yield await self.outgoing.get()
+        while (message := await self.outgoing.get()) is not None:
+            yield message
 
     async def _read(self) -> None:
         ended = (grpc.StatusCode.UNAVAILABLE, "the worker ended the call that carried this generation")
         try:
             async for batch in self._call:
+                self.answered.set()
                 for entry in batch.chunks:
                     queue = self.waiting.get(entry.request_id)
                     if queue is not None:
@@ -64,6 +71,8 @@ class _Call:
         except Exception as exc:  # anything else that breaks the call ends its generations, not the gateway
             ended = (grpc.StatusCode.UNKNOWN, f"the call failed: {exc}")
         self.ended = ended
+        self.answered.set()
+        self.outgoing.put_nowait(None)  # what sends the call's messages stops too
         for queue in self.waiting.values():
             queue.put_nowait(ended)
 
@@ -100,6 +109,13 @@ class TokenStreams:
         if self._call is None or self._call.ended is not None:
             self._call = _Call(self.stub)
         call, rid = self._call, request.request_id
+        # Nothing is sent before the worker's first reply: a worker without the RPC answers UNIMPLEMENTED at once,
+        # and a message still being sent then would make the call fail as INTERNAL instead.
+        await call.answered.wait()
+        if call.ended is not None:
+            if call.ended[0] == grpc.StatusCode.UNIMPLEMENTED:
+                raise _Unsupported()
+            raise _status(*call.ended)
         queue: asyncio.Queue[pb.StreamedChunk | tuple[grpc.StatusCode, str]] = asyncio.Queue()
         call.waiting[rid] = queue
         finished = False
@@ -109,8 +125,6 @@ class TokenStreams:
                 entry = await queue.get()
                 if isinstance(entry, tuple):
                     finished = True
-                    if entry[0] == grpc.StatusCode.UNIMPLEMENTED:
-                        raise _Unsupported()
                     raise _status(*entry)
                 if entry.error_code:
                     finished = True

@@ -75,6 +75,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def GenerateStreams(self, requests: AsyncIterator[pb.StreamedRequest], context: grpc.aio.ServicerContext):
         """Generations started and cancelled by the call's messages; each reply carries every chunk produced
         since the last one, of any of them (one message a step for all, not one per generation)."""
+        yield pb.StreamedChunks()  # first, an empty reply: the gateway sends nothing before it (see token_streams)
         streams = StreamedGenerations(self._chunks)
         reader = asyncio.get_running_loop().create_task(streams.read(requests))
         try:

@@ -7,6 +7,9 @@ so they leave together, as one message. Per message, gRPC costs the worker's eve
 costs to stream one token, and that loop shares the interpreter lock with the engine's thread: a message a step
 instead of a message a step and generation leaves the engine that much less to wait for.
 
+The call's first reply is empty (``WorkerService.GenerateStreams`` sends it before reading anything): the
+gateway waits for it before starting a generation.
+
 A generation that is refused or fails ends with an error entry (the status Generate's call would have ended
 with); the other generations of the call go on. When the gateway closes its side, the call ends once its
 generations have; when the call is cancelled (the gateway left), every generation it started is aborted.
