@@ -33,7 +33,6 @@ from fleetserve.gateway.pipeline_state import hop_json
 from fleetserve.gateway.policies.base import RouteRequest
 from fleetserve.gateway.registry import DECODE_ROLE, PREFILL_ROLE, WorkerRecord, WorkerRegistry, WorkerState
 from fleetserve.gateway.sessions import SessionTable
-from fleetserve.gateway.token_streams import TokenStreams
 from fleetserve.protocol import convert
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.telemetry.metrics import GatewayMetrics
@@ -299,13 +298,11 @@ class Dispatcher:
     ) -> AsyncIterator[pb.GenerateChunk]:
         """One call to one worker: its chunks, until one carries a finish reason; _AttemptFailed when the call
         fails in a way another worker may not."""
-        stub = worker.stub
-        if stub is None:  # declared dead between admission and now
+        streams = worker.token_streams
+        if streams is None:  # declared dead between admission and now
             raise _AttemptFailed("the worker left before the request was sent", counts_against_worker=False)
         trace = progress.trace
-        if worker.token_streams is None or worker.token_streams.stub is not stub:
-            worker.token_streams = TokenStreams(stub)
-        chunks = worker.token_streams.chunks(request, progress.route.request_id)
+        chunks = streams.chunks(request, progress.route.request_id)
         try:
             async for chunk in chunks:
                 if progress.produced == 0:

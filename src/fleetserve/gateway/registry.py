@@ -114,7 +114,8 @@ class WorkerRecord:
     channel: grpc.aio.Channel | None = None
     stub: pb_grpc.WorkerStub | None = None
     token_streams: TokenStreams | None = None
-    """The generations sent to it (one call carries them all where the worker can), made with the first."""
+    """The generations sent to it over ``stub`` (one call carries them all where the worker can); set and cleared
+    with the stub."""
 
     @property
     def routable(self) -> bool:
@@ -204,6 +205,7 @@ class WorkerRegistry:
         record = WorkerRecord(worker_id, info, now, now, session_secret=secrets.token_urlsafe(32))
         record.serving = info.role != STAGE_ROLE  # a stage node serves once it heads a pipeline
         record.channel, record.stub = connection or self.connect(info.address)
+        record.token_streams = TokenStreams(record.stub) if record.stub is not None else None
         self.workers[worker_id] = record
         self.generation += 1
         self._persist(record)

@@ -70,19 +70,14 @@ class WorkerService(pb_grpc.WorkerServicer):
                 async for chunk in chunks:
                     yield chunk
         except Refusal as refusal:
-            await context.abort(refusal.code, refusal.message)
+            await context.abort(refusal.code, str(refusal))
 
     async def GenerateStreams(self, requests: AsyncIterator[pb.StreamedRequest], context: grpc.aio.ServicerContext):
         """Generations started and cancelled by the call's messages; each reply carries every chunk produced
         since the last one, of any of them (one message a step for all, not one per generation)."""
-        yield pb.StreamedChunks()  # first, an empty reply: the gateway sends nothing before it (see token_streams)
-        streams = StreamedGenerations(self._chunks)
-        reader = asyncio.get_running_loop().create_task(streams.read(requests))
-        try:
-            async for batch in streams.batches(reader):
+        async with contextlib.aclosing(StreamedGenerations(self._chunks).replies(requests)) as replies:
+            async for batch in replies:
                 yield batch
-        finally:
-            await streams.close(reader)
 
     async def _chunks(self, request: pb.GenerateRequest, log_id: str) -> AsyncIterator[pb.GenerateChunk]:
         """One generation's chunks; Refusal (a gRPC status and its message) when it is refused or fails."""

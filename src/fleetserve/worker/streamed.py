@@ -7,8 +7,8 @@ so they leave together, as one message. Per message, gRPC costs the worker's eve
 costs to stream one token, and that loop shares the interpreter lock with the engine's thread: a message a step
 instead of a message a step and generation leaves the engine that much less to wait for.
 
-The call's first reply is empty (``WorkerService.GenerateStreams`` sends it before reading anything): the
-gateway waits for it before starting a generation.
+The call's first reply is empty, sent before anything is read: the gateway waits for it before starting a
+generation.
 
 A generation that is refused or fails ends with an error entry (the status Generate's call would have ended
 with); the other generations of the call go on. When the gateway closes its side, the call ends once its
@@ -35,7 +35,6 @@ class Refusal(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
-        self.message = message
 
 
 Chunks = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateChunk]]
@@ -50,7 +49,7 @@ class StreamedGenerations:
         self._ready = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
 
-    async def read(self, requests: AsyncIterator[pb.StreamedRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[pb.StreamedRequest]) -> None:
         """Start and cancel generations as the call's messages say, until the gateway closes its side."""
         try:
             async for message in requests:
@@ -66,10 +65,7 @@ class StreamedGenerations:
     def _start(self, request: pb.GenerateRequest, log_id: str) -> None:
         rid = request.request_id
         if not rid or rid in self._tasks:
-            why = "a streamed generation needs a request_id of its own on the call"
-            self._send(
-                pb.StreamedChunk(request_id=rid, error_code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=why)
-            )
+            self._fail(rid, grpc.StatusCode.INVALID_ARGUMENT, "a streamed generation needs a request_id of its own")
             return
         task = asyncio.get_running_loop().create_task(self._run(request, log_id))
         self._tasks[rid] = task
@@ -86,32 +82,35 @@ class StreamedGenerations:
                 async for chunk in chunks:
                     self._send(pb.StreamedChunk(request_id=rid, chunk=chunk))
         except Refusal as refusal:
-            self._send(pb.StreamedChunk(request_id=rid, error_code=refusal.code.value[0], error=refusal.message))
-        except asyncio.CancelledError:
-            raise
+            self._fail(rid, refusal.code, str(refusal))
         except Exception as exc:  # a fault outside the engine's own errors: this generation's alone
             log.exception("streamed generation %s failed", rid)
-            self._send(pb.StreamedChunk(request_id=rid, error_code=grpc.StatusCode.INTERNAL.value[0], error=str(exc)))
+            self._fail(rid, grpc.StatusCode.INTERNAL, str(exc))
+
+    def _fail(self, rid: str, code: grpc.StatusCode, message: str) -> None:
+        self._send(pb.StreamedChunk(request_id=rid, error_code=code.value[0], error=message))
 
     def _send(self, entry: pb.StreamedChunk) -> None:
         self._outbox.append(entry)
         self._ready.set()
 
-    async def batches(self, reader: asyncio.Task) -> AsyncIterator[pb.StreamedChunks]:
-        """Everything sent since the last batch, whenever there is something; ends once the gateway has closed
-        its side and every generation has ended."""
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            if self._outbox:
-                batch, self._outbox = self._outbox, []
-                yield pb.StreamedChunks(chunks=batch)
-            if reader.done() and not self._tasks and not self._outbox:
-                return
-
-    async def close(self, reader: asyncio.Task) -> None:
-        """Stop reading and abort every generation still running (the call ended or was cancelled)."""
-        tasks = [reader, *self._tasks.values()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async def replies(self, requests: AsyncIterator[pb.StreamedRequest]) -> AsyncIterator[pb.StreamedChunks]:
+        """The call's replies: first an empty one, then everything sent since the last, whenever there is
+        something; they end once the gateway has closed its side and every generation has ended. Closed early
+        (the call ended or was cancelled), every generation still running is aborted."""
+        yield pb.StreamedChunks()
+        reader = asyncio.get_running_loop().create_task(self._read(requests))
+        try:
+            while True:
+                await self._ready.wait()
+                self._ready.clear()
+                if self._outbox:
+                    batch, self._outbox = self._outbox, []
+                    yield pb.StreamedChunks(chunks=batch)
+                if reader.done() and not self._tasks and not self._outbox:
+                    return
+        finally:
+            tasks = [reader, *self._tasks.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
