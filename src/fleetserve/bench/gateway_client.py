@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from fleetserve.bench.errors import BenchError
+from fleetserve.bench.sse_stream import HttpStreamError, StreamingClient
 from fleetserve.bench.traces import StreamTrace
 from fleetserve.bench.workload import WARM_UP_TEXT
 
@@ -39,14 +41,25 @@ def _error_message(raw: bytes) -> str:
 
 
 class GatewayClient:
-    """Streamed chat completions against a gateway, on one shared httpx.AsyncClient."""
+    """Streamed chat completions against a gateway: the timed requests on a light streaming client (sse_stream),
+    the warm-up and ``/ready`` on one shared httpx.AsyncClient."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, api_key: str | None, model: str, max_tokens: int):
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        api_key: str | None,
+        model: str,
+        max_tokens: int,
+        timeout_s: float = 600.0,
+    ):
         self.client = client
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.streams = StreamingClient(self.url, self.headers)
         self.model = model
         self.max_tokens = max_tokens
+        self.timeout_s = timeout_s
 
     def body(self, messages: list[dict]) -> dict[str, Any]:
         """The request body of one benchmark request."""
@@ -83,47 +96,47 @@ class GatewayClient:
 
     async def send(self, messages: list[dict], trace: StreamTrace) -> None:
         """Send one streamed chat completion and record its timings in ``trace``."""
-        httpx = import_httpx()
-        usage: dict | None = None
-        finish: str | None = None
         trace.arrival = time.perf_counter()
         try:
-            async with self.client.stream(
-                "POST", self.url + "/v1/chat/completions", json=self.body(messages), headers=self.headers
-            ) as response:
-                trace.status = response.status_code
-                if response.status_code != 200:
-                    trace.fail(f"HTTP {response.status_code}: {_error_message(await response.aread())}")
-                    return
-                async for line in response.aiter_lines():
-                    now = time.perf_counter()
-                    if not line.startswith("data:"):
-                        continue  # blank separators, comments, event names
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    event = json.loads(data)
-                    if event.get("error"):
-                        error = event["error"]
-                        message = error.get("message") if isinstance(error, dict) else error
-                        trace.fail(f"HTTP {response.status_code}, error in stream: {message}")
-                        return
-                    content = False
-                    for choice in event.get("choices") or ():
-                        content = content or bool((choice.get("delta") or {}).get("content"))
-                        finish = choice.get("finish_reason") or finish
-                    if content:
-                        if trace.first_token is None:
-                            trace.first_token = now
-                        trace.token_times.append(now)
-                    if event.get("usage"):
-                        usage = event["usage"]
-        except httpx.HTTPError as exc:
+            await asyncio.wait_for(self._stream(messages, trace), self.timeout_s)
+        except asyncio.TimeoutError:  # before OSError, of which it is a subclass from Python 3.11
+            trace.fail(f"no whole response within {self.timeout_s:g} s")
+        except (OSError, EOFError, asyncio.LimitOverrunError, HttpStreamError) as exc:
             trace.fail(f"{type(exc).__name__}: {exc}")
-            return
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             trace.fail(f"HTTP 200, bad JSON in stream: {exc}")
-            return
+
+    async def _stream(self, messages: list[dict], trace: StreamTrace) -> None:
+        usage: dict | None = None
+        finish: str | None = None
+        async with self.streams.post("/v1/chat/completions", self.body(messages)) as response:
+            trace.status = response.status
+            if response.status != 200:
+                trace.fail(f"HTTP {response.status}: {_error_message(await response.read())}")
+                return
+            async for line in response.lines():
+                now = time.perf_counter()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, event names
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    continue  # read on to the body's end, so that the connection can be kept
+                event = json.loads(data)
+                if event.get("error"):
+                    error = event["error"]
+                    message = error.get("message") if isinstance(error, dict) else error
+                    trace.fail(f"HTTP {response.status}, error in stream: {message}")
+                    return
+                content = False
+                for choice in event.get("choices") or ():
+                    content = content or bool((choice.get("delta") or {}).get("content"))
+                    finish = choice.get("finish_reason") or finish
+                if content:
+                    if trace.first_token is None:
+                        trace.first_token = now
+                    trace.token_times.append(now)
+                if event.get("usage"):
+                    usage = event["usage"]
         trace.finish_time = time.perf_counter()
         if finish is None:
             trace.fail("HTTP 200, but the stream ended without a finish_reason")
@@ -134,6 +147,10 @@ class GatewayClient:
             trace.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             trace.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             trace.finish_reason = finish
+
+    async def close(self) -> None:
+        """Close the streamed requests' idle connections."""
+        await self.streams.aclose()
 
 
 def healthy_workers(ready: dict | None, model: str) -> int | None:

@@ -123,7 +123,7 @@ async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print
     rng = random.Random(args.seed)
     worker_info: dict[str, Any] | None = None
     async with httpx.AsyncClient(**_client_options(httpx, settings.loads, args.timeout)) as client:
-        sides = Sides(GatewayClient(client, args.url, args.api_key, args.model, settings.max_tokens))
+        sides = Sides(GatewayClient(client, args.url, args.api_key, args.model, settings.max_tokens, args.timeout))
         try:
             if settings.worker:
                 worker_info = await sides.connect_worker(settings.worker, settings.max_tokens, args.model, log)

@@ -59,7 +59,8 @@ class Sides:
         return ready, healthy
 
     async def close(self) -> None:
-        """Close the direct side's channel, if there is one."""
+        """Close the gateway side's idle connections and the direct side's channel, if there is one."""
+        await self.gateway.close()
         if self.direct is not None:
             await self.direct.close()
 
