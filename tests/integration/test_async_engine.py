@@ -1,4 +1,4 @@
-"""AsyncEngine: concurrent streams, errors before the first output, cancellation freeing blocks at once."""
+"""AsyncEngine: concurrent streams, errors before the first output, cancellation freeing blocks at once, and\nper-request sinks."""
 
 import asyncio
 
@@ -89,6 +89,40 @@ def test_cancelling_a_stream_aborts_and_frees_blocks(base_engine, chat_prompts):
 
     got, stats = asyncio.run(main())
     assert len(got) < 500
+    assert stats.running == 0 and stats.kv_blocks_used == 0
+
+
+def test_sinks_take_each_steps_outputs_and_a_failing_one_disturbs_no_other(base_engine, chat_prompts):
+    engine = base_engine
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = engine.generate(chat_prompts[:2], params)
+
+    async def main():
+        aengine = AsyncEngine(engine)
+        got: dict[str, list] = {"good": [], "bad": []}
+        done = asyncio.get_running_loop().create_future()
+
+        def good(out):
+            got["good"].append(out)
+            if out.finished:
+                done.set_result(None)
+
+        def bad(out):
+            got["bad"].append(out)
+            raise RuntimeError("this listener is broken")
+
+        await aengine.start(chat_prompts[0], params, sink=good)
+        bad_id = await aengine.start(chat_prompts[1], SamplingParams(max_tokens=500, ignore_eos=True), sink=bad)
+        await done
+        aengine.drop(bad_id, abort=True)  # its listener stops listening: the engine aborts it
+        stats = await aengine.call(engine.stats)
+        await aengine.close()
+        return got, stats
+
+    got, stats = asyncio.run(main())
+    assert [t for o in got["good"] for t in o.new_token_ids] == expected[0]
+    assert got["good"][-1].finish_reason == "length"
+    assert got["bad"] and len(got["bad"]) < 500  # its outputs kept coming, each to its own failing listener
     assert stats.running == 0 and stats.kv_blocks_used == 0
 
 

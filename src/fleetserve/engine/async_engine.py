@@ -1,4 +1,5 @@
-"""AsyncEngine: the LLMEngine on its own thread, with per-request async streams for asyncio servers.
+"""AsyncEngine: the LLMEngine on its own thread, with per-request async streams for asyncio servers (``generate``),
+or per-request callbacks that take all of a step's outputs in one turn of the event loop (``start``).
 
 The engine thread builds the engine (``create``), then alternates between running queued commands (add, abort,
 export ...) and stepping the engine, so the event loop never waits for a step. Every engine call goes through that
@@ -25,6 +26,8 @@ from fleetserve.errors import EngineStepError, FleetServeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Sink = Callable[[RequestOutput | BaseException], None]
+"""Takes a request's outputs, or the exception that ends it, on the event loop (``AsyncEngine.start``)."""
 
 PIN_CHECK_S = 1.0
 """How often an idle engine thread looks for pinned KV past its TTL."""
@@ -52,7 +55,8 @@ class AsyncEngine:
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
         self._loop = loop or asyncio.get_running_loop()
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._sinks: dict[str, Sink] = {}
+        """Where each request's outputs go, on the event loop: registered on the engine thread when it is added."""
         self._built: concurrent.futures.Future[LLMEngine] = concurrent.futures.Future()
         build = None
         if isinstance(engine, LLMEngine):
@@ -73,6 +77,50 @@ class AsyncEngine:
 
     # -- public API --------------------------------------------------------------------------------------
 
+    async def start(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        kv_import: KVTransfer | None = None,
+        retain_kv: bool = False,
+        resumed_output: list[int] | None = None,
+        session_id: str | None = None,
+        session_ttl_s: float | None = None,
+        prefill_only: bool = False,
+        *,
+        sink: Sink,
+    ) -> str:
+        """Add a request and return its id; bad input raises here. ``sink`` is called on the event loop with
+        each of its outputs as a step gives it (all of a step's outputs in one turn of the loop, no task woken
+        for each), or with the exception that ends it; it is forgotten after the finished output. A caller that
+        stops listening before that calls ``drop``."""
+
+        def add() -> str:
+            rid = self.engine.add_request(
+                prompt_token_ids,
+                params,
+                request_id,
+                priority,
+                retain_kv,
+                kv_import,
+                resumed_output,
+                session_id,
+                session_ttl_s,
+                prefill_only,
+            )
+            self._sinks[rid] = sink  # registered on the engine thread before its first step
+            return rid
+
+        return await self.call(add)
+
+    def drop(self, request_id: str, abort: bool) -> None:
+        """Stop handing the request's outputs to its sink, and abort it first when ``abort``."""
+        if abort:
+            self._submit(lambda: self.engine.abort(request_id))
+        self._submit(lambda: self._sinks.pop(request_id, None))
+
     async def generate(
         self,
         prompt_token_ids: list[int],
@@ -88,24 +136,19 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs step by step until it finishes; bad input raises before the first."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-        def add() -> str:
-            rid = self.engine.add_request(
-                prompt_token_ids,
-                params,
-                request_id,
-                priority,
-                retain_kv,
-                kv_import,
-                resumed_output,
-                session_id,
-                session_ttl_s,
-                prefill_only,
-            )
-            self._streams[rid] = stream  # registered on the engine thread before its first step
-            return rid
-
-        rid = await self.call(add)
+        rid = await self.start(
+            prompt_token_ids,
+            params,
+            request_id,
+            priority,
+            kv_import,
+            retain_kv,
+            resumed_output,
+            session_id,
+            session_ttl_s,
+            prefill_only,
+            sink=stream.put_nowait,
+        )
         finished = False
         try:
             while True:
@@ -117,9 +160,7 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            if not finished:
-                self._submit(lambda: self.engine.abort(rid))
-            self._submit(lambda: self._streams.pop(rid, None))
+            self.drop(rid, abort=not finished)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request by id; True if it was running or waiting."""
@@ -233,22 +274,29 @@ class AsyncEngine:
             self._stats = self.engine.stats()
             block = False
 
+    def _hand(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            self._sinks.pop(request_id, None)
+        try:
+            sink(item)
+        except Exception:  # one listener's fault is its own: the step's other requests still get theirs
+            log.exception("the listener of request %s failed", request_id)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is not None:
-                stream.put_nowait(out)
+            self._hand(out.request_id, out)
 
     def _fail_requests(self, exc: EngineStepError) -> None:
-        for rid in exc.request_ids:
-            stream = self._streams.get(rid)
-            if stream is not None:  # one exception per stream: each is raised in its own task
-                stream.put_nowait(EngineStepError(str(exc), [rid]))
+        for rid in exc.request_ids:  # one exception per request: each is raised in its own task
+            self._hand(rid, EngineStepError(str(exc), [rid]))
 
     def _fail_all(self, exc: BaseException) -> None:
         def fail() -> None:
-            for stream in self._streams.values():
-                stream.put_nowait(exc)
+            for rid in list(self._sinks):
+                self._hand(rid, exc)
 
         if not self._loop.is_closed():
             self._loop.call_soon_threadsafe(fail)

@@ -15,12 +15,13 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from fleetserve.contract import KVTransfer, SamplingParams
+from fleetserve.contract import KVTransfer, RequestOutput, SamplingParams
 from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
 from fleetserve.errors import CapacityError, EngineStepError, InvalidRequestError
 from fleetserve.protocol import convert
@@ -34,6 +35,53 @@ from fleetserve.worker.kv_transfer import KvFetcher, KvTransferService
 from fleetserve.worker.streamed import Refusal, StreamedGenerations
 
 log = logging.getLogger(__name__)
+
+
+ENGINE_ERRORS = (InvalidRequestError, CapacityError, EngineDeadError, EngineStepError)
+"""What the engine raises about one request; ``_Generation.refusal`` gives each its gRPC status."""
+
+Emit = Callable[[pb.GenerateChunk], None]
+
+
+class _Generation:
+    """One admitted generation's bookkeeping: its engine outputs become chunks (with its timings and the
+    worker's metrics), and the engine's errors the status its call ends with."""
+
+    def __init__(self, service: WorkerService, arrived: float, received: pb.KvReceived | None):
+        self.service = service
+        self.arrived = arrived
+        self.received = received
+        self.first = True
+        self.last = arrived
+
+    def chunk(self, out: RequestOutput) -> pb.GenerateChunk:
+        now = time.monotonic()
+        self.service.observe(self.first, now - self.last)
+        metrics = self.service.metrics
+        if metrics is not None:
+            if self.first:
+                metrics.time_to_first_token_seconds.observe(now - self.arrived)
+            metrics.generation_tokens_total.inc(len(out.new_token_ids))
+            if out.finish_reason:
+                metrics.requests_total.labels(outcome="cancelled" if out.finish_reason == "abort" else "ok").inc()
+        chunk = convert.output_to_chunk(out, first=self.first, queue_s=now - self.arrived if self.first else 0.0)
+        if self.first and self.received is not None:
+            chunk.kv_received.CopyFrom(self.received)
+        self.first = False
+        self.last = now
+        return chunk
+
+    def refusal(self, exc: Exception) -> Refusal:
+        if isinstance(exc, InvalidRequestError):
+            return Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if isinstance(exc, CapacityError):
+            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if isinstance(exc, EngineDeadError):
+            return Refusal(grpc.StatusCode.UNAVAILABLE, str(exc))
+        # A failed step: only this request's step failed; the engine serves on.
+        if self.service.metrics is not None:
+            self.service.metrics.requests_total.labels(outcome="error").inc()
+        return Refusal(grpc.StatusCode.INTERNAL, str(exc))
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -57,7 +105,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         """Exponential moving averages of time to first token and between tokens, in seconds."""
         return self._first_token_s, self._inter_token_s
 
-    def _observe(self, first: bool, seconds: float) -> None:
+    def observe(self, first: bool, seconds: float) -> None:
+        """Fold one generation's time to its first token (``first``) or between two tokens into the averages."""
         if first:
             self._first_token_s = seconds if not self._first_token_s else 0.8 * self._first_token_s + 0.2 * seconds
         else:
@@ -75,12 +124,13 @@ class WorkerService(pb_grpc.WorkerServicer):
     async def GenerateStreams(self, requests: AsyncIterator[pb.StreamedRequest], context: grpc.aio.ServicerContext):
         """Generations started and cancelled by the call's messages; each reply carries every chunk produced
         since the last one, of any of them (one message a step for all, not one per generation)."""
-        async with contextlib.aclosing(StreamedGenerations(self._chunks).replies(requests)) as replies:
+        async with contextlib.aclosing(StreamedGenerations(self._emit_chunks).replies(requests)) as replies:
             async for batch in replies:
                 yield batch
 
-    async def _chunks(self, request: pb.GenerateRequest, log_id: str) -> AsyncIterator[pb.GenerateChunk]:
-        """One generation's chunks; Refusal (a gRPC status and its message) when it is refused or fails."""
+    async def _admit(self, request: pb.GenerateRequest, log_id: str) -> tuple[_Generation, dict[str, Any]]:
+        """Check a generation and fetch its KV if it brings a source: its bookkeeping and the engine's arguments
+        for it. Refusal when it is refused."""
         if self.draining:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, "worker is draining: send this request elsewhere")
         if not PRIORITY_MIN <= request.priority <= PRIORITY_MAX:
@@ -96,48 +146,63 @@ class WorkerService(pb_grpc.WorkerServicer):
         received, kv_import = None, None
         if request.HasField("kv_source"):
             received, kv_import = await self._receive_kv(request.kv_source, prompt)
-        stream = self.engine.generate(
-            prompt,
-            convert.sampling_from_proto(request.params),
-            request_id=rid,
-            priority=request.priority,
-            resumed_output=list(request.resumed_output_ids) or None,
-            kv_import=kv_import,
-            session_id=request.session_id or None,
-            session_ttl_s=request.session_ttl_s or None,
-            prefill_only=request.prefill_only,
-        )
-        first = True
-        last = arrived
+        arguments = {
+            "prompt_token_ids": prompt,
+            "params": convert.sampling_from_proto(request.params),
+            "request_id": rid,
+            "priority": request.priority,
+            "resumed_output": list(request.resumed_output_ids) or None,
+            "kv_import": kv_import,
+            "session_id": request.session_id or None,
+            "session_ttl_s": request.session_ttl_s or None,
+            "prefill_only": request.prefill_only,
+        }
+        return _Generation(self, arrived, received), arguments
+
+    async def _chunks(self, request: pb.GenerateRequest, log_id: str) -> AsyncIterator[pb.GenerateChunk]:
+        """One generation's chunks; Refusal (a gRPC status and its message) when it is refused or fails."""
+        generation, arguments = await self._admit(request, log_id)
+        stream = self.engine.generate(**arguments)
         try:
             async for out in stream:
-                now = time.monotonic()
-                self._observe(first, now - last)
-                if self.metrics is not None:
-                    if first:
-                        self.metrics.time_to_first_token_seconds.observe(now - arrived)
-                    self.metrics.generation_tokens_total.inc(len(out.new_token_ids))
-                    if out.finish_reason:
-                        outcome = "cancelled" if out.finish_reason == "abort" else "ok"
-                        self.metrics.requests_total.labels(outcome=outcome).inc()
-                last = now
-                chunk = convert.output_to_chunk(out, first=first, queue_s=now - arrived if first else 0.0)
-                if first and received is not None:
-                    chunk.kv_received.CopyFrom(received)
-                yield chunk
-                first = False
-        except InvalidRequestError as exc:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        except CapacityError as exc:
-            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
-        except EngineDeadError as exc:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
-        except EngineStepError as exc:  # only this request's step failed; the engine serves on
-            if self.metrics is not None:
-                self.metrics.requests_total.labels(outcome="error").inc()
-            raise Refusal(grpc.StatusCode.INTERNAL, str(exc)) from exc
+                yield generation.chunk(out)
+        except ENGINE_ERRORS as exc:
+            raise generation.refusal(exc) from exc
         finally:
             await stream.aclose()  # a cancelled call lands here: the engine aborts the request
+
+    async def _emit_chunks(self, request: pb.GenerateRequest, log_id: str, emit: Emit) -> None:
+        """One generation, its chunks handed to ``emit`` as the engine gives them (on the event loop, no task
+        woken per chunk); returns when it has finished. Refusal when it is refused or fails; cancelled, it is
+        aborted."""
+        generation, arguments = await self._admit(request, log_id)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            if done.done():
+                return
+            if isinstance(item, BaseException):
+                done.set_exception(item)
+                return
+            try:
+                emit(generation.chunk(item))
+            except Exception as exc:  # this generation's fault alone; it is aborted below
+                done.set_exception(exc)
+                return
+            if item.finished:
+                done.set_result(None)
+
+        try:
+            rid = await self.engine.start(**arguments, sink=sink)
+        except ENGINE_ERRORS as exc:
+            raise generation.refusal(exc) from exc
+        try:
+            await done
+        except ENGINE_ERRORS as exc:
+            raise generation.refusal(exc) from exc
+        finally:
+            if done.cancelled() or done.exception() is not None:
+                self.engine.drop(rid, abort=True)
 
     async def _receive_kv(self, source: pb.KvSource, prompt: list[int]) -> tuple[pb.KvReceived, KVTransfer | None]:
         """Fetch the prompt's KV that this worker's prefix cache lacks from the prefill worker ``source`` names.

@@ -1,9 +1,10 @@
 """Many generations over one call: the worker's side of ``GenerateStreams``.
 
 The gateway starts and cancels generations with the call's messages; each runs as a task of its own, as a
-``Generate`` call would, and puts its chunks in one outbox. The reply stream sends the outbox whole whenever it
-has something: the tokens one engine step gave all of the call's generations reach the event loop together,
-so they leave together, as one message. Per message, gRPC costs the worker's event loop about as much as it
+``Generate`` call would, and its chunks go into one outbox as the engine hands them over: all of one step's
+outputs in one turn of the event loop, without waking each generation's task. The reply stream sends the outbox
+whole whenever it has something, so the tokens one engine step gave all of the call's generations leave
+together, as one message. Per message, gRPC costs the worker's event loop about as much as it
 costs to stream one token, and that loop shares the interpreter lock with the engine's thread: a message a step
 instead of a message a step and generation leaves the engine that much less to wait for.
 
@@ -18,9 +19,8 @@ generations have; when the call is cancelled (the gateway left), every generatio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -37,14 +37,15 @@ class Refusal(Exception):
         self.code = code
 
 
-Chunks = Callable[[pb.GenerateRequest, str], AsyncIterator[pb.GenerateChunk]]
+Generate = Callable[[pb.GenerateRequest, str, Callable[[pb.GenerateChunk], None]], Awaitable[None]]
+"""Runs one generation (request, log id), handing each chunk to the callable as it comes; Refusal when refused."""
 
 
 class StreamedGenerations:
-    """The generations of one ``GenerateStreams`` call; ``chunks`` runs one of them (request, log id)."""
+    """The generations of one ``GenerateStreams`` call; ``generate`` runs one of them."""
 
-    def __init__(self, chunks: Chunks):
-        self._chunks = chunks
+    def __init__(self, generate: Generate):
+        self._generate = generate
         self._outbox: list[pb.StreamedChunk] = []
         self._ready = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -77,10 +78,12 @@ class StreamedGenerations:
 
     async def _run(self, request: pb.GenerateRequest, log_id: str) -> None:
         rid = request.request_id
+
+        def emit(chunk: pb.GenerateChunk) -> None:
+            self._send(pb.StreamedChunk(request_id=rid, chunk=chunk))
+
         try:
-            async with contextlib.aclosing(self._chunks(request, log_id)) as chunks:
-                async for chunk in chunks:
-                    self._send(pb.StreamedChunk(request_id=rid, chunk=chunk))
+            await self._generate(request, log_id, emit)
         except Refusal as refusal:
             self._fail(rid, refusal.code, str(refusal))
         except Exception as exc:  # a fault outside the engine's own errors: this generation's alone
