@@ -10,8 +10,8 @@ Inputs are the sentences of ``benchmarks/data/heldout.txt`` (mixed lengths, one 
 * **server**: for each max batch size (1, 8, 32) and max queue delay (0, 5, 20 ms), a real gateway and one
   embedding worker (``--threads`` torch threads); an open-loop load of one-input requests at each ``--rates``
   rate for ``--seconds``, then a closed loop of ``--saturation`` concurrent clients: inputs/s answered and the
-  client's latency p50/p99 (base64 vectors, as the openai client asks for them; a minimal keep-alive HTTP client,
-  ``Connection``, so the load generator takes little of the machine); and a bulk closed loop of
+  client's latency p50/p99 (base64 vectors, as the openai client asks for them; the load generators' light
+  keep-alive HTTP client, ``fleetserve.bench.http_client``, so that they take little of the machine); and a bulk closed loop of
   ``--bulk-clients`` clients sending ``--bulk-inputs`` inputs per request (an indexing job's shape, and
   sentence-transformers' ``encode``'s: the throughput to set against it).
 
@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from fleetserve.bench.http_client import HttpStreamError, StreamingClient
 from fleetserve.bench.local_fleet import Fleet
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 
@@ -95,41 +96,19 @@ def reference(texts: list[str], threads: int) -> dict:
     return rows
 
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection that posts JSON and reads the whole answer: a load generator that costs
-    the machine far less than a general client (with httpx, the client alone took 0.4 to 0.7 of one of these 2
-    cores at 80 to 90 requests/s, and the server's single-input saturation read 117 inputs/s instead of 189)."""
-
-    def __init__(self, url: str):
-        host, _, port = url.removeprefix("http://").partition(":")
-        self.host, self.port = host, int(port)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post(self, path: str, body: dict) -> float:
-        """Seconds until the whole answer was read; an HTTPError-like RuntimeError on a status other than 200."""
-        started = time.perf_counter()
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        data = json.dumps(body).encode()
-        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-        self.writer.write(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
-        raw = await self.reader.readuntil(b"\r\n\r\n")
-        lines = raw.split(b"\r\n")
-        length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
-        await self.reader.readexactly(length)
-        status = int(lines[0].split(b" ", 2)[1])
-        if status != 200:
-            raise RuntimeError(f"HTTP {status}")
-        return time.perf_counter() - started
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+async def _post(client: StreamingClient, text: str | list[str]) -> float:
+    """Seconds until the whole answer was read; RuntimeError on a status other than 200."""
+    started = time.perf_counter()
+    body = {"model": MODEL, "input": text, "encoding_format": "base64"}
+    async with client.post("/v1/embeddings", body) as response:
+        await response.read()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}")
+    return time.perf_counter() - started
 
 
-async def _post(connection: Connection, text: str | list[str]) -> float:
-    return await connection.post("/v1/embeddings", {"model": MODEL, "input": text, "encoding_format": "base64"})
+FAILURES = (OSError, EOFError, RuntimeError, HttpStreamError)
+"""What one request can fail with: counted, and the connection is not used again."""
 
 
 def _summary(latencies: list[float], took: float, offered: float | None, errors: int) -> dict:
@@ -149,22 +128,14 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> 
     is free)."""
     latencies: list[float] = []
     errors = 0
-    idle: list[Connection] = []
-    every: list[Connection] = []
+    client = StreamingClient(url)
 
     async def one(text: str) -> None:
         nonlocal errors
-        if idle:
-            connection = idle.pop()
-        else:
-            connection = Connection(url)
-            every.append(connection)
         try:
-            latencies.append(await _post(connection, text))
-            idle.append(connection)
-        except (OSError, RuntimeError, asyncio.IncompleteReadError):
+            latencies.append(await _post(client, text))
+        except FAILURES:
             errors += 1
-            connection.close()
 
     tasks = []
     started = time.perf_counter()
@@ -175,8 +146,7 @@ async def open_loop(url: str, texts: list[str], rate: float, seconds: float) -> 
         tasks.append(asyncio.create_task(one(texts[i % len(texts)])))
     await asyncio.gather(*tasks)
     took = time.perf_counter() - started
-    for connection in every:
-        connection.close()
+    await client.aclose()
     return _summary(latencies, took, rate, errors)
 
 
@@ -189,20 +159,18 @@ async def closed_loop(url: str, texts: list[str], clients: int, seconds: float, 
 
     async def caller(k: int) -> None:
         nonlocal errors
-        connection = Connection(url)
+        client = StreamingClient(url)  # one connection each, kept alive (a new one after a failure)
         i = k * per_request
         try:
             while time.perf_counter() < deadline:
                 chunk = [texts[(i + j) % len(texts)] for j in range(per_request)]
                 try:
-                    latencies.append(await _post(connection, chunk[0] if per_request == 1 else chunk))
-                except (OSError, RuntimeError, asyncio.IncompleteReadError):
+                    latencies.append(await _post(client, chunk[0] if per_request == 1 else chunk))
+                except FAILURES:
                     errors += 1
-                    connection.close()
-                    connection = Connection(url)
                 i += clients * per_request
         finally:
-            connection.close()
+            await client.aclose()
 
     started = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(clients)))
@@ -247,15 +215,15 @@ LOW_LOAD = ((1, 0.0, False), (32, 5.0, False), (32, 5.0, True))
 
 async def _low_load(urls: list[str], texts: list[str], requests: int, gap_s: float) -> list[list[float]]:
     latencies: list[list[float]] = [[] for _ in urls]
-    connections = [Connection(url) for url in urls]
+    clients = [StreamingClient(url) for url in urls]
     try:
         for i in range(requests):
-            for k, connection in enumerate(connections):  # in turn: every server sees the same moments of the machine
+            for k, client in enumerate(clients):  # in turn: every server sees the same moments of the machine
                 await asyncio.sleep(gap_s)
-                latencies[k].append(await _post(connection, texts[i % len(texts)]))
+                latencies[k].append(await _post(client, texts[i % len(texts)]))
     finally:
-        for connection in connections:
-            connection.close()
+        for client in clients:
+            await client.aclose()
     return latencies
 
 

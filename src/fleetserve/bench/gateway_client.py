@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from fleetserve.bench.errors import BenchError
-from fleetserve.bench.sse_stream import HttpStreamError, StreamingClient
+from fleetserve.bench.http_client import HttpStreamError, StreamingClient
 from fleetserve.bench.traces import StreamTrace
 from fleetserve.bench.workload import WARM_UP_TEXT
 
@@ -41,7 +41,7 @@ def _error_message(raw: bytes) -> str:
 
 
 class GatewayClient:
-    """Streamed chat completions against a gateway: the timed requests on a light streaming client (sse_stream),
+    """Streamed chat completions against a gateway: the timed requests on a light streaming client (bench.http_client),
     the warm-up and ``/ready`` on one shared httpx.AsyncClient."""
 
     def __init__(

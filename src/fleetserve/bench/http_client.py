@@ -1,11 +1,11 @@
-"""A light HTTP/1.1 client for the benchmark's streamed requests: POST JSON, read the response body line by line.
+"""A light HTTP/1.1 client for the load generators: POST JSON, read the response body line by line, or whole.
 
 The load generator shares the machine with what it measures. On a small machine every microsecond it spends
-per token is taken from the engine: httpx's streaming reader cost about 120 µs of CPU a token, this one about
-a fifth of that (docs/benchmarks.md). It speaks only what the benchmark needs: one origin (``http`` or
+per token is taken from the engine: at 16 streams httpx's streaming reader cost 170-180 µs of CPU a token,
+this one 40-60 µs (docs/benchmarks.md). It speaks only what the benchmark needs: one origin (``http`` or
 ``https``, certificates verified as ``ssl.create_default_context`` does), requests with a JSON body,
 responses framed by ``Transfer-Encoding: chunked``, ``Content-Length`` or the connection's end, and
-connections kept alive between requests. Everything else (warm-up, ``/ready``) still goes through httpx.
+connections kept alive between requests. The chat benchmark's warm-up and ``/ready`` still go through httpx.
 """
 
 from __future__ import annotations

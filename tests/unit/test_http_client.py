@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fleetserve.bench.gateway_client import GatewayClient
-from fleetserve.bench.sse_stream import HttpStreamError, StreamingClient
+from fleetserve.bench.http_client import HttpStreamError, StreamingClient
 from fleetserve.bench.traces import StreamTrace
 
 
