@@ -122,33 +122,13 @@ class AsyncEngine:
         self._submit(lambda: self._sinks.pop(request_id, None))
 
     async def generate(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams | None = None,
-        request_id: str | None = None,
-        priority: int = 0,
-        kv_import: KVTransfer | None = None,
-        retain_kv: bool = False,
-        resumed_output: list[int] | None = None,
-        session_id: str | None = None,
-        session_ttl_s: float | None = None,
-        prefill_only: bool = False,
+        self, prompt_token_ids: list[int], params: SamplingParams | None = None, **options: Any
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs step by step until it finishes; bad input raises before the first."""
+        """Yield the request's outputs step by step until it finishes; bad input raises before the first.
+        ``options``: ``start``'s (request id, priority, KV to import or retain, resumed output, session,
+        prefill only)."""
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        rid = await self.start(
-            prompt_token_ids,
-            params,
-            request_id,
-            priority,
-            kv_import,
-            retain_kv,
-            resumed_output,
-            session_id,
-            session_ttl_s,
-            prefill_only,
-            sink=stream.put_nowait,
-        )
+        rid = await self.start(prompt_token_ids, params, sink=stream.put_nowait, **options)
         finished = False
         try:
             while True:
