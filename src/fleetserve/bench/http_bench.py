@@ -36,8 +36,9 @@ server, but not with those of other levels, sides or (most likely) runs. The tag
 
 Run it as ``python benchmarks/http_bench.py`` (see ``--help``); ``run`` returns the same dict it writes as JSON.
 This module owns the run as a whole and its entry points; ``http_options`` and ``scenarios`` hold the command line
-and what it resolves to, ``gateway_client`` and ``worker_client`` the two sides, ``load`` the loops that send,
-``http_levels`` the load levels, and ``http_report`` the rows, table and comparisons.
+and what it resolves to, ``gateway_client`` and ``worker_client`` the two sides (the gateway's streams read with
+the light ``http_client``), ``load`` the loops that send, ``http_levels`` the load levels, and ``http_report`` the
+rows, table and comparisons.
 """
 
 from __future__ import annotations
@@ -53,21 +54,11 @@ from fleetserve.bench.gateway_client import GatewayClient, import_httpx
 from fleetserve.bench.http_levels import Levels, Sides
 from fleetserve.bench.http_options import add_arguments, build_parser
 from fleetserve.bench.http_report import OVERHEAD_GOALS, format_table, headline
-from fleetserve.bench.load import Load
 from fleetserve.bench.results import created_now, host_environment, package_version, write_json
 from fleetserve.bench.scenarios import Settings, resolve
 from fleetserve.bench.workload import load_prompts, salts, take
 
 __all__ = ["BenchError", "add_arguments", "build_parser", "load_prompts", "main", "run", "run_async"]
-
-
-def _client_options(httpx, loads: Sequence[Load], timeout_s: float) -> dict[str, Any]:
-    """The shared httpx client's connection limits (room for the most requests in flight) and timeouts."""
-    most = max(load.concurrency or 0 for load in loads)  # 0: open loop, any number in flight
-    return {
-        "limits": httpx.Limits(max_connections=most + 4 if most else None, max_keepalive_connections=max(most, 16) + 4),
-        "timeout": httpx.Timeout(timeout_s, connect=min(timeout_s, 60.0)),
-    }
 
 
 def _settings_record(args: argparse.Namespace, settings: Settings, warmup: bool, salt: bool) -> dict[str, Any]:
@@ -122,7 +113,8 @@ async def run_async(args: argparse.Namespace, log: Callable[[str], None] = print
     tags = salts(len(settings.loads) * (2 if overhead else 1), salt)
     rng = random.Random(args.seed)
     worker_info: dict[str, Any] | None = None
-    async with httpx.AsyncClient(**_client_options(httpx, settings.loads, args.timeout)) as client:
+    # httpx for the warm-up and /ready; the timed requests go through the gateway client's own light client.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=min(args.timeout, 60.0))) as client:
         sides = Sides(GatewayClient(client, args.url, args.api_key, args.model, settings.max_tokens, args.timeout))
         try:
             if settings.worker:
