@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 class _SendWatch:
     """Cuts off a stream (cancels ``scope``) whose current send has waited ``timeout_s``. One timer a stream,
-    re-armed only when it fires: marking a send costs two assignments, where a timeout of its own per send
+    re-armed only when it fires: marking a send costs a clock read and two assignments, where a timeout of its own per send
     (``asyncio.wait_for``) cost a task and a timer per token."""
 
     def __init__(self, scope: anyio.CancelScope, timeout_s: float):
@@ -39,6 +39,14 @@ class _SendWatch:
             self.scope.cancel()
             return
         self._timer = self._loop.call_at((self.since or now) + self.timeout_s, self._check)
+
+    def sending(self) -> None:
+        """A send begins."""
+        self.since = self._loop.time()
+
+    def sent(self) -> None:
+        """The send under way is done."""
+        self.since = None
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -58,7 +66,6 @@ class SlowClientStreamingResponse(StreamingResponse):
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         watch: _SendWatch | None = None
-        loop = asyncio.get_running_loop()
         try:
             with anyio.CancelScope() as scope:
                 if self.slow_client_timeout_s:
@@ -67,10 +74,10 @@ class SlowClientStreamingResponse(StreamingResponse):
                     if not isinstance(chunk, bytes | memoryview):
                         chunk = chunk.encode(self.charset)
                     if watch is not None:
-                        watch.since = loop.time()
+                        watch.sending()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     if watch is not None:
-                        watch.since = None
+                        watch.sent()
             if scope.cancelled_caught:
                 self.cut_off = True
                 log.warning(

@@ -192,17 +192,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             if item.finished:
                 done.set_result(None)
 
+        rid: str | None = None
         try:
             rid = await self.engine.start(**arguments, sink=sink)
-        except ENGINE_ERRORS as exc:
-            raise generation.refusal(exc) from exc
-        try:
             await done
         except ENGINE_ERRORS as exc:
             raise generation.refusal(exc) from exc
         finally:
-            if done.cancelled() or done.exception() is not None:
-                self.engine.drop(rid, abort=True)
+            if rid is not None and (done.cancelled() or done.exception() is not None):
+                self.engine.drop(rid, abort=True)  # it did not finish: stop it on the engine
 
     async def _receive_kv(self, source: pb.KvSource, prompt: list[int]) -> tuple[pb.KvReceived, KVTransfer | None]:
         """Fetch the prompt's KV that this worker's prefix cache lacks from the prefill worker ``source`` names.
