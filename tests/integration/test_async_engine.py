@@ -1,4 +1,5 @@
-"""AsyncEngine: concurrent streams, errors before the first output, cancellation freeing blocks at once, and\nper-request sinks."""
+"""AsyncEngine: concurrent streams, errors before the first output, cancellation freeing blocks at once,
+per-request sinks, and outputs gathered to a stream interval."""
 
 import asyncio
 
@@ -149,6 +150,45 @@ def test_abort_by_id_ends_the_stream(base_engine, chat_prompts):
 
     outs = asyncio.run(main())
     assert outs[-1].finish_reason == "abort"
+
+
+def test_stream_interval_hands_tokens_in_groups_and_loses_none(base_engine, chat_prompts):
+    engine = base_engine
+    params = SamplingParams(max_tokens=11, ignore_eos=True, logprobs=1)
+    expected = engine.generate(chat_prompts[:3], params)
+
+    async def main():
+        aengine = AsyncEngine(engine, stream_interval=4)
+        try:
+            results = await asyncio.gather(*(collect(aengine, p, params) for p in chat_prompts[:3]))
+            victim: list = []
+
+            async def consume():
+                long = SamplingParams(max_tokens=500, ignore_eos=True)
+                async for out in aengine.generate(chat_prompts[0], long, request_id="victim"):
+                    victim.append(out)
+
+            task = asyncio.create_task(consume())
+            while len(victim) < 2:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.03)  # a step or two past a group: tokens are held when the abort comes
+            assert await aengine.abort("victim")
+            await task
+        finally:
+            await aengine.close()
+        return results, victim
+
+    results, victim = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    for _, outs in results:
+        # the first token at once, then groups of four, the last group whatever is left when it finishes
+        assert [len(o.new_token_ids) for o in outs] == [1, 4, 4, 2]
+        assert [o.num_output_tokens for o in outs] == [1, 5, 9, 11]
+        assert all(len(o.logprobs) == len(o.new_token_ids) for o in outs)
+        assert outs[-1].finish_reason == "length" and outs[0].first_token_time == outs[0].time
+    # an abort hands on what the request had gathered: every token it made reached the stream
+    assert victim[-1].finish_reason == "abort"
+    assert sum(len(o.new_token_ids) for o in victim) == victim[-1].num_output_tokens
 
 
 def test_closed_engine_refuses_requests(base_engine, chat_prompts):

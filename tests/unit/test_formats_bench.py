@@ -42,3 +42,13 @@ def test_peers_are_compared_with_the_median_of_the_rounds():
     assert out["int4 c=16 / transformers sequential"] == pytest.approx(20.0)
     assert out["int4 c=1 / transformers sequential"] == pytest.approx(6.0)
     assert "int4 c=1 / llama-server" not in out
+
+
+def test_a_fleet_with_a_stream_interval_is_compared_with_its_formats_engine():
+    rows = [
+        _row("up int4", 1, 80, 0),
+        _row("up int4 interval 4", 1, 95, 0),
+        _row("engine int4", 1, 100, 0),
+    ]
+    assert end_to_end_by_round(rows) == {"int4 c=1": [0.8], "int4 interval 4 c=1": [0.95]}
+    assert ratios(rows)["int4 interval 4 c=1 end to end / engine alone"] == pytest.approx(0.95)

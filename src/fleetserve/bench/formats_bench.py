@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=positive_int, default=64, help="output tokens per request (64)")
     parser.add_argument("--hf-requests", type=non_negative_int, default=8, help="transformers prompts (8; 0 skips)")
     parser.add_argument("--threads", type=positive_int, default=None, help="worker threads (default: up's)")
+    parser.add_argument(
+        "--stream-intervals",
+        type=concurrency_list,
+        default=[1],
+        help="up's --stream-interval values, each a fleet of its own measured in turn with the others (default 1)",
+    )
     parser.add_argument(
         "--no-compile", action="store_true", help="eager decode steps (default: compiled, built before measuring)"
     )
@@ -106,13 +112,25 @@ def _row_name(label: str, c: int, turn: int | None, args: argparse.Namespace) ->
     return f"{label} c={c}" + (f" #{turn + 1}" if turn is not None and args.rounds > 1 else "")
 
 
+def _up_label(fmt: str, interval: int) -> str:
+    """The name of ``up``'s rows in ``fmt`` with ``--stream-interval interval``."""
+    return f"up {fmt}" + (f" interval {interval}" if interval > 1 else "")
+
+
+def _format_of(kind: str) -> str:
+    """The format of an ``up`` row's kind (``"up int4 interval 4"``: ``"int4"``)."""
+    return kind.removeprefix("up ").split(" interval ")[0]
+
+
 @contextmanager
-def _up_fleet(fmt: str, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``up`` with one worker in ``fmt``, ready and its decode steps compiled; yields its URL and what is known of
-    it, to which the worker's peak RSS is added when the caller is done with it."""
+def _up_fleet(fmt: str, interval: int, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``up`` with one worker in ``fmt`` (``--stream-interval interval``), ready and its decode steps compiled;
+    yields its URL and what is known of it, to which the worker's peak RSS is added when the caller is done
+    with it."""
     port, control = free_port(), free_port()
     up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
     up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
+    up += ["--stream-interval", str(interval)]
     up += ["--no-compile"] if args.no_compile else []
     supervisor = Supervisor()
     try:
@@ -161,17 +179,19 @@ def _engine_levels(engine, ids: list[list[int]], fmt: str, args: argparse.Namesp
 
 
 def _format_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) -> tuple[list[dict], dict[str, Any]]:
-    """One format: ``up`` and the engine alone side by side (the engine idle while ``up`` is measured, and the
-    other way round), their levels taken in turn ``--rounds`` times, so that both see the machine alike."""
+    """One format: ``up`` (a fleet per stream interval) and the engine alone side by side (each idle while
+    another is measured), their levels taken in turn ``--rounds`` times, so that all see the machine alike."""
     rows: list[dict[str, Any]] = []
-    with _up_fleet(fmt, args) as (url, info):
+    with ExitStack() as fleets:
+        ups = {_up_label(fmt, n): fleets.enter_context(_up_fleet(fmt, n, args)) for n in args.stream_intervals}
         engine, ids = _warm_engine(fmt, args, prompts)
         for turn in range(args.rounds):
-            rows += _http_levels(url, args, f"up {fmt}", args.model, turn)
+            for label, (url, _) in ups.items():
+                rows += _http_levels(url, args, label, args.model, turn)
             rows += _engine_levels(engine, ids, fmt, args, turn)
         del engine
         gc.collect()
-    return rows, info
+    return rows, {label.removeprefix("up "): info for label, (_, info) in ups.items()}
 
 
 def _llama_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -235,7 +255,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
     for (kind, c), values in tps.items():
         if not kind.startswith("up "):
             continue
-        fmt, up = kind.removeprefix("up "), statistics.median(values)
+        fmt, up = kind.removeprefix("up "), statistics.median(values)  # with its stream interval, if not 1
         if ("llama-server", c) in tps:
             out[f"{fmt} c={c} / llama-server"] = up / statistics.median(tps[("llama-server", c)])
         if hf:
@@ -254,7 +274,7 @@ def end_to_end_by_round(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     }
     out: dict[str, list[float]] = {}
     for (kind, c, turn), up in sorted(one_round.items()):
-        engine = one_round.get((f"engine {kind.removeprefix('up ')}", c, turn))
+        engine = one_round.get((f"engine {_format_of(kind)}", c, turn))
         if kind.startswith("up ") and engine:
             out.setdefault(f"{kind.removeprefix('up ')} c={c}", []).append(up / engine)
     return out
@@ -267,8 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     workers: dict[str, Any] = {}
     for fmt in args.formats.split(","):
-        format_rows, workers[fmt] = _format_rows(fmt, args, prompts)
+        format_rows, fleets = _format_rows(fmt, args, prompts)
         rows += format_rows
+        workers.update(fleets)
     llama = None
     if args.llama_server:
         llama_rows, llama = _llama_rows(args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fleetserve.contract.stage import StageHop
 
@@ -43,6 +43,19 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def followed_by(self, later: RequestOutput) -> RequestOutput:
+        """This output and a later one of the same request as one output: the tokens (and log-probabilities) of
+        both, this one's prompt's hops if the later has none, and the later one's counts, times and state."""
+        logprobs = later.logprobs
+        if self.logprobs is not None:
+            logprobs = self.logprobs + (later.logprobs or [])
+        return replace(
+            later,
+            new_token_ids=self.new_token_ids + later.new_token_ids,
+            logprobs=logprobs,
+            prefill_hops=later.prefill_hops or self.prefill_hops,
+        )
 
 
 @dataclass

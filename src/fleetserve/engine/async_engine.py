@@ -7,6 +7,10 @@ thread: the engine itself needs no locks, and one thread runs all of its torch w
 that matters). Closing a request's stream early (client gone, task cancelled) aborts it before the next step.
 A failed step ends only its requests' streams (EngineStepError); after ``unhealthy_after`` failed steps in a row
 ``health()`` reports the engine unhealthy until a step succeeds again.
+
+With a ``stream_interval`` of N > 1, a request's outputs are handed on once they hold N new tokens (its first
+output and its last at once), so that a stream of one token per step costs the server's per-message work once
+every N steps: each step's outputs are gathered on the engine thread, and a step with nothing due wakes nobody.
 """
 
 from __future__ import annotations
@@ -50,9 +54,16 @@ class AsyncEngine:
         engine: LLMEngine | Callable[[], LLMEngine],
         loop: asyncio.AbstractEventLoop | None = None,
         unhealthy_after: int = 3,
+        stream_interval: int = 1,
     ):
         self.unhealthy_after = unhealthy_after
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
+        self.stream_interval = stream_interval
+        """New tokens a request's outputs gather before they are handed on (its first and last go at once)."""
+        self._held: dict[str, RequestOutput] = {}
+        """Outputs gathered towards the stream interval, by request (the engine thread's alone)."""
         self._loop = loop or asyncio.get_running_loop()
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
@@ -68,10 +79,12 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    async def create(cls, config: EngineConfig | None = None, progress: bool = True) -> AsyncEngine:
+    async def create(
+        cls, config: EngineConfig | None = None, progress: bool = True, stream_interval: int = 1
+    ) -> AsyncEngine:
         """Start the engine thread, build the engine on it (loading the model off the event loop) and return once
         it serves; a failed build raises here."""
-        engine = cls(lambda: LLMEngine(config, progress))
+        engine = cls(lambda: LLMEngine(config, progress), stream_interval=stream_interval)
         await asyncio.wrap_future(engine._built)
         return engine
 
@@ -119,7 +132,7 @@ class AsyncEngine:
         """Stop handing the request's outputs to its sink, and abort it first when ``abort``."""
         if abort:
             self._submit(lambda: self.engine.abort(request_id))
-        self._submit(lambda: self._sinks.pop(request_id, None))
+        self._submit(lambda: (self._sinks.pop(request_id, None), self._held.pop(request_id, None)))
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams | None = None, **options: Any
@@ -144,7 +157,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request by id; True if it was running or waiting."""
-        out = await self.call(lambda: self.engine.abort(request_id))
+        out = await self.call(lambda: self._with_held(request_id, self.engine.abort(request_id)))
         if out is not None:
             self._deliver([out])
         return out is not None
@@ -222,9 +235,13 @@ class AsyncEngine:
                     try:
                         outputs = self.engine.step()
                     except EngineStepError as exc:  # the engine dropped that step's requests: end their streams
+                        for rid in exc.request_ids:
+                            self._held.pop(rid, None)
                         self._loop.call_soon_threadsafe(self._fail_requests, exc)
                         outputs = []
                     self._stats = self.engine.stats()
+                    if outputs and self.stream_interval > 1:
+                        outputs = self._due(outputs)
                     if outputs:
                         self._loop.call_soon_threadsafe(self._deliver, outputs)
         except BaseException as exc:  # a fault outside a step's requests: every waiting stream must hear of it
@@ -253,6 +270,25 @@ class AsyncEngine:
                     fut.set_exception(exc)
             self._stats = self.engine.stats()
             block = False
+
+    def _due(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Of a step's outputs, joined to what their requests had gathered, those due to be handed on: a
+        request's first output, its last, and any holding ``stream_interval`` new tokens; the rest are kept."""
+        due = []
+        for out in outputs:
+            out = self._with_held(out.request_id, out)
+            if out.finished or len(out.new_token_ids) >= self.stream_interval or out.time == out.first_token_time:
+                due.append(out)
+            else:
+                self._held[out.request_id] = out
+        return due
+
+    def _with_held(self, request_id: str, out: RequestOutput | None) -> RequestOutput | None:
+        """``out`` after the outputs the request has gathered, if any (they are taken); on the engine thread."""
+        held = self._held.pop(request_id, None)
+        if held is None or out is None:
+            return out
+        return held.followed_by(out)
 
     def _hand(self, request_id: str, item: RequestOutput | BaseException) -> None:
         sink = self._sinks.get(request_id)

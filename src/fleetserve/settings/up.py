@@ -11,13 +11,14 @@ from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
 from fleetserve.settings.gateway import GatewaySettings
-from fleetserve.settings.worker import WorkerSettings
+from fleetserve.settings.worker import STREAM_INTERVAL_HELP, WorkerSettings
 
 WORKER_FIELDS = (frozenset(EngineSettings.model_fields) - {"model"}) | {
     "registration_token",
     "tls_ca",
     "tls_cert",
     "tls_key",
+    "stream_interval",
 }
 """What `up` passes on to each worker it starts (each gets its model in its arguments); the rest of its settings go
 to the gateway."""
@@ -50,6 +51,7 @@ class UpSettings(GatewaySettings, EngineSettings):
     embedding_model: str = option(
         "all-minilm-l6-v2", "the embedding model --embeddings serves: a name or a sentence-transformers folder"
     )
+    stream_interval: int = option(1, STREAM_INTERVAL_HELP, ge=1)
     threads: int | None = option(None, "torch threads per worker (default: cores / local workers of every kind)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
     tls_dir: str = option(

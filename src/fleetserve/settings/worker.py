@@ -12,6 +12,12 @@ from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
 
+STREAM_INTERVAL_HELP = (
+    "new tokens a streamed generation gathers before the worker sends them on (its first and last go at once): 1 "
+    "sends every token as it comes; N sends every N-th step's, for 1/N of the per-token work between the engine "
+    "and the client, in bursts of N tokens"
+)
+
 
 class WorkerSettings(EngineSettings):
     """Everything `fleetserve worker` is told."""
@@ -54,6 +60,7 @@ class WorkerSettings(EngineSettings):
     )
     tls_cert: str = option("", "this worker's certificate (PEM file), signed by the fleet CA")
     tls_key: str = option("", "this worker's private key (PEM file)", secret=True)
+    stream_interval: int = option(1, STREAM_INTERVAL_HELP, ge=1)
     drain_timeout: float = option(60.0, "seconds a draining worker waits for its requests before it stops")
     session_ttl: float = option(600.0, "seconds an idle conversation session's KV stays pinned")
     max_sessions: int = option(256, "sessions whose KV this worker pins at once (the longest idle goes first)")
