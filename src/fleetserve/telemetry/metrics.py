@@ -123,7 +123,7 @@ class GatewayMetrics:
         )
         self.inter_token_latency_seconds = Histogram(
             "fleetserve_inter_token_latency_seconds",
-            "Between consecutive output tokens of one request.",
+            "Between consecutive output tokens of one request (a chunk's gap divided by its tokens).",
             model,
             buckets=INTER_TOKEN_BUCKETS,
             registry=r,

@@ -56,7 +56,7 @@ class _Generation:
 
     def chunk(self, out: RequestOutput) -> pb.GenerateChunk:
         now = time.monotonic()
-        self.service.observe(self.first, now - self.last)
+        self.service.observe(self.first, (now - self.last) / (1 if self.first else max(1, len(out.new_token_ids))))
         metrics = self.service.metrics
         if metrics is not None:
             if self.first:
