@@ -27,8 +27,8 @@ def request(rid: str, prompt: list[int], max_tokens: int = TOKENS, priority: int
     return pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params, priority=priority)
 
 
-async def with_worker(make_engine, body):
-    aengine = AsyncEngine(make_engine())
+async def with_worker(make_engine, body, stream_interval: int = 1):
+    aengine = AsyncEngine(make_engine(), stream_interval=stream_interval)
     service = WorkerService(aengine, "smollm2-135m-instruct", "fingerprint")
     server, port = await serve_worker(aengine, service, "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -136,3 +136,27 @@ def test_the_gateway_streams_through_one_call_and_falls_back_to_generate_where_a
     assert streams.supported and sum(len(c.token_ids) for c in got) == TOKENS and got[-1].finish_reason
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in refused.details()
     assert not older.supported and [len(c.token_ids) for c in answer] == [1, 1] and answer[-1].finish_reason
+
+
+def test_a_worker_with_a_stream_interval_sends_tokens_in_groups(make_engine, chat_prompts):
+    async def body(stub, aengine):
+        chunks = [c async for c in stub.Generate(request("g", chat_prompts[0]))]
+        outgoing = [pb.StreamedRequest(start=request("s", chat_prompts[0]))]
+
+        async def messages():
+            for message in outgoing:
+                yield message
+            await asyncio.sleep(60)  # the call ends when its generation has, not when this side closes
+
+        streamed = []
+        async for batch in stub.GenerateStreams(messages(), timeout=120):
+            streamed += [entry.chunk for entry in batch.chunks]
+            if streamed and streamed[-1].finish_reason:
+                break
+        return chunks, streamed
+
+    chunks, streamed = asyncio.run(with_worker(make_engine, body, stream_interval=4))
+    for got in (chunks, streamed):
+        assert [len(c.token_ids) for c in got] == [1, 4, 4, 3]  # the first at once, then groups, the rest last
+        assert [c.num_output_tokens for c in got] == [1, 5, 9, 12] and got[-1].finish_reason == "length"
+    assert [t for c in chunks for t in c.token_ids] == [t for c in streamed for t in c.token_ids]  # greedy
