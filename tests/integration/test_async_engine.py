@@ -158,7 +158,7 @@ def test_stream_interval_hands_tokens_in_groups_and_loses_none(base_engine, chat
     expected = engine.generate(chat_prompts[:3], params)
 
     async def main():
-        aengine = AsyncEngine(engine, stream_interval=4)
+        aengine = AsyncEngine(engine, stream_interval=4, stream_max_wait_s=60.0)
         try:
             results = await asyncio.gather(*(collect(aengine, p, params) for p in chat_prompts[:3]))
             victim: list = []
@@ -189,6 +189,21 @@ def test_stream_interval_hands_tokens_in_groups_and_loses_none(base_engine, chat
     # an abort hands on what the request had gathered: every token it made reached the stream
     assert victim[-1].finish_reason == "abort"
     assert sum(len(o.new_token_ids) for o in victim) == victim[-1].num_output_tokens
+
+
+def test_a_stream_interval_holds_no_token_past_its_longest_wait(base_engine, chat_prompts):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    async def main():
+        aengine = AsyncEngine(base_engine, stream_interval=4, stream_max_wait_s=0.0)
+        try:
+            return await collect(aengine, chat_prompts[0], params)
+        finally:
+            await aengine.close()
+
+    tokens, outs = asyncio.run(main())
+    assert [len(o.new_token_ids) for o in outs] == [1] * 6  # no wait allowed: every step's token goes at once
+    assert tokens == base_engine.generate([chat_prompts[0]], params)[0]
 
 
 def test_closed_engine_refuses_requests(base_engine, chat_prompts):

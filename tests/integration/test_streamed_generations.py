@@ -28,7 +28,7 @@ def request(rid: str, prompt: list[int], max_tokens: int = TOKENS, priority: int
 
 
 async def with_worker(make_engine, body, stream_interval: int = 1):
-    aengine = AsyncEngine(make_engine(), stream_interval=stream_interval)
+    aengine = AsyncEngine(make_engine(), stream_interval=stream_interval, stream_max_wait_s=60.0)
     service = WorkerService(aengine, "smollm2-135m-instruct", "fingerprint")
     server, port = await serve_worker(aengine, service, "127.0.0.1", 0)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

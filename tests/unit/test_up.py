@@ -182,9 +182,9 @@ def test_by_default_one_worker_per_four_cores_with_the_cores_split(cores, count,
 
 
 def test_the_stream_interval_goes_to_the_workers_not_the_gateway():
-    settings, explicit = up("--stream-interval", "4")
+    settings, explicit = up("--stream-interval", "4", "--stream-max-wait-ms", "30")
     gateway, worker = child_specs(settings, explicit)
-    assert worker.env["FLEETSERVE_STREAM_INTERVAL"] == "4"
+    assert worker.env["FLEETSERVE_STREAM_INTERVAL"] == "4" and worker.env["FLEETSERVE_STREAM_MAX_WAIT_MS"] == "30.0"
     assert "FLEETSERVE_STREAM_INTERVAL" not in gateway.env or gateway.env["FLEETSERVE_STREAM_INTERVAL"] is None
     with pytest.raises(InvalidRequestError):
         up("--stream-interval", "0")

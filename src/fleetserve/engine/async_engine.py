@@ -11,6 +11,9 @@ A failed step ends only its requests' streams (EngineStepError); after ``unhealt
 With a ``stream_interval`` of N > 1, a request's outputs are handed on once they hold N new tokens (its first
 output and its last at once), so that a stream of one token per step costs the server's per-message work once
 every N steps: each step's outputs are gathered on the engine thread, and a step with nothing due wakes nobody.
+No token is held past ``stream_max_wait_s`` as far as the last step's time tells: gathered tokens go on at the
+step after which waiting for the next would keep the oldest longer. Slow steps (a large batch) thus send every
+token, as the per-token work is then small beside the step, and quick ones (a few sequences) gather.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -55,6 +59,7 @@ class AsyncEngine:
         loop: asyncio.AbstractEventLoop | None = None,
         unhealthy_after: int = 3,
         stream_interval: int = 1,
+        stream_max_wait_s: float = 0.1,
     ):
         self.unhealthy_after = unhealthy_after
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
@@ -62,8 +67,13 @@ class AsyncEngine:
             raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
         self.stream_interval = stream_interval
         """New tokens a request's outputs gather before they are handed on (its first and last go at once)."""
-        self._held: dict[str, RequestOutput] = {}
-        """Outputs gathered towards the stream interval, by request (the engine thread's alone)."""
+        self.stream_max_wait_s = stream_max_wait_s
+        """Longest a gathered token waits to be handed on, as far as step times tell."""
+        self._held: dict[str, tuple[float, RequestOutput]] = {}
+        """Outputs gathered towards the stream interval and when their oldest token came, by request (the engine
+        thread's alone)."""
+        self._step_s = 0.0
+        """How long the latest step took (the engine thread's)."""
         self._loop = loop or asyncio.get_running_loop()
         self._commands: queue.Queue[tuple[Callable[[], Any], concurrent.futures.Future] | None] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
@@ -79,12 +89,10 @@ class AsyncEngine:
         self._thread.start()
 
     @classmethod
-    async def create(
-        cls, config: EngineConfig | None = None, progress: bool = True, stream_interval: int = 1
-    ) -> AsyncEngine:
+    async def create(cls, config: EngineConfig | None = None, progress: bool = True, **options: Any) -> AsyncEngine:
         """Start the engine thread, build the engine on it (loading the model off the event loop) and return once
-        it serves; a failed build raises here."""
-        engine = cls(lambda: LLMEngine(config, progress), stream_interval=stream_interval)
+        it serves; a failed build raises here. ``options``: the constructor's (stream interval and wait)."""
+        engine = cls(lambda: LLMEngine(config, progress), **options)
         await asyncio.wrap_future(engine._built)
         return engine
 
@@ -157,7 +165,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request by id; True if it was running or waiting."""
-        out = await self.call(lambda: self._with_held(request_id, self.engine.abort(request_id)))
+        out = await self.call(lambda: self._abort_held(request_id))
         if out is not None:
             self._deliver([out])
         return out is not None
@@ -232,6 +240,7 @@ class AsyncEngine:
                 if block and len(self.engine.pins):  # idle: pinned KV still expires on time
                     self.engine.pins.expire()
                 if self.engine.has_unfinished():
+                    began = time.monotonic()
                     try:
                         outputs = self.engine.step()
                     except EngineStepError as exc:  # the engine dropped that step's requests: end their streams
@@ -240,6 +249,7 @@ class AsyncEngine:
                         self._loop.call_soon_threadsafe(self._fail_requests, exc)
                         outputs = []
                     self._stats = self.engine.stats()
+                    self._step_s = time.monotonic() - began
                     if outputs and self.stream_interval > 1:
                         outputs = self._due(outputs)
                     if outputs:
@@ -273,22 +283,29 @@ class AsyncEngine:
 
     def _due(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Of a step's outputs, joined to what their requests had gathered, those due to be handed on: a
-        request's first output, its last, and any holding ``stream_interval`` new tokens; the rest are kept."""
+        request's first output, its last, any holding ``stream_interval`` new tokens, and any whose oldest token
+        would wait past ``stream_max_wait_s`` for another step like the last; the rest are kept."""
         due = []
+        late = time.monotonic() + self._step_s - self.stream_max_wait_s  # a token older than this waited enough
         for out in outputs:
-            out = self._with_held(out.request_id, out)
-            if out.finished or len(out.new_token_ids) >= self.stream_interval or out.time == out.first_token_time:
+            held = self._held.pop(out.request_id, None)
+            since, out = (out.time, out) if held is None else (held[0], held[1].followed_by(out))
+            if (
+                out.finished
+                or len(out.new_token_ids) >= self.stream_interval
+                or out.time == out.first_token_time
+                or since <= late
+            ):
                 due.append(out)
             else:
-                self._held[out.request_id] = out
+                self._held[out.request_id] = (since, out)
         return due
 
-    def _with_held(self, request_id: str, out: RequestOutput | None) -> RequestOutput | None:
-        """``out`` after the outputs the request has gathered, if any (they are taken); on the engine thread."""
+    def _abort_held(self, request_id: str) -> RequestOutput | None:
+        """Abort the request; its final output carries what it had gathered (on the engine thread)."""
+        out = self.engine.abort(request_id)
         held = self._held.pop(request_id, None)
-        if held is None or out is None:
-            return out
-        return held.followed_by(out)
+        return out if held is None or out is None else held[1].followed_by(out)
 
     def _hand(self, request_id: str, item: RequestOutput | BaseException) -> None:
         sink = self._sinks.get(request_id)

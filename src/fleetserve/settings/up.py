@@ -11,7 +11,7 @@ from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.base import option
 from fleetserve.settings.engine import EngineSettings
 from fleetserve.settings.gateway import GatewaySettings
-from fleetserve.settings.worker import STREAM_INTERVAL_HELP, WorkerSettings
+from fleetserve.settings.worker import STREAM_INTERVAL_HELP, STREAM_MAX_WAIT_HELP, WorkerSettings
 
 WORKER_FIELDS = (frozenset(EngineSettings.model_fields) - {"model"}) | {
     "registration_token",
@@ -19,6 +19,7 @@ WORKER_FIELDS = (frozenset(EngineSettings.model_fields) - {"model"}) | {
     "tls_cert",
     "tls_key",
     "stream_interval",
+    "stream_max_wait_ms",
 }
 """What `up` passes on to each worker it starts (each gets its model in its arguments); the rest of its settings go
 to the gateway."""
@@ -52,6 +53,7 @@ class UpSettings(GatewaySettings, EngineSettings):
         "all-minilm-l6-v2", "the embedding model --embeddings serves: a name or a sentence-transformers folder"
     )
     stream_interval: int = option(1, STREAM_INTERVAL_HELP, ge=1)
+    stream_max_wait_ms: float = option(100.0, STREAM_MAX_WAIT_HELP, ge=0)
     threads: int | None = option(None, "torch threads per worker (default: cores / local workers of every kind)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")
     tls_dir: str = option(

@@ -79,9 +79,7 @@ async def run_worker(opts: WorkerSettings, stop: asyncio.Event | None = None) ->
     if model_kind(model_dir) == "embed":
         return await _serve_embeddings(opts, model_dir, stop, credentials)
 
-    engine = await AsyncEngine.create(
-        opts.engine_config(), progress=sys.stderr.isatty(), stream_interval=opts.stream_interval
-    )
+    engine = await AsyncEngine.create(opts.engine_config(), progress=sys.stderr.isatty(), **opts.stream_options())
     core = engine.engine
     tokenizer = Tokenizer.from_dir(core.model_dir)
     service = WorkerService(engine, opts.served_name, tokenizer.fingerprint)

@@ -202,9 +202,7 @@ class StageHost:
             # The stage's compute thread (and with it its OpenMP team) ends; the engine's thread does the work now.
             self.compute.shutdown(wait=False, cancel_futures=True)
             self.compute = _compute_thread()
-            self.engine = await AsyncEngine.create(
-                config.validate(), progress=False, stream_interval=self.opts.stream_interval
-            )
+            self.engine = await AsyncEngine.create(config.validate(), progress=False, **self.opts.stream_options())
             core = self.engine.engine
             if self.on_head_change is not None:
                 self.on_head_change(self.engine)
