@@ -283,22 +283,22 @@ class AsyncEngine:
 
     def _due(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
         """Of a step's outputs, joined to what their requests had gathered, those due to be handed on: a
-        request's first output, its last, any holding ``stream_interval`` new tokens, and any whose oldest token
-        would wait past ``stream_max_wait_s`` for another step like the last; the rest are kept."""
+        request's first output, its last and any holding ``stream_interval`` new tokens; then whatever any
+        request has gathered (this step's or an earlier one's, a preempted request's) whose oldest token would
+        wait past ``stream_max_wait_s`` for another step like the last. The rest are kept."""
         due = []
-        late = time.monotonic() + self._step_s - self.stream_max_wait_s  # a token older than this waited enough
         for out in outputs:
             held = self._held.pop(out.request_id, None)
             since, out = (out.time, out) if held is None else (held[0], held[1].followed_by(out))
-            if (
-                out.finished
-                or len(out.new_token_ids) >= self.stream_interval
-                or out.time == out.first_token_time
-                or since <= late
-            ):
+            if out.finished or len(out.new_token_ids) >= self.stream_interval or out.time == out.first_token_time:
                 due.append(out)
             else:
                 self._held[out.request_id] = (since, out)
+        late = time.monotonic() + self._step_s - self.stream_max_wait_s  # a token older than this waited enough
+        for rid, (since, out) in list(self._held.items()):
+            if since <= late:
+                del self._held[rid]
+                due.append(out)
         return due
 
     def _abort_held(self, request_id: str) -> RequestOutput | None:
