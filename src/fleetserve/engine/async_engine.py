@@ -288,8 +288,7 @@ class AsyncEngine:
         wait past ``stream_max_wait_s`` for another step like the last. The rest are kept."""
         due = []
         for out in outputs:
-            held = self._held.pop(out.request_id, None)
-            since, out = (out.time, out) if held is None else (held[0], held[1].followed_by(out))
+            since, out = self._join_held(out)
             if out.finished or len(out.new_token_ids) >= self.stream_interval or out.time == out.first_token_time:
                 due.append(out)
             else:
@@ -301,11 +300,19 @@ class AsyncEngine:
                 due.append(out)
         return due
 
+    def _join_held(self, out: RequestOutput) -> tuple[float, RequestOutput]:
+        """``out`` after what its request had gathered (taken from the held ones), and when the oldest of those
+        tokens came (``out``'s own time when nothing was held)."""
+        held = self._held.pop(out.request_id, None)
+        return (out.time, out) if held is None else (held[0], held[1].followed_by(out))
+
     def _abort_held(self, request_id: str) -> RequestOutput | None:
         """Abort the request; its final output carries what it had gathered (on the engine thread)."""
         out = self.engine.abort(request_id)
-        held = self._held.pop(request_id, None)
-        return out if held is None or out is None else held[1].followed_by(out)
+        if out is None:
+            self._held.pop(request_id, None)
+            return None
+        return self._join_held(out)[1]
 
     def _hand(self, request_id: str, item: RequestOutput | BaseException) -> None:
         sink = self._sinks.get(request_id)

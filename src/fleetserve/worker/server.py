@@ -56,7 +56,10 @@ class _Generation:
 
     def chunk(self, out: RequestOutput) -> pb.GenerateChunk:
         now = time.monotonic()
-        self.service.observe(self.first, (now - self.last) / (1 if self.first else max(1, len(out.new_token_ids))))
+        gap = now - self.last
+        if not self.first:  # a chunk of several tokens (a stream interval, speculation): their mean gap
+            gap /= max(1, len(out.new_token_ids))
+        self.service.observe(self.first, gap)
         metrics = self.service.metrics
         if metrics is not None:
             if self.first:
