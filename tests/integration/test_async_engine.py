@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from fleetserve.contract import SamplingParams
-from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError
+from fleetserve.engine.async_engine import AsyncEngine, EngineDeadError, default_stream_interval
 from fleetserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.slow
@@ -204,6 +204,24 @@ def test_a_stream_interval_holds_no_token_past_its_longest_wait(base_engine, cha
     tokens, outs = asyncio.run(main())
     assert [len(o.new_token_ids) for o in outs] == [1] * 6  # no wait allowed: every step's token goes at once
     assert tokens == base_engine.generate([chat_prompts[0]], params)[0]
+
+
+def test_an_engine_left_to_its_device_gathers_four_tokens_on_cpu_and_none_on_cuda(base_engine, chat_prompts):
+    assert default_stream_interval("cpu") == 4 and default_stream_interval("cuda") == 1
+    interval = default_stream_interval(base_engine.runner.device.type)
+    params = SamplingParams(max_tokens=9, ignore_eos=True)
+
+    async def main():
+        aengine = AsyncEngine(base_engine, stream_interval=None, stream_max_wait_s=60.0)
+        try:
+            assert aengine.stream_interval == interval
+            return await collect(aengine, chat_prompts[1], params)
+        finally:
+            await aengine.close()
+
+    tokens, outs = asyncio.run(main())
+    assert [len(o.new_token_ids) for o in outs] == [1] + [interval] * (8 // interval)
+    assert tokens == base_engine.generate([chat_prompts[1]], params)[0]
 
 
 def test_closed_engine_refuses_requests(base_engine, chat_prompts):

@@ -161,7 +161,7 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(model_dir
                     return await _stream(client, fleet.url, "Name three colors.", 48, progress)
 
             result = asyncio.run(normal())
-            assert result["chunks"] > 10
+            assert result["chunks"] >= 3  # streamed over several events
             # The stalled stream is cut off and its request aborted on the worker.
             t0 = time.monotonic()
             cut = False
@@ -177,6 +177,11 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_others(model_dir
                     break
                 time.sleep(0.2)
             assert w["in_flight"] == 0 and w["running"] == 0
+            # ... and the normal stream had every token: its text is the whole answer
+            whole = {"model": MODEL, "messages": [{"role": "user", "content": "Name three colors."}]}
+            whole |= {"max_tokens": 48, "temperature": 0}
+            answer = httpx.post(fleet.url + "/v1/chat/completions", json=whole, timeout=60).json()
+            assert answer["choices"][0]["message"]["content"] == result["text"]
         finally:
             sock.close()
     finally:

@@ -1,8 +1,10 @@
 """The formats benchmark's ratios: end to end against the engine alone within each round, then the median."""
 
+import argparse
+
 import pytest
 
-from fleetserve.bench.formats_bench import end_to_end_by_round, ratios
+from fleetserve.bench.formats_bench import end_to_end_by_round, ratios, stream_interval_list
 
 
 def _row(kind, c, tps, turn=None):
@@ -52,3 +54,10 @@ def test_a_fleet_with_a_stream_interval_is_compared_with_its_formats_engine():
     ]
     assert end_to_end_by_round(rows) == {"int4 c=1": [0.8], "int4 interval 4 c=1": [0.95]}
     assert ratios(rows)["int4 interval 4 c=1 end to end / engine alone"] == pytest.approx(0.95)
+
+
+def test_stream_intervals_are_integers_or_the_workers_default():
+    assert stream_interval_list("default,1,4") == [None, 1, 4]
+    for bad in ("0", "", "often"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            stream_interval_list(bad)

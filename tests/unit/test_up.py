@@ -13,6 +13,7 @@ import pytest
 from fleetserve.cli import build_parser, explicit_settings, load_settings
 from fleetserve.errors import InvalidRequestError
 from fleetserve.settings.up import UpSettings
+from fleetserve.settings.worker import WorkerSettings
 from fleetserve.supervisor import ChildSpec, KeeperEvent, Supervisor
 from fleetserve.up import RESTART_POLICY, child_specs, event_message, fleet_keeper, local_counts
 
@@ -188,3 +189,7 @@ def test_the_stream_interval_goes_to_the_workers_not_the_gateway():
     assert "FLEETSERVE_STREAM_INTERVAL" not in gateway.env or gateway.env["FLEETSERVE_STREAM_INTERVAL"] is None
     with pytest.raises(InvalidRequestError):
         up("--stream-interval", "0")
+    # left unset, each worker's engine takes its device's default (groups on CPU, every token on CUDA)
+    worker = child_specs(*up())[1]
+    assert worker.env.get("FLEETSERVE_STREAM_INTERVAL") is None
+    assert WorkerSettings().stream_options()["stream_interval"] is None

@@ -54,9 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="worker threads (default: up's)")
     parser.add_argument(
         "--stream-intervals",
-        type=concurrency_list,
-        default=[1],
-        help="up's --stream-interval values, each a fleet of its own measured in turn with the others (default 1)",
+        type=stream_interval_list,
+        default=[None],
+        help="up's --stream-interval values, each a fleet of its own measured in turn with the others; 'default' "
+        "leaves it to the worker (4 on CPU, 1 on CUDA). Default: default",
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="eager decode steps (default: compiled, built before measuring)"
@@ -112,9 +113,17 @@ def _row_name(label: str, c: int, turn: int | None, args: argparse.Namespace) ->
     return f"{label} c={c}" + (f" #{turn + 1}" if turn is not None and args.rounds > 1 else "")
 
 
-def _up_label(fmt: str, interval: int) -> str:
-    """The name of ``up``'s rows in ``fmt`` with ``--stream-interval interval``."""
-    return f"up {fmt}" + (f" interval {interval}" if interval > 1 else "")
+def stream_interval_list(text: str) -> list[int | None]:
+    """Comma-separated ``--stream-interval`` values: integers >= 1, or ``default`` (None: the worker's own)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated intervals (integers >= 1 or 'default')")
+    return [None if part == "default" else concurrency_list(part)[0] for part in parts]
+
+
+def _up_label(fmt: str, interval: int | None) -> str:
+    """The name of ``up``'s rows in ``fmt`` with ``--stream-interval interval`` (None: the worker's default)."""
+    return f"up {fmt}" + ("" if interval is None else f" interval {interval}")
 
 
 def _format_of(kind: str) -> str:
@@ -123,14 +132,14 @@ def _format_of(kind: str) -> str:
 
 
 @contextmanager
-def _up_fleet(fmt: str, interval: int, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``up`` with one worker in ``fmt`` (``--stream-interval interval``), ready and its decode steps compiled;
-    yields its URL and what is known of it, to which the worker's peak RSS is added when the caller is done
-    with it."""
+def _up_fleet(fmt: str, interval: int | None, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``up`` with one worker in ``fmt`` (``--stream-interval interval``, or the worker's default for None), ready
+    and its decode steps compiled; yields its URL and what is known of it, to which the worker's peak RSS is
+    added when the caller is done with it."""
     port, control = free_port(), free_port()
     up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
     up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
-    up += ["--stream-interval", str(interval)]
+    up += [] if interval is None else ["--stream-interval", str(interval)]
     up += ["--no-compile"] if args.no_compile else []
     supervisor = Supervisor()
     try:

@@ -13,7 +13,9 @@ output and its last at once), so that a stream of one token per step costs the s
 every N steps: each step's outputs are gathered on the engine thread, and a step with nothing due wakes nobody.
 No token is held past ``stream_max_wait_s`` as far as the last step's time tells: gathered tokens go on at the
 step after which waiting for the next would keep the oldest longer. Slow steps (a large batch) thus send every
-token, as the per-token work is then small beside the step, and quick ones (a few sequences) gather.
+token, as the per-token work is then small beside the step, and quick ones (a few sequences) gather. Given no
+interval (None), the engine takes its device's default once built: groups on CPU, every token on CUDA
+(``default_stream_interval``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,18 @@ Sink = Callable[[RequestOutput | BaseException], None]
 PIN_CHECK_S = 1.0
 """How often an idle engine thread looks for pinned KV past its TTL."""
 
+CPU_STREAM_INTERVAL = 4
+"""The stream interval a server's engine takes on CPU unless told otherwise (``default_stream_interval``)."""
+
+
+def default_stream_interval(device_type: str) -> int:
+    """Tokens a server gathers per message by default on a device of this type. On CPU the per-message work of
+    the worker, the gateway and the client runs on the cores the model's own threads fill, and every token sent
+    alone costs the engine 8-15% of its speed on a small machine (docs/benchmarks.md, "Tokens sent in groups"):
+    groups of 4, none held past the longest wait. On CUDA the model runs on the device and the host's cores have
+    room for that work: every token as it comes."""
+    return 1 if device_type == "cuda" else CPU_STREAM_INTERVAL
+
 
 class EngineDeadError(FleetServeError):
     """The engine thread has stopped (closed, or a fault outside any step); the request cannot go on."""
@@ -58,15 +72,17 @@ class AsyncEngine:
         engine: LLMEngine | Callable[[], LLMEngine],
         loop: asyncio.AbstractEventLoop | None = None,
         unhealthy_after: int = 3,
-        stream_interval: int = 1,
+        stream_interval: int | None = 1,
         stream_max_wait_s: float = 0.1,
     ):
         self.unhealthy_after = unhealthy_after
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
-        if stream_interval < 1:
+        if stream_interval is not None and stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
-        self.stream_interval = stream_interval
-        """New tokens a request's outputs gather before they are handed on (its first and last go at once)."""
+        self.stream_interval = stream_interval or 1
+        """New tokens a request's outputs gather before they are handed on (its first and last go at once); given
+        as None, ``default_stream_interval`` for the engine's device, once it is built."""
+        self._interval_by_device = stream_interval is None
         self.stream_max_wait_s = stream_max_wait_s
         """Longest a gathered token waits to be handed on, as far as step times tell."""
         self._held: dict[str, tuple[float, RequestOutput]] = {}
@@ -221,6 +237,8 @@ class AsyncEngine:
 
     def _adopt(self, engine: LLMEngine) -> None:
         self.engine = engine
+        if self._interval_by_device:
+            self.stream_interval = default_stream_interval(engine.runner.device.type)
         self._stats = engine.stats()
         self._built.set_result(engine)
 

@@ -52,7 +52,7 @@ class UpSettings(GatewaySettings, EngineSettings):
     embedding_model: str = option(
         "all-minilm-l6-v2", "the embedding model --embeddings serves: a name or a sentence-transformers folder"
     )
-    stream_interval: int = option(1, STREAM_INTERVAL_HELP, ge=1)
+    stream_interval: int | None = option(None, STREAM_INTERVAL_HELP, ge=1)
     stream_max_wait_ms: float = option(100.0, STREAM_MAX_WAIT_HELP, ge=0)
     threads: int | None = option(None, "torch threads per worker (default: cores / local workers of every kind)")
     tls: bool = option(False, "mutual TLS between the gateway and its workers, with a CA made for this fleet")

@@ -15,7 +15,7 @@ from fleetserve.settings.engine import EngineSettings
 STREAM_INTERVAL_HELP = (
     "new tokens a streamed generation gathers before the worker sends them on (its first and last go at once): 1 "
     "sends every token as it comes; N sends every N-th step's, for 1/N of the per-token work between the engine "
-    "and the client, in bursts of N tokens"
+    "and the client, in bursts of N tokens (default: 4 on CPU, where that work takes the model's cores; 1 on CUDA)"
 )
 STREAM_MAX_WAIT_HELP = (
     "with --stream-interval above 1: the longest a token is held back, in ms; gathered tokens go on at the step "
@@ -64,7 +64,7 @@ class WorkerSettings(EngineSettings):
     )
     tls_cert: str = option("", "this worker's certificate (PEM file), signed by the fleet CA")
     tls_key: str = option("", "this worker's private key (PEM file)", secret=True)
-    stream_interval: int = option(1, STREAM_INTERVAL_HELP, ge=1)
+    stream_interval: int | None = option(None, STREAM_INTERVAL_HELP, ge=1)
     stream_max_wait_ms: float = option(100.0, STREAM_MAX_WAIT_HELP, ge=0)
     drain_timeout: float = option(60.0, "seconds a draining worker waits for its requests before it stops")
     session_ttl: float = option(600.0, "seconds an idle conversation session's KV stays pinned")
@@ -119,7 +119,7 @@ class WorkerSettings(EngineSettings):
         """The model's name in the fleet: what clients ask for and the gateway routes by."""
         return self.served_model_name or self.model
 
-    def stream_options(self) -> dict[str, float]:
+    def stream_options(self) -> dict[str, float | None]:
         """How the worker's AsyncEngine gathers a generation's tokens (its constructor's options)."""
         return {"stream_interval": self.stream_interval, "stream_max_wait_s": self.stream_max_wait_ms / 1000}
 
