@@ -50,8 +50,8 @@ def default_stream_interval(device_type: str) -> int:
     """Tokens a server gathers per message by default on a device of this type. On CPU the per-message work of
     the worker, the gateway and the client runs on the cores the model's own threads fill: on 2 cores, end to end
     made 0.80-0.92x the engine alone's speed sending every token, 0.91-0.99x in groups of 4 (docs/benchmarks.md,
-    "Tokens sent in groups"). So groups of 4, none held past the longest wait. On CUDA the model runs on the device and the host's cores have
-    room for that work: every token as it comes."""
+    "Tokens sent in groups"). So groups of 4, none held past the longest wait. On CUDA the model runs on the
+    device and the host's cores have room for that work: every token as it comes."""
     return 1 if device_type == "cuda" else CPU_STREAM_INTERVAL
 
 
@@ -79,10 +79,9 @@ class AsyncEngine:
         """Consecutive failed steps after which ``health()`` reports the engine unhealthy."""
         if stream_interval is not None and stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, not {stream_interval}")
-        self.stream_interval = stream_interval or 1
+        self.stream_interval = stream_interval
         """New tokens a request's outputs gather before they are handed on (its first and last go at once); given
-        as None, ``default_stream_interval`` for the engine's device, once it is built."""
-        self._interval_by_device = stream_interval is None
+        as None, ``default_stream_interval`` for the engine's device, set once it is built."""
         self.stream_max_wait_s = stream_max_wait_s
         """Longest a gathered token waits to be handed on, as far as step times tell."""
         self._held: dict[str, tuple[float, RequestOutput]] = {}
@@ -237,7 +236,7 @@ class AsyncEngine:
 
     def _adopt(self, engine: LLMEngine) -> None:
         self.engine = engine
-        if self._interval_by_device:
+        if self.stream_interval is None:
             self.stream_interval = default_stream_interval(engine.runner.device.type)
         self._stats = engine.stats()
         self._built.set_result(engine)
