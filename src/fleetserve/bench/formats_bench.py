@@ -116,9 +116,9 @@ def _row_name(label: str, c: int, turn: int | None, args: argparse.Namespace) ->
 def stream_interval_list(text: str) -> list[int | None]:
     """Comma-separated ``--stream-interval`` values: integers >= 1, or ``default`` (None: the worker's own)."""
     parts = [part.strip() for part in text.split(",") if part.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError("expected comma-separated intervals (integers >= 1 or 'default')")
-    return [None if part == "default" else concurrency_list(part)[0] for part in parts]
+    if not parts or not all(part == "default" or (part.isdigit() and int(part) >= 1) for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1 or 'default', got {text!r}")
+    return [None if part == "default" else int(part) for part in parts]
 
 
 def _up_label(fmt: str, interval: int | None) -> str:

@@ -47,11 +47,10 @@ CPU_STREAM_INTERVAL = 4
 
 
 def default_stream_interval(device_type: str) -> int:
-    """Tokens a server gathers per message by default on a device of this type. On CPU the per-message work of
-    the worker, the gateway and the client runs on the cores the model's own threads fill: on 2 cores, end to end
-    made 0.80-0.92x the engine alone's speed sending every token, 0.91-0.99x in groups of 4 (docs/benchmarks.md,
-    "Tokens sent in groups"). So groups of 4, none held past the longest wait. On CUDA the model runs on the
-    device and the host's cores have room for that work: every token as it comes."""
+    """Tokens a server gathers per message by default on a device of this type: on CPU, where the per-message
+    work of the worker, the gateway and the client runs on the cores the model's own threads fill, groups of 4
+    (what they cost and save: docs/benchmarks.md, "Tokens sent in groups"); on CUDA, where the model runs on the
+    device and the host's cores have room for that work, every token as it comes."""
     return 1 if device_type == "cuda" else CPU_STREAM_INTERVAL
 
 
