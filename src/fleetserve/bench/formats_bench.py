@@ -4,7 +4,8 @@ For each format: ``up`` with one worker (no prefix cache, so every level prefill
 scenario (greedy, ``ignore_eos``, ``--max-tokens`` tokens) at each ``--concurrency`` with ``max(--requests, c)``
 requests per level; then the same engine in this process (no gateway, no gRPC, no SSE) at ``--engine-concurrency``,
 so what is lost between the engine and the client shows as the ratio of the two at the same concurrency; and the
-worker's peak RSS. In the same run: transformers' sequential ``generate`` (float32, ``--hf-requests`` prompts),
+worker's peak RSS, and per ``up`` row the CPU its gateway, its worker's serving threads, its engine and the load
+generator spent a request (``cpu_per_request``). In the same run: transformers' sequential ``generate`` (float32, ``--hf-requests`` prompts),
 and, when ``--llama-server`` names a binary, llama.cpp's server on the same GGUF file with ``--slots`` slots and no
 prompt cache, measured with the same load generator.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ from typing import Any
 import httpx
 
 from fleetserve.bench.arguments import concurrency_list, non_negative_int, positive_int
+from fleetserve.bench.fleet_cpu import FleetCpu, describe
 from fleetserve.bench.local_fleet import READY_S, free_port, wait_compiled
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
@@ -88,8 +91,10 @@ def _worker_peak_rss(up_pid: int) -> int | None:
 
 
 def _http_levels(
-    url: str, args: argparse.Namespace, label: str, model: str, turn: int | None = None
+    url: str, args: argparse.Namespace, label: str, model: str, turn: int | None = None, cpu: FleetCpu | None = None
 ) -> list[dict[str, Any]]:
+    """``fleetserve bench``'s chat rows against ``url``, one per concurrency; with ``cpu`` (an `up` fleet's), each
+    row also gets the CPU its processes and the load generator spent a request."""
     from fleetserve.bench.http_bench import run
     from fleetserve.bench.http_options import build_parser
 
@@ -100,7 +105,12 @@ def _http_levels(
             ["--url", url, "--model", model, "--scenario", "chat", "--max-tokens", str(args.max_tokens)]
             + ["--requests", str(max(args.requests, c)), "--concurrency", str(c), "--output", str(out)]
         )
+        before = cpu.snapshot() if cpu else None
         row = run(bench_args)["rows"][0]
+        if cpu and before:
+            row["cpu_per_request"] = cpu.per_request(before, cpu.snapshot(), row.get("requests", 0))
+            if row["cpu_per_request"]:
+                print(f"{_row_name(label, c, turn, args)}: {describe(row['cpu_per_request'])}", flush=True)
         row.update(name=_row_name(label, c, turn, args), kind=label, concurrency=c)
         if turn is not None:
             row["round"] = turn
@@ -132,10 +142,12 @@ def _format_of(kind: str) -> str:
 
 
 @contextmanager
-def _up_fleet(fmt: str, interval: int | None, args: argparse.Namespace) -> Iterator[tuple[str, dict[str, Any]]]:
+def _up_fleet(
+    fmt: str, interval: int | None, args: argparse.Namespace
+) -> Iterator[tuple[str, dict[str, Any], FleetCpu]]:
     """``up`` with one worker in ``fmt`` (``--stream-interval interval``, or the worker's default for None), ready
-    and its decode steps compiled; yields its URL and what is known of it, to which the worker's peak RSS is
-    added when the caller is done with it."""
+    and its decode steps compiled; yields its URL, what is known of it (to which the worker's peak RSS is added
+    when the caller is done with it) and the meter of its processes' CPU."""
     port, control = free_port(), free_port()
     up = ["up", "--workers", "1", "--dtype", fmt, "--no-prefix-caching", "--port", str(port)]
     up += ["--control-port", str(control)] + (["--threads", str(args.threads)] if args.threads else [])
@@ -149,7 +161,8 @@ def _up_fleet(fmt: str, interval: int | None, args: argparse.Namespace) -> Itera
         child.wait_ready(READY_S)
         url = f"http://127.0.0.1:{port}"
         info: dict[str, Any] = {"compile_wait_s": wait_compiled(url)}
-        yield url, info
+        # up gives its one worker every core unless told
+        yield url, info, FleetCpu(child.pid, args.threads or os.cpu_count() or 1)
         info.update(worker_peak_rss_bytes=_worker_peak_rss(child.pid), ready=httpx.get(url + "/ready").json())
     finally:
         supervisor.stop_all()
@@ -195,12 +208,12 @@ def _format_rows(fmt: str, args: argparse.Namespace, prompts: list[list[dict]]) 
         ups = {_up_label(fmt, n): fleets.enter_context(_up_fleet(fmt, n, args)) for n in args.stream_intervals}
         engine, ids = _warm_engine(fmt, args, prompts)
         for turn in range(args.rounds):
-            for label, (url, _) in ups.items():
-                rows += _http_levels(url, args, label, args.model, turn)
+            for label, (url, _, cpu) in ups.items():
+                rows += _http_levels(url, args, label, args.model, turn, cpu)
             rows += _engine_levels(engine, ids, fmt, args, turn)
         del engine
         gc.collect()
-    return rows, {label.removeprefix("up "): info for label, (_, info) in ups.items()}
+    return rows, {label.removeprefix("up "): info for label, (_, info, _) in ups.items()}
 
 
 def _llama_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:

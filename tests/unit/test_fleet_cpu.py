@@ -1,0 +1,75 @@
+"""The serving path's CPU meter: per-thread CPU time from /proc, a fleet's processes found by role, and the split
+of a worker's threads into the engine's team and the rest."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from fleetserve.bench.fleet_cpu import CLOCK_TICKS_PER_S, FleetCpu, fleet_processes, thread_ticks
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+
+
+def _spin(seconds: float, native_id: list[int]) -> None:
+    native_id.append(threading.get_native_id())
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_an_ended_thread_and_a_missing_process_have_no_ticks():
+    before = thread_ticks(os.getpid())
+    tid: list[int] = []
+    worker = threading.Thread(target=_spin, args=(0.3, tid))
+    worker.start()
+    worker.join()
+    after = thread_ticks(os.getpid())
+    assert tid[0] not in before
+    assert tid[0] not in after  # an ended thread is gone from /proc with its ticks
+    assert thread_ticks(2**31 - 1) == {}  # no such process
+
+
+def test_a_running_threads_ticks_are_read_while_it_runs():
+    tid: list[int] = []
+    worker = threading.Thread(target=_spin, args=(0.6, tid))
+    worker.start()
+    while not tid:
+        time.sleep(0.01)
+    time.sleep(0.4)
+    ticks = thread_ticks(os.getpid()).get(tid[0])
+    worker.join()
+    assert ticks is not None and ticks >= 0.1 * CLOCK_TICKS_PER_S
+
+
+def test_the_fleets_processes_are_found_by_role_among_ups_children():
+    sleeper = "import time; time.sleep(30)"
+    children = [subprocess.Popen([sys.executable, "-c", sleeper, role]) for role in ("gateway", "worker", "other")]
+    try:
+        found = fleet_processes(os.getpid())
+        assert found == {"gateway": children[0].pid, "worker": children[1].pid}
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert fleet_processes(2**31 - 1) == {}
+
+
+def test_the_workers_busiest_threads_count_as_the_engine_and_the_rest_as_serving():
+    meter = FleetCpu(up_pid=0, engine_threads=2, processes={"gateway": 1, "worker": 2})
+    hz = CLOCK_TICKS_PER_S
+    before = {"client": 1.0, "gateway": {10: 5, 11: 1}, "worker": {20: 100, 21: 100, 22: 10, 23: 5}}
+    after = {
+        "client": 1.5,
+        "gateway": {10: 5 + hz, 11: 1, 12: hz},  # a thread started meanwhile counts from zero
+        "worker": {20: 100 + 10 * hz, 21: 100 + 9 * hz, 22: 10 + hz, 23: 5},
+    }
+    cpu = meter.per_request(before, after, requests=10)
+    assert cpu == pytest.approx(
+        {"gateway_ms": 200.0, "worker_serving_ms": 100.0, "engine_ms": 1900.0, "client_ms": 50.0}
+    )
+    assert meter.per_request(before, {"client": 2.0}, requests=10) is None  # the fleet could not be read
+    assert meter.per_request(before, after, requests=0) is None
