@@ -3,11 +3,11 @@
 For each format: ``up`` with one worker (no prefix cache, so every level prefills its prompts afresh), the chat
 scenario (greedy, ``ignore_eos``, ``--max-tokens`` tokens) at each ``--concurrency`` with ``max(--requests, c)``
 requests per level; then the same engine in this process (no gateway, no gRPC, no SSE) at ``--engine-concurrency``,
-so what is lost between the engine and the client shows as the ratio of the two at the same concurrency; and the
-worker's peak RSS, and per ``up`` row the CPU its gateway, its worker's serving threads, its engine and the load
-generator spent a request (``cpu_per_request``). In the same run: transformers' sequential ``generate`` (float32, ``--hf-requests`` prompts),
-and, when ``--llama-server`` names a binary, llama.cpp's server on the same GGUF file with ``--slots`` slots and no
-prompt cache, measured with the same load generator.
+so what is lost between the engine and the client shows as the ratio of the two at the same concurrency; the
+worker's peak RSS; and per ``up`` row the CPU that its gateway, its worker's serving threads, its engine and the
+load generator spent a request (``cpu_per_request``). In the same run: transformers' sequential ``generate``
+(float32, ``--hf-requests`` prompts), and, when ``--llama-server`` names a binary, llama.cpp's server on the same
+GGUF file with ``--slots`` slots and no prompt cache, measured with the same load generator.
 
     python benchmarks/formats.py [--formats float32,bfloat16,int4] [--concurrency 1,16,64] [--llama-server PATH]
 
@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from fleetserve.bench.arguments import concurrency_list, non_negative_int, positive_int
-from fleetserve.bench.fleet_cpu import FleetCpu, describe
+from fleetserve.bench.fleet_cpu import FleetCpu, describe, fleet_processes
 from fleetserve.bench.local_fleet import READY_S, free_port, wait_compiled
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
@@ -73,20 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _worker_peak_rss(up_pid: int) -> int | None:
     """Peak RSS (VmHWM) of the worker process under ``up``'s process, if it can be read."""
-    children = Path(f"/proc/{up_pid}/task/{up_pid}/children")
-    try:
-        pids = children.read_text().split()
-    except OSError:
+    pid = fleet_processes(up_pid).get("worker")
+    if pid is None:
         return None
-    for pid in pids:
-        try:
-            if b"worker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            continue
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
 
 
@@ -107,7 +102,7 @@ def _http_levels(
         )
         before = cpu.snapshot() if cpu else None
         row = run(bench_args)["rows"][0]
-        if cpu and before:
+        if cpu is not None:
             row["cpu_per_request"] = cpu.per_request(before, cpu.snapshot(), row.get("requests", 0))
             if row["cpu_per_request"]:
                 print(f"{_row_name(label, c, turn, args)}: {describe(row['cpu_per_request'])}", flush=True)
