@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,41 +15,42 @@ from fleetserve.bench.fleet_cpu import CLOCK_TICKS_PER_S, FleetCpu, fleet_proces
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
 
-def _spin(seconds: float, native_id: list[int]) -> None:
+def _spin(seconds: float, native_id: list[int], spun: threading.Event, release: threading.Event) -> None:
+    """Spend ``seconds`` of this thread's own CPU time, say so, and stay alive until released."""
     native_id.append(threading.get_native_id())
-    end = time.process_time() + seconds
-    while time.process_time() < end:
+    while time.thread_time() < seconds:
         pass
+    spun.set()
+    release.wait(30)
 
 
-def test_an_ended_thread_and_a_missing_process_have_no_ticks():
+def test_a_running_threads_ticks_are_read_and_an_ended_ones_are_gone():
+    tid: list[int] = []
+    spun, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=_spin, args=(0.3, tid, spun, release))
     before = thread_ticks(os.getpid())
-    tid: list[int] = []
-    worker = threading.Thread(target=_spin, args=(0.3, tid))
     worker.start()
-    worker.join()
-    after = thread_ticks(os.getpid())
+    try:
+        assert spun.wait(30)
+        ticks = thread_ticks(os.getpid()).get(tid[0])
+    finally:
+        release.set()
+        worker.join()
     assert tid[0] not in before
-    assert tid[0] not in after  # an ended thread is gone from /proc with its ticks
+    assert ticks is not None and ticks >= 0.25 * CLOCK_TICKS_PER_S
+    assert tid[0] not in thread_ticks(os.getpid())  # an ended thread leaves /proc with its ticks
     assert thread_ticks(2**31 - 1) == {}  # no such process
-
-
-def test_a_running_threads_ticks_are_read_while_it_runs():
-    tid: list[int] = []
-    worker = threading.Thread(target=_spin, args=(0.6, tid))
-    worker.start()
-    while not tid:
-        time.sleep(0.01)
-    time.sleep(0.4)
-    ticks = thread_ticks(os.getpid()).get(tid[0])
-    worker.join()
-    assert ticks is not None and ticks >= 0.1 * CLOCK_TICKS_PER_S
 
 
 def test_the_fleets_processes_are_found_by_role_among_ups_children():
     sleeper = "import time; time.sleep(30)"
     children = [subprocess.Popen([sys.executable, "-c", sleeper, role]) for role in ("gateway", "worker", "other")]
     try:
+        for child in children:  # a child shows its own command line only once it has exec'd
+            deadline = time.monotonic() + 10
+            while b"time.sleep" not in Path(f"/proc/{child.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "a child did not start"
+                time.sleep(0.01)
         found = fleet_processes(os.getpid())
         assert found == {"gateway": children[0].pid, "worker": children[1].pid}
     finally:
