@@ -1,9 +1,9 @@
 """What the serving path costs in CPU: a local fleet's processes read from /proc around a benchmark row.
 
 On a small machine the gateway, the worker's gRPC and event-loop threads and the load generator run on the cores
-the engine's thread team fills, so their CPU time is what end to end loses against the engine alone. CPU time is
-also steadier than throughput: fleets of the same setting agree within a millisecond a request where their tok/s
-differ by 10%. Linux only; elsewhere nothing is measured.
+the engine's thread team fills, so their CPU time is what end to end loses against the engine alone. It moves
+with the machine's speed as everything does: compare settings within one run, or each as a share of the engine's
+own CPU (``engine_ms``), which moves with it. Linux only; elsewhere nothing is measured.
 """
 
 from __future__ import annotations
