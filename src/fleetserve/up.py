@@ -76,7 +76,7 @@ def child_specs(
     config = ["--config", config_file] if config_file else []
     clean: dict[str, str | None] = {ENV_PREFIX + name.upper(): None for name in UpSettings.model_fields}
     counts = local_counts(settings, explicit)
-    threads = settings.threads or max(1, (os.cpu_count() or 1) // max(1, counts.total))
+    threads = threads_per_worker(settings.threads, counts.total)
     fleet = {SECRET_ENV: secret} if secret else {}
     gateway_env = {**clean, **settings.gateway_env(explicit), **fleet, **(tls["gateway"].env() if tls else {})}
     # exit_with_parent holds since each is started from the main thread or the keeper's, both as long-lived as `up`
@@ -140,6 +140,12 @@ class LocalCounts:
         if len(parts) > 1 and not any(" and " in p for p in parts):
             return f"{', '.join(parts[:-1])} and {parts[-1]}"
         return ", ".join(parts)
+
+
+def threads_per_worker(threads: int | None, workers: int) -> int:
+    """Torch threads of each local worker: ``threads`` when given, else the machine's cores split between the
+    ``workers`` (at least one each)."""
+    return threads or max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 CORES_PER_WORKER = 4

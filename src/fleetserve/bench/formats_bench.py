@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from fleetserve.bench.local_fleet import READY_S, free_port, wait_compiled
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
 from fleetserve.supervisor import ChildSpec, Supervisor
+from fleetserve.up import threads_per_worker
 
 DEFAULT_OUTPUT = RESULTS_DIR / "formats.json"
 
@@ -100,7 +100,7 @@ def _http_levels(
             ["--url", url, "--model", model, "--scenario", "chat", "--max-tokens", str(args.max_tokens)]
             + ["--requests", str(max(args.requests, c)), "--concurrency", str(c), "--output", str(out)]
         )
-        before = cpu.snapshot() if cpu else None
+        before = cpu.snapshot() if cpu is not None else {}
         row = run(bench_args)["rows"][0]
         if cpu is not None:
             row["cpu_per_request"] = cpu.per_request(before, cpu.snapshot(), row.get("requests", 0))
@@ -156,8 +156,7 @@ def _up_fleet(
         child.wait_ready(READY_S)
         url = f"http://127.0.0.1:{port}"
         info: dict[str, Any] = {"compile_wait_s": wait_compiled(url)}
-        # up gives its one worker every core unless told
-        yield url, info, FleetCpu(child.pid, args.threads or os.cpu_count() or 1)
+        yield url, info, FleetCpu(child.pid, threads_per_worker(args.threads, 1))
         info.update(worker_peak_rss_bytes=_worker_peak_rss(child.pid), ready=httpx.get(url + "/ready").json())
     finally:
         supervisor.stop_all()
