@@ -196,7 +196,7 @@ def _codes(layer):
 
 @needs_vnni
 @pytest.mark.parametrize("shape", [(64, 32), (128, 96), (960, 576)])
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 130])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 13, 130])
 def test_the_vnni_kernel_computes_int8_activations_times_the_codes(dequant, shape, rows):
     n, k = shape
     layer, codes, g = random_layer(n, k, seed=rows * 7 + n)

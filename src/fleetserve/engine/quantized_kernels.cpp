@@ -248,6 +248,14 @@ struct RowTile {
   }
 };
 
+// A group's scales and zeros' (zero - 8 * scale) of the 16 outputs from n0: bfloat16 pairs, one per 32-bit lane.
+inline void group_scales(const uint16_t* sz, int64_t g, int64_t n, int64_t n0, __m512* s, __m512* zero) {
+  const __m512i pairs = _mm512_loadu_si512(sz + (g * n + n0) * 2);
+  *s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  const __m512i hi_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  *zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), *s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
+}
+
 // The codes of 16 outputs (a quarter of a packed block of 64) in one group, as 8 registers of 4 columns each,
 // and the group's scales and zeros' (zero - 8 * scale) of those outputs.
 struct BlockCodes {
@@ -275,26 +283,57 @@ struct BlockCodes {
       if (high) four = _mm512_srli_epi16(four, 4);
       w[c] = _mm512_and_si512(four, nibble);
     }
-    // scale and zero of each of the 16 outputs: bfloat16 pairs, one per 32-bit lane
-    const __m512i pairs = _mm512_loadu_si512(sz + (g * n + n0) * 2);
-    *s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-    const __m512i hi_half = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
-    *zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), *s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
+    group_scales(sz, g, n, n0, s, zero);
   }
 };
 
-// R rows (R <= one tile) against 16 outputs, unpacking each group's codes into registers as it goes.
+// R rows (a few) against the 32 outputs that share their packed bytes: 16 in the low nibbles of half h of block b
+// and the 16 in the high nibbles, 32 outputs on. One permute gathers both sets' codes four columns at a time, and
+// one broadcast of the rows' activations serves both. The high set is taken unshifted (16 x its codes, masked in
+// place) and its exact int32 sum divided by 16 once per group, which saves a shift per register.
 template <int R>
-inline void vnni_few_rows(const BlockCodes& codes, const int8_t* xq, const float* a, const float* xs, float* y,
-                          int64_t groups, int64_t k) {
-  RowTile<R> tile;
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i w[8];
-    __m512 s, zero;
-    codes.unpack(g, w, &s, &zero);
-    tile.add_group(w, s, zero, xq + g * 32, k, a + g, xs + g, groups);
+inline void vnni_few_rows(const uint8_t* packed, const uint16_t* sz, int64_t b, int64_t h, int64_t n,
+                          const int8_t* xq, const float* a, const float* xs, float* y, int64_t groups, int64_t k) {
+  alignas(64) uint8_t order[64];
+  for (int o = 0; o < 16; ++o) {
+    for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + h * 16 + o);
   }
-  tile.store(y + codes.n0, codes.n);
+  const __m512i idx = _mm512_load_si512(order);
+  const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int64_t n_lo = b * 64 + h * 16, n_hi = n_lo + 32;
+  const uint8_t* block = packed + b * k * 32;
+  __m512 out_lo[R], out_hi[R];
+  for (int r = 0; r < R; ++r) out_lo[r] = out_hi[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* src = block + g * 32 * 32;
+    __m512i acc_lo[R], acc_hi[R];
+    for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {  // columns 4c..4c+3: 128 bytes, 64 outputs' codes each
+      const __m512i z0 = _mm512_loadu_si512(src + c * 128), z1 = _mm512_loadu_si512(src + c * 128 + 64);
+      const __m512i four = _mm512_permutex2var_epi8(z0, idx, z1);
+      const __m512i w_lo = _mm512_and_si512(four, low), w_hi = _mm512_and_si512(four, high);
+      for (int r = 0; r < R; ++r) {
+        int32_t x4;
+        std::memcpy(&x4, xq + r * k + g * 32 + c * 4, sizeof(x4));
+        const __m512i xb = _mm512_set1_epi32(x4);
+        acc_lo[r] = _mm512_dpbusd_epi32(acc_lo[r], w_lo, xb);
+        acc_hi[r] = _mm512_dpbusd_epi32(acc_hi[r], w_hi, xb);
+      }
+    }
+    __m512 s_lo, zero_lo, s_hi, zero_hi;
+    group_scales(sz, g, n, n_lo, &s_lo, &zero_lo);
+    group_scales(sz, g, n, n_hi, &s_hi, &zero_hi);
+    for (int r = 0; r < R; ++r) {
+      const __m512 ar = _mm512_set1_ps(a[r * groups + g]), sum = _mm512_set1_ps(xs[r * groups + g]);
+      const __m512 dot_lo = _mm512_cvtepi32_ps(acc_lo[r]), dot_hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(acc_hi[r], 4));
+      out_lo[r] = _mm512_fmadd_ps(dot_lo, _mm512_mul_ps(s_lo, ar), _mm512_fmadd_ps(zero_lo, sum, out_lo[r]));
+      out_hi[r] = _mm512_fmadd_ps(dot_hi, _mm512_mul_ps(s_hi, ar), _mm512_fmadd_ps(zero_hi, sum, out_hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(y + r * n + n_lo, out_lo[r]);
+    _mm512_storeu_ps(y + r * n + n_hi, out_hi[r]);
+  }
 }
 
 // R rows against 16 outputs whose codes, scales and zeros were unpacked for every group into ``w``.
@@ -310,21 +349,15 @@ inline void vnni_tile(const __m512i* w, const int8_t* xq, const float* a, const 
 }
 
 constexpr int kTileRows = 8;
+constexpr int kFewRows = 4;  // steps of this many rows or fewer take vnni_few_rows
 
-// The 16 outputs u * 16 .. u * 16 + 15 for every row. A step of one tile's rows or fewer unpacks the codes as it
-// goes; a wider one unpacks them once into a buffer the thread keeps (10 registers a group: codes, scales,
-// zeros) and runs every tile of rows over it, each tile's sums staying in registers across the groups.
+// The 16 outputs u * 16 .. u * 16 + 15 for every row of a step of more than kFewRows rows: their codes unpacked
+// once into a buffer the thread keeps (10 registers a group: codes, scales, zeros) and every tile of rows run over
+// it, each tile's sums staying in registers across the groups.
 void vnni_outputs(const uint8_t* packed, const uint16_t* sz, const int8_t* xq, const float* a, const float* xs,
                   float* y, int64_t u, int64_t m, int64_t n, int64_t k) {
   const int64_t groups = k / 32;
   const BlockCodes codes(packed, sz, u, n, k);
-  switch (m) {
-#define FLEETSERVE_FEW(R) \
-  case R: vnni_few_rows<R>(codes, xq, a, xs, y, groups, k); return;
-    FLEETSERVE_FEW(1) FLEETSERVE_FEW(2) FLEETSERVE_FEW(3) FLEETSERVE_FEW(4)
-#undef FLEETSERVE_FEW
-    default: break;
-  }
   thread_local std::vector<__m512i> buffer;
   if (buffer.size() < static_cast<size_t>(groups * 10)) buffer.resize(groups * 10);
   __m512i* w = buffer.data();
@@ -365,8 +398,22 @@ at::Tensor int4_vnni_mm(const at::Tensor& x, const at::Tensor& packed, const at:
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const uint16_t* sz = reinterpret_cast<const uint16_t*>(scales_and_zeros.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  fleetserve::share_work(n_out / 16,
-                         [&](int64_t u) { vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k); });
+  const int64_t groups = k / 32;
+  if (m <= kFewRows) {
+    fleetserve::share_work(n_out / 32, [&](int64_t u) {
+      const int64_t b = u / 2, h = u % 2;
+      switch (m) {
+#define FLEETSERVE_FEW(R) \
+  case R: vnni_few_rows<R>(p, sz, b, h, n_out, xq, a, xs, yp, groups, k); break;
+        FLEETSERVE_FEW(1) FLEETSERVE_FEW(2) FLEETSERVE_FEW(3) FLEETSERVE_FEW(4)
+#undef FLEETSERVE_FEW
+        default: break;
+      }
+    });
+  } else {
+    fleetserve::share_work(n_out / 16,
+                           [&](int64_t u) { vnni_outputs(p, sz, xq, a, xs, yp, u, m, n_out, k); });
+  }
 #else
   TORCH_CHECK(false, "int4_vnni_mm was built without AVX-512 VNNI and VBMI");
 #endif
