@@ -55,3 +55,29 @@ def test_the_kernel_refuses_what_it_cannot_read(kernel):
         kernel(torch.zeros(1, 2, GROUP, DIM), cache, slots, mask, 1.0)
     with pytest.raises(RuntimeError, match="int64"):
         kernel(torch.zeros(1, KV_HEADS, GROUP, DIM), cache, slots.int(), mask, 1.0)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("step_dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_write_puts_each_row_in_its_slot_as_the_general_write_does(kernel, cache_dtype, step_dtype):
+    gen = torch.Generator().manual_seed(7)
+    cache = torch.randn(BLOCKS * BLOCK, 2, KV_HEADS, DIM, generator=gen).to(cache_dtype)
+    want = cache.clone()
+    # as a step has them: k a tensor of its own, v a slice of the fused projection's output (rows strided)
+    fused = torch.randn(5, 3 * KV_HEADS * DIM, generator=gen).to(step_dtype)
+    k = torch.randn(5, KV_HEADS, DIM, generator=gen).to(step_dtype)
+    v = fused[:, 2 * KV_HEADS * DIM :].view(5, KV_HEADS, DIM)
+    slots = torch.tensor([3, 700, 17, 1023, 4])
+    torch.ops.fleetserve.write_slots(cache, slots, k, v)
+    want.index_copy_(0, slots, torch.stack((k, v), dim=1).to(cache_dtype))
+    assert torch.equal(cache, want)
+
+
+def test_the_kernels_write_refuses_a_slot_outside_the_cache(kernel):
+    cache = torch.zeros(BLOCK, 2, KV_HEADS, DIM)
+    k = torch.ones(1, KV_HEADS, DIM)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.fleetserve.write_slots(cache, torch.tensor([BLOCK]), k, k)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.fleetserve.write_slots(cache, torch.tensor([0], dtype=torch.int32), k, k)
+    assert not cache.any()

@@ -113,16 +113,19 @@ def build_attention_batch(
     )
 
 
-def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
-    """Put this step's keys and values ([T, 2, Hkv, D]) into their slots of one layer's cache.
+def write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: bool) -> None:
+    """Put this step's keys and values ([T, Hkv, D] each) into their slots of one layer's cache.
 
-    Inside a compiled graph through an op of our own, so that the write stays in place (traced as plain indexing,
-    a write to a graph input is turned into a copy of the whole cache); eagerly, straight.
+    With ``kernel`` (steps that attend with our decode kernel) through its C++ write; otherwise inside a compiled
+    graph through an op of our own, so that the write stays in place (traced as plain indexing, a write to a graph
+    input is turned into a copy of the whole cache), and eagerly, straight.
     """
-    if torch.compiler.is_compiling():
-        torch.ops.fleetserve.write_kv(kv_cache, slots, kv)
+    if kernel:
+        torch.ops.fleetserve.write_slots(kv_cache, slots, k, v)
+    elif torch.compiler.is_compiling():
+        torch.ops.fleetserve.write_kv(kv_cache, slots, torch.stack((k, v), dim=1))
     else:
-        _write_kv(kv_cache, slots, kv)
+        _write_kv(kv_cache, slots, torch.stack((k, v), dim=1))
 
 
 def _write_kv(kv_cache: torch.Tensor, slots: torch.Tensor, kv: torch.Tensor) -> None:
@@ -160,16 +163,17 @@ def paged_attention(
     t, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
     group = num_heads // num_kv
-    write_kv(kv_cache, batch.slot_mapping, torch.stack((k, v), dim=1))
+    # Our kernel reads the paged cache in place (decode_kernel); compiled steps use it, and so do a compiling
+    # runner's eager ones (mixed steps), whose decode rows then attend as in the compiled steps.
+    kernel = (torch.compiler.is_compiling() or batch.decode_kernel) and kv_cache.is_cpu and decode_kernel.ready()
+    write_kv(kv_cache, batch.slot_mapping, k, v, kernel)
     out = q.new_empty(t, num_heads, head_dim)
 
     if batch.decode_rows is not None:
         qd = q if batch.decode_all else q[batch.decode_rows]
         # Grouped-query attention without copying K/V: a kv head's `group` query heads act as `group` query rows.
         qd = qd.view(-1, num_kv, group, head_dim)  # [Bd, Hkv, G, D]
-        # Our kernel reads the paged cache in place (decode_kernel); compiled steps use it, and so do a compiling
-        # runner's eager ones (mixed steps), whose decode rows then attend as in the compiled steps.
-        if (torch.compiler.is_compiling() or batch.decode_kernel) and decode_kernel.ready():
+        if kernel:
             o = torch.ops.fleetserve.decode_attention(qd, kv_cache, batch.decode_slots, batch.decode_mask, scale)
         else:
             o = _gathered_decode_attention(qd, kv_cache, batch, scale)

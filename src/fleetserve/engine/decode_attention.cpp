@@ -5,6 +5,9 @@
 // q [B, Hkv, G, D] (G query heads share each KV head); kv_cache [S, 2, Hkv, D], float or bfloat16;
 // slots [B, L] int64; mask [B, 1, 1, L] or [B, L] bool, true on a prefix of each row (the context), false after.
 // Returns [B, Hkv, G, D] in q's dtype. Sums and the softmax are in float32.
+//
+// write_slots puts a step's keys and values into the cache before they are attended: k, v [T, Hkv, D] (float32
+// or bfloat16, rows of any stride), row t into slot slots[t], converted to the cache's dtype as .to() rounds.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -194,10 +197,74 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& kv_cache, con
   return out.to(q.scalar_type());
 }
 
+inline void store(float x, float* dst) { *dst = x; }
+inline void store(float x, at::BFloat16* dst) { *dst = at::BFloat16(x); }  // round to nearest even, as .to()
+
+// A [T, Hkv, D] tensor's data and its strides along T and Hkv.
+template <typename S>
+struct Rows {
+  const S* data;
+  int64_t row, head;
+  Rows(const at::Tensor& x) : data(x.data_ptr<S>()), row(x.stride(0)), head(x.stride(1)) {}
+  const S* at(int64_t t, int64_t h) const { return data + t * row + h * head; }
+};
+
+template <typename S, typename C>
+void write_rows(C* cache, const int64_t* slots, const Rows<S>& k, const Rows<S>& v, int64_t rows, int64_t heads,
+                int64_t dim) {
+  for (int64_t t = 0; t < rows; ++t) {
+    C* slot = cache + slots[t] * 2 * heads * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      const S* kh = k.at(t, h);
+      const S* vh = v.at(t, h);
+      for (int64_t d = 0; d < dim; ++d) {
+        store(to_float(kh[d]), slot + h * dim + d);
+        store(to_float(vh[d]), slot + (heads + h) * dim + d);
+      }
+    }
+  }
+}
+
+template <typename C>
+void write_as(at::Tensor& kv_cache, const int64_t* slots, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t rows = k.size(0), heads = k.size(1), dim = k.size(2);
+  C* cache = kv_cache.data_ptr<C>();
+  if (k.scalar_type() == at::kFloat) {
+    write_rows(cache, slots, Rows<float>(k), Rows<float>(v), rows, heads, dim);
+  } else {
+    write_rows(cache, slots, Rows<at::BFloat16>(k), Rows<at::BFloat16>(v), rows, heads, dim);
+  }
+}
+
+void write_slots(at::Tensor kv_cache, const at::Tensor& slots, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.size(1) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [S, 2, Hkv, D]");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
+              "k and v must be [T, Hkv, D] alike");
+  TORCH_CHECK(k.size(1) == kv_cache.size(2) && k.size(2) == kv_cache.size(3), "k's heads and head size must match the cache's");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must be contiguous along the head size");
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16, "k and v must be float32 or bfloat16");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0) && slots.scalar_type() == at::kLong,
+              "slots must be int64 [T]");
+  const at::Tensor sl = slots.contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  for (int64_t t = 0; t < sl.size(0); ++t) TORCH_CHECK(sp[t] >= 0 && sp[t] < kv_cache.size(0), "slot out of range");
+  if (kv_cache.scalar_type() == at::kBFloat16) {
+    write_as<at::BFloat16>(kv_cache, sp, k, v);
+  } else {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kFloat, "kv_cache must be float32 or bfloat16");
+    write_as<float>(kv_cache, sp, k, v);
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fleetserve, m) {
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor slots, Tensor mask, float scale) -> Tensor");
+  m.def("write_slots(Tensor(a!) kv_cache, Tensor slots, Tensor k, Tensor v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(fleetserve, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(fleetserve, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("write_slots", &write_slots);
+}

@@ -14,6 +14,10 @@ traced, so a graph either always or never uses it. Where it cannot be built, the
 steps of a runner that compiles (mixed steps: decodes beside a prompt) use it too once it is built: a mixed step
 of 15 decodes and a 38-token prompt took 42.6-43.8 against 45.6-48.8 ms. A runner that does not compile
 (``--no-compile``) never uses it: float32 parity with transformers rests on the general path's rounding.
+
+The same source writes a step's keys and values into their cache slots (``write_slots``) for the steps that
+attend with it: one C++ call a layer where the general path stacks keys and values and calls ``index_copy_``
+through an op defined in Python.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def _shape_only(q, kv_cache, slots, mask, scale):
 KERNEL = CppKernel(
     "decode-attention",
     Path(__file__).with_name("decode_attention.cpp"),
-    {"decode_attention": _shape_only},
+    {"decode_attention": _shape_only, "write_slots": lambda kv_cache, slots, k, v: None},
     "compiled steps use the general attention kernel",
 )
 
