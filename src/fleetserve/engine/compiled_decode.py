@@ -14,8 +14,10 @@ fused kernels, called with a single Python call.
   the eager path serves. A bucket serves once its graph is built. Inductor's cache lives under the model cache
   ($FLEETSERVE_CACHE/inductor), so a later start takes a few seconds per bucket.
 - The graphs carry no guards on the model's modules (weights, layer attributes), which never change once loaded:
-  checking them cost 0.7 ms of a 10 ms one-sequence step. Inputs keep theirs. Nor does the generated code
-  assert each kernel's output sizes and strides (another 0.35 ms).
+  checking them cost 0.7 ms of a 10 ms one-sequence step. Nor on the KV tensors (a runner that replaces them
+  builds a new CompiledDecode) or on module globals (functions, the decode kernel's readiness, fixed before the
+  first graph is traced): another 0.1 ms. The step's own inputs and the global state (grad mode, threads) keep
+  theirs. Nor does the generated code assert each kernel's output sizes and strides (another 0.35 ms).
 - Serving never compiles. A graph is valid for the torch thread count it was built under (part of what
   torch.compile checks before each call), so each bucket is built under the count its steps run with
   (``threads_for``; the count is per thread under OpenMP, so the warm-up thread sets its own). Should a
@@ -64,6 +66,16 @@ def _decode_step(model, ids, positions, kv_caches, slot_mapping, decode_rows, de
     return model(ids, positions, kv_caches, batch)
 
 
+def _guards_kept(entries: list) -> list[bool]:
+    """Which of a graph's guards it keeps: none on the model's modules, the KV tensors or module globals (see the
+    module's doc); the step's own inputs and the global state keep theirs."""
+    modules = torch.compiler.skip_guard_on_all_nn_modules_unsafe(entries)
+    return [
+        keep and not entry.is_global and "kv_caches" not in entry.name
+        for keep, entry in zip(modules, entries, strict=True)
+    ]
+
+
 class CompiledDecode:
     """Compiled decode steps for one model; ``run`` returns None where no graph is ready (the caller goes eager)."""
 
@@ -104,7 +116,7 @@ class CompiledDecode:
         fn = types.FunctionType(code, _decode_step.__globals__, code.co_name)
         # No guards on the model's modules (see the module's doc): a runner whose layers or KV change builds a
         # new CompiledDecode, so they never change under a graph.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+        options = {"guard_filter_fn": _guards_kept}
         return torch.compile(fn, backend=self._backend, dynamic=False, options=options)
 
     def _backend(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
