@@ -47,6 +47,25 @@ def test_the_kernel_equals_the_general_attention(kernel, dtype, contexts):
     torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize(("heads", "group", "dim"), [(4, 1, 64), (2, 5, 128), (1, 8, 64), (2, 3, 32)])
+def test_the_kernel_equals_the_general_attention_at_other_head_shapes(kernel, heads, group, dim):
+    """Head sizes of 64 and 128 take the kernel's vectorized path (query rows in fours or twos), others the
+    general one."""
+    gen = torch.Generator().manual_seed(heads * 100 + group * 10 + dim)
+    contexts = [70, 3, 129]
+    cache = torch.randn(BLOCKS * BLOCK, 2, heads, dim, generator=gen).bfloat16()
+    width = -(-max(contexts) // BLOCK) * BLOCK
+    tables = torch.randperm(BLOCKS, generator=gen)[: len(contexts) * width // BLOCK].view(len(contexts), -1)
+    slots = (tables.unsqueeze(2) * BLOCK + torch.arange(BLOCK)).reshape(len(contexts), -1)
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(contexts).unsqueeze(1))[:, None, None, :]
+    q = torch.randn(len(contexts), heads, group, dim, generator=gen)
+    got = kernel(q, cache, slots, mask, dim**-0.5)
+    ctx = cache.view(cache.shape[0], -1).index_select(0, slots.view(-1)).view(len(contexts), width, 2, heads, dim)
+    keys, values = ctx[:, :, 0].transpose(1, 2).float(), ctx[:, :, 1].transpose(1, 2).float()
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=dim**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_the_kernel_refuses_what_it_cannot_read(kernel):
     cache = torch.zeros(BLOCK, 2, KV_HEADS, DIM)
     slots = torch.arange(BLOCK).view(1, -1)

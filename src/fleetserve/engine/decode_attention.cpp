@@ -126,6 +126,83 @@ void attend_chunk(const float* qb, const T* cache, const int64_t* sl, int64_t t0
   }
 }
 
+#ifdef __AVX512F__
+inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16f(const at::BFloat16* p) {  // bfloat16 to float32: the bits moved to the high half
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// R query rows of one KV head against the chunk's values, weighted by their scores: the value vector of each token
+// is read into registers once for the R rows, and the R weighted sums stay in registers across the tokens.
+template <typename T, int DV, int R>
+inline void weigh_values(const T* cache, const int64_t* sl, int64_t n, int64_t slot_stride, int64_t offset,
+                         const float* scores, float* acc) {
+  __m512 o[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < DV; ++i) o[r][i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    const T* v = cache + sl[t] * slot_stride + offset;
+    __m512 vt[DV];
+    for (int i = 0; i < DV; ++i) vt[i] = load16f(v + 16 * i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(scores[r * kChunk + t]);
+      for (int i = 0; i < DV; ++i) o[r][i] = _mm512_fmadd_ps(p, vt[i], o[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(acc + r * DV * 16 + 16 * i, o[r][i]);
+}
+
+// attend_chunk for a head size of 16 * DV on AVX-512, with the same arithmetic in the same order: each token's
+// key is read into registers once for its head's query rows, and the values' weighted sums stay in registers
+// (the general path keeps them in memory and converts every key and value row into a buffer first).
+template <typename T, int DV>
+void attend_chunk_vec(const float* qb, const T* cache, const int64_t* sl, int64_t t0, int64_t t1, int64_t heads,
+                      int64_t group, float scale, float* scores, float* top, float* total, float* acc) {
+  constexpr int64_t dim = 16 * DV;
+  constexpr int kRows = 16 / DV;  // rows whose value sums fit in registers at once
+  const int64_t slot_stride = 2 * heads * dim, n = t1 - t0;
+  sl += t0;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t t = 0; t < n; ++t) {
+      const T* k = cache + sl[t] * slot_stride + h * dim;
+      __m512 kt[DV];
+      for (int i = 0; i < DV; ++i) kt[i] = load16f(k + 16 * i);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* q = qb + (h * group + g) * dim;
+        __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), kt[0]);
+        for (int i = 1; i < DV; ++i) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * i), kt[i], s);
+        scores[(h * group + g) * kChunk + t] = _mm512_reduce_add_ps(s) * scale;
+      }
+    }
+  }
+  for (int64_t r = 0; r < heads * group; ++r) {
+    float* sr = scores + r * kChunk;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
+    top[r] = m;
+    total[r] = exp_shifted(sr, n, m);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t offset = (heads + h) * dim;
+    for (int64_t g = 0; g < group; g += kRows) {
+      const int64_t r = h * group + g;
+      switch (std::min<int64_t>(kRows, group - g)) {
+#define FLEETSERVE_ROWS(R)                                                                                  \
+  case R:                                                                                                  \
+    if constexpr (R <= kRows) weigh_values<T, DV, R>(cache, sl, n, slot_stride, offset, scores + r * kChunk, \
+                                                     acc + r * dim);                                      \
+    break;
+        FLEETSERVE_ROWS(1) FLEETSERVE_ROWS(2) FLEETSERVE_ROWS(3) FLEETSERVE_ROWS(4)
+#undef FLEETSERVE_ROWS
+        default: break;
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void attend(const float* q, const T* cache, const int64_t* slots, const bool* mask, float* out, int64_t batch,
             int64_t heads, int64_t group, int64_t dim, int64_t width, float scale) {
@@ -146,8 +223,14 @@ void attend(const float* q, const T* cache, const int64_t* slots, const bool* ma
     const int64_t b = task / chunks, t0 = (task % chunks) * kChunk;
     const int64_t t1 = std::min(lengths[b], t0 + kChunk);
     if (t0 >= t1) return;
-    attend_chunk(q + b * rows * dim, cache, slots + b * width, t0, t1, heads, group, dim, scale, scores.data(),
-                 row.data(), top.data() + task * rows, total.data() + task * rows, acc.data() + task * rows * dim);
+    const float* qb = q + b * rows * dim;
+    const int64_t* sl = slots + b * width;
+    float *tp = top.data() + task * rows, *tt = total.data() + task * rows, *ta = acc.data() + task * rows * dim;
+#ifdef __AVX512F__
+    if (dim == 64) return attend_chunk_vec<T, 4>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt, ta);
+    if (dim == 128) return attend_chunk_vec<T, 8>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt, ta);
+#endif
+    attend_chunk(qb, cache, sl, t0, t1, heads, group, dim, scale, scores.data(), row.data(), tp, tt, ta);
   });
   for (int64_t b = 0; b < batch; ++b) {  // merge the chunks' softmax pieces
     const int64_t used = (lengths[b] + kChunk - 1) / kChunk;
