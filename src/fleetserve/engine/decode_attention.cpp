@@ -227,8 +227,10 @@ void attend(const float* q, const T* cache, const int64_t* slots, const bool* ma
     const int64_t* sl = slots + b * width;
     float *tp = top.data() + task * rows, *tt = total.data() + task * rows, *ta = acc.data() + task * rows * dim;
 #ifdef __AVX512F__
-    if (dim == 64) return attend_chunk_vec<T, 4>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt, ta);
-    if (dim == 128) return attend_chunk_vec<T, 8>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt, ta);
+    if (dim == 64) return attend_chunk_vec<T, 4>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt,
+                                                 ta);
+    if (dim == 128) return attend_chunk_vec<T, 8>(qb, cache, sl, t0, t1, heads, group, scale, scores.data(), tp, tt,
+                                                  ta);
 #endif
     attend_chunk(qb, cache, sl, t0, t1, heads, group, dim, scale, scores.data(), row.data(), tp, tt, ta);
   });
@@ -324,9 +326,11 @@ void write_slots(at::Tensor kv_cache, const at::Tensor& slots, const at::Tensor&
               "kv_cache must be a contiguous [S, 2, Hkv, D]");
   TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(),
               "k and v must be [T, Hkv, D] alike");
-  TORCH_CHECK(k.size(1) == kv_cache.size(2) && k.size(2) == kv_cache.size(3), "k's heads and head size must match the cache's");
+  TORCH_CHECK(k.size(1) == kv_cache.size(2) && k.size(2) == kv_cache.size(3),
+              "k's heads and head size must match the cache's");
   TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v must be contiguous along the head size");
-  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16, "k and v must be float32 or bfloat16");
+  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16,
+              "k and v must be float32 or bfloat16");
   TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0) && slots.scalar_type() == at::kLong,
               "slots must be int64 [T]");
   const at::Tensor sl = slots.contiguous();

@@ -4,13 +4,14 @@ then calls ``scaled_dot_product_attention``. On by default; ``FLEETSERVE_DECODE_
 
 Work is split by sequence and 64-token piece of context; on AVX-512 the dot products and the softmax's exp are
 vectorized (exp as 2^n times a polynomial), and for head sizes of 64 and 128 each token's key and value are read
-into registers once for all the query rows of their head, with the values' weighted sums kept in registers
-(the same arithmetic in the same order: a 16-sequence compiled step's attention took 173 against 489 µs a layer
-in a profile, 70 against 177 µs alone at 16 sequences of 200 tokens). Called alone on a 2-core AVX-512 EPYC (float32 cache, 9 query heads
-over 3 KV heads of 64): 18 against 91 µs at 1 sequence of 256 tokens, 64 against 150 at 4, 273 against 537
-at 16 (``benchmarks/decode_attention.py --part alone``). In compiled steps it made no difference in one benchmark (16 sequences: 30.6 and
-28.2 ms against 29.9 and 28.5) and shortened a profiled 16-sequence engine step in another (29.2 and 31.3 ms
-against 39.9 and 39.3); no run was slower with it (docs/benchmarks.md).
+into registers once for all the query rows of their head, with the values' weighted sums kept in registers (the
+same arithmetic in the same order). On a 2-core AVX-512 EPYC, a 16-sequence compiled step's attention took 173
+against 489 µs a layer in a profile that way, and alone 70 against 177 µs at 16 sequences of 200 tokens
+(bfloat16 cache). Against the general path, alone (float32 cache, 9 query heads over 3 KV heads of 64): 18
+against 91 µs at 1 sequence of 256 tokens, 64 against 150 at 4, 273 against 537 at 16 (``benchmarks/
+decode_attention.py --part alone``, before the registers). In compiled steps it made no difference in one
+benchmark (16 sequences: 30.6 and 28.2 ms against 29.9 and 28.5) and shortened a profiled 16-sequence engine
+step in another (29.2 and 31.3 ms against 39.9 and 39.3); no run was slower with it (docs/benchmarks.md).
 
 The kernel is C++, built by ``cpp_kernel``. It is built on the compile warm-up thread before any graph is
 traced, so a graph either always or never uses it. Where it cannot be built, the general path serves. The eager
