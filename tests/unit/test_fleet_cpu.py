@@ -1,5 +1,5 @@
 """The serving path's CPU meter: per-thread CPU time from /proc, a fleet's processes found by role, and the split
-of a worker's threads into the engine's team and the rest."""
+of a worker's threads into the engine's team and the rest; and another process's peak RSS, read by its pid."""
 
 import os
 import subprocess
@@ -75,3 +75,18 @@ def test_the_workers_busiest_threads_count_as_the_engine_and_the_rest_as_serving
     )
     assert meter.per_request(before, {"client": 2.0}, requests=10) is None  # the fleet could not be read
     assert meter.per_request(before, after, requests=0) is None
+
+
+def test_another_processs_peak_rss_is_read_by_its_pid():
+    from fleetserve.bench.memory import peak_rss_bytes
+
+    # the child touches 64 MiB, so its peak is well above a bare interpreter's and its own, not ours
+    code = "import sys; b = bytearray(64 << 20); sys.stdout.write('ready\\n'); sys.stdout.flush(); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        peak = peak_rss_bytes(child.pid)
+        assert peak is not None and peak >= 64 << 20
+    finally:
+        child.communicate("")
+    assert peak_rss_bytes(child.pid) is None  # reaped: nothing to read, and no fallback to this process's figure

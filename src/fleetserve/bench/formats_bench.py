@@ -31,6 +31,7 @@ import httpx
 from fleetserve.bench.arguments import concurrency_list, non_negative_int, positive_int
 from fleetserve.bench.fleet_cpu import FleetCpu, describe, fleet_processes
 from fleetserve.bench.local_fleet import READY_S, free_port, wait_compiled
+from fleetserve.bench.memory import peak_rss_bytes
 from fleetserve.bench.results import cpu_description, created_now, host_environment, package_version, write_json
 from fleetserve.bench.workload import DATA_DIR, DEFAULT_MODEL, RESULTS_DIR, WARM_UP_TEXT, load_prompts, take
 from fleetserve.supervisor import ChildSpec, Supervisor
@@ -74,15 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _worker_peak_rss(up_pid: int) -> int | None:
     """Peak RSS (VmHWM) of the worker process under ``up``'s process, if it can be read."""
     pid = fleet_processes(up_pid).get("worker")
-    if pid is None:
-        return None
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return None if pid is None else peak_rss_bytes(pid)
 
 
 def _http_levels(

@@ -7,19 +7,22 @@ import sys
 MiB = 1024 * 1024
 
 
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size: VmHWM from /proc, else getrusage (None if neither works).
+def peak_rss_bytes(pid: int | None = None) -> int | None:
+    """The peak resident set size of process ``pid`` (this process when None): VmHWM from /proc, else, for this
+    process, getrusage (None if neither works).
 
     VmHWM belongs to the process's current address space, so a subprocess does not inherit its parent's figure
     (getrusage's ru_maxrss can, across fork and exec).
     """
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open(f"/proc/{pid or 'self'}/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    if pid is not None:
+        return None
     try:
         import resource
     except ImportError:

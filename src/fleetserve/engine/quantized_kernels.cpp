@@ -256,6 +256,16 @@ inline void group_scales(const uint16_t* sz, int64_t g, int64_t n, int64_t n0, _
   *zero = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), *s, _mm512_castsi512_ps(_mm512_and_si512(pairs, hi_half)));
 }
 
+// The byte permute that gathers, from the 128 packed bytes of four columns of a block (32 bytes a column, byte j
+// holding outputs j and 32 + j), the bytes of the 16 outputs from half * 16: four columns of one output to a lane.
+inline __m512i gather_index(int64_t half) {
+  alignas(64) uint8_t order[64];
+  for (int o = 0; o < 16; ++o) {
+    for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + half * 16 + o);
+  }
+  return _mm512_load_si512(order);
+}
+
 // The codes of 16 outputs (a quarter of a packed block of 64) in one group, as 8 registers of 4 columns each,
 // and the group's scales and zeros' (zero - 8 * scale) of those outputs.
 struct BlockCodes {
@@ -266,13 +276,8 @@ struct BlockCodes {
   int64_t n0, n;
 
   BlockCodes(const uint8_t* p, const uint16_t* scales_and_zeros, int64_t u, int64_t n_out, int64_t k)
-      : high(u % 4 >= 2), packed(p + (u / 4) * k * 32), sz(scales_and_zeros), n0(u * 16), n(n_out) {
-    alignas(64) uint8_t order[64];
-    for (int o = 0; o < 16; ++o) {
-      for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + (u % 2) * 16 + o);
-    }
-    idx = _mm512_load_si512(order);
-  }
+      : idx(gather_index(u % 2)), high(u % 4 >= 2), packed(p + (u / 4) * k * 32), sz(scales_and_zeros), n0(u * 16),
+        n(n_out) {}
 
   inline void unpack(int64_t g, __m512i* w, __m512* s, __m512* zero) const {
     const __m512i nibble = _mm512_set1_epi8(15);
@@ -294,11 +299,7 @@ struct BlockCodes {
 template <int R>
 inline void vnni_few_rows(const uint8_t* packed, const uint16_t* sz, int64_t b, int64_t h, int64_t n,
                           const int8_t* xq, const float* a, const float* xs, float* y, int64_t groups, int64_t k) {
-  alignas(64) uint8_t order[64];
-  for (int o = 0; o < 16; ++o) {
-    for (int j = 0; j < 4; ++j) order[4 * o + j] = static_cast<uint8_t>(32 * j + h * 16 + o);
-  }
-  const __m512i idx = _mm512_load_si512(order);
+  const __m512i idx = gather_index(h);
   const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8(static_cast<char>(0xF0));
   const int64_t n_lo = b * 64 + h * 16, n_hi = n_lo + 32;
   const uint8_t* block = packed + b * k * 32;
