@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "shared_work.h"
+#include "vector_loads.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -92,6 +93,18 @@ inline float exp_shifted(float* sr, int64_t n, float m) {
 #endif
 }
 
+// For each of ``rows`` rows of a chunk's scores (kChunk apart, n of them): their maximum into top, exp(score -
+// maximum) in place, and the sum of those into total.
+inline void softmax_pieces(float* scores, int64_t rows, int64_t n, float* top, float* total) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = scores + r * kChunk;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
+    top[r] = m;
+    total[r] = exp_shifted(sr, n, m);
+  }
+}
+
 // One task: the tokens [t0, t1) of sequence b, every KV head. Leaves, per (head, query head), the chunk's score
 // maximum, its sum of exp(score - maximum) and the values weighted by those (softmax merged across chunks after).
 template <typename T>
@@ -105,13 +118,7 @@ void attend_chunk(const float* qb, const T* cache, const int64_t* sl, int64_t t0
     for (int64_t d = 0; d < heads * dim; ++d) row[d] = to_float(k[d]);
     for (int64_t r = 0; r < rows; ++r) scores[r * kChunk + t] = dot(qb + r * dim, row + (r / group) * dim, dim) * scale;
   }
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = scores + r * kChunk;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
-    top[r] = m;
-    total[r] = exp_shifted(sr, n, m);
-  }
+  softmax_pieces(scores, rows, n, top, total);
   std::fill(acc, acc + rows * dim, 0.f);
   for (int64_t t = 0; t < n; ++t) {
     const T* v = cache + sl[t0 + t] * slot_stride + heads * dim;
@@ -127,11 +134,7 @@ void attend_chunk(const float* qb, const T* cache, const int64_t* sl, int64_t t0
 }
 
 #ifdef __AVX512F__
-inline __m512 load16f(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16f(const at::BFloat16* p) {  // bfloat16 to float32: the bits moved to the high half
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
+using fleetserve::load16;
 
 // R query rows of one KV head against the chunk's values, weighted by their scores: the value vector of each token
 // is read into registers once for the R rows, and the R weighted sums stay in registers across the tokens.
@@ -144,7 +147,7 @@ inline void weigh_values(const T* cache, const int64_t* sl, int64_t n, int64_t s
   for (int64_t t = 0; t < n; ++t) {
     const T* v = cache + sl[t] * slot_stride + offset;
     __m512 vt[DV];
-    for (int i = 0; i < DV; ++i) vt[i] = load16f(v + 16 * i);
+    for (int i = 0; i < DV; ++i) vt[i] = load16(v + 16 * i);
     for (int r = 0; r < R; ++r) {
       const __m512 p = _mm512_set1_ps(scores[r * kChunk + t]);
       for (int i = 0; i < DV; ++i) o[r][i] = _mm512_fmadd_ps(p, vt[i], o[r][i]);
@@ -168,7 +171,7 @@ void attend_chunk_vec(const float* qb, const T* cache, const int64_t* sl, int64_
     for (int64_t t = 0; t < n; ++t) {
       const T* k = cache + sl[t] * slot_stride + h * dim;
       __m512 kt[DV];
-      for (int i = 0; i < DV; ++i) kt[i] = load16f(k + 16 * i);
+      for (int i = 0; i < DV; ++i) kt[i] = load16(k + 16 * i);
       for (int64_t g = 0; g < group; ++g) {
         const float* q = qb + (h * group + g) * dim;
         __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), kt[0]);
@@ -177,13 +180,7 @@ void attend_chunk_vec(const float* qb, const T* cache, const int64_t* sl, int64_
       }
     }
   }
-  for (int64_t r = 0; r < heads * group; ++r) {
-    float* sr = scores + r * kChunk;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, sr[t]);
-    top[r] = m;
-    total[r] = exp_shifted(sr, n, m);
-  }
+  softmax_pieces(scores, heads * group, n, top, total);
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t offset = (heads + h) * dim;
     for (int64_t g = 0; g < group; g += kRows) {

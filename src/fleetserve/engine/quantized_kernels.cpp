@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "shared_work.h"
+#include "vector_loads.h"
 
 #include <cstdint>
 #include <immintrin.h>
@@ -155,11 +156,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& codes16, const at::T
 // no integer work: zero' = zero - 8 * scale multiplies the sum of the group's quantized activations. Every
 // weight register serves all the rows.
 
-inline __m512 load16(const float* v) { return _mm512_loadu_ps(v); }
-inline __m512 load16(const uint16_t* v) {  // bfloat16 to float32: the bits moved to the high half
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
-}
+using fleetserve::load16;
 
 // Per row and group of 32: int8 codes, their scale, and the sum of the values the codes stand for. The zero term
 // takes that sum, not the exact one, so that each activation's rounding error meets the weight it has (code * scale
