@@ -90,10 +90,12 @@ async def relayed_fleet(url: str, control: str) -> None:
     async with Relayed(control, 3) as fleet, httpx.AsyncClient(timeout=30) as client:
         agents = fleet.agents
         await asyncio.sleep(3 * TIMEOUT_S)  # many intervals, twice the timeout and more
-        assert await states(client, url) == {a.info.name: "healthy" for a in agents}
+        relay = fleet.relay
+        listed = await states(client, url)
+        sent = f"the relay sent {relay.reports_sent} reports in {relay.batches_sent} batches"
+        assert listed == {a.info.name: "healthy" for a in agents}, f"{listed}; {sent}"
         vias = await states(client, url, "heartbeats_via")
         assert vias == {**{a.info.name: "relay" for a in agents[:3]}, "direct": "direct"}
-        relay = fleet.relay
         assert relay.reports_sent >= 3 * 6  # every relayed worker's reports went up...
         assert relay.batches_sent * 2 <= relay.reports_sent  # ...several to a message
 
@@ -135,6 +137,8 @@ async def gateway_comes_back(url: str, control_address: str, port: int, control:
         try:
             await until(lambda: all(a.registered.is_set() for a in fleet.agents), 30)
             await asyncio.sleep(3 * TIMEOUT_S)
-            assert await states(client, url) == {a.info.name: "healthy" for a in fleet.agents}
+            listed = await states(client, url)
+            sent = f"the relay sent {fleet.relay.reports_sent} reports in {fleet.relay.batches_sent} batches"
+            assert listed == {a.info.name: "healthy" for a in fleet.agents}, f"{listed}; {sent}"
         finally:
             restarted.stop()
