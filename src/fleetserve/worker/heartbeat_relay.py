@@ -184,7 +184,7 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
 
 
 def _honour_cancellation() -> None:
-    """Raise CancelledError when this task has been asked to stop. A cancel that lands while gRPC is ending the
+    """Raise CancelledError when this task has been asked to stop. A cancel that lands while gRPC starts or ends the
     upstream call can come back as an AioRpcError (the call's own cancellation) instead of a CancelledError; the
     relay would then go back to waiting for reports that no worker sends any more, and never stop. The task still
     counts the request (``Task.cancelling``, Python 3.11 and later), so ask it."""
