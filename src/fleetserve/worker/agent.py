@@ -22,6 +22,7 @@ import grpc
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.cancellation import raise_if_cancelling
 from fleetserve.protocol.security import FleetCredentials
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class WorkerAgent:
                 await self._heartbeat(max(0.05, reply.heartbeat_interval_s or 1.0))
             except grpc.aio.AioRpcError as exc:
                 log.info("gateway %s unreachable (%s); retrying in %.1fs", self.gateway, exc.code().name, backoff)
+            raise_if_cancelling()
             self.registered.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)

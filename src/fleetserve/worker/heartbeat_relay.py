@@ -35,6 +35,7 @@ import grpc
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.cancellation import raise_if_cancelling
 from fleetserve.protocol.security import FleetCredentials
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,6 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
         backoff = 0.2
         try:
             while True:
-                _honour_cancellation()
                 await self._wait_for_reports()
                 try:
                     async for reply in stub.RelayHeartbeats(self._batches()):
@@ -127,8 +127,8 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
                             self._deliver(command)
                     log.warning("heartbeat relay: the gateway ended the stream")
                 except grpc.aio.AioRpcError as exc:
-                    _honour_cancellation()
                     log.info("heartbeat relay: gateway %s unreachable (%s)", self.gateway, exc.code().name)
+                raise_if_cancelling()
                 self._break()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -181,17 +181,6 @@ class HeartbeatRelay(pb_grpc.ControlServicer):
         self._pending = []
         self._reported = set()
         self._urgent = False
-
-
-def _honour_cancellation() -> None:
-    """Raise CancelledError when this task has been asked to stop. A cancel that lands while gRPC starts or ends the
-    upstream call can come back as an AioRpcError (the call's own cancellation) instead of a CancelledError; the
-    relay would then go back to waiting for reports that no worker sends any more, and never stop. The task still
-    counts the request (``Task.cancelling``, Python 3.11 and later), so ask it."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    if cancelling is not None and cancelling():
-        raise asyncio.CancelledError
 
 
 async def serve_relay(relay: HeartbeatRelay, address: str) -> tuple[grpc.aio.Server, int]:

@@ -37,6 +37,7 @@ import psutil
 
 from fleetserve.protocol import fleet_pb2 as pb
 from fleetserve.protocol import fleet_pb2_grpc as pb_grpc
+from fleetserve.protocol.cancellation import raise_if_cancelling
 from fleetserve.protocol.security import FleetCredentials
 from fleetserve.settings.base import ENV_PREFIX
 from fleetserve.settings.node import NodeSettings
@@ -222,6 +223,7 @@ class NodeAgent:
                         raise NodeRefused(f"{exc.code().name}: {exc.details()}") from None
                     log.info("node: gateway %s unreachable (%s); retrying in %.1fs", self.settings.gateway,
                              exc.code().name, backoff)  # fmt: skip
+                raise_if_cancelling()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
         finally:

@@ -1,5 +1,5 @@
-"""The heartbeat relay's upstream loop stops when its task is cancelled, even when gRPC turns the cancel into an
-error of the call: otherwise a node agent that stops would leave the relay waiting for reports forever."""
+"""A reconnect loop (the heartbeat relay's, a worker agent's, a node agent's) stops when its task is cancelled, even
+when gRPC turns the cancel into an error of the call: otherwise it would try again forever."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fleetserve.worker.heartbeat_relay import _honour_cancellation
+from fleetserve.protocol.cancellation import raise_if_cancelling
 
 pytestmark = pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() is Python 3.11 and later")
 
@@ -19,7 +19,7 @@ async def _swallows_then_checks(outcome: list[str]) -> None:
         await asyncio.sleep(1)
     except asyncio.CancelledError:
         outcome.append("swallowed")  # as a gRPC call can, answering the cancel with an error of its own
-    _honour_cancellation()
+    raise_if_cancelling()
     outcome.append("went on")
 
 
@@ -36,6 +36,6 @@ def test_a_swallowed_cancel_still_stops_the_loop():
 
 def test_no_cancel_no_stop():
     async def main() -> None:
-        _honour_cancellation()
+        raise_if_cancelling()
 
     asyncio.run(main())
